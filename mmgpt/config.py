@@ -1,0 +1,146 @@
+"""Configuration dataclasses and presets. Data only: no torch import here."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+POS_ENCODINGS = ("learned", "sinusoidal", "rotary", "none")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh")
+
+T = TypeVar("T")
+
+
+def _config_error(cls_name: str, field_name: str, message: str) -> ValueError:
+    return ValueError(f"{cls_name}.{field_name}: {message}")
+
+
+@dataclass
+class GPTConfig:
+    """The decoder's shape and options (GPT-2 naming: n_layer, n_head, n_embd)."""
+
+    vocab_size: int = 50304
+    block_size: int = 1024  # maximum context length
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    bias: bool = True
+    pos_encoding: str = "learned"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu"
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, f)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise _config_error(name, f, f"expected a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise _config_error(
+                name, "n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}"
+            )
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise _config_error(
+                name, "pos_encoding", f"expected one of {POS_ENCODINGS}, got {self.pos_encoding!r}"
+            )
+        if self.pos_encoding == "rotary" and self.head_dim % 2:
+            raise _config_error(name, "n_embd", "rotary needs an even head dimension")
+        if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
+            raise _config_error(name, "n_embd", "sinusoidal encoding needs an even n_embd")
+        if self.norm not in NORMS:
+            raise _config_error(name, "norm", f"expected one of {NORMS}, got {self.norm!r}")
+        if self.activation not in ACTIVATIONS:
+            raise _config_error(
+                name, "activation", f"expected one of {ACTIVATIONS}, got {self.activation!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise _config_error(name, "dropout", f"expected 0 <= dropout < 1, got {self.dropout}")
+        if self.mlp_ratio <= 0:
+            raise _config_error(name, "mlp_ratio", f"expected > 0, got {self.mlp_ratio}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_ratio * self.n_embd)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
+        return from_dict(cls, data)
+
+
+# Sizes follow GPT-2's family; the small ones train on a laptop CPU.
+GPT_PRESETS: dict[str, dict[str, Any]] = {
+    "gpt-nano": dict(n_layer=3, n_head=3, n_embd=48, block_size=256, vocab_size=512),
+    "gpt-micro": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=2048),
+    "gpt-mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50257),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257),
+}
+
+
+def gpt_config(preset: str, **overrides: Any) -> GPTConfig:
+    """A GPTConfig from a preset name with field overrides."""
+    if preset not in GPT_PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(preset, GPT_PRESETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown GPT preset {preset!r}; presets: {', '.join(GPT_PRESETS)}{hint}")
+    return from_dict(GPTConfig, {**GPT_PRESETS[preset], **overrides})
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a dataclass from a dict, rejecting unknown keys with a clear message."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__}: unknown field(s) {unknown}; expected some of {sorted(known)}"
+        )
+    return cls(**data)
+
+
+def save_json(obj: dict[str, Any], path: str | Path) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    from mmgpt.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def load_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from None
+
+
+__all__ = [
+    "GPT_PRESETS",
+    "GPTConfig",
+    "field",
+    "from_dict",
+    "gpt_config",
+    "load_json",
+    "save_json",
+]

@@ -1,0 +1,97 @@
+"""Plugin contracts as ``typing.Protocol``s.
+
+A plugin satisfies a contract by shape, not by inheritance (beyond ``nn.Module`` for things
+with weights). ``mmgpt.testing`` checks these contracts for any registered entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Text ↔ ids. Special tokens: ``<bos> <eos> <pad> <image>`` and signal tokens ``[IMG0]..``."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def bos_id(self) -> int: ...
+    @property
+    def eos_id(self) -> int: ...
+    @property
+    def pad_id(self) -> int: ...
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]: ...
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str: ...
+    def token_to_id(self, token: str) -> int | None: ...
+    def save(self, directory: str | Path) -> None: ...
+
+
+@runtime_checkable
+class ModalityEncoder(Protocol):
+    """Turns items of one modality into a fixed number of feature vectors each.
+
+    ``num_tokens`` is how many sequence slots one item occupies; the processor expands each
+    placeholder into that many slots. ``forward`` maps a preprocessed batch to
+    ``(N, num_tokens, output_dim)``.
+    """
+
+    modality: str
+    num_tokens: int
+    output_dim: int
+
+    def preprocess(self, items: Sequence[Any]) -> torch.Tensor: ...
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor: ...
+    def config_dict(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Projector(Protocol):
+    """Maps encoder features (…, in_dim) to decoder width (…, out_dim)."""
+
+    in_dim: int
+    out_dim: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ModalityDecoder(Protocol):
+    """Turns conditioning vectors (from the GPT's signal-token hidden states) into a modality."""
+
+    modality: str
+    condition_dim: int
+    num_condition_tokens: int
+
+    def training_loss(self, condition: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+    def generate(self, condition: torch.Tensor, **kwargs: Any) -> Any: ...
+    def config_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    # number of items the loss averages over (tokens, pairs, …), for exact accumulation
+    weight: float = 1.0
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A training objective: the loss of ``model`` on ``batch``."""
+
+    def __call__(self, model: Any, batch: Any) -> ObjectiveOutput: ...
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """Injects trainable parameters into a model and manages them by name."""
+
+    def apply(self, model: Any, name: str = "default") -> Any: ...

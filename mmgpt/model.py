@@ -1,0 +1,384 @@
+"""The GPT decoder, readable top to bottom: norms → positions → attention → MLP → block → GPT.
+
+The decoder knows nothing about modalities: it maps token ids *or* ready-made embeddings
+(multimodal fusion feeds those) to hidden states and logits, with an optional KV cache.
+Module names follow GPT-2 (``transformer.h.0.attn.c_attn`` …) so Hugging Face checkpoints and
+adapter target patterns map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmgpt.config import GPTConfig
+
+# --------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+# --------------------------------------------------------------------------------------
+# Positional encodings
+# --------------------------------------------------------------------------------------
+
+
+def sinusoidal_table(length: int, dim: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
+    pos = torch.arange(length, dtype=torch.float64)[:, None]  # (T, 1)
+    two_i = torch.arange(0, dim, 2, dtype=torch.float64)[None, :]  # (1, C/2)
+    angle = pos / torch.pow(10000.0, two_i / dim)  # (T, C/2)
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle)
+    return table.float()
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE), rotate-half convention, applied to q and k."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = position_ids.float()[..., None] * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Per-layer key/value buffers of shape (B, H, capacity, D), written in place.
+
+    Preallocating avoids a concatenation per generated token; the buffers grow (doubling)
+    if a caller writes past the capacity it asked for.
+    """
+
+    def __init__(self, n_layer: int, capacity: int = 0) -> None:
+        self.n_layer = n_layer
+        self.capacity = capacity
+        self.keys: list[Tensor | None] = [None] * n_layer
+        self.values: list[Tensor | None] = [None] * n_layer
+        self.length = 0  # positions already stored (same for every layer)
+
+    @classmethod
+    def for_model(cls, config: GPTConfig, capacity: int | None = None) -> KVCache:
+        return cls(config.n_layer, capacity or config.block_size)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, H, T, D) after the cached positions; return all keys and values."""
+        start, end = self.length, self.length + k.size(2)
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        if buf_k is None or buf_k.size(2) < end or buf_k.size(0) != k.size(0):
+            cap = max(end, self.capacity, 2 * (buf_k.size(2) if buf_k is not None else 0))
+            new_k = k.new_empty(k.size(0), k.size(1), cap, k.size(3))
+            new_v = v.new_empty(new_k.shape)
+            if buf_k is not None and start:
+                new_k[:, :, :start] = buf_k[:, :, :start]
+                new_v[:, :, :start] = buf_v[:, :, :start]
+            buf_k, buf_v = new_k, new_v
+            self.keys[layer], self.values[layer] = buf_k, buf_v
+        buf_k[:, :, start:end] = k
+        buf_v[:, :, start:end] = v
+        return buf_k[:, :, :end], buf_v[:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def crop(self, length: int) -> None:
+        """Forget positions from ``length`` on (e.g. to retry from a prefix)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"crop length {length} outside [0, {self.length}]")
+        self.length = length
+
+    def select(self, index: Tensor) -> None:
+        """Keep only the batch rows in ``index`` (e.g. after some sequences finished)."""
+        for i in range(self.n_layer):
+            if self.keys[i] is not None:
+                self.keys[i] = self.keys[i].index_select(0, index)
+                self.values[i] = self.values[i].index_select(0, index)
+
+
+# --------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,  # (B, T, C)
+        mask: Tensor | None,  # bool (B, 1, T, S) or None
+        is_causal: bool,
+        rotary: tuple[Tensor, Tensor] | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H, S, D), S = cached + T
+        # softmax(q kᵀ / sqrt(d_k)) v with the causal (and padding) mask
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+# --------------------------------------------------------------------------------------
+# MLP and block
+# --------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, T, C)
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        is_causal: bool,
+        rotary: tuple[Tensor, Tensor] | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask, is_causal, rotary, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+# --------------------------------------------------------------------------------------
+# GPT
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class GPTOutput:
+    logits: Tensor | None  # (B, T_kept, V)
+    hidden_states: Tensor  # (B, T, C), after the final norm
+    past_key_values: KVCache | None = None
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=make_norm(config),
+            )
+        )
+        if config.pos_encoding == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        elif config.pos_encoding == "sinusoidal":
+            table = sinusoidal_table(config.block_size, config.n_embd)
+            self.register_buffer("sinusoidal", table, persistent=False)
+        self.rotary = (
+            Rotary(config.head_dim, config.rope_theta) if config.pos_encoding == "rotary" else None
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) at init
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, self.config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, self.config.init_std)
+
+    # -- helpers used by fusion, generation and checkpoints ----------------------------
+    @property
+    def tied_weight_keys(self) -> list[str]:
+        """State-dict keys that alias another tensor and are not stored separately."""
+        return ["lm_head.weight"] if self.config.tie_embeddings else []
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # -- forward ---------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor | None = None,  # (B, T) long
+        inputs_embeds: Tensor | None = None,  # (B, T, C)
+        attention_mask: Tensor | None = None,  # (B, S) 1 = token, 0 = padding; S = cached + T
+        position_ids: Tensor | None = None,  # (B, T)
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,  # 0: logits for every position; n: only the last n
+        return_logits: bool = True,
+    ) -> GPTOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("GPT.forward: pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(
+                    f"GPT.forward: input_ids must be (batch, time), got shape {tuple(input_ids.shape)}"
+                )
+            inputs_embeds = self.transformer.wte(input_ids)  # (B, T, C)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != self.config.n_embd:
+            raise ValueError(
+                f"GPT.forward: inputs_embeds must be (batch, time, {self.config.n_embd}), "
+                f"got shape {tuple(inputs_embeds.shape)}"
+            )
+        B, T, _ = inputs_embeds.shape
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache.for_model(self.config, capacity=T)
+        past = cache.length if cache is not None else 0
+        total = past + T
+        if total > self.config.block_size:
+            raise ValueError(
+                f"sequence of {total} positions exceeds the model's context "
+                f"(block_size={self.config.block_size})"
+            )
+        if attention_mask is not None:
+            if attention_mask.shape != (B, total):
+                raise ValueError(
+                    f"GPT.forward: attention_mask must have shape ({B}, {total}) "
+                    f"(cached + new positions), got {tuple(attention_mask.shape)}"
+                )
+            attention_mask = attention_mask.bool()
+            if bool(attention_mask.all()):
+                attention_mask = None  # no padding: take the fast causal path
+
+        if position_ids is None:
+            if attention_mask is not None:
+                # left padding: count real tokens so padded and unpadded rows agree
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, total, device=inputs_embeds.device)[None]
+                position_ids = position_ids.expand(B, T)
+
+        x = inputs_embeds
+        if self.config.pos_encoding == "learned":
+            x = x + self.transformer.wpe(position_ids)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + self.sinusoidal[position_ids].to(x.dtype)
+        rotary = self.rotary(position_ids) if self.rotary is not None else None
+        x = self.transformer.drop(x)  # (B, T, C)
+
+        mask, is_causal = self._attention_mask(attention_mask, B, T, past, x.device)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, is_causal, rotary, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+
+        logits = None
+        if return_logits:
+            kept = x[:, -logits_to_keep:] if logits_to_keep else x
+            logits = self.lm_head(kept)  # (B, T_kept, V)
+        return GPTOutput(logits=logits, hidden_states=x, past_key_values=cache)
+
+    @staticmethod
+    def _attention_mask(
+        key_mask: Tensor | None, B: int, T: int, past: int, device: torch.device
+    ) -> tuple[Tensor | None, bool]:
+        """Return (mask, is_causal) for SDPA; prefer the mask-free fast paths."""
+        if key_mask is None:
+            if past == 0:
+                return None, T > 1
+            if T == 1:
+                return None, False  # one new token sees every cached position
+        S = past + T
+        q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+        k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+        mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, None, :]  # (B, 1, T, S)
+            # A padding query would otherwise see no key at all (NaN); let it see itself.
+            mask = mask | (k_pos == q_pos)[None, None]
+        return mask.expand(B, 1, T, S), False
+
+    # -- checkpoints -------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> GPT:
+        from mmgpt.config import gpt_config
+
+        return cls(gpt_config(preset, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, map_location: str | torch.device = "cpu") -> GPT:
+        """Load an mmgpt model directory or a Hugging Face GPT-2 directory."""
+        from mmgpt.checkpoint import load_gpt
+
+        return load_gpt(path, map_location=map_location)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from mmgpt.checkpoint import save_gpt
+
+        save_gpt(self, path)

@@ -1,0 +1,1 @@
+"""Projectors: encoder features to decoder width."""

@@ -1,0 +1,240 @@
+"""The one registry of mmgpt: flat kinds, decorator registration, entry-point plugins.
+
+Components register themselves with ``@register(kind, name)``. Third-party packages (and
+mmgpt's own built-in plugins) declare an entry point in the group ``mmgpt.plugins``; the
+group is loaded lazily on the first lookup, so ``import mmgpt`` stays light.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+ENTRY_POINT_GROUP = "mmgpt.plugins"
+DISABLE_ENV = "MMGPT_DISABLE_PLUGIN_AUTOLOAD"
+KINDS = (
+    "tokenizer",
+    "encoder",
+    "projector",
+    "decoder",
+    "adapter",
+    "objective",
+    "dataset",
+    "model",
+    "metric",
+)
+# mmgpt modules whose import registers built-in (non-plugin) entries. Imported on first
+# lookup rather than with `import mmgpt`, because several of them import torch.
+BUILTIN_MODULES = (
+    "mmgpt.presets",
+    "mmgpt.objectives",
+    "mmgpt.data",
+    "mmgpt.projectors",
+    "mmgpt.adapters",
+    "mmgpt.eval",
+)
+
+
+class RegistryError(KeyError):
+    """An unknown, duplicate or malformed registry entry."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str
+    name: str
+    obj: Any
+    distribution: str
+
+
+@dataclass(frozen=True)
+class PluginError:
+    entry_point: str
+    distribution: str
+    error: str
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+        self._plugin_errors: list[PluginError] = []
+        self._loaded = False
+        self._loading = False
+        self._lock = threading.RLock()
+        self._current_dist = "mmgpt"
+
+    # -- registration ---------------------------------------------------------------
+    def register(self, kind: str, name: str, obj: Any = None, *, override: bool = False) -> Any:
+        """Register ``obj`` under ``(kind, name)``; without ``obj`` acts as a decorator."""
+        self._check_kind(kind)
+        if not isinstance(name, str) or not name:
+            raise RegistryError(f"registry names must be non-empty strings, got {name!r}")
+
+        def add(target: Any) -> Any:
+            with self._lock:
+                existing = self._entries[kind].get(name)
+                if existing is not None and not override and existing.obj is not target:
+                    raise RegistryError(
+                        f"{kind} {name!r} is already registered by distribution "
+                        f"{existing.distribution!r}; pass override=True to replace it"
+                    )
+                self._entries[kind][name] = Entry(kind, name, target, self._current_dist)
+            return target
+
+        return add if obj is None else add(obj)
+
+    def unregister(self, kind: str, name: str) -> None:
+        self._check_kind(kind)
+        with self._lock:
+            self._entries[kind].pop(name, None)
+
+    # -- lookup ---------------------------------------------------------------------
+    def get(self, kind: str, name: str) -> Any:
+        self._check_kind(kind)
+        self.load_plugins()
+        entry = self._entries[kind].get(name)
+        if entry is None:
+            known = sorted(self._entries[kind])
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            failed = (
+                " (plugins that failed to load: "
+                + ", ".join(f"{e.distribution}:{e.entry_point}" for e in self._plugin_errors)
+                + ")"
+                if self._plugin_errors
+                else ""
+            )
+            raise RegistryError(
+                f"unknown {kind} {name!r}; known {kind}s: {', '.join(known) or '(none)'}"
+                f"{hint}{failed}"
+            )
+        return entry.obj
+
+    def create(self, kind: str, name: str, /, **kwargs: Any) -> Any:
+        """Build the entry: call it with ``kwargs`` (a class or factory)."""
+        obj = self.get(kind, name)
+        if not callable(obj):
+            raise RegistryError(f"{kind} {name!r} is not callable; use get() instead")
+        return obj(**kwargs)
+
+    def names(self, kind: str) -> list[str]:
+        self._check_kind(kind)
+        self.load_plugins()
+        return sorted(self._entries[kind])
+
+    def entries(self, kind: str | None = None) -> list[Entry]:
+        self.load_plugins()
+        kinds = KINDS if kind is None else (kind,)
+        for k in kinds:
+            self._check_kind(k)
+        return [e for k in kinds for _, e in sorted(self._entries[k].items())]
+
+    def distribution_of(self, kind: str, name: str) -> str:
+        self.get(kind, name)
+        return self._entries[kind][name].distribution
+
+    @property
+    def plugin_errors(self) -> list[PluginError]:
+        self.load_plugins()
+        return list(self._plugin_errors)
+
+    # -- discovery ------------------------------------------------------------------
+    def load_plugins(self, *, force: bool = False) -> None:
+        """Import built-in modules and entry points of ``mmgpt.plugins`` (once)."""
+        with self._lock:
+            if (self._loaded and not force) or self._loading:
+                return
+            self._loading = True
+            try:
+                for module in BUILTIN_MODULES:
+                    importlib.import_module(module)
+                if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0", "false", "False"):
+                    return
+                for ep in _plugin_entry_points():
+                    self._load_entry_point(ep)
+            finally:
+                self._loading = False
+                self._loaded = True
+
+    def _load_entry_point(self, ep: EntryPoint) -> None:
+        dist = ep.dist.name if ep.dist is not None else "unknown"
+        try:
+            with self._supplied_by(dist):
+                loaded = ep.load()
+                # `module:function` entry points are registration hooks.
+                if callable(loaded) and not isinstance(loaded, type):
+                    loaded()
+        except Exception as exc:  # a broken plugin must not break the others
+            self._plugin_errors.append(PluginError(ep.name, dist, f"{type(exc).__name__}: {exc}"))
+            warnings.warn(
+                f"mmgpt plugin {ep.name!r} from distribution {dist!r} failed to load: "
+                f"{type(exc).__name__}: {exc}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @contextmanager
+    def _supplied_by(self, dist: str) -> Iterator[None]:
+        previous, self._current_dist = self._current_dist, dist
+        try:
+            yield
+        finally:
+            self._current_dist = previous
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in self._entries:
+            raise RegistryError(f"unknown registry kind {kind!r}; kinds are: {', '.join(KINDS)}")
+
+
+def _plugin_entry_points() -> list[EntryPoint]:
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        # The same distribution can be visible twice (e.g. editable + site-packages).
+        key = (ep.name, ep.value)
+        if key not in seen:
+            seen.add(key)
+            unique.append(ep)
+    return unique
+
+
+REGISTRY = Registry()
+
+
+def register(kind: str, name: str, obj: Any = None, *, override: bool = False) -> Any:
+    """``@register("encoder", "vit")`` — add an entry to the global registry."""
+    return REGISTRY.register(kind, name, obj, override=override)
+
+
+def get(kind: str, name: str) -> Any:
+    return REGISTRY.get(kind, name)
+
+
+def create(kind: str, name: str, /, **kwargs: Any) -> Any:
+    return REGISTRY.create(kind, name, **kwargs)
+
+
+def names(kind: str) -> list[str]:
+    return REGISTRY.names(kind)
+
+
+def entries(kind: str | None = None) -> list[Entry]:
+    return REGISTRY.entries(kind)
+
+
+def load_plugins(*, force: bool = False) -> None:
+    REGISTRY.load_plugins(force=force)
+
+
+Factory = Callable[..., Any]

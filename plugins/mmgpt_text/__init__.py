@@ -1,0 +1,1 @@
+"""mmgpt_text plugin."""

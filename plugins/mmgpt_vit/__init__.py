@@ -1,0 +1,1 @@
+"""mmgpt_vit plugin."""
