@@ -1,0 +1,185 @@
+"""Hugging Face *imagefolder* datasets: images plus a ``metadata.jsonl`` (or ``metadata.csv``).
+
+```
+data/
+  metadata.jsonl        {"file_name": "images/0001.png", "text": "a red circle on the left"}
+  images/0001.png       {"file_name": "b.jpg", "conversations": [{"from": "human", ...}]}
+```
+
+- ``file_name`` is relative to the directory of the metadata file; metadata files in
+  subdirectories are all read (sorted), each for its own directory. ``split="train"`` reads
+  ``data/train/`` only.
+- A row with ``text`` becomes a caption sample: user ``"<image>\\n" + caption_prompt``,
+  assistant ``text``. A row with ``conversations`` (LLaVA style ``[{from, value}]``) is used
+  as is, with LLaVA's placeholder rule (``"<image>"`` prepended to the first human turn when
+  the text has none). ``conversations`` wins when a row has both.
+- Other columns go to ``Sample.meta``; in ``metadata.csv`` a ``conversations`` cell holds JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mmgpt.data.llava import (
+    check_images_exist,
+    insert_image_placeholders,
+    parse_conversation,
+)
+from mmgpt.data.records import (
+    DataError,
+    Problem,
+    Record,
+    RecordDataset,
+    RecordError,
+    iter_jsonl,
+)
+from mmgpt.data.sample import DEFAULT_CAPTION_PROMPT, IMAGE_PLACEHOLDER, Sample, Turn
+from mmgpt.registry import register
+
+__all__ = ["ImageFolderDataset", "caption_turns", "find_metadata_files", "read_imagefolder"]
+
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+
+
+def caption_turns(caption: str, prompt: str = DEFAULT_CAPTION_PROMPT) -> list[Turn]:
+    """The conversation of a captioned image."""
+    return [Turn("user", f"{IMAGE_PLACEHOLDER}\n{prompt}"), Turn("assistant", caption)]
+
+
+def find_metadata_files(root: str | os.PathLike) -> list[Path]:
+    """Every ``metadata.jsonl`` / ``metadata.csv`` under ``root``, sorted.
+
+    Raises ``DataError`` when there is none, or when one directory has both.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory (an imagefolder is a directory)")
+    files = sorted(p for name in METADATA_NAMES for p in root.rglob(name) if p.is_file())
+    if not files:
+        raise DataError(
+            f"{root}: no metadata.jsonl or metadata.csv found; an imagefolder needs one with a "
+            "'file_name' column and a 'text' or 'conversations' column"
+        )
+    dirs = [p.parent for p in files]
+    for directory in dirs:
+        if dirs.count(directory) > 1:
+            raise DataError(f"{directory}: has both metadata.jsonl and metadata.csv; keep only one")
+    return files
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        start = 2  # line 1 is the header
+        for row in reader:
+            line, start = start, reader.line_num + 1
+            if None in row:  # more cells than header columns
+                yield line, RecordError("bad_value", "row has more cells than the header")
+                continue
+            conversations = row.get("conversations")
+            if conversations:
+                try:
+                    row["conversations"] = json.loads(conversations)
+                except json.JSONDecodeError as exc:
+                    yield (
+                        line,
+                        RecordError(
+                            "bad_json", f"'conversations' cell is not valid JSON: {exc.msg}"
+                        ),
+                    )
+                    continue
+            else:
+                row.pop("conversations", None)
+            yield line, row
+
+
+def read_imagefolder(
+    root: str | os.PathLike,
+    *,
+    caption_prompt: str = DEFAULT_CAPTION_PROMPT,
+    split: str | None = None,
+) -> tuple[list[Record], list[Problem]]:
+    """Parse every metadata file of an imagefolder into records and problems."""
+    root = Path(root) if split is None else Path(root) / split
+    records: list[Record] = []
+    problems: list[Problem] = []
+    for meta_file in find_metadata_files(root):
+        rows = iter_jsonl(meta_file) if meta_file.suffix == ".jsonl" else _iter_csv(meta_file)
+        for line, row in rows:
+            try:
+                if isinstance(row, RecordError):
+                    raise row
+                records.append(_parse_row(row, meta_file, line, caption_prompt))
+            except RecordError as exc:
+                problems.append(Problem(str(meta_file), line, exc.reason, str(exc)))
+    return records, problems
+
+
+def _parse_row(row: Any, meta_file: Path, line: int, caption_prompt: str) -> Record:
+    if not isinstance(row, dict):
+        raise RecordError("bad_type", f"a metadata row must be an object, got {type(row).__name__}")
+    name = row.get("file_name")
+    if name is None:
+        raise RecordError("missing_field", "missing field 'file_name'")
+    if not isinstance(name, str) or not name:
+        raise RecordError("bad_type", f"'file_name' must be a non-empty string, got {name!r:.80}")
+    if row.get("conversations") is not None:
+        turns = insert_image_placeholders(parse_conversation(row["conversations"]), 1)
+    elif "text" in row and row["text"] is not None:
+        text = row["text"]
+        if not isinstance(text, str):
+            raise RecordError("bad_type", f"'text' must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise RecordError("bad_value", "'text' is empty")
+        turns = caption_turns(text, caption_prompt)
+    else:
+        raise RecordError("missing_field", "needs a 'text' or a 'conversations' field")
+    path = meta_file.parent / name
+    check_images_exist([path])
+    meta = {k: v for k, v in row.items() if k not in ("conversations",)}
+    return Record(str(meta_file), line, None, [path], turns, meta)
+
+
+@register("dataset", "imagefolder")
+class ImageFolderDataset(RecordDataset):
+    """Samples from a Hugging Face imagefolder; see the module docstring for the layout.
+
+    Args:
+        path: the dataset directory.
+        caption_prompt: user text of caption samples (after ``"<image>\\n"``).
+        split: read ``path/split`` only.
+        strict: raise on the first problem (naming file and line) instead of skipping it.
+        max_pixels: refuse larger images (see ``load_image``).
+        verify_images: decode every image now, so ``skipped`` is complete before training.
+    """
+
+    format_name = "imagefolder"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        caption_prompt: str = DEFAULT_CAPTION_PROMPT,
+        split: str | None = None,
+        strict: bool = False,
+        max_pixels: int | None = None,
+        verify_images: bool = False,
+    ) -> None:
+        records, problems = read_imagefolder(path, caption_prompt=caption_prompt, split=split)
+        super().__init__(
+            records,
+            problems,
+            source=str(path),
+            strict=strict,
+            max_pixels=max_pixels,
+            verify_images=verify_images,
+        )
+
+    def build(self, record: Record, images: list[Any]) -> Sample:
+        meta = {**record.meta, "source": record.file, "line": record.line}
+        return Sample(list(record.data), images=images, meta=meta)

@@ -1,0 +1,220 @@
+"""LLaVA conversation data: a JSON list (or JSONL) of records with images and conversations.
+
+```json
+[{"id": "0001",
+  "image": "coco/000000033471.jpg",
+  "conversations": [{"from": "human", "value": "<image>\\nWhat colour is the bus?"},
+                    {"from": "gpt", "value": "Red and white."}]}]
+```
+
+- ``image`` is a path or a list of paths relative to ``image_root`` (default: the directory of
+  the JSON file); absent or ``null`` for text-only records.
+- ``from`` is ``human`` (or ``user``) and ``gpt`` (or ``assistant``).
+- Each image needs one ``"<image>"`` placeholder, in image order. Following LLaVA's own
+  convention, a record with images and *no* placeholder gets them prepended to its first
+  human turn (``"<image>\\n"`` per image); any other count mismatch is a problem.
+- Keys other than these go to ``Sample.meta``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mmgpt.data.records import (
+    DataError,
+    Problem,
+    Record,
+    RecordDataset,
+    RecordError,
+    iter_json_array,
+    iter_jsonl,
+)
+from mmgpt.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from mmgpt.registry import register
+
+__all__ = [
+    "LlavaDataset",
+    "count_placeholders",
+    "insert_image_placeholders",
+    "parse_conversation",
+    "parse_image_field",
+    "read_llava",
+    "turns_to_llava",
+]
+
+_ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_LLAVA_ROLE = {"user": "human", "assistant": "gpt"}
+
+
+def parse_conversation(value: Any, field: str = "conversations") -> list[Turn]:
+    """LLaVA ``[{from, value}, ...]`` → turns; ``RecordError`` says what is malformed."""
+    if value is None:
+        raise RecordError("missing_field", f"missing field {field!r}")
+    if not isinstance(value, list):
+        raise RecordError("bad_type", f"{field!r} must be a list, got {type(value).__name__}")
+    if not value:
+        raise RecordError("bad_value", f"{field!r} is empty")
+    turns = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise RecordError(
+                "bad_type", f"{field}[{i}] must be an object, got {type(message).__name__}"
+            )
+        for key in ("from", "value"):
+            if key not in message:
+                raise RecordError("missing_field", f"{field}[{i}] has no {key!r}")
+        role = _ROLE_OF.get(message["from"]) if isinstance(message["from"], str) else None
+        if role is None:
+            raise RecordError(
+                "bad_value",
+                f"{field}[{i}].from is {message['from']!r}; expected 'human' or 'gpt'",
+            )
+        if not isinstance(message["value"], str):
+            raise RecordError(
+                "bad_type",
+                f"{field}[{i}].value must be a string, got {type(message['value']).__name__}",
+            )
+        turns.append(Turn(role, message["value"]))
+    if not any(turn.role == "assistant" for turn in turns):
+        raise RecordError("bad_value", f"{field!r} has no 'gpt' turn to learn from")
+    return turns
+
+
+def parse_image_field(value: Any, field: str = "image") -> list[str]:
+    """``None`` | path | list of paths → list of paths."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if not value:
+            raise RecordError("bad_value", f"{field!r} is an empty string")
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise RecordError("bad_type", f"{field!r} must be a path or a list of paths, got {value!r:.80}")
+
+
+def count_placeholders(texts: Sequence[str]) -> int:
+    return sum(text.count(IMAGE_PLACEHOLDER) for text in texts)
+
+
+def insert_image_placeholders(turns: list[Turn], num_images: int) -> list[Turn]:
+    """Check placeholders against images; with none at all, prepend them to the first user turn.
+
+    Raises ``RecordError("placeholder_mismatch", ...)`` for any other mismatch.
+    """
+    found = count_placeholders([t.text for t in turns])
+    if found == num_images:
+        return turns
+    if found == 0:
+        for i, turn in enumerate(turns):
+            if turn.role == "user":
+                prefix = (IMAGE_PLACEHOLDER + "\n") * num_images
+                return [*turns[:i], Turn("user", prefix + turn.text), *turns[i + 1 :]]
+        raise RecordError(
+            "placeholder_mismatch",
+            f"{num_images} image(s) but no human turn to put the '<image>' placeholder in",
+        )
+    raise RecordError(
+        "placeholder_mismatch",
+        f"{found} '<image>' placeholder(s) in the text but {num_images} image(s)",
+    )
+
+
+def turns_to_llava(turns: Sequence[Turn]) -> list[dict[str, str]]:
+    """Turns → LLaVA ``[{from, value}]``."""
+    return [{"from": _LLAVA_ROLE[t.role], "value": t.text} for t in turns]
+
+
+def resolve_image(root: Path, name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else root / path
+
+
+def check_images_exist(paths: Sequence[Path]) -> None:
+    for path in paths:
+        if not path.is_file():
+            raise RecordError("missing_image", f"{path}: file not found")
+
+
+def record_id(obj: dict[str, Any]) -> str | None:
+    value = obj.get("id")
+    return None if value is None else str(value)
+
+
+def read_llava(
+    path: str | os.PathLike, *, image_root: str | os.PathLike | None = None
+) -> tuple[list[Record], list[Problem]]:
+    """Parse a LLaVA ``.json`` list (or ``.jsonl``) into records and problems.
+
+    A JSON syntax error in a ``.json`` file raises ``DataError`` (nothing after it can be
+    read); everything else is a per-record problem with its line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: LLaVA data file not found")
+    root = Path(image_root) if image_root is not None else path.parent
+    rows = iter_jsonl(path) if path.suffix == ".jsonl" else iter_json_array(path)
+    records: list[Record] = []
+    problems: list[Problem] = []
+    for line, obj in rows:
+        ident = record_id(obj) if isinstance(obj, dict) else None
+        try:
+            if isinstance(obj, RecordError):
+                raise obj
+            records.append(_parse_record(obj, root, str(path), line))
+        except RecordError as exc:
+            problems.append(Problem(str(path), line, exc.reason, str(exc), ident))
+    return records, problems
+
+
+def _parse_record(obj: Any, root: Path, file: str, line: int) -> Record:
+    if not isinstance(obj, dict):
+        raise RecordError("bad_type", f"a record must be an object, got {type(obj).__name__}")
+    names = parse_image_field(obj.get("image"))
+    turns = parse_conversation(obj.get("conversations"))
+    turns = insert_image_placeholders(turns, len(names))
+    paths = [resolve_image(root, name) for name in names]
+    check_images_exist(paths)
+    meta = {k: v for k, v in obj.items() if k not in ("image", "conversations")}
+    return Record(file, line, record_id(obj), paths, turns, meta)
+
+
+@register("dataset", "llava")
+class LlavaDataset(RecordDataset):
+    """Samples from LLaVA conversation JSON; see the module docstring for the format.
+
+    Args:
+        path: the ``.json`` (list) or ``.jsonl`` file.
+        image_root: directory the image paths are relative to (default: the file's directory).
+        strict: raise on the first problem instead of skipping it.
+        max_pixels: refuse larger images (see ``load_image``).
+        verify_images: decode every image now, so ``skipped`` is complete before training.
+    """
+
+    format_name = "llava"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        image_root: str | os.PathLike | None = None,
+        strict: bool = False,
+        max_pixels: int | None = None,
+        verify_images: bool = False,
+    ) -> None:
+        records, problems = read_llava(path, image_root=image_root)
+        super().__init__(
+            records,
+            problems,
+            source=str(path),
+            strict=strict,
+            max_pixels=max_pixels,
+            verify_images=verify_images,
+        )
+
+    def build(self, record: Record, images: list[Any]) -> Sample:
+        meta = {**record.meta, "source": record.file, "line": record.line}
+        return Sample(list(record.data), images=images, meta=meta)

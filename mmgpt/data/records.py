@@ -1,0 +1,309 @@
+"""What the file-backed datasets share: problems with line numbers, JSON(L) reading that keeps
+line numbers, and a map-style dataset that skips samples whose images fail to load.
+
+A *record* is one usable metadata entry (one line of ``metadata.jsonl``, one element of a
+LLaVA JSON list, one preference pair); a *problem* is an entry that cannot be used, with the
+file and line to fix. Readers return ``(records, problems)``; datasets skip the problems (or
+raise on the first one with ``strict=True``) and ``mmgpt data check`` lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DataError",
+    "Problem",
+    "Record",
+    "RecordDataset",
+    "RecordError",
+    "iter_json_array",
+    "iter_jsonl",
+    "summarize_problems",
+]
+
+
+class DataError(ValueError):
+    """Unusable dataset input; the message names the file (and line) to fix.
+
+    ``file``, ``line`` and ``reason`` repeat the location and category when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.file, self.line, self.reason = file, line, reason
+
+
+class RecordError(ValueError):
+    """Raised by a record parser: ``reason`` is a short category, the message says what."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One unusable entry of a dataset.
+
+    ``reason`` is a category such as ``bad_json``, ``missing_field``, ``bad_type``,
+    ``bad_value``, ``placeholder_mismatch``, ``missing_image``, ``not_an_image``,
+    ``truncated_image``, ``corrupt_image``, ``too_large``.
+    """
+
+    file: str
+    line: int | None
+    reason: str
+    message: str
+    id: str | None = None
+
+    @property
+    def location(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return where if self.id is None else f"{where} (id {self.id})"
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.reason}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Record:
+    """One usable entry: where it came from, the image files it needs, its parsed content."""
+
+    file: str
+    line: int
+    id: str | None
+    image_paths: list[Path]
+    data: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def problem(self, reason: str, message: str) -> Problem:
+        return Problem(self.file, self.line, reason, message, self.id)
+
+
+def summarize_problems(problems: Sequence[Problem]) -> str:
+    counts = Counter(p.reason for p in problems)
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
+
+
+# -- JSON with line numbers -----------------------------------------------------------------
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line_number, value)`` for each non-blank line; a line that is not valid JSON (or not
+    UTF-8) yields ``(line_number, RecordError)`` instead, so the caller can go on."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, RecordError("bad_encoding", f"line is not UTF-8 ({exc.reason})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield (
+                    number,
+                    RecordError("bad_json", f"invalid JSON: {exc.msg} (column {exc.colno})"),
+                )
+
+
+_WHITESPACE = " \t\n\r"
+
+
+def iter_json_array(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line_number, element)`` for each element of a JSON file holding one list.
+
+    The line is where the element starts. A syntax error cannot be skipped (nothing after it
+    can be located reliably), so it raises ``DataError`` with its line and column.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
+            file=str(path),
+            reason="bad_encoding",
+        ) from None
+    decoder = json.JSONDecoder()
+    index, line, counted_to = 0, 1, 0
+
+    def skip_ws(i: int) -> int:
+        while i < len(text) and text[i] in _WHITESPACE:
+            i += 1
+        return i
+
+    def line_at(i: int) -> int:
+        nonlocal line, counted_to
+        line += text.count("\n", counted_to, i)
+        counted_to = i
+        return line
+
+    def fail(i: int, message: str) -> DataError:
+        column = i - (text.rfind("\n", 0, i) + 1) + 1
+        number = line_at(i)
+        return DataError(
+            f"{path}:{number}:{column}: invalid JSON: {message}",
+            file=str(path),
+            line=number,
+            reason="bad_json",
+        )
+
+    index = skip_ws(index)
+    if index >= len(text) or text[index] != "[":
+        raise fail(index, "expected a JSON list of records ('[' ...)")
+    index = skip_ws(index + 1)
+    if index < len(text) and text[index] == "]":
+        return
+    while True:
+        try:
+            value, end = decoder.raw_decode(text, index)
+        except json.JSONDecodeError as exc:
+            raise fail(exc.pos, exc.msg) from None
+        yield line_at(index), value
+        index = skip_ws(end)
+        if index < len(text) and text[index] == ",":
+            index = skip_ws(index + 1)
+            continue
+        if index < len(text) and text[index] == "]":
+            if skip_ws(index + 1) != len(text):
+                raise fail(skip_ws(index + 1), "extra data after the list")
+            return
+        raise fail(index, "expected ',' or ']' after a list element")
+
+
+# -- the dataset ----------------------------------------------------------------------------
+class RecordDataset(Dataset):
+    """Map-style dataset over records whose images are loaded on access.
+
+    Unusable records found while reading the metadata are left out, counted in ``skipped``
+    and summarized in one warning. An image that fails to load at access time is counted and
+    warned about once, and the access returns the next loadable sample (index + 1, + 2, …,
+    wrapping around): deterministic, because an unloadable file stays unloadable. With
+    ``strict=True`` the first problem raises ``DataError`` naming the file and line instead.
+
+    ``skipped`` maps reason → number of problems (one per bad metadata entry, one per
+    unloadable image file); ``problems`` lists them. With ``DataLoader`` workers each worker
+    counts in its own copy.
+    """
+
+    format_name = "records"
+
+    def __init__(
+        self,
+        records: list[Record],
+        problems: list[Problem],
+        *,
+        source: str,
+        strict: bool = False,
+        max_pixels: int | None = None,
+        verify_images: bool = False,
+    ) -> None:
+        from mmgpt.data.images import DEFAULT_MAX_PIXELS
+
+        self.records = records
+        self.problems: list[Problem] = []
+        self.skipped: dict[str, int] = {}
+        self.source = source
+        self.strict = strict
+        self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        self._bad_paths: dict[Path, Problem] = {}
+        self._bad_indices: set[int] = set()
+        if problems and strict:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            first = problems[0]
+            raise DataError(f"{first}{more}", file=first.file, line=first.line, reason=first.reason)
+        for problem in problems:
+            self._count(problem)
+        if verify_images:
+            for index in range(len(records)):
+                self._load_images(index, warn=False)
+        if self.problems:
+            warnings.warn(
+                f"{self.format_name} {source}: skipped {len(self.problems)} unusable entries "
+                f"({summarize_problems(self.problems)}); {len(self.records) - len(self._bad_indices)}"
+                f" of {len(self.records)} samples usable. First: {self.problems[0]}. "
+                "See dataset.problems for all of them.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if not records:
+            raise DataError(f"{self.format_name} {source}: no usable samples")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self.records)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} samples")
+        index %= n
+        for step in range(n):
+            k = (index + step) % n
+            images = self._load_images(k, warn=True)
+            if images is not None:
+                return self.build(self.records[k], images)
+        raise DataError(
+            f"{self.format_name} {self.source}: none of the {n} samples has loadable images "
+            f"({summarize_problems(self.problems)})"
+        )
+
+    def build(self, record: Record, images: list[Any]) -> Any:
+        """The item for a record whose images loaded (implemented by each format)."""
+        raise NotImplementedError
+
+    def _load_images(self, index: int, *, warn: bool) -> list[Any] | None:
+        from mmgpt.data.images import ImageLoadError, load_image
+
+        if index in self._bad_indices:
+            return None
+        record = self.records[index]
+        images = []
+        for path in record.image_paths:
+            if path in self._bad_paths:
+                self._bad_indices.add(index)
+                return None
+            try:
+                images.append(load_image(path, max_pixels=self.max_pixels))
+            except ImageLoadError as exc:
+                problem = record.problem(exc.reason, str(exc))
+                if self.strict:
+                    raise DataError(
+                        str(problem), file=record.file, line=record.line, reason=exc.reason
+                    ) from None
+                self._bad_paths[path] = problem
+                self._bad_indices.add(index)
+                self._count(problem)
+                if warn:
+                    warnings.warn(
+                        f"{self.format_name} {self.source}: skipping a sample, {problem}; "
+                        "using the next sample instead",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                return None
+        return images
+
+    def _count(self, problem: Problem) -> None:
+        self.problems.append(problem)
+        self.skipped[problem.reason] = self.skipped.get(problem.reason, 0) + 1
