@@ -1,0 +1,631 @@
+"""MultimodalGPT: a GPT decoder fed with projected encoder features in its placeholder slots.
+
+The decoder (:class:`mmgpt.model.GPT`) knows nothing about images. Fusion happens on its input
+embeddings: the processor expands each ``"<image>"`` into ``num_tokens`` image-token slots, and
+:meth:`MultimodalGPT.embed` replaces those slots by ``projector(encoder(image))`` with one
+``index_put``. Optional ``image_decoder`` and ``output_projector`` (registry kinds ``decoder``
+and ``projector``) turn the hidden states of the signal tokens ``[IMG0]..`` back into images;
+this class only holds, saves and loads them.
+
+A saved model is one directory::
+
+    config.json        {"architecture": "multimodal", "format_version": 1, "gpt": {...},
+                        "tokenizer": {"name": "bpe", ...},
+                        "encoders": {"image": {"name": "vit", "config": {...}}},
+                        "projectors": {"image": {"name": "mlp2x_gelu", "config": {...}}},
+                        "image_decoder": {...}, "output_projector": {...}}   (when present)
+    model.safetensors  every weight, prefixed gpt. / encoders.image. / projectors.image. / …
+    tokenizer.json     (and the tokenizer's other files)
+
+Components are rebuilt with ``registry.create(kind, name, **config)``, so an encoder from a
+third-party plugin round-trips like the built-in ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from mmgpt import registry
+from mmgpt.checkpoint import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    load_model_state,
+    load_tensors,
+    model_state_dict,
+    read_model_config,
+    save_tensors,
+)
+from mmgpt.config import GPTConfig, gpt_config
+from mmgpt.model import GPT, GPTOutput, KVCache
+from mmgpt.processor import MultimodalBatch, MultimodalProcessor
+
+if TYPE_CHECKING:
+    from mmgpt.generation import GenerationConfig, GenerationOutput
+
+ARCHITECTURE = "multimodal"
+# Names accepted by freeze()/trainable(), mapped to attributes.
+PARTS = {
+    "gpt": "gpt",
+    "encoder": "encoders",
+    "encoders": "encoders",
+    "projector": "projectors",
+    "projectors": "projectors",
+    "image_decoder": "image_decoder",
+    "decoder": "image_decoder",
+    "output_projector": "output_projector",
+}
+
+
+class MultimodalGPT(nn.Module):
+    """GPT + tokenizer + encoders/projectors by modality (+ optional image decoder).
+
+    Args:
+        gpt: the decoder; its vocabulary must cover the tokenizer's.
+        tokenizer: an mmgpt tokenizer (``image_token_id``, ``signal_token_ids``…).
+        encoders: ``{modality: encoder}`` (``"image"`` → e.g. the ``"vit"`` encoder).
+        projectors: ``{modality: projector}`` mapping ``encoder.output_dim`` → ``n_embd``.
+        image_decoder, output_projector: optional image-generation components.
+        component_names: registry names of the components, keyed ``"encoders.image"``,
+            ``"projectors.image"``, ``"image_decoder"``, ``"output_projector"``; needed by
+            :meth:`save_pretrained` for components whose class is not itself the registered
+            entry (a factory function). :meth:`build` and :meth:`from_pretrained` fill them.
+    """
+
+    def __init__(
+        self,
+        gpt: GPT,
+        tokenizer: Any,
+        encoders: Mapping[str, nn.Module] | None = None,
+        projectors: Mapping[str, nn.Module] | None = None,
+        *,
+        image_decoder: nn.Module | None = None,
+        output_projector: nn.Module | None = None,
+        component_names: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        if gpt.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(
+                f"the GPT's vocabulary ({gpt.config.vocab_size}) does not cover the tokenizer's "
+                f"({tokenizer.vocab_size} ids); build the GPT with vocab_size >= "
+                f"{tokenizer.vocab_size}"
+            )
+        encoders, projectors = dict(encoders or {}), dict(projectors or {})
+        if set(encoders) != set(projectors):
+            raise ValueError(
+                f"every encoder needs a projector of the same modality: encoders for "
+                f"{sorted(encoders)}, projectors for {sorted(projectors)}"
+            )
+        n_embd = gpt.config.n_embd
+        for modality, enc in encoders.items():
+            declared = getattr(enc, "modality", modality)
+            if declared != modality:
+                raise ValueError(
+                    f"encoder under key {modality!r} declares modality {declared!r}; "
+                    "key encoders by their modality"
+                )
+            proj = projectors[modality]
+            if (proj.in_dim, proj.out_dim) != (enc.output_dim, n_embd):
+                raise ValueError(
+                    f"projector for {modality!r} maps {proj.in_dim} → {proj.out_dim}, but the "
+                    f"encoder outputs {enc.output_dim} and the GPT's width is {n_embd}"
+                )
+        self.gpt = gpt
+        self.tokenizer = tokenizer
+        self.encoders = nn.ModuleDict(encoders)
+        self.projectors = nn.ModuleDict(projectors)
+        self.image_decoder = image_decoder
+        self.output_projector = output_projector
+        self.component_names: dict[str, str] = dict(component_names or {})
+        for modality in encoders:
+            self.placeholder_token_id(modality)  # fail now if the tokenizer lacks it
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        gpt: str | GPTConfig | GPT | Mapping[str, Any],
+        tokenizer: Any,
+        *,
+        encoder: str | None = "vit",
+        encoder_kwargs: Mapping[str, Any] | None = None,
+        projector: str = "mlp2x_gelu",
+        projector_kwargs: Mapping[str, Any] | None = None,
+        image_decoder: str | None = None,
+        image_decoder_kwargs: Mapping[str, Any] | None = None,
+        output_projector: str | None = None,
+        output_projector_kwargs: Mapping[str, Any] | None = None,
+        **gpt_overrides: Any,
+    ) -> MultimodalGPT:
+        """Assemble a model from registry names.
+
+        ``gpt`` is a preset name (``"gpt-nano"``…), a config (dataclass or dict) or a built GPT;
+        for a preset or dict, ``vocab_size`` defaults to the tokenizer's. The encoder is
+        registered under its ``modality``; the projector gets ``in_dim``/``out_dim`` from the
+        encoder and the GPT. The output projector gets ``in_dim=n_embd`` and, where its
+        signature names them, ``out_dim``/``num_condition_tokens`` from the image decoder and
+        ``num_signal_tokens`` from the tokenizer, unless given.
+        """
+        if isinstance(gpt, GPT):
+            if gpt_overrides:
+                raise ValueError("gpt overrides apply to a preset or config, not to a built GPT")
+            model = gpt
+        else:
+            if isinstance(gpt, str):
+                gpt_overrides.setdefault("vocab_size", tokenizer.vocab_size)
+                config = gpt_config(gpt, **gpt_overrides)
+            elif isinstance(gpt, Mapping):
+                config = GPTConfig.from_dict(
+                    {"vocab_size": tokenizer.vocab_size, **gpt, **gpt_overrides}
+                )
+            elif isinstance(gpt, GPTConfig):
+                config = GPTConfig.from_dict({**gpt.to_dict(), **gpt_overrides})
+            else:
+                raise TypeError(
+                    f"gpt must be a preset name, GPTConfig, dict or GPT, got {type(gpt).__name__}"
+                )
+            model = GPT(config)
+        n_embd = model.config.n_embd
+        names: dict[str, str] = {}
+        encoders, projectors = {}, {}
+        if encoder is not None:
+            enc = registry.create("encoder", encoder, **dict(encoder_kwargs or {}))
+            modality = enc.modality
+            proj_kwargs = {"in_dim": enc.output_dim, "out_dim": n_embd, **(projector_kwargs or {})}
+            encoders[modality] = enc
+            projectors[modality] = registry.create("projector", projector, **proj_kwargs)
+            names[f"encoders.{modality}"] = encoder
+            names[f"projectors.{modality}"] = projector
+        decoder = out_proj = None
+        if image_decoder is not None:
+            decoder = registry.create("decoder", image_decoder, **dict(image_decoder_kwargs or {}))
+            names["image_decoder"] = image_decoder
+        if output_projector is not None:
+            kwargs = dict(output_projector_kwargs or {})
+            kwargs.setdefault("in_dim", n_embd)
+            defaults = {
+                "out_dim": getattr(decoder, "condition_dim", None),
+                "num_condition_tokens": getattr(decoder, "num_condition_tokens", None),
+                "num_signal_tokens": len(getattr(tokenizer, "signal_token_ids", None) or [])
+                or None,
+            }
+            factory = registry.get("projector", output_projector)
+            for key, value in defaults.items():
+                if value is not None and _takes_argument(factory, key):
+                    kwargs.setdefault(key, value)
+            out_proj = registry.create("projector", output_projector, **kwargs)
+            names["output_projector"] = output_projector
+        return cls(
+            model,
+            tokenizer,
+            encoders,
+            projectors,
+            image_decoder=decoder,
+            output_projector=out_proj,
+            component_names=names,
+        )
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def config(self) -> GPTConfig:
+        return self.gpt.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.gpt.get_input_embeddings().weight.device
+
+    @property
+    def tied_weight_keys(self) -> list[str]:
+        """Aliased state-dict keys (stored once): the GPT's and any component's."""
+        keys = [f"gpt.{k}" for k in self.gpt.tied_weight_keys]
+        for prefix, module in self._components():
+            keys += [f"{prefix}.{k}" for k in getattr(module, "tied_weight_keys", [])]
+        return keys
+
+    def placeholder_token_id(self, modality: str) -> int:
+        """The token id whose slots hold ``modality`` features (``<image>`` for images)."""
+        if modality == "image":
+            return int(self.tokenizer.image_token_id)
+        token_id = self.tokenizer.token_to_id(f"<{modality}>")
+        if token_id is None:
+            raise ValueError(
+                f"the tokenizer has no placeholder token '<{modality}>' for the {modality!r} encoder"
+            )
+        return int(token_id)
+
+    def processor(self, **kwargs: Any) -> MultimodalProcessor:
+        """A :class:`MultimodalProcessor` for this model (``max_length`` = ``block_size``)."""
+        kwargs.setdefault("max_length", self.config.block_size)
+        if self.image_decoder is not None and hasattr(self.image_decoder, "preprocess"):
+            kwargs.setdefault("output_image_transform", self.image_decoder.preprocess)
+        return MultimodalProcessor(self.tokenizer, self.encoders, **kwargs)
+
+    # -- fusion --------------------------------------------------------------------------------
+    def encode(self, modality: str, inputs: Tensor) -> Tensor:
+        """Preprocessed items → projected features ``(N, num_tokens, n_embd)``."""
+        feats = self.encoders[modality](inputs)  # (N, K, d_enc)
+        return self.projectors[modality](feats)  # (N, K, C)
+
+    def embed(self, batch: MultimodalBatch) -> Tensor:
+        """Token embeddings with each modality's projected features in its slots: ``(B, T, C)``."""
+        input_ids = batch.input_ids.to(self.device)
+        embeds = self.gpt.get_input_embeddings()(input_ids)  # (B, T, C)
+        for modality, (inputs, positions) in batch.modality_inputs().items():
+            n_items = 0 if inputs is None else inputs.size(0)
+            placeholder = self.placeholder_token_id(modality) if modality in self.encoders else None
+            n_slots = int((input_ids == placeholder).sum()) if placeholder is not None else 0
+            if n_items == 0:
+                if n_slots:
+                    raise ValueError(
+                        f"the batch has {n_slots} {modality} slot(s) but no {modality} inputs"
+                    )
+                continue
+            if modality not in self.encoders:
+                raise ValueError(f"the batch has {modality} inputs but the model has no encoder")
+            if positions.shape != (n_items, 2):
+                raise ValueError(
+                    f"{modality}_positions must have shape ({n_items}, 2), got {tuple(positions.shape)}"
+                )
+            feats = self.encode(modality, inputs.to(self.device))  # (N, K, C)
+            N, K, C = feats.shape
+            if n_slots != N * K:
+                raise ValueError(
+                    f"the batch has {n_slots} {modality} slots, but {N} item(s) × {K} tokens "
+                    f"= {N * K} features; was it processed for this encoder?"
+                )
+            positions = positions.to(self.device)
+            rows = positions[:, 0].repeat_interleave(K)  # (N·K,)
+            cols = (positions[:, 1:2] + torch.arange(K, device=self.device)).reshape(-1)  # (N·K,)
+            if not bool((input_ids[rows, cols] == placeholder).all()):
+                raise ValueError(
+                    f"{modality}_positions do not point at {modality} slots of input_ids"
+                )
+            # one scatter of all items' features into their slots (autograd flows to feats)
+            embeds = embeds.index_put((rows, cols), feats.reshape(N * K, C).to(embeds.dtype))
+        return embeds  # (B, T, C)
+
+    def forward(
+        self,
+        batch: MultimodalBatch | None = None,
+        *,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        images: Tensor | None = None,
+        image_positions: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        return_logits: bool = True,
+    ) -> GPTOutput:
+        """Run the decoder on a batch (or on ids + images, or on ready ``inputs_embeds``)."""
+        if batch is not None:
+            if input_ids is not None or inputs_embeds is not None or images is not None:
+                raise ValueError("pass either a batch or tensors, not both")
+            inputs_embeds = self.embed(batch)
+            if attention_mask is None:
+                attention_mask = batch.attention_mask
+        elif input_ids is not None:
+            if inputs_embeds is not None:
+                raise ValueError("pass exactly one of input_ids or inputs_embeds")
+            if images is not None and image_positions is None:
+                raise ValueError("images need image_positions (row, first slot) per image")
+            # through embed() even without images: image slots with no image are an error
+            inputs_embeds = self.embed(
+                MultimodalBatch(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    images=images,
+                    image_positions=(
+                        image_positions
+                        if image_positions is not None
+                        else torch.zeros(0, 2, dtype=torch.long)
+                    ),
+                )
+            )
+        elif inputs_embeds is None:
+            raise ValueError("MultimodalGPT.forward: pass a batch, input_ids or inputs_embeds")
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        return self.gpt(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            return_logits=return_logits,
+        )
+
+    # -- generation ------------------------------------------------------------------------
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
+    def prepare_prompts(
+        self,
+        prompts: Sequence[str | Sequence[Any]],
+        images: Sequence[Sequence[Any]] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Prompts (conversations or raw strings) + their images → left-padded
+        ``(inputs_embeds (B, T, C), attention_mask (B, T))`` for a prefill."""
+        batch = self.processor().prompt_batch(prompts, images)
+        with self._inference():
+            embeds = self.embed(batch)  # (B, T, C)
+        return embeds, batch.attention_mask.to(self.device)
+
+    def _generation_config(self, config: GenerationConfig | None, stop_at_eos: bool):
+        from mmgpt.generation import GenerationConfig
+
+        config = config if config is not None else GenerationConfig()
+        if stop_at_eos and self.tokenizer.eos_id not in config.stop_token_ids:
+            config = replace(config, stop_token_ids=(*config.stop_token_ids, self.tokenizer.eos_id))
+        return config
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[Any]],
+        images: Sequence[Sequence[Any]] | None = None,
+        config: GenerationConfig | None = None,
+        *,
+        stop_at_eos: bool = True,
+        skip_special_tokens: bool = True,
+        **kwargs: Any,
+    ) -> GenerationOutput:
+        """Batched generation with :func:`mmgpt.generation.generate` (KV cache, image-fused
+        prefill). ``prompts``: conversations (rendered with the chat template, ending with
+        ``"Assistant:"``) or raw strings; ``images[i]``: the images of prompt ``i``. Returns a
+        :class:`~mmgpt.generation.GenerationOutput` with ``texts``; ``kwargs`` go to ``generate``
+        (``token_hook``, ``return_hidden_states``)."""
+        from mmgpt import generation
+
+        embeds, mask = self.prepare_prompts(prompts, images)
+        out = generation.generate(
+            self.gpt,
+            None,
+            self._generation_config(config, stop_at_eos),
+            pad_id=int(self.tokenizer.pad_id),
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens),
+            return_dict=True,
+            **kwargs,
+        )
+        # chat replies start with the template's separator (" "), which is not part of the answer
+        out.texts = [
+            t.lstrip() if not isinstance(p, str) else t for t, p in zip(out.texts or [], prompts)
+        ]
+        return out
+
+    def stream_text(
+        self,
+        prompt: str | Sequence[Any],
+        images: Sequence[Any] = (),
+        config: GenerationConfig | None = None,
+        *,
+        stop_at_eos: bool = True,
+        skip_special_tokens: bool = True,
+        token_hook: Any = None,
+    ) -> Iterator[str]:
+        """Yield the reply to one prompt (a conversation or a raw string) in text chunks."""
+        from mmgpt import generation
+
+        embeds, _ = self.prepare_prompts([prompt], [images])
+        chunks = generation.stream_text(
+            self.gpt,
+            self.tokenizer,
+            None,
+            config,
+            inputs_embeds=embeds,
+            stop_at_eos=stop_at_eos,
+            skip_special_tokens=skip_special_tokens,
+            token_hook=token_hook,
+        )
+        started = isinstance(prompt, str)  # raw prompts are continued verbatim
+        for chunk in chunks:
+            if not started:
+                chunk = chunk.lstrip()
+                started = bool(chunk)
+            if chunk:
+                yield chunk
+
+    def generate_text(
+        self,
+        prompt: str | Sequence[Any],
+        images: Sequence[Any] = (),
+        config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """The whole reply to one prompt; options as :meth:`stream_text`."""
+        return "".join(self.stream_text(prompt, images, config, **kwargs))
+
+    # -- training stages ---------------------------------------------------------------------
+    def _part_modules(self, parts: str | Iterable[str]) -> list[nn.Module]:
+        if isinstance(parts, str):
+            parts = [p for chunk in parts.split("+") for p in chunk.split(",")]
+        names = [p.strip() for p in parts if p.strip()]
+        if "all" in names:
+            names = sorted(set(PARTS.values()))
+        modules = []
+        for name in names:
+            if name not in PARTS:
+                raise ValueError(
+                    f"unknown model part {name!r}; parts are: {', '.join(sorted(PARTS))}, all"
+                )
+            module = getattr(self, PARTS[name])
+            if module is not None:
+                modules.append(module)
+        return modules
+
+    @staticmethod
+    def _set_trainable(module: nn.Module, flag: bool) -> None:
+        children = module.values() if isinstance(module, nn.ModuleDict) else [module]
+        for child in children:
+            # encoders with a `frozen` switch also keep themselves in eval mode when frozen
+            if isinstance(getattr(type(child), "frozen", None), property):
+                child.frozen = not flag
+            else:
+                child.requires_grad_(flag)
+
+    def freeze(self, parts: str | Iterable[str]) -> MultimodalGPT:
+        """Turn gradients off for ``parts`` (``"encoder+gpt"``, ``["gpt"]``, ``"all"``…)."""
+        for module in self._part_modules(parts):
+            self._set_trainable(module, False)
+        return self
+
+    def trainable(self, parts: str | Iterable[str]) -> MultimodalGPT:
+        """Train exactly ``parts`` and freeze everything else.
+
+        LLaVA's stages: ``trainable("projector")`` (alignment), then
+        ``trainable("projector+gpt")`` (instruction tuning), optionally ``+encoder``.
+        """
+        selected = self._part_modules(parts)
+        for module in self._part_modules("all"):
+            self._set_trainable(module, any(module is s for s in selected))
+        return self
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _components(self) -> Iterator[tuple[str, nn.Module]]:
+        for modality, enc in self.encoders.items():
+            yield f"encoders.{modality}", enc
+        for modality, proj in self.projectors.items():
+            yield f"projectors.{modality}", proj
+        if self.image_decoder is not None:
+            yield "image_decoder", self.image_decoder
+        if self.output_projector is not None:
+            yield "output_projector", self.output_projector
+
+    def _component_spec(self, key: str, kind: str, module: nn.Module) -> dict[str, Any]:
+        name = self.component_names.get(key) or _registered_name(kind, module)
+        if name is None:
+            raise ValueError(
+                f"cannot save {key} ({type(module).__name__}): it is not a registered {kind}; "
+                f"register its class with @register({kind!r}, NAME) or pass "
+                f"component_names={{{key!r}: NAME}}"
+            )
+        if not hasattr(module, "config_dict"):
+            raise ValueError(f"cannot save {key} ({type(module).__name__}): no config_dict()")
+        return {"name": name, "config": module.config_dict()}
+
+    def config_dict(self) -> dict[str, Any]:
+        """The content of ``config.json``."""
+        kinds = {"encoders": "encoder", "projectors": "projector"}
+        config: dict[str, Any] = {
+            "architecture": ARCHITECTURE,
+            "format_version": FORMAT_VERSION,
+            "gpt": self.gpt.config.to_dict(),
+            "tokenizer": self.tokenizer.config_dict(),
+            "encoders": {},
+            "projectors": {},
+        }
+        for key, module in self._components():
+            group, _, modality = key.partition(".")
+            if modality:
+                config[group][modality] = self._component_spec(key, kinds[group], module)
+            else:
+                kind = "decoder" if key == "image_decoder" else "projector"
+                config[key] = self._component_spec(key, kind, module)
+        return config
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer into ``path``."""
+        from mmgpt.config import save_json
+
+        path = Path(path)
+        config = self.config_dict()  # first: an unsaveable component fails before any write
+        try:
+            json.dumps(config)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"cannot save: a component's config_dict() is not JSON-serialisable ({exc})"
+            ) from exc
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(path)
+        save_tensors(model_state_dict(self), path / WEIGHTS_NAME, metadata={"format": "pt"})
+        save_json(config, path / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, map_location: str | torch.device = "cpu"
+    ) -> MultimodalGPT:
+        """Load a directory written by :meth:`save_pretrained`."""
+        path = Path(path)
+        config = read_model_config(path)
+        where = path / CONFIG_NAME
+        if config.get("architecture") != ARCHITECTURE:
+            raise ValueError(
+                f"{where}: architecture is {config.get('architecture')!r}, expected "
+                f"{ARCHITECTURE!r}"
+                + ("; load it with GPT.from_pretrained" if "gpt" in config else "")
+            )
+        try:
+            tok_cfg = dict(config["tokenizer"])
+            tokenizer = registry.create("tokenizer", tok_cfg.pop("name"), path=path, **tok_cfg)
+            gpt = GPT(GPTConfig.from_dict(config["gpt"]))
+            names: dict[str, str] = {}
+            built: dict[str, dict[str, nn.Module]] = {"encoders": {}, "projectors": {}}
+            for group, kind in (("encoders", "encoder"), ("projectors", "projector")):
+                for modality, spec in config.get(group, {}).items():
+                    built[group][modality] = registry.create(kind, spec["name"], **spec["config"])
+                    names[f"{group}.{modality}"] = spec["name"]
+            extras: dict[str, nn.Module | None] = {}
+            for key, kind in (("image_decoder", "decoder"), ("output_projector", "projector")):
+                spec = config.get(key)
+                extras[key] = None
+                if spec is not None:
+                    extras[key] = registry.create(kind, spec["name"], **spec["config"])
+                    names[key] = spec["name"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(
+                f"{where}: malformed multimodal config ({type(exc).__name__}: {exc})"
+            ) from exc
+        model = cls(
+            gpt,
+            tokenizer,
+            built["encoders"],
+            built["projectors"],
+            image_decoder=extras["image_decoder"],
+            output_projector=extras["output_projector"],
+            component_names=names,
+        )
+        load_model_state(model, load_tensors(path / WEIGHTS_NAME), path / WEIGHTS_NAME)
+        return model.to(map_location)
+
+
+def _takes_argument(factory: Any, name: str) -> bool:
+    """Whether ``factory`` has a parameter called ``name`` (not merely ``**kwargs``)."""
+    import inspect
+
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _registered_name(kind: str, module: nn.Module) -> str | None:
+    """The registry name whose entry is ``module``'s class (or an explicit ``registry_name``)."""
+    explicit = getattr(module, "registry_name", None)
+    if isinstance(explicit, str):
+        return explicit
+    for entry in registry.entries(kind):
+        if entry.obj is type(module):
+            return entry.name
+    return None
+
+
+__all__ = ["ARCHITECTURE", "MultimodalGPT"]

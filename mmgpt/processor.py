@@ -1,0 +1,496 @@
+"""Samples → :class:`MultimodalBatch`: chat template, placeholder expansion, labels, padding.
+
+The chat template (:class:`ChatTemplate`) renders a conversation as::
+
+    <bos>User: {user text}\\n
+    Assistant: {assistant text}<eos>\\n
+    User: …
+
+Only the assistant's replies are learned: the labels cover ``" {assistant text}<eos>"`` and
+are ``-100`` on the ``<bos>``, every user turn, each ``"Assistant:"`` prefix, the newline after
+``<eos>``, image slots and padding. A generation prompt (:meth:`MultimodalProcessor.encode_prompt`)
+is the same rendering of the turns so far followed by ``"Assistant:"``, so training and
+inference tokenize identically.
+
+Placeholders in any turn's text, any number, at any position:
+
+* ``"<image>"`` becomes ``num_tokens`` copies of the tokenizer's image token (the encoder says
+  how many); :meth:`MultimodalGPT.embed` overwrites those slots with projected image features.
+  Their labels are ``-100``.
+* ``"<image_out>"`` (an image the assistant draws) becomes the signal tokens
+  ``[IMG0]..[IMGk-1]``; in an assistant turn their labels are *on*, since the model must learn
+  to emit them.
+
+Counts are validated here, when a sample is processed: the number of ``"<image>"``
+placeholders must equal ``len(sample.images)`` (and ``"<image_out>"`` the number of
+``output_images`` when any are given), otherwise a ``ValueError`` names the sample (its
+``meta`` source and line, or its index in the batch) and both counts. A sequence longer than
+``max_length`` is an error too, unless ``truncation=True``, which cuts at ``max_length`` but
+never inside an image or signal span (the whole span goes, with its image).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmgpt.data.sample import IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER
+
+IGNORE_INDEX = -100
+_PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_OUT_PLACEHOLDER)}|{re.escape(IMAGE_PLACEHOLDER)})")
+PADDING_SIDES = ("left", "right")
+
+
+# --------------------------------------------------------------------------------------
+# The batch
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class MultimodalBatch:
+    """Tensors for one forward pass of :class:`~mmgpt.multimodal.MultimodalGPT`.
+
+    ``labels`` are aligned with ``input_ids`` (not shifted): the loss compares
+    ``logits[:, :-1]`` with ``labels[:, 1:]``. Image ``i`` (in placeholder order, sample by
+    sample) fills slots ``input_ids[r, s : s + num_tokens]`` where
+    ``(r, s) = image_positions[i]``; the slots hold the tokenizer's image token id until fused.
+    """
+
+    input_ids: Tensor  # (B, T) long
+    attention_mask: Tensor  # (B, T) long, 1 = token, 0 = padding
+    labels: Tensor | None = None  # (B, T) long, IGNORE_INDEX where no loss
+    images: Tensor | None = None  # (N, 3, H, W) preprocessed input images
+    image_positions: Tensor = field(  # (N, 2) long: (row, first slot) of each image
+        default_factory=lambda: torch.zeros(0, 2, dtype=torch.long)
+    )
+    # (M, 2) long: (row, first slot) of each "<image_out>" signal span
+    signal_positions: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))
+    # one per signal span when the samples gave output images: a (M, 3, H', W') tensor if the
+    # processor has an output-image transform, else the PIL images as given; None otherwise
+    output_images: Tensor | list[Any] | None = None
+    meta: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.input_ids.size(0)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MultimodalBatch:
+        """A copy with every tensor on ``device``."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                value = value.to(device, non_blocking=non_blocking)
+            moved[f.name] = value
+        return MultimodalBatch(**moved)
+
+    def modality_inputs(self) -> dict[str, tuple[Tensor | None, Tensor]]:
+        """``{modality: (inputs, positions)}`` for fusion; only images for now."""
+        return {"image": (self.images, self.image_positions)}
+
+
+# --------------------------------------------------------------------------------------
+# Chat template
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How turns become text; see the module docstring for the rendering and the labels.
+
+    ``assistant_separator`` starts the learned reply (so the reply is tokenized as
+    ``" word …"`` like running text); a generation prompt stops just before it.
+    """
+
+    user_prefix: str = "User: "
+    user_suffix: str = "\n"
+    assistant_prefix: str = "Assistant:"
+    assistant_separator: str = " "
+    assistant_suffix: str = "\n"
+    add_bos: bool = True
+
+    def render(self, conversation: Sequence[Any], *, add_generation_prompt: bool = False) -> str:
+        """The conversation as text, ``<bos>``/``<eos>`` written literally (for display)."""
+        parts = ["<bos>"] if self.add_bos else []
+        for role, text in _turns(conversation):
+            if role == "user":
+                parts.append(f"{self.user_prefix}{text}{self.user_suffix}")
+            else:
+                parts.append(
+                    f"{self.assistant_prefix}{self.assistant_separator}{text}<eos>"
+                    f"{self.assistant_suffix}"
+                )
+        if add_generation_prompt:
+            parts.append(self.assistant_prefix)
+        return "".join(parts)
+
+
+DEFAULT_TEMPLATE = ChatTemplate()
+
+
+def _turns(conversation: Sequence[Any]) -> list[tuple[str, str]]:
+    """(role, text) pairs from Turns (or anything with ``role``/``text``, or such dicts)."""
+    if isinstance(conversation, (str, bytes)) or not isinstance(conversation, Sequence):
+        raise TypeError(
+            f"a conversation must be a list of turns, got {type(conversation).__name__}"
+        )
+    out = []
+    for i, turn in enumerate(conversation):
+        if isinstance(turn, Mapping):
+            role, text = turn.get("role"), turn.get("text")
+        else:
+            role, text = getattr(turn, "role", None), getattr(turn, "text", None)
+        if role not in ("user", "assistant") or not isinstance(text, str):
+            raise ValueError(
+                f"conversation[{i}]: expected a turn with role 'user' or 'assistant' and a str "
+                f"text, got role={role!r}, text of type {type(text).__name__}"
+            )
+        out.append((role, text))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Encoded sequences
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedSample:
+    """One sample as ids before padding; spans are ``(start, length)``."""
+
+    input_ids: list[int]
+    labels: list[int]
+    image_spans: list[tuple[int, int]]
+    signal_spans: list[tuple[int, int]]
+    images: list[Any]
+    output_images: list[Any]
+    meta: dict[str, Any]
+
+
+def describe_sample(meta: Mapping[str, Any] | None, index: int | None) -> str:
+    """``"sample data.json:12"`` or ``"sample 3 of the batch"``, for error messages."""
+    meta = meta or {}
+    source, line = meta.get("source"), meta.get("line")
+    if source is not None:
+        where = f"{source}:{line}" if line is not None else str(source)
+        ident = meta.get("id")
+        return f"sample {where}" + (f" (id {ident})" if ident is not None else "")
+    if meta.get("id") is not None:
+        return f"sample id {meta['id']}"
+    return f"sample {index} of the batch" if index is not None else "the prompt"
+
+
+class MultimodalProcessor:
+    """Turns :class:`~mmgpt.data.sample.Sample` s into a :class:`MultimodalBatch`.
+
+    Args:
+        tokenizer: mmgpt tokenizer (``encode``, ``bos_id``, ``eos_id``, ``pad_id``,
+            ``image_token_id``, ``signal_token_ids``).
+        encoders: the image encoder, or a mapping ``{"image": encoder}`` (e.g. a model's
+            ``encoders``); gives the slots per image (``num_tokens``) and ``preprocess``.
+        num_image_tokens: slots per image when no encoder is given.
+        image_transform: list of images → ``(N, 3, H, W)``; default ``encoder.preprocess``.
+        output_image_transform: list of output images → tensor (e.g. a decoder's
+            ``preprocess``); without it ``batch.output_images`` holds the PIL images.
+        template: the :class:`ChatTemplate`.
+        max_length: longest sequence allowed (e.g. the decoder's ``block_size``).
+        padding_side: ``"right"`` for training, ``"left"`` for batched generation.
+        truncation: cut long sequences at ``max_length`` instead of raising.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        encoders: Any = None,
+        *,
+        num_image_tokens: int | None = None,
+        image_transform: Callable[[list[Any]], Tensor] | None = None,
+        output_image_transform: Callable[[list[Any]], Tensor] | None = None,
+        template: ChatTemplate = DEFAULT_TEMPLATE,
+        max_length: int | None = None,
+        padding_side: str = "right",
+        truncation: bool = False,
+    ) -> None:
+        if padding_side not in PADDING_SIDES:
+            raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+        if max_length is not None and (isinstance(max_length, bool) or max_length <= 0):
+            raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
+        if isinstance(encoders, torch.nn.ModuleDict):  # not a Mapping: no .get()
+            encoders = dict(encoders.items())
+        encoder = encoders.get("image") if isinstance(encoders, Mapping) else encoders
+        if encoder is not None:
+            if num_image_tokens is not None and num_image_tokens != encoder.num_tokens:
+                raise ValueError(
+                    f"num_image_tokens={num_image_tokens} disagrees with the image encoder's "
+                    f"num_tokens={encoder.num_tokens}"
+                )
+            num_image_tokens = int(encoder.num_tokens)
+            image_transform = image_transform or encoder.preprocess
+        if num_image_tokens is not None and (
+            isinstance(num_image_tokens, bool) or num_image_tokens <= 0
+        ):
+            raise ValueError(f"num_image_tokens must be a positive integer, got {num_image_tokens}")
+        self.tokenizer = tokenizer
+        self.num_image_tokens = num_image_tokens
+        self.image_transform = image_transform
+        self.output_image_transform = output_image_transform
+        self.template = template
+        self.max_length = max_length
+        self.padding_side = padding_side
+        self.truncation = truncation
+
+    # -- public API -------------------------------------------------------------------
+    def __call__(self, samples: Any) -> MultimodalBatch:
+        """Sample or list of Samples → padded batch with labels (usable as a ``collate_fn``)."""
+        if not isinstance(samples, Sequence):
+            samples = [samples]
+        if not samples:
+            raise ValueError("MultimodalProcessor: no samples to process")
+        encoded = [self.encode_sample(s, index=i) for i, s in enumerate(samples)]
+        return self.collate(encoded)
+
+    def encode_sample(self, sample: Any, index: int | None = None) -> EncodedSample:
+        """One sample (conversation + images) → ids, labels and spans, validated."""
+        meta = dict(getattr(sample, "meta", None) or {})
+        where = describe_sample(meta, index)
+        try:
+            turns = _turns(sample.conversation)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+        images = list(getattr(sample, "images", None) or [])
+        output_images = list(getattr(sample, "output_images", None) or [])
+        ids, labels, image_spans, signal_spans = self._encode_turns(turns, where)
+        self._check_counts(where, len(image_spans), len(images), len(signal_spans), output_images)
+        enc = EncodedSample(ids, labels, image_spans, signal_spans, images, output_images, meta)
+        return self._fit_length(enc, where)
+
+    def encode_prompt(
+        self, prompt: str | Sequence[Any], images: Sequence[Any] = (), *, index: int | None = None
+    ) -> EncodedSample:
+        """A generation prompt: a conversation (rendered with the template and ending with
+        ``"Assistant:"``) or a raw string (used verbatim after ``<bos>``; placeholders expanded).
+        """
+        where = f"prompt {index}" if index is not None else "the prompt"
+        images = list(images)
+        if isinstance(prompt, str):
+            ids: list[int] = [self.tokenizer.bos_id] if self.template.add_bos else []
+            labels = [IGNORE_INDEX] * len(ids)
+            image_spans: list[tuple[int, int]] = []
+            signal_spans: list[tuple[int, int]] = []
+            self._append_text(prompt, False, ids, labels, image_spans, signal_spans, where)
+        else:
+            turns = _turns(prompt)
+            if turns and turns[-1][0] != "user":
+                raise ValueError(
+                    f"{where}: a generation prompt must end with a user turn, "
+                    f"the last turn is {turns[-1][0]!r}"
+                )
+            ids, labels, image_spans, signal_spans = self._encode_turns(turns, where)
+            self._append_text(
+                self.template.assistant_prefix, False, ids, labels, image_spans, signal_spans, where
+            )
+        self._check_counts(where, len(image_spans), len(images), 0, [])
+        enc = EncodedSample(
+            ids, [IGNORE_INDEX] * len(ids), image_spans, signal_spans, images, [], {}
+        )
+        if self.max_length is not None and len(ids) > self.max_length:
+            raise ValueError(
+                f"{where}: {len(ids)} tokens exceed max_length={self.max_length} "
+                f"({len(image_spans)} image(s) × {self.num_image_tokens} slots included)"
+            )
+        return enc
+
+    def build_prompt(self, conversation: Sequence[Any]) -> str:
+        """The generation prompt as text (``<bos>`` literal; ends with ``"Assistant:"``)."""
+        return self.template.render(conversation, add_generation_prompt=True)
+
+    def prompt_batch(
+        self, prompts: Sequence[str | Sequence[Any]], images: Sequence[Sequence[Any]] | None = None
+    ) -> MultimodalBatch:
+        """Several generation prompts, left-padded, without labels."""
+        images = images if images is not None else [()] * len(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+        encoded = [
+            self.encode_prompt(p, im, index=i) for i, (p, im) in enumerate(zip(prompts, images))
+        ]
+        batch = self.collate(encoded, padding_side="left")
+        batch.labels = None
+        return batch
+
+    def collate(
+        self, encoded: Sequence[EncodedSample], *, padding_side: str | None = None
+    ) -> MultimodalBatch:
+        """Pad encoded samples into tensors."""
+        side = padding_side or self.padding_side
+        if side not in PADDING_SIDES:
+            raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {side!r}")
+        T = max(len(e.input_ids) for e in encoded)
+        B = len(encoded)
+        input_ids = torch.full((B, T), int(self.tokenizer.pad_id), dtype=torch.long)
+        attention_mask = torch.zeros(B, T, dtype=torch.long)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        image_positions, signal_positions = [], []
+        images: list[Any] = []
+        output_images: list[Any] = []
+        with_outputs = [bool(e.output_images) for e in encoded if e.signal_spans]
+        if any(with_outputs) and not all(with_outputs):
+            raise ValueError(
+                "the batch mixes samples whose '<image_out>' spans have output images with "
+                "samples whose spans have none; batch them separately"
+            )
+        for row, e in enumerate(encoded):
+            n = len(e.input_ids)
+            offset = T - n if side == "left" else 0
+            input_ids[row, offset : offset + n] = torch.tensor(e.input_ids, dtype=torch.long)
+            attention_mask[row, offset : offset + n] = 1
+            labels[row, offset : offset + n] = torch.tensor(e.labels, dtype=torch.long)
+            image_positions += [(row, offset + start) for start, _ in e.image_spans]
+            signal_positions += [(row, offset + start) for start, _ in e.signal_spans]
+            images += e.images
+            output_images += e.output_images
+        return MultimodalBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            images=self._preprocess_images(images),
+            image_positions=torch.tensor(image_positions, dtype=torch.long).reshape(-1, 2),
+            signal_positions=torch.tensor(signal_positions, dtype=torch.long).reshape(-1, 2),
+            output_images=self._preprocess_outputs(output_images),
+            meta=[e.meta for e in encoded],
+        )
+
+    # -- internals --------------------------------------------------------------------
+    def _encode_turns(
+        self, turns: list[tuple[str, str]], where: str
+    ) -> tuple[list[int], list[int], list[tuple[int, int]], list[tuple[int, int]]]:
+        t = self.template
+        ids: list[int] = [self.tokenizer.bos_id] if t.add_bos else []
+        labels = [IGNORE_INDEX] * len(ids)
+        image_spans: list[tuple[int, int]] = []
+        signal_spans: list[tuple[int, int]] = []
+        spans = (image_spans, signal_spans)
+        for role, text in turns:
+            if role == "user":
+                self._append_text(
+                    f"{t.user_prefix}{text}{t.user_suffix}", False, ids, labels, *spans, where
+                )
+            else:
+                self._append_text(t.assistant_prefix, False, ids, labels, *spans, where)
+                self._append_text(
+                    f"{t.assistant_separator}{text}", True, ids, labels, *spans, where
+                )
+                ids.append(self.tokenizer.eos_id)
+                labels.append(self.tokenizer.eos_id)
+                self._append_text(t.assistant_suffix, False, ids, labels, *spans, where)
+        return ids, labels, image_spans, signal_spans
+
+    def _append_text(
+        self,
+        text: str,
+        learn: bool,
+        ids: list[int],
+        labels: list[int],
+        image_spans: list[tuple[int, int]],
+        signal_spans: list[tuple[int, int]],
+        where: str,
+    ) -> None:
+        """Tokenize ``text`` with its placeholders expanded; labels on iff ``learn``."""
+        for piece in _PLACEHOLDER_RE.split(text):
+            if not piece:
+                continue
+            if piece == IMAGE_PLACEHOLDER:
+                if self.num_image_tokens is None:
+                    raise ValueError(
+                        f"{where}: the text has an '<image>' placeholder but the processor has "
+                        "no image encoder (pass encoders= or num_image_tokens=)"
+                    )
+                image_spans.append((len(ids), self.num_image_tokens))
+                ids += [self.tokenizer.image_token_id] * self.num_image_tokens
+                labels += [IGNORE_INDEX] * self.num_image_tokens
+            elif piece == IMAGE_OUT_PLACEHOLDER:
+                signal = list(getattr(self.tokenizer, "signal_token_ids", None) or [])
+                if not signal:
+                    raise ValueError(
+                        f"{where}: the text has an '<image_out>' placeholder but the tokenizer "
+                        "has no signal tokens [IMG0]..; train it with num_signal_tokens > 0"
+                    )
+                signal_spans.append((len(ids), len(signal)))
+                ids += signal
+                labels += signal if learn else [IGNORE_INDEX] * len(signal)
+            else:
+                piece_ids = self.tokenizer.encode(piece)
+                ids += piece_ids
+                labels += piece_ids if learn else [IGNORE_INDEX] * len(piece_ids)
+
+    @staticmethod
+    def _check_counts(
+        where: str, n_placeholders: int, n_images: int, n_out: int, output_images: list[Any]
+    ) -> None:
+        if n_placeholders != n_images:
+            raise ValueError(
+                f"{where}: the conversation has {n_placeholders} '<image>' placeholder(s) but "
+                f"{n_images} image(s) were given"
+            )
+        if output_images and n_out != len(output_images):
+            raise ValueError(
+                f"{where}: the conversation has {n_out} '<image_out>' placeholder(s) but "
+                f"{len(output_images)} output image(s) were given"
+            )
+
+    def _fit_length(self, enc: EncodedSample, where: str) -> EncodedSample:
+        n = len(enc.input_ids)
+        if self.max_length is None or n <= self.max_length:
+            return enc
+        if not self.truncation:
+            raise ValueError(
+                f"{where}: {n} tokens exceed max_length={self.max_length} "
+                f"({len(enc.image_spans)} image(s) × {self.num_image_tokens} slots included); "
+                "shorten the text, use fewer images, or pass truncation=True"
+            )
+        cut = self.max_length
+        for start, length in enc.image_spans + enc.signal_spans:
+            if start < cut < start + length:
+                cut = min(cut, start)  # never cut through a span: drop it whole
+        keep_images = sum(start + length <= cut for start, length in enc.image_spans)
+        keep_signals = sum(start + length <= cut for start, length in enc.signal_spans)
+        return EncodedSample(
+            input_ids=enc.input_ids[:cut],
+            labels=enc.labels[:cut],
+            image_spans=enc.image_spans[:keep_images],
+            signal_spans=enc.signal_spans[:keep_signals],
+            images=enc.images[:keep_images],
+            output_images=enc.output_images[:keep_signals],
+            meta=enc.meta,
+        )
+
+    def _preprocess_images(self, images: list[Any]) -> Tensor | None:
+        if not images:
+            return None
+        if self.image_transform is None:
+            raise ValueError("the processor has no image encoder to preprocess images with")
+        return self.image_transform(images)  # (N, 3, H, W)
+
+    def _preprocess_outputs(self, images: list[Any]) -> Tensor | list[Any] | None:
+        if not images:
+            return None
+        if self.output_image_transform is None:
+            return images
+        return self.output_image_transform(images)
+
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "IGNORE_INDEX",
+    "IMAGE_OUT_PLACEHOLDER",
+    "IMAGE_PLACEHOLDER",
+    "ChatTemplate",
+    "EncodedSample",
+    "MultimodalBatch",
+    "MultimodalProcessor",
+    "describe_sample",
+]
