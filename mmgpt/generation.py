@@ -1,0 +1,1066 @@
+"""Generation: sampling, KV-cache decoding, batching and streaming.
+
+Entry points
+------------
+- ``generate(model, prompts, config, pad_id=...) -> list[list[int]]`` — the new tokens of each
+  prompt; ``return_dict=True`` gives a :class:`GenerationOutput` (finish reasons, texts, hidden
+  states).
+- ``stream(model, prompt_ids, config)`` — one prompt; yields each new token id as it is chosen.
+- ``stream_batch(model, prompts, config, pad_id=...)`` — yields :class:`StreamEvent` per row.
+- ``stream_text(model, tokenizer, prompt, config)`` / ``generate_text(...)`` — text in, text out.
+
+How decoding runs
+-----------------
+Prompts of different lengths are LEFT-padded into one ``(B, T)`` batch with an attention mask;
+the model derives positions from the mask, so a padded row computes what it would alone. One
+prefill writes a preallocated :class:`~mmgpt.model.KVCache` (capacity ``T + max_new_tokens``)
+and keeps only the last position's logits; then each step feeds the ``B`` tokens just chosen
+(one position, explicit position ids, a slice of a preallocated mask). A prompt whose length plus
+``max_new_tokens`` exceeds the model's ``block_size`` is an error, unless
+``truncate_prompt="left"``: then each too-long prompt keeps its last
+``block_size - max_new_tokens`` tokens.
+
+Output conventions
+------------------
+- Only new tokens are returned. A stop token (``stop_token_ids``) ends its row and is NOT part
+  of the output.
+- A stop string ends its row at the token that completes it. Token output keeps that token (a
+  token cannot be split); text output (``GenerationOutput.texts``, ``stream_text``,
+  ``generate_text``) is cut just before the stop string, and streamed text never shows a
+  character that could still turn out to belong to a stop string.
+- Rows that finished keep being fed ``pad_id`` (their samples are discarded) until every row
+  has finished; a batch stays one tensor program instead of being re-indexed.
+
+Sampling
+--------
+Order: repetition penalty (CTRL: seen tokens, prompt included, have positive logits divided
+and negative logits multiplied by the penalty) → greedy argmax if ``temperature == 0`` or
+``do_sample=False`` → temperature → top-k → top-p → sample. Sampling uses the exponential race
+``argmax(p / E)``, ``E ~ Exp(1)``, which picks token ``i`` with probability ``p_i`` exactly
+and needs no host synchronisation. Randomness comes from a ``torch.Generator`` made per call:
+
+- ``seed=int``: one generator shared by the rows. A row's tokens then depend on the batch it
+  is in (the noise is drawn as one ``(B, V)`` block).
+- ``seed=[s0, s1, ...]``: one generator per row; row ``i`` gives exactly the tokens of
+  generating prompt ``i`` alone with ``seed=s_i``.
+- ``seed=None``: a seed drawn from torch's global RNG (so ``torch.manual_seed`` reproduces).
+
+Hooks for multimodal generation
+-------------------------------
+- ``inputs_embeds=(B, T, C)`` with an optional left-padded ``attention_mask`` replaces the
+  prompt ids in the prefill (multimodal prompts); steps then feed token ids as usual. The
+  prompt's ids are unknown then, so the repetition penalty covers the new tokens only.
+- ``token_hook(state: StepState) -> Mapping[row, token_id] | None`` is called at every step
+  before the tokens are chosen; the ids it returns replace the sampled ones for those rows
+  (they stop a row like sampled ones would). ``state`` holds the new tokens so far, which rows
+  finished, the step's raw logits and the final hidden state (after ``ln_f``) of each row's
+  last fed position — i.e. of the token chosen at the previous step. :class:`ForceAfter` is
+  the ready-made hook "once ``[IMG0]`` is produced, force ``[IMG1]..[IMGk-1]``".
+- ``return_hidden_states=True`` fills ``GenerationOutput.hidden_states[row]``, shape
+  ``(len(tokens[row]), C)``: the final hidden state of every returned token, as a full
+  forward over prompt + new tokens gives at that token's position (the image decoder reads
+  those of the signal tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+import torch
+from torch import Tensor, nn
+
+from mmgpt.model import KVCache
+
+if TYPE_CHECKING:
+    from mmgpt.interfaces import Tokenizer
+
+TRUNCATE_MODES = ("error", "left")
+_MAX_SEED = 2**63 - 1
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _config_error(field_name: str, message: str) -> ValueError:
+    return ValueError(f"GenerationConfig.{field_name}: {message}")
+
+
+@dataclass
+class GenerationConfig:
+    """How to choose new tokens; see the module docstring for the exact semantics."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 → greedy
+    do_sample: bool = True  # False → greedy whatever the temperature
+    top_k: int | None = None  # keep the k most likely tokens (ties with the k-th are kept)
+    top_p: float | None = None  # keep the smallest most-likely set with mass >= top_p
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages seen tokens (prompt included)
+    stop_token_ids: Sequence[int] = ()
+    stop_strings: Sequence[str] = ()  # need a decode function (a tokenizer)
+    seed: int | Sequence[int] | None = None  # int: shared generator; list: one per row
+    truncate_prompt: str = "error"  # "error" | "left": keep the last block_size - max_new tokens
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise _config_error(
+                "max_new_tokens", f"expected a positive integer, got {self.max_new_tokens!r}"
+            )
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not math.isfinite(self.temperature)
+            or self.temperature < 0
+        ):
+            raise _config_error(
+                "temperature", f"expected a finite number >= 0, got {self.temperature!r}"
+            )
+        if not isinstance(self.do_sample, bool):
+            raise _config_error("do_sample", f"expected a bool, got {self.do_sample!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise _config_error(
+                "top_k", f"expected an integer >= 1 or None (off), got {self.top_k!r}"
+            )
+        if self.top_p is not None and (
+            isinstance(self.top_p, bool)
+            or not isinstance(self.top_p, (int, float))
+            or not 0.0 < self.top_p <= 1.0
+        ):
+            raise _config_error(
+                "top_p", f"expected 0 < top_p <= 1 or None (off), got {self.top_p!r}"
+            )
+        if (
+            isinstance(self.repetition_penalty, bool)
+            or not isinstance(self.repetition_penalty, (int, float))
+            or not math.isfinite(self.repetition_penalty)
+            or self.repetition_penalty <= 0
+        ):
+            raise _config_error(
+                "repetition_penalty",
+                f"expected a finite number > 0 (1 = off), got {self.repetition_penalty!r}",
+            )
+        if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(
+            self.stop_token_ids, Sequence
+        ):
+            raise _config_error(
+                "stop_token_ids", f"expected a list of token ids, got {self.stop_token_ids!r}"
+            )
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise _config_error(
+                "stop_token_ids",
+                f"expected non-negative integer token ids, got {list(self.stop_token_ids)!r}",
+            )
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        if isinstance(self.stop_strings, str) or not isinstance(self.stop_strings, Sequence):
+            raise _config_error(
+                "stop_strings", f"expected a list of strings, got {self.stop_strings!r}"
+            )
+        if not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise _config_error(
+                "stop_strings", f"expected non-empty strings, got {list(self.stop_strings)!r}"
+            )
+        self.stop_strings = tuple(self.stop_strings)
+        if self.seed is not None:
+            seeds = [self.seed] if _is_int(self.seed) else self.seed
+            if (
+                isinstance(seeds, (str, bytes))
+                or not isinstance(seeds, Sequence)
+                or not seeds
+                or not all(_is_int(s) and 0 <= s <= _MAX_SEED for s in seeds)
+            ):
+                raise _config_error(
+                    "seed",
+                    "expected None, an integer in [0, 2**63) or a non-empty list of them "
+                    f"(one per row), got {self.seed!r}",
+                )
+            if not _is_int(self.seed):
+                self.seed = tuple(self.seed)
+        if self.truncate_prompt not in TRUNCATE_MODES:
+            raise _config_error(
+                "truncate_prompt", f"expected one of {TRUNCATE_MODES}, got {self.truncate_prompt!r}"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+# --------------------------------------------------------------------------------------
+# Logits processing and sampling (each works on (B, V) logits)
+# --------------------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL's penalty: where ``seen`` (bool, like logits) is set, divide positive logits by
+    ``penalty`` and multiply negative ones, so a seen token always becomes less likely."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Set every logit below the k-th largest of its row to -inf (ties with it are kept)."""
+    if k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability mass
+    reaches ``p`` (the most likely token is always kept); the rest become -inf."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)  # (B, V) mass up to and including each token
+    # a token goes when the more likely tokens before it already reach p
+    remove = torch.zeros_like(cum, dtype=torch.bool)
+    remove[..., 1:] = cum[..., :-1] >= p
+    return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+
+
+def _exponential_noise(
+    shape: torch.Size,
+    device: torch.device,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+) -> Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        noise = torch.empty(shape, device=device).exponential_(generator=generator)
+    else:  # one generator per row: each row's noise is what it would draw alone
+        noise = torch.stack(
+            [torch.empty(shape[-1], device=device).exponential_(generator=g) for g in generator]
+        )
+    # Exp(1) can return exactly 0; a zero-probability token must not win by 0 / 0 = nan
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+def sample_next_token(
+    logits: Tensor,
+    config: GenerationConfig,
+    *,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    seen: Tensor | None = None,
+) -> Tensor:
+    """Choose one token per row of ``logits`` (B, V) → (B,) long, following ``config``.
+
+    ``seen`` (B, V) bool marks the tokens the repetition penalty applies to. ``generator`` is
+    one generator or one per row (unused when greedy).
+    """
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+    if config.greedy:
+        return logits.max(dim=-1).indices  # = argmax (first maximum), faster on CPU
+    logits = logits / config.temperature
+    if config.top_k is not None:
+        logits = top_k_filter(logits, config.top_k)
+    if config.top_p is not None:
+        logits = top_p_filter(logits, config.top_p)
+    probs = logits.softmax(dim=-1)
+    noise = _exponential_noise(probs.shape, probs.device, generator)
+    return probs.div_(noise).max(dim=-1).indices  # exponential race: P(i wins) = p_i
+
+
+# --------------------------------------------------------------------------------------
+# Incremental detokenisation and stop strings
+# --------------------------------------------------------------------------------------
+
+
+class _RowText:
+    """One row's text, decoded incrementally, with stop-string search.
+
+    Text grows only by complete characters: a token whose bytes end mid UTF-8 character
+    (byte-level BPE) decodes to a trailing U+FFFD and is held back until a later token
+    completes it — the decode-the-window-and-diff method of HF's TextStreamer and vLLM.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop_strings: Sequence[str]) -> None:
+        self.decode = decode
+        self.stop_strings = tuple(stop_strings)
+        self.max_stop = max((len(s) for s in self.stop_strings), default=0)
+        self.ids: list[int] = []
+        self.prefix = 0  # window start: decoded again for context, not emitted again
+        self.read = 0  # ids before this are in self.text
+        self.text = ""
+        self.emitted = 0  # characters handed out by take()
+        self.cut: int | None = None  # end of the final text once a stop string matched
+        self.stop: str | None = None
+
+    def push(self, token: int) -> str | None:
+        """Add a token; return the stop string it completed, if any."""
+        self.ids.append(token)
+        prefix_text = self.decode(self.ids[self.prefix : self.read])
+        window_text = self.decode(self.ids[self.prefix :])
+        tail = window_text[len(prefix_text) :]
+        if not tail:
+            return None
+        if not tail.endswith("\ufffd"):
+            start = len(self.text)
+            self.text += tail
+            self.prefix, self.read = self.read, len(self.ids)
+            return self._match(start)
+        # Incomplete character: still look for a stop string in the complete part of it.
+        provisional = tail.rstrip("\ufffd")
+        if provisional and self.stop_strings:
+            start, before = len(self.text), self.text
+            self.text += provisional
+            if self._match(start) is None:
+                self.text = before
+        return self.stop
+
+    def _match(self, start: int) -> str | None:
+        # Text only grows at the end, so a new match must end after ``start``.
+        lo = max(0, start - self.max_stop + 1)
+        best: tuple[int, str] | None = None
+        for s in self.stop_strings:
+            i = self.text.find(s, lo)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is not None:
+            self.cut, self.stop = best
+        return self.stop
+
+    def _held_back(self) -> int:
+        """Length of the longest suffix of the text that a stop string could start with."""
+        held = 0
+        for s in self.stop_strings:
+            for k in range(min(len(s) - 1, len(self.text)), held, -1):
+                if self.text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
+
+    def take(self) -> str:
+        """Text that is now certain to be output and was not taken before."""
+        end = self.cut if self.cut is not None else len(self.text) - self._held_back()
+        chunk = self.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return chunk
+
+    def finish(self) -> str:
+        """End of generation: add any undecodable rest (as U+FFFD) and release held text."""
+        if self.cut is None and self.read < len(self.ids):
+            tail = self.decode(self.ids[self.prefix :])[
+                len(self.decode(self.ids[self.prefix : self.read])) :
+            ]
+            start = len(self.text)
+            self.text += tail
+            self.read = len(self.ids)
+            self._match(start)
+        if self.cut is None:
+            self.cut = len(self.text)
+        return self.take()
+
+    @property
+    def final_text(self) -> str:
+        return self.text[: self.cut] if self.cut is not None else self.text
+
+
+# --------------------------------------------------------------------------------------
+# Hook API and results
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepState:
+    """What a token hook sees before the tokens of ``step`` are chosen (read-only)."""
+
+    step: int  # index among the new tokens of the token about to be chosen
+    tokens: Sequence[list[int]]  # new tokens of each row so far
+    finished: Sequence[bool]  # rows that stopped (a forced id for them is ignored)
+    logits: Tensor  # (B, V) raw logits of this step
+    hidden_states: Tensor  # (B, C) final hidden state of each row's last fed position
+
+
+TokenHook = Callable[[StepState], "Mapping[int, int] | None"]
+
+
+class ForceAfter:
+    """Token hook: once a row produces ``trigger_id``, force ``forced_ids`` next, one per step.
+
+    E.g. ``ForceAfter(tok.signal_token_ids[0], tok.signal_token_ids[1:])``: after ``[IMG0]``
+    the row emits ``[IMG1]..[IMGk-1]`` whatever the model prefers. Stateless: it reads the
+    row's tokens, so one instance serves any number of rows and calls.
+    """
+
+    def __init__(self, trigger_id: int, forced_ids: Sequence[int]) -> None:
+        if not _is_int(trigger_id) or not all(_is_int(t) for t in forced_ids) or not forced_ids:
+            raise ValueError(
+                f"ForceAfter: expected an integer trigger_id and a non-empty list of integer "
+                f"forced_ids, got {trigger_id!r}, {forced_ids!r}"
+            )
+        self.trigger_id = trigger_id
+        self.forced_ids = list(forced_ids)
+
+    def __call__(self, state: StepState) -> dict[int, int] | None:
+        forced: dict[int, int] = {}
+        for row, toks in enumerate(state.tokens):
+            if state.finished[row]:
+                continue
+            n = len(toks)
+            # j = forced tokens already emitted after the most recent trigger
+            for j in range(min(len(self.forced_ids), n)):
+                if toks[n - 1 - j] == self.trigger_id and toks[n - j :] == self.forced_ids[:j]:
+                    forced[row] = self.forced_ids[j]
+                    break
+        return forced or None
+
+
+@dataclass
+class GenerationOutput:
+    """Per row: new tokens (stop token excluded), why it ended, and optional extras."""
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]  # "stop" (stop token or stop string) or "length"
+    stop_reasons: list[int | str | None]  # the stop token id or stop string that ended the row
+    prompt_lengths: list[int]  # prompt positions used (after any left truncation)
+    texts: list[str] | None = None  # decoded, cut before a stop string (when decode was given)
+    hidden_states: list[Tensor] | None = None  # (len(tokens[row]), C) with return_hidden_states
+
+
+@dataclass
+class StreamEvent:
+    """One row's news from :func:`stream_batch`: a new token, or the end of the row."""
+
+    row: int
+    token_id: int | None  # None on the final event of the row
+    finish_reason: str | None = None  # set on the final event: "stop" or "length"
+    stop_reason: int | str | None = None
+
+
+# --------------------------------------------------------------------------------------
+# The decoding loop
+# --------------------------------------------------------------------------------------
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _length_error(what: str, length: int, max_new: int, block_size: int) -> ValueError:
+    return ValueError(
+        f"{what} has {length} positions; with max_new_tokens={max_new} that needs "
+        f"{length + max_new} but the model's context (block_size) is {block_size}. Shorten the "
+        f"prompt, lower max_new_tokens, or set GenerationConfig(truncate_prompt='left') to keep "
+        f"the last {block_size - max_new} prompt positions"
+    )
+
+
+class _Decoding:
+    """Prepared prompts + state of one generate/stream call; ``run()`` drives it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prompts: Sequence[Sequence[int]] | Tensor | None,
+        config: GenerationConfig | None,
+        *,
+        pad_id: int,
+        inputs_embeds: Tensor | None,
+        attention_mask: Tensor | None,
+        decode: Callable[[list[int]], str] | None,
+        token_hook: TokenHook | None,
+        return_hidden_states: bool,
+        host_sync: bool,
+    ) -> None:
+        self.model = model
+        self.config = config = config if config is not None else GenerationConfig()
+        if not isinstance(config, GenerationConfig):
+            raise TypeError(f"config: expected a GenerationConfig, got {type(config).__name__}")
+        gpt_config = model.config
+        self.vocab_size = gpt_config.vocab_size
+        self.block_size = gpt_config.block_size
+        self.device = _model_device(model)
+        if not _is_int(pad_id) or not 0 <= pad_id < self.vocab_size:
+            raise ValueError(
+                f"pad_id: expected a token id in [0, {self.vocab_size}), got {pad_id!r}"
+            )
+        self.pad_id = pad_id
+        if config.stop_strings and decode is None:
+            raise ValueError(
+                "GenerationConfig.stop_strings need a decode function: pass decode=tokenizer.decode "
+                "(or use generate_text / stream_text)"
+            )
+        for t in config.stop_token_ids:
+            if t >= self.vocab_size:
+                raise ValueError(
+                    f"GenerationConfig.stop_token_ids: {t} is outside the vocabulary "
+                    f"(vocab_size={self.vocab_size})"
+                )
+        if config.max_new_tokens >= self.block_size:
+            raise ValueError(
+                f"GenerationConfig.max_new_tokens={config.max_new_tokens} leaves no room for a "
+                f"prompt in the model's context (block_size={self.block_size})"
+            )
+        self._prepare_prompt(prompts, inputs_embeds, attention_mask)
+        B = self.batch_size
+
+        self.generator: torch.Generator | list[torch.Generator] | None = None
+        if not config.greedy:
+            self.generator = self._make_generators(config.seed, B)
+        elif isinstance(config.seed, tuple) and len(config.seed) != B:
+            raise self._seed_count_error(B)
+        self.seen: Tensor | None = None
+        if config.repetition_penalty != 1.0:
+            self.seen = torch.zeros(B, self.vocab_size, dtype=torch.bool, device=self.device)
+            if self.input_ids is not None:
+                ids = self.input_ids
+                if self.attention_mask is not None:  # pad slots repeat the row's last (real) id
+                    ids = torch.where(self.attention_mask.bool(), ids, ids[:, -1:])
+                self.seen.scatter_(1, ids, True)
+
+        self.stop_ids = frozenset(config.stop_token_ids)
+        self.hook = token_hook
+        self.return_hidden_states = return_hidden_states
+        self.texts = [_RowText(decode, config.stop_strings) for _ in range(B)] if decode else None
+        # Host bookkeeping (one .tolist() per step) is needed for anything that can stop a row
+        # early or look at the tokens; otherwise the loop never waits for the device.
+        self.host_sync = bool(host_sync or self.stop_ids or self.texts or token_hook)
+        self.tokens: list[list[int]] = [[] for _ in range(B)]
+        self.finished = [False] * B
+        self.n_finished = 0
+        self.finish_reasons: list[str | None] = [None] * B
+        self.stop_reasons: list[int | str | None] = [None] * B
+        self.hidden: Tensor | None = None
+
+    # -- preparation -----------------------------------------------------------------
+    def _seed_count_error(self, B: int) -> ValueError:
+        return ValueError(
+            f"GenerationConfig.seed: got {len(self.config.seed)} per-row seeds for a batch of "
+            f"{B} prompts"
+        )
+
+    def _make_generators(self, seed: int | tuple[int, ...] | None, B: int):
+        if seed is None:  # reproducible under torch.manual_seed, independent afterwards
+            seed = int(torch.randint(0, _MAX_SEED, (1,)).item())
+        if _is_int(seed):
+            return torch.Generator(device=self.device).manual_seed(seed)
+        if len(seed) != B:
+            raise self._seed_count_error(B)
+        return [torch.Generator(device=self.device).manual_seed(s) for s in seed]
+
+    def _prepare_prompt(
+        self,
+        prompts: Sequence[Sequence[int]] | Tensor | None,
+        inputs_embeds: Tensor | None,
+        attention_mask: Tensor | None,
+    ) -> None:
+        cfg = self.config
+        budget = self.block_size - cfg.max_new_tokens  # prompt positions that fit
+        if (prompts is None) == (inputs_embeds is None):
+            raise ValueError("generate: pass exactly one of prompts (token ids) or inputs_embeds")
+        self.input_ids: Tensor | None = None
+        self.inputs_embeds: Tensor | None = None
+        if prompts is not None and not isinstance(prompts, Tensor):
+            if attention_mask is not None:
+                raise ValueError(
+                    "generate: attention_mask goes with a tensor of prompts or inputs_embeds; "
+                    "lists of prompts are padded here"
+                )
+            rows = self._check_prompt_list(prompts, budget)
+            T = max(len(p) for p in rows)
+            padded = [[self.pad_id] * (T - len(p)) + p for p in rows]
+            self.input_ids = torch.tensor(padded, dtype=torch.long, device=self.device)
+            if any(len(p) < T for p in rows):
+                mask = [[0] * (T - len(p)) + [1] * len(p) for p in rows]
+                attention_mask = torch.tensor(mask, dtype=torch.long, device=self.device)
+            self._check_ids(self.input_ids)
+        else:
+            if prompts is not None:
+                if prompts.dim() != 2 or prompts.is_floating_point() or prompts.dtype == torch.bool:
+                    raise ValueError(
+                        "generate: a prompt tensor must be (batch, time) integer ids, got "
+                        f"{prompts.dtype} of shape {tuple(prompts.shape)} (one prompt: ids[None])"
+                    )
+                x = prompts.to(self.device, torch.long)
+            else:
+                if inputs_embeds.dim() != 3:
+                    raise ValueError(
+                        "generate: inputs_embeds must be (batch, time, channels), got shape "
+                        f"{tuple(inputs_embeds.shape)}"
+                    )
+                x = inputs_embeds.to(self.device)
+            B, T = x.shape[:2]
+            if T == 0:
+                raise ValueError("generate: the prompt is empty; start it with a BOS token")
+            if attention_mask is not None:
+                attention_mask = self._check_mask(attention_mask, B, T)
+            if x.size(1) > budget:
+                if cfg.truncate_prompt == "error":
+                    raise _length_error("the prompt", T, cfg.max_new_tokens, self.block_size)
+                x = x[:, -budget:]
+                if attention_mask is not None:
+                    attention_mask = attention_mask[:, -budget:]
+            if prompts is not None:
+                self._check_ids(x)
+                self.input_ids = x
+            else:
+                self.inputs_embeds = x
+        first = self.input_ids if self.input_ids is not None else self.inputs_embeds
+        self.batch_size, self.prompt_len = first.shape[:2]
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the model takes its mask-free fast path
+        self.attention_mask = attention_mask
+        if attention_mask is None:
+            self.lengths = torch.full(
+                (self.batch_size,), self.prompt_len, dtype=torch.long, device=self.device
+            )
+        else:
+            self.lengths = attention_mask.sum(-1)
+        self.prompt_lengths: list[int] = self.lengths.tolist()
+
+    def _check_prompt_list(self, prompts: Sequence[Sequence[int]], budget: int) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError(
+                f"generate: prompts must be a non-empty list of token-id lists, got {prompts!r:.80}"
+            )
+        rows = []
+        for i, p in enumerate(prompts):
+            if _is_int(p):
+                raise ValueError(
+                    "generate: prompts must be a list of token-id lists; wrap a single prompt "
+                    "as [ids]"
+                )
+            p = p.tolist() if isinstance(p, Tensor) else list(p)
+            if not p:
+                raise ValueError(f"generate: prompt {i} is empty; start it with a BOS token")
+            if len(p) > budget:
+                if self.config.truncate_prompt == "error":
+                    raise _length_error(
+                        f"prompt {i}", len(p), self.config.max_new_tokens, self.block_size
+                    )
+                p = p[-budget:]
+            rows.append(p)
+        return rows
+
+    def _check_ids(self, ids: Tensor) -> None:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"generate: prompt token id {bad} is outside the vocabulary "
+                f"(vocab_size={self.vocab_size})"
+            )
+
+    def _check_mask(self, mask: Tensor, B: int, T: int) -> Tensor:
+        if tuple(mask.shape) != (B, T):
+            raise ValueError(
+                f"generate: attention_mask must have shape ({B}, {T}), got {tuple(mask.shape)}"
+            )
+        mask = mask.to(self.device, torch.long)
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("generate: attention_mask must hold only 0 (padding) and 1 (token)")
+        if T > 1 and bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError(
+                "generate: attention_mask must be LEFT-padded (each row: zeros, then ones)"
+            )
+        empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"generate: prompt {empty[0]} is empty (its attention_mask is all 0)")
+        return mask
+
+    # -- the loop --------------------------------------------------------------------
+    def run(self) -> Iterator[tuple[list[tuple[int, int]], list[int]]]:
+        """Decode; with host sync, yield per step (appended (row, token) pairs, finished rows)."""
+        was_training = self.model.training
+        self.model.eval()  # dropout off: generation is deterministic given the seed
+        try:
+            yield from self._loop()
+        finally:
+            self.model.train(was_training)
+        for row in range(self.batch_size):
+            if not self.finished[row]:
+                self.finish_reasons[row] = "length"
+
+    @torch.inference_mode()
+    def _loop(self) -> Iterator[tuple[list[tuple[int, int]], list[int]]]:
+        model, cfg, B = self.model, self.config, self.batch_size
+        max_new, T, device = cfg.max_new_tokens, self.prompt_len, self.device
+        # T + max_new - 1 positions get fed; the extra one lets return_hidden_states feed the
+        # last chosen tokens once more (the prompt check guarantees it fits in block_size)
+        cache = KVCache.for_model(model.config, capacity=T + max_new)
+        out = model(
+            input_ids=self.input_ids,
+            inputs_embeds=self.inputs_embeds,
+            attention_mask=self.attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits, hidden = out.logits[:, -1], out.hidden_states[:, -1]  # (B, V), (B, C)
+        mask_buf = None
+        if self.attention_mask is not None:  # new positions are all real tokens
+            mask_buf = torch.ones(B, T + max_new, dtype=torch.long, device=device)
+            mask_buf[:, :T] = self.attention_mask
+        positions = self.lengths.clone()[:, None]  # (B, 1) position of the next fed token
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        hid_buf = None
+        if self.return_hidden_states:
+            hid_buf = hidden.new_zeros(B, max_new, hidden.size(-1))
+        chosen: list[Tensor] = []  # device-side tokens when there is no host sync
+
+        def feed(tokens: Tensor, step: int) -> tuple[Tensor, Tensor]:
+            length = cache.length + 1
+            out = model(
+                input_ids=tokens[:, None],
+                attention_mask=None if mask_buf is None else mask_buf[:, :length],
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            positions.add_(1)
+            if hid_buf is not None:
+                hid_buf[:, step] = out.hidden_states[:, 0]
+            return out.logits[:, -1], out.hidden_states[:, -1]
+
+        step = 0
+        for step in range(max_new):
+            nxt = sample_next_token(logits, cfg, generator=self.generator, seen=self.seen)
+            if self.hook is not None:
+                state = StepState(step, self.tokens, self.finished, logits, hidden)
+                forced = self.hook(state)
+                if forced:
+                    nxt = self._apply_forced(nxt, forced)
+            if self.n_finished:  # rows that finished before this step are fed padding
+                nxt = nxt.masked_fill(finished, self.pad_id)
+            if self.seen is not None:
+                self.seen.scatter_(1, nxt[:, None], True)
+            if self.host_sync:
+                appended, done = self._record(nxt.tolist())
+                if done:
+                    finished[done] = True
+                yield appended, done
+                if self.n_finished == B:
+                    break
+            else:
+                chosen.append(nxt)
+            if step + 1 == max_new:
+                break
+            logits, hidden = feed(nxt, step)
+        if hid_buf is not None:
+            feed(nxt, step)  # the hidden states of the last chosen tokens
+            self.hidden = hid_buf
+        if chosen:
+            self.tokens = torch.stack(chosen, dim=1).tolist()
+
+    def _apply_forced(self, nxt: Tensor, forced: Mapping[int, int]) -> Tensor:
+        rows, ids = [], []
+        for row, tok in forced.items():
+            if not _is_int(row) or not 0 <= row < self.batch_size:
+                raise ValueError(f"token_hook: row {row!r} is not in [0, {self.batch_size})")
+            if not _is_int(tok) or not 0 <= tok < self.vocab_size:
+                raise ValueError(
+                    f"token_hook: forced token {tok!r} for row {row} is outside the vocabulary "
+                    f"(vocab_size={self.vocab_size})"
+                )
+            if not self.finished[row]:
+                rows.append(row)
+                ids.append(tok)
+        if rows:
+            nxt = nxt.clone()
+            nxt[rows] = torch.tensor(ids, dtype=nxt.dtype, device=nxt.device)
+        return nxt
+
+    def _record(self, toks: list[int]) -> tuple[list[tuple[int, int]], list[int]]:
+        appended: list[tuple[int, int]] = []
+        done: list[int] = []
+        for row, tok in enumerate(toks):
+            if self.finished[row]:
+                continue
+            stop: int | str | None = None
+            if tok in self.stop_ids:
+                stop = tok
+            else:
+                self.tokens[row].append(tok)
+                appended.append((row, tok))
+                if self.texts is not None:
+                    stop = self.texts[row].push(tok)
+            if stop is not None:
+                self.finished[row] = True
+                self.n_finished += 1
+                self.finish_reasons[row] = "stop"
+                self.stop_reasons[row] = stop
+                done.append(row)
+        return appended, done
+
+    def output(self) -> GenerationOutput:
+        texts = None
+        if self.texts is not None:
+            for t in self.texts:
+                t.finish()
+            texts = [t.final_text for t in self.texts]
+        hidden = None
+        if self.hidden is not None:
+            # clone outside inference mode: ordinary tensors that autograd code can use
+            hidden = [self.hidden[r, : len(t)].clone() for r, t in enumerate(self.tokens)]
+        return GenerationOutput(
+            tokens=self.tokens,
+            finish_reasons=[r or "length" for r in self.finish_reasons],
+            stop_reasons=self.stop_reasons,
+            prompt_lengths=self.prompt_lengths,
+            texts=texts,
+            hidden_states=hidden,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------
+
+
+@overload
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]] | Tensor | None = ...,
+    config: GenerationConfig | None = ...,
+    *,
+    pad_id: int,
+    inputs_embeds: Tensor | None = ...,
+    attention_mask: Tensor | None = ...,
+    decode: Callable[[list[int]], str] | None = ...,
+    token_hook: TokenHook | None = ...,
+    return_hidden_states: bool = ...,
+    return_dict: Literal[False] = ...,
+) -> list[list[int]]: ...
+@overload
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]] | Tensor | None = ...,
+    config: GenerationConfig | None = ...,
+    *,
+    pad_id: int,
+    inputs_embeds: Tensor | None = ...,
+    attention_mask: Tensor | None = ...,
+    decode: Callable[[list[int]], str] | None = ...,
+    token_hook: TokenHook | None = ...,
+    return_hidden_states: bool = ...,
+    return_dict: Literal[True],
+) -> GenerationOutput: ...
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]] | Tensor | None = None,
+    config: GenerationConfig | None = None,
+    *,
+    pad_id: int,
+    inputs_embeds: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    token_hook: TokenHook | None = None,
+    return_hidden_states: bool = False,
+    return_dict: bool = False,
+) -> list[list[int]] | GenerationOutput:
+    """Generate new tokens for a batch of prompts.
+
+    Args:
+        model: a :class:`~mmgpt.model.GPT` (anything with its ``forward`` and ``.config``).
+        prompts: token-id lists of any lengths (left-padded here), or a ``(B, T)`` tensor with
+            an optional left-padded ``attention_mask``.
+        config: sampling and stopping; default ``GenerationConfig()``.
+        pad_id: the id used for padding and fed to finished rows.
+        inputs_embeds: ``(B, T, C)`` prompt embeddings instead of ``prompts`` (multimodal).
+        attention_mask: ``(B, T)`` 1 = token, 0 = left padding, for a tensor prompt/embeds.
+        decode: ids → text; needed by ``config.stop_strings``; fills ``texts`` of the output.
+        token_hook: called each step; may force the next token of rows (module docstring).
+        return_hidden_states: final hidden states of the returned tokens in the output.
+        return_dict: return a :class:`GenerationOutput` instead of the token lists.
+    """
+    run = _Decoding(
+        model,
+        prompts,
+        config,
+        pad_id=pad_id,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        decode=decode,
+        token_hook=token_hook,
+        return_hidden_states=return_hidden_states,
+        host_sync=False,
+    )
+    for _ in run.run():
+        pass
+    out = run.output()
+    return out if return_dict else out.tokens
+
+
+def stream_batch(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]] | Tensor | None = None,
+    config: GenerationConfig | None = None,
+    *,
+    pad_id: int,
+    inputs_embeds: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    token_hook: TokenHook | None = None,
+) -> Iterator[StreamEvent]:
+    """Like :func:`generate`, yielding a :class:`StreamEvent` per new token of each row as
+    soon as it is chosen, and one final event per row (``token_id=None``) when it ends."""
+    run = _Decoding(
+        model,
+        prompts,
+        config,
+        pad_id=pad_id,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        decode=decode,
+        token_hook=token_hook,
+        return_hidden_states=False,
+        host_sync=True,
+    )
+    for appended, done in run.run():
+        for row, tok in appended:
+            yield StreamEvent(row, tok)
+        for row in done:
+            yield StreamEvent(row, None, "stop", run.stop_reasons[row])
+    for row in range(run.batch_size):
+        if run.finish_reasons[row] == "length":
+            yield StreamEvent(row, None, "length")
+
+
+def _check_single_embeds(where: str, inputs_embeds: Tensor | None) -> None:
+    if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.size(0) != 1):
+        raise ValueError(
+            f"{where}: inputs_embeds must be (1, T, C) (one prompt), got shape "
+            f"{tuple(inputs_embeds.shape)}"
+        )
+
+
+def stream(
+    model: nn.Module,
+    prompt_ids: Sequence[int] | Tensor | None = None,
+    config: GenerationConfig | None = None,
+    *,
+    inputs_embeds: Tensor | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    token_hook: TokenHook | None = None,
+) -> Iterator[int]:
+    """Generate for ONE prompt (ids, or ``inputs_embeds`` of shape (1, T, C)), yielding each
+    new token id as soon as it is chosen; same tokens as :func:`generate`."""
+    prompts = None
+    if prompt_ids is not None:
+        if isinstance(prompt_ids, Tensor):
+            if prompt_ids.dim() != 1:
+                raise ValueError(
+                    f"stream: prompt_ids must be 1-D (one prompt), got shape "
+                    f"{tuple(prompt_ids.shape)}; use stream_batch for several prompts"
+                )
+            prompt_ids = prompt_ids.tolist()
+        if not all(_is_int(t) for t in prompt_ids):
+            raise ValueError("stream: prompt_ids must be a flat list of token ids (one prompt)")
+        prompts = [list(prompt_ids)]
+    else:
+        _check_single_embeds("stream", inputs_embeds)
+    # One row never needs padding; pad_id only has to be a valid id.
+    for event in stream_batch(
+        model,
+        prompts,
+        config,
+        pad_id=0,
+        inputs_embeds=inputs_embeds,
+        decode=decode,
+        token_hook=token_hook,
+    ):
+        if event.token_id is not None:
+            yield event.token_id
+
+
+def _text_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int] | None, add_bos: bool):
+    if prompt is None or not isinstance(prompt, str):
+        return prompt
+    return tokenizer.encode(prompt, add_bos=add_bos)
+
+
+def stream_text(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int] | None,
+    config: GenerationConfig | None = None,
+    *,
+    inputs_embeds: Tensor | None = None,
+    add_bos: bool = True,
+    stop_at_eos: bool = True,
+    skip_special_tokens: bool = True,
+    token_hook: TokenHook | None = None,
+) -> Iterator[str]:
+    """Yield the generated text in chunks as it is produced.
+
+    A chunk never ends inside a UTF-8 character (byte-level BPE tokens may split one), and
+    text that could still become a stop string is held back; the output stops just before
+    a stop string. ``prompt`` is text (encoded with a BOS if ``add_bos``) or token ids; or
+    pass ``inputs_embeds`` (1, T, C) with ``prompt=None``. Generation also stops at the
+    tokenizer's eos unless ``stop_at_eos=False``.
+    """
+    _check_single_embeds("stream_text", inputs_embeds)
+    config = config if config is not None else GenerationConfig()
+    if stop_at_eos and tokenizer.eos_id not in config.stop_token_ids:
+        from dataclasses import replace
+
+        config = replace(config, stop_token_ids=(*config.stop_token_ids, tokenizer.eos_id))
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    run = _Decoding(
+        model,
+        None if prompt is None else [_text_prompt(tokenizer, prompt, add_bos)],
+        config,
+        pad_id=tokenizer.pad_id,
+        inputs_embeds=inputs_embeds,
+        attention_mask=None,
+        decode=decode,
+        token_hook=token_hook,
+        return_hidden_states=False,
+        host_sync=True,
+    )
+    text = run.texts[0]
+    for _ in run.run():
+        chunk = text.take()
+        if chunk:
+            yield chunk
+    rest = text.finish()
+    if rest:
+        yield rest
+
+
+def generate_text(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int] | None,
+    config: GenerationConfig | None = None,
+    **kwargs: Any,
+) -> str:
+    """The whole generated text (cut before a stop string); options as :func:`stream_text`."""
+    return "".join(stream_text(model, tokenizer, prompt, config, **kwargs))
+
+
+__all__ = [
+    "TRUNCATE_MODES",
+    "ForceAfter",
+    "GenerationConfig",
+    "GenerationOutput",
+    "StepState",
+    "StreamEvent",
+    "TokenHook",
+    "apply_repetition_penalty",
+    "generate",
+    "generate_text",
+    "sample_next_token",
+    "stream",
+    "stream_batch",
+    "stream_text",
+    "top_k_filter",
+    "top_p_filter",
+]
