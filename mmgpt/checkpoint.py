@@ -159,3 +159,278 @@ def load_gpt(path: str | Path, *, map_location: str | torch.device = "cpu") -> G
     model = GPT(GPTConfig.from_dict(config["gpt"]))
     load_model_state(model, load_tensors(path / WEIGHTS_NAME, map_location), path / WEIGHTS_NAME)
     return model.to(map_location)
+
+
+# --------------------------------------------------------------------------------------
+# Training checkpoints: trainer state without pickle
+# --------------------------------------------------------------------------------------
+# A training checkpoint is a directory ``step_{N:08d}/`` holding safetensors files for
+# tensors and JSON files for everything else, plus ``manifest.json`` (every file's size and
+# sha256) written last. The directory is assembled under a temporary name and renamed into
+# place, so a killed process leaves either a complete checkpoint or none; the manifest then
+# catches damage that happens afterwards (a truncated or edited file).
+
+MANIFEST_NAME = "manifest.json"
+CHECKPOINT_PREFIX = "step_"
+_TMP_PREFIX = ".tmp-"
+CORRUPT_SUFFIX = ".corrupt"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint_dir(
+    directory: str | Path,
+    *,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    json_files: dict[str, Any],
+    step: int,
+) -> Path:
+    """Write a checkpoint directory atomically; ``manifest.json`` is written last.
+
+    ``tensors`` maps file names (``"model.safetensors"``) to tensor dicts, ``json_files`` maps
+    file names (``"trainer_state.json"``) to JSON-serializable objects. An existing directory
+    of the same name is replaced.
+    """
+    import json
+    import shutil
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f"{_TMP_PREFIX}{directory.name}."))
+    try:
+        for name, tensor_dict in tensors.items():
+            save_tensors(tensor_dict, tmp / name, metadata={"format": "pt"})
+        for name, obj in json_files.items():
+            text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"
+            atomic_write_bytes(tmp / name, text.encode())
+        files = {
+            p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(tmp.iterdir())
+            if p.is_file()
+        }
+        manifest = {"format_version": FORMAT_VERSION, "step": int(step), "files": files}
+        atomic_write_bytes(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+        _fsync_dir(tmp)
+        if directory.exists():  # e.g. a step recomputed after falling back past it
+            old = directory.with_name(f"{_TMP_PREFIX}{directory.name}.old.{os.getpid()}")
+            os.replace(directory, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def verify_checkpoint_dir(directory: str | Path) -> dict[str, Any]:
+    """Check every file against the manifest; raise ``CorruptCheckpointError`` naming the file."""
+    import json
+
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CorruptCheckpointError(
+            f"{manifest_path}: missing (the checkpoint was never completed)"
+        ) from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    for name, info in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CorruptCheckpointError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != info["size"]:
+            raise CorruptCheckpointError(
+                f"{path}: {size} bytes, the manifest says {info['size']} (truncated or damaged)"
+            )
+        if _sha256(path) != info["sha256"]:
+            raise CorruptCheckpointError(f"{path}: sha256 differs from the manifest (damaged)")
+    return manifest
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``step_N`` directory under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        suffix = p.name[len(CHECKPOINT_PREFIX) :]
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit():
+            found.append((int(suffix), p))
+    return sorted(found)
+
+
+def latest_valid_checkpoint(root: str | Path, *, quarantine: bool = True) -> Path | None:
+    """The newest checkpoint whose manifest verifies, or None.
+
+    A damaged checkpoint is reported with a warning naming the bad file and, with
+    ``quarantine``, renamed to ``step_N.corrupt`` so later runs (and pruning) skip it.
+    """
+    import warnings
+
+    for _, path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint_dir(path)
+            return path
+        except CorruptCheckpointError as exc:
+            action = "falling back to an earlier checkpoint"
+            if quarantine:
+                target = path.with_name(path.name + CORRUPT_SUFFIX)
+                n = 1
+                while target.exists():
+                    target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}{n}")
+                    n += 1
+                os.replace(path, target)
+                action += f"; moved it to {target.name}"
+            warnings.warn(
+                f"checkpoint {path.name} is damaged and was skipped: {exc}; {action}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return None
+
+
+def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (and stale temp dirs); return the deleted."""
+    import shutil
+
+    root = Path(root)
+    removed = []
+    checkpoints = list_checkpoints(root)
+    for _, path in checkpoints[: max(0, len(checkpoints) - keep_last)]:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def remove_stale_temp_dirs(root: str | Path) -> None:
+    """Remove half-written checkpoint directories left by a killed process."""
+    import shutil
+
+    root = Path(root)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith(_TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} {value!r} as JSON in a checkpoint")
+
+
+def optimizer_state_to_files(
+    state_dict: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (``state.{param}.{name}``) and JSON."""
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+    values: dict[str, dict[str, Any]] = {}
+    for idx, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value
+            else:
+                values.setdefault(str(idx), {})[name] = _jsonable(value)
+    meta = {"param_groups": _jsonable(state_dict["param_groups"]), "state_values": values}
+    return tensors, meta
+
+
+def optimizer_state_from_files(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Inverse of :func:`optimizer_state_to_files`: a dict for ``optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = tensor
+    for idx, entries in meta.get("state_values", {}).items():
+        state.setdefault(int(idx), {}).update(entries)
+    groups = []
+    for group in meta["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Python, numpy, torch CPU and CUDA generator states as (tensors, JSON)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, meta
+
+
+def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    import random
+
+    import numpy as np
+    import torch
+
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = sorted((int(k.split(".")[1]), v) for k, v in tensors.items() if k.startswith("cuda."))
+    if cuda and torch.cuda.is_available():
+        states = [v for _, v in cuda]
+        if len(states) != torch.cuda.device_count():
+            import warnings
+
+            warnings.warn(
+                f"checkpoint has CUDA RNG states for {len(states)} device(s), this machine has "
+                f"{torch.cuda.device_count()}; restoring the common ones",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        for i, state in enumerate(states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)

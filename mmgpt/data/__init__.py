@@ -1,1 +1,10 @@
-"""data."""
+"""Datasets (registered as kind ``dataset``), collate functions and resumable batching."""
+
+from mmgpt.data import (  # noqa: F401
+    imagefolder,
+    llava,
+    preference,
+    shapes,
+    text,
+)
+from mmgpt.data.sample import Sample, Turn  # noqa: F401

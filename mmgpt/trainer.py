@@ -1,0 +1,850 @@
+"""The one training loop: model + objective + dataset (+ collate) → trained weights.
+
+Every training flavour of mmgpt (language modelling, multimodal SFT, diffusion, RLHF, LoRA)
+is an *objective* run by this loop. The loop owns what is common: AdamW with decoupled weight
+decay on matrices only, linear warmup + cosine decay, gradient accumulation weighted by the
+objective's ``weight`` (exact token averaging), global-norm clipping, autocast, evaluation,
+JSONL/TensorBoard logging, and checkpoints that resume bit-exactly (weights, optimizer,
+scheduler, RNG states and the data position; no pickle).
+
+Scale-out (DDP/FSDP) extends the small hooks: ``_setup_distributed``, ``_wrap_model``,
+``_make_loader``, ``_accumulation_context``, ``_reduce_sum``, ``_reduce_metrics``,
+``_model_state_dict``, ``_load_model_state``, ``_barrier`` and ``is_main_process``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmgpt.checkpoint import (
+    CorruptCheckpointError,
+    capture_rng_state,
+    checkpoint_name,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_model_state,
+    load_tensors,
+    model_state_dict,
+    optimizer_state_from_files,
+    optimizer_state_to_files,
+    prune_checkpoints,
+    remove_stale_temp_dirs,
+    restore_rng_state,
+    verify_checkpoint_dir,
+    write_checkpoint_dir,
+)
+from mmgpt.config import from_dict
+from mmgpt.data.loader import ResumableLoader
+
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "check_no_checkpoints",
+    "learning_rate",
+    "lr_factor",
+    "seed_everything",
+]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+METRICS_NAME = "metrics.jsonl"
+# Objective metrics that are counts (summed over micro-batches); all others are averaged,
+# weighted by each micro-batch's ObjectiveOutput.weight.
+SUM_METRICS = frozenset({"tokens", "samples", "pairs"})
+STATE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters and run settings of :class:`Trainer` (validated on creation)."""
+
+    lr: float = 3e-4  # peak learning rate, reached after warmup
+    min_lr: float = 3e-5  # the cosine ends here at max_steps
+    weight_decay: float = 0.1  # on ≥2-D parameters only
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # samples per micro-batch (per process)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    seed: int = 1337
+    eval_every: int = 200  # steps between evaluations; 0: only at the end
+    eval_batches: int = 20  # batches per evaluation; 0: the whole eval set
+    save_every: int = 500  # steps between checkpoints; 0: only at the end
+    keep_last: int = 3  # checkpoints kept on disk
+    log_every: int = 10  # steps between metrics.jsonl records
+    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16/fp16 on CUDA, fp32 on CPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 0  # DataLoader worker processes
+    compile: bool = False  # torch.compile the model
+    save_frozen: bool = True  # checkpoints hold frozen weights too (False: trainable + buffers)
+    progress: bool = True  # tqdm progress bar
+    tensorboard: bool = True  # also log to out_dir/tensorboard when tensorboard is installed
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):  # YAML and JSON give lists
+            self.betas = tuple(self.betas)
+        _check_number(self, "lr", positive=True)
+        _check_number(self, "min_lr", minimum=0.0)
+        if self.min_lr > self.lr:
+            _fail("min_lr", f"must not exceed lr={self.lr}, got {self.min_lr}")
+        _check_number(self, "weight_decay", minimum=0.0)
+        if (
+            not isinstance(self.betas, tuple)
+            or len(self.betas) != 2
+            or not all(_is_number(b) and 0.0 <= b < 1.0 for b in self.betas)
+        ):
+            _fail("betas", f"expected two numbers in [0, 1), got {self.betas!r}")
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "keep_last", "log_every"):
+            _check_int(self, name, minimum=1)
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "num_workers"):
+            _check_int(self, name, minimum=0)
+        _check_int(self, "seed", minimum=0)
+        _check_number(self, "grad_clip", minimum=0.0)
+        if self.precision not in PRECISIONS:
+            _fail("precision", f"expected one of {PRECISIONS}, got {self.precision!r}")
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda")
+            or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        ):
+            _fail("device", f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        for name in ("compile", "save_frozen", "progress", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, f"expected true or false, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return from_dict(cls, data)
+
+
+def _fail(name: str, message: str) -> None:
+    raise ValueError(f"TrainConfig.{name}: {message}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(
+    cfg: TrainConfig, name: str, *, positive: bool = False, minimum: float | None = None
+) -> None:
+    value = getattr(cfg, name)
+    if not _is_number(value):
+        _fail(name, f"expected a number, got {value!r}")
+    if positive and value <= 0:
+        _fail(name, f"expected a positive number, got {value!r}")
+    if minimum is not None and value < minimum:
+        _fail(name, f"expected >= {minimum}, got {value!r}")
+
+
+def _check_int(cfg: TrainConfig, name: str, *, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _fail(name, f"expected an integer >= {minimum}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Schedule and seeding
+# --------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr for the update after ``step`` completed optimizer steps.
+
+    Linear warmup ``(step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps``, then a cosine
+    from 1 down to ``min_ratio`` at ``max_steps``: ``min_ratio + (1 - min_ratio) *
+    0.5 * (1 + cos(pi * p))`` with ``p = (step - warmup_steps) / (max_steps - warmup_steps)``
+    clamped to [0, 1].
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """The lr of the update after ``step`` completed steps (what the scheduler sets)."""
+    return config.lr * lr_factor(
+        step,
+        warmup_steps=config.warmup_steps,
+        max_steps=config.max_steps,
+        min_ratio=config.min_lr / config.lr,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's (CPU and CUDA) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Accumulator:
+    """Sums over the micro-batches of one step (or one evaluation)."""
+
+    weight: float = 0.0
+    loss: float = 0.0  # sum of weight * loss
+    metrics: dict[str, float] = field(default_factory=dict)  # weighted sums / plain sums
+
+    def add(self, loss: float, weight: float, metrics: dict[str, float]) -> None:
+        self.weight += weight
+        self.loss += loss * weight
+        for key, value in metrics.items():
+            if key == "loss":
+                continue
+            value = float(value)
+            self.metrics[key] = self.metrics.get(key, 0.0) + (
+                value if key in SUM_METRICS else value * weight
+            )
+
+    def sums(self) -> dict[str, float]:
+        return {"__weight": self.weight, "__loss": self.loss, **self.metrics}
+
+    @staticmethod
+    def result(sums: dict[str, float]) -> dict[str, float]:
+        weight = sums["__weight"]
+        out = {"loss": sums["__loss"] / weight if weight > 0 else float("nan")}
+        for key, value in sums.items():
+            if key.startswith("__"):
+                continue
+            out[key] = value if key in SUM_METRICS else (value / weight if weight > 0 else 0.0)
+        return out
+
+
+class Trainer:
+    """Train ``model`` with ``objective`` on ``train_data``.
+
+    Args:
+        model: an ``nn.Module``; only parameters with ``requires_grad`` are optimized.
+        objective: a callable ``(model, batch) -> ObjectiveOutput``, or a registered name.
+        train_data: a map-style dataset (``__len__`` + ``__getitem__``).
+        config: a :class:`TrainConfig` (or a dict of its fields).
+        eval_data: optional held-out dataset; evaluated every ``eval_every`` steps and at the end.
+        collate_fn: list of samples → batch (default: ``torch.utils.data.default_collate``).
+        out_dir: where ``metrics.jsonl``, ``checkpoints/`` and the final ``model/`` go.
+        save_model_fn: ``fn(model, directory)`` writing the final model directory; default
+            ``save_pretrained`` (plus ``tokenizer`` when given).
+        tokenizer: saved with the final model when ``save_model_fn`` is not given.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Callable[[Any, Any], Any] | str,
+        train_data: Any,
+        config: TrainConfig | dict[str, Any],
+        *,
+        eval_data: Any = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        out_dir: str | os.PathLike,
+        save_model_fn: Callable[[nn.Module, Path], None] | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        self.config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+        if isinstance(objective, str):
+            from mmgpt.registry import create
+
+            objective = create("objective", objective)
+        if not callable(objective):
+            raise TypeError(f"objective must be callable (model, batch), got {objective!r}")
+        self.objective = objective
+        self.out_dir = Path(out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.model_dir = self.out_dir / "model"
+        self.metrics_path = self.out_dir / METRICS_NAME
+        self.save_model_fn = save_model_fn
+        self.tokenizer = tokenizer
+        self.collate_fn = collate_fn
+        self.train_data = train_data
+        self.eval_data = eval_data
+
+        self.rank, self.world_size = self._setup_distributed()
+        self.device = self._resolve_device()
+        self.precision = self._resolve_precision()
+        self.model = model.to(self.device)
+        self.wrapped_model = self._wrap_model(self.model)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.train_loader = self._make_loader(train_data, train=True)
+        self.eval_loader = None if eval_data is None else self._make_loader(eval_data, train=False)
+
+        self.step = 0
+        self.tokens_seen = 0.0  # for throughput: reported target tokens, else input ids
+        self.last_eval: dict[str, float] = {}
+        self.last_train: dict[str, float] = {}
+        self._metrics_file: Any = None
+        self._tb_writer: Any = None
+
+    # -- hooks for scale-out ----------------------------------------------------------
+    def _setup_distributed(self) -> tuple[int, int]:
+        """(rank, world_size) of this process; single-process by default."""
+        return 0, 1
+
+    @property
+    def is_main_process(self) -> bool:
+        """Only the main process writes logs, checkpoints and the final model."""
+        return self.rank == 0
+
+    def _wrap_model(self, model: nn.Module) -> nn.Module:
+        """The module the objective calls (DDP/FSDP wrap here); compiled when asked."""
+        if self.config.compile:
+            return torch.compile(model)
+        return model
+
+    def _make_loader(self, dataset: Any, *, train: bool) -> ResumableLoader:
+        return ResumableLoader(
+            dataset,
+            self.config.batch_size,
+            shuffle=train,
+            drop_last=train,
+            seed=self.config.seed,
+            collate_fn=self.collate_fn,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _accumulation_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+        """Wraps forward + backward of a micro-batch (DDP: ``no_sync`` unless last)."""
+        return contextlib.nullcontext()
+
+    def _reduce_sum(self, value: float) -> float:
+        """Sum of ``value`` over processes."""
+        return value
+
+    def _reduce_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Element-wise sum of metric sums over processes."""
+        return sums
+
+    def _barrier(self) -> None:
+        """Wait for every process (no-op in a single process)."""
+
+    def _model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint stores."""
+        state = model_state_dict(self.model)
+        if self.config.save_frozen:
+            return state
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+        return {k: v for k, v in state.items() if k not in frozen}
+
+    def _load_model_state(self, state: dict[str, torch.Tensor], source: Path) -> None:
+        if self.config.save_frozen:
+            load_model_state(self.model, state, source)
+            return
+        expected = model_state_dict(self.model)
+        unexpected = sorted(set(state) - set(expected))
+        if unexpected:
+            raise ValueError(f"{source}: weights the model does not have: {unexpected[:8]}")
+        for key, value in state.items():
+            if expected[key].shape != value.shape:
+                raise ValueError(
+                    f"{source}: tensor {key!r} has shape {tuple(value.shape)}, "
+                    f"the model expects {tuple(expected[key].shape)}"
+                )
+        self.model.load_state_dict(state, strict=False)
+
+    # -- setup ------------------------------------------------------------------------
+    def _resolve_device(self) -> torch.device:
+        name = self.config.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"TrainConfig.device: {name!r} requested but CUDA is not available")
+        return torch.device(name)
+
+    def _resolve_precision(self) -> str:
+        precision = self.config.precision
+        cuda = self.device.type == "cuda"
+        if precision == "auto":
+            if not cuda:
+                return "fp32"
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+            raise ValueError("TrainConfig.precision: bf16 is not supported by this GPU; use fp16")
+        return precision
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.wrapped_model.named_parameters() if p.requires_grad]
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; weight decay on matrices and embeddings (≥2-D), none on biases and norms."""
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
+        decay = [p for _, p in params if p.dim() >= 2]
+        no_decay = [p for _, p in params if p.dim() < 2]
+        groups = [
+            {"params": group, "weight_decay": wd, "name": name}
+            for name, group, wd in (
+                ("decay", decay, self.config.weight_decay),
+                ("no_decay", no_decay, 0.0),
+            )
+            if group
+        ]
+        return torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas)
+
+    def _lr_lambda(self, step: int) -> float:
+        # a bound method, not a stateful object: the schedule always follows the current
+        # config (so a resumed run may extend max_steps), and LambdaLR stores nothing for it
+        cfg = self.config
+        return lr_factor(
+            step,
+            warmup_steps=cfg.warmup_steps,
+            max_steps=cfg.max_steps,
+            min_ratio=cfg.min_lr / cfg.lr,
+        )
+
+    # -- one optimizer step -----------------------------------------------------------
+    def _to_device(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._to_device(v) for v in batch)
+        return batch
+
+    def compute_gradients(self, micro_batches: Sequence[Any]) -> dict[str, float]:
+        """Accumulate gradients over ``micro_batches``, normalized by the total weight.
+
+        Each micro-batch contributes ``weight * loss`` and the sum is divided by the total
+        weight, so the gradient equals that of one batch holding all of them (for ``lm``:
+        sum of token losses / number of tokens). Returns the step's metrics.
+        """
+        self.wrapped_model.train()
+        acc = _Accumulator()
+        n = len(micro_batches)
+        reference = 0.0
+        for i, batch in enumerate(micro_batches):
+            batch = self._to_device(batch)
+            with self._accumulation_context(last_micro_batch=i == n - 1):
+                with self._autocast():
+                    out = self.objective(self.wrapped_model, batch)
+                weight = float(out.weight)
+                if not weight >= 0:
+                    raise ValueError(f"objective returned weight {weight}; expected >= 0")
+                if i == 0:
+                    # Backward weight / reference rather than weight: same result after the
+                    # final rescale, but gradients keep the size of a mean loss's (fp16 needs
+                    # that). Every process must use the same reference.
+                    reference = self._reduce_sum(weight) / self.world_size or 1.0
+                self.scaler.scale(out.loss * (weight / reference)).backward()
+            acc.add(float(out.loss.detach()), weight, out.metrics)
+            self.tokens_seen += _count_tokens(out.metrics, batch)
+        sums = self._reduce_metrics(acc.sums())
+        self.scaler.unscale_(self.optimizer)
+        total = sums["__weight"]
+        if total > 0:
+            # DDP averages gradients over processes: times world_size gives their sum
+            scale = reference * self.world_size / total
+            if scale != 1.0:
+                for _, p in self.trainable_parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+        return _Accumulator.result(sums)
+
+    def clip_gradients(self) -> float:
+        """Clip to ``grad_clip`` (if > 0); return the global gradient norm before clipping."""
+        params = [p for _, p in self.trainable_parameters() if p.grad is not None]
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        if not params:
+            return 0.0
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def train_step(self, micro_batches: Sequence[Any]) -> dict[str, float]:
+        """Gradients, clipping, optimizer and scheduler step; returns the step's metrics."""
+        metrics = self.compute_gradients(micro_batches)
+        grad_norm = self.clip_gradients()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {**metrics, "lr": lr, "grad_norm": grad_norm}
+
+    # -- evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
+        """Held-out loss (and perplexity for token objectives) on the first batches of eval_data.
+
+        Runs under forked RNG states, so evaluating never changes the training trajectory.
+        """
+        if self.eval_loader is None:
+            return {}
+        max_batches = self.config.eval_batches if max_batches is None else max_batches
+        was_training = self.wrapped_model.training
+        self.wrapped_model.eval()
+        acc = _Accumulator()
+        py_state, np_state = random.getstate(), np.random.get_state()
+        devices = []
+        if self.device.type == "cuda":
+            index = self.device.index
+            devices = [torch.cuda.current_device() if index is None else index]
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.config.seed)
+                for i, batch in enumerate(self.eval_loader.iter_epoch(0)):
+                    if max_batches and i >= max_batches:
+                        break
+                    with self._autocast():
+                        out = self.objective(self.wrapped_model, self._to_device(batch))
+                    acc.add(float(out.loss), float(out.weight), out.metrics)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            self.wrapped_model.train(was_training)
+        result = _Accumulator.result(self._reduce_metrics(acc.sums()))
+        if "tokens" in result and math.isfinite(result["loss"]):
+            result["perplexity"] = math.exp(min(result["loss"], 700.0))
+        return result
+
+    # -- the loop ---------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to ``max_steps``; with ``resume`` continue from the newest valid checkpoint.
+
+        Returns ``{"step", "train": last train metrics, "eval": last eval metrics,
+        "model_dir"}``.
+        """
+        cfg = self.config
+        resumed = self._start(resume)
+        if self.is_main_process:
+            total = sum(p.numel() for p in self.model.parameters())
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            where = f"resuming at step {self.step}" if resumed else "starting"
+            print(
+                f"parameters: {trainable:,} trainable / {total:,} total; {where} "
+                f"(max_steps={cfg.max_steps}, device={self.device}, precision={self.precision})",
+                flush=True,
+            )
+        bar = self._progress_bar()
+        stream = self.train_loader.forever() if self.step < cfg.max_steps else iter(())
+        window_tokens, window_start = self.tokens_seen, time.perf_counter()
+        try:
+            while self.step < cfg.max_steps:
+                metrics = self.train_step(self._next_micro_batches(stream))
+                bar.update(1)
+                step = self.step
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    metrics["tokens_per_s"] = (self.tokens_seen - window_tokens) / elapsed
+                    window_tokens, window_start = self.tokens_seen, time.perf_counter()
+                    self.last_train = metrics
+                    self._log({"step": step, "split": "train", **metrics})
+                    bar.set_postfix(
+                        loss=f"{metrics['loss']:.4f}",
+                        lr=f"{metrics['lr']:.2e}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}",
+                    )
+                # eval before save: a checkpoint at step N implies the log up to N is complete
+                if self.eval_loader is not None and (
+                    (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
+                ):
+                    self.last_eval = self.evaluate()
+                    self._log({"step": step, "split": "eval", **self.last_eval})
+                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            self._close_logs()
+        self.save_model()
+        return {
+            "step": self.step,
+            "train": self.last_train,
+            "eval": self.last_eval,
+            "model_dir": str(self.model_dir),
+        }
+
+    def _next_micro_batches(self, stream: Iterator[Any]) -> list[Any]:
+        return [next(stream) for _ in range(self.config.grad_accum_steps)]
+
+    def _start(self, resume: bool) -> bool:
+        """Prepare out_dir, restore or seed state, open the logs. True if resumed."""
+        if self.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_dirs(self.checkpoint_dir)
+            if not resume:
+                check_no_checkpoints(self.out_dir)
+        self._barrier()
+        path = None
+        if resume:
+            path = latest_valid_checkpoint(self.checkpoint_dir, quarantine=self.is_main_process)
+            if path is None and self.is_main_process:
+                print(f"no checkpoint in {self.checkpoint_dir}; starting from step 0", flush=True)
+        if path is not None:
+            self.load_checkpoint(path)
+        else:
+            self.step = 0
+            seed_everything(self.config.seed)
+        if self.is_main_process:
+            self._open_logs(keep_until=self.step if path is not None else None)
+        return path is not None
+
+    # -- checkpoints ------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step_{N:08d}`` (atomic, with manifest); keep the last K."""
+        self._barrier()
+        if not self.is_main_process:
+            return None
+        opt_tensors, opt_meta = optimizer_state_to_files(self.optimizer.state_dict())
+        rng_tensors, rng_meta = capture_rng_state()
+        scheduler_state = {
+            k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"
+        }
+        state = {
+            "format_version": STATE_FORMAT,
+            "step": self.step,
+            "data": self.train_loader.state_dict(),
+            "rng": rng_meta,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "world_size": self.world_size,
+            "config": self.config.to_dict(),
+        }
+        path = write_checkpoint_dir(
+            self.checkpoint_dir / checkpoint_name(self.step),
+            tensors={
+                "model.safetensors": self._model_state_dict(),
+                "optimizer.safetensors": opt_tensors,
+                "rng.safetensors": rng_tensors,
+            },
+            json_files={
+                "optimizer.json": opt_meta,
+                "scheduler.json": scheduler_state,
+                "trainer_state.json": state,
+            },
+            step=self.step,
+        )
+        prune_checkpoints(self.checkpoint_dir, self.config.keep_last)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore weights, optimizer, scheduler, RNG states, data position and step."""
+        path = Path(path)
+        verify_checkpoint_dir(path)
+        state = _read_json(path / "trainer_state.json")
+        self._load_model_state(
+            load_tensors(path / "model.safetensors", self.device), path / "model.safetensors"
+        )
+        opt_state = optimizer_state_from_files(
+            load_tensors(path / "optimizer.safetensors"), _read_json(path / "optimizer.json")
+        )
+        if len(opt_state["param_groups"]) != len(self.optimizer.param_groups):
+            raise ValueError(
+                f"{path}: the optimizer has {len(opt_state['param_groups'])} parameter groups, "
+                f"this model {len(self.optimizer.param_groups)} (different trainable parameters?)"
+            )
+        self.optimizer.load_state_dict(opt_state)
+        scheduler_state = _read_json(path / "scheduler.json")
+        scheduler_state["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
+        self.scheduler.load_state_dict(scheduler_state)
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.train_loader.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self._apply_config_hyperparameters()
+        self._warn_config_changes(path, state.get("config", {}))
+        restore_rng_state(load_tensors(path / "rng.safetensors"), state["rng"])
+
+    def _apply_config_hyperparameters(self) -> None:
+        """The current config wins over hyperparameters stored in the optimizer state.
+
+        For an unchanged config this reproduces the stored values exactly (same formula).
+        """
+        cfg = self.config
+        self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        lr = cfg.lr * self._lr_lambda(self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = cfg.lr
+            group["lr"] = lr
+            group["betas"] = cfg.betas
+            if group.get("name") == "decay":
+                group["weight_decay"] = cfg.weight_decay
+        self.scheduler._last_lr = [lr for _ in self.optimizer.param_groups]
+
+    def _warn_config_changes(self, path: Path, saved: dict[str, Any]) -> None:
+        neutral = {"max_steps", "eval_every", "eval_batches", "save_every", "keep_last"}
+        neutral |= {"log_every", "progress", "tensorboard", "num_workers", "device"}
+        current = self.config.to_dict()
+        changed = sorted(k for k in current if k in saved and saved[k] != current[k])
+        changed = [k for k in changed if k not in neutral]
+        if changed and self.is_main_process:
+            details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
+            warnings.warn(
+                f"resuming {path.name} with a changed config ({details}); the run will not "
+                "match an uninterrupted one",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    # -- final model ------------------------------------------------------------------
+    def save_model(self, directory: str | os.PathLike | None = None) -> Path | None:
+        """Write the model directory (default ``out_dir/model``) atomically."""
+        self._barrier()
+        if not self.is_main_process:
+            return None
+        target = Path(directory) if directory is not None else self.model_dir
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tmp-{target.name}.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            self._write_model(tmp)
+            if target.exists():
+                old = target.with_name(f".tmp-{target.name}.old.{os.getpid()}")
+                os.replace(target, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    def _write_model(self, directory: Path) -> None:
+        if self.save_model_fn is not None:
+            self.save_model_fn(self.model, directory)
+            return
+        from mmgpt.model import GPT
+
+        if isinstance(self.model, GPT):
+            from mmgpt.checkpoint import save_gpt
+
+            extra = {"tokenizer": self.tokenizer.config_dict()} if self.tokenizer else None
+            save_gpt(self.model, directory, extra_config=extra)
+        elif hasattr(self.model, "save_pretrained"):
+            self.model.save_pretrained(directory)
+        else:
+            raise TypeError(
+                f"{type(self.model).__name__} has no save_pretrained(); pass save_model_fn"
+            )
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory)
+
+    # -- logging ----------------------------------------------------------------------
+    def _open_logs(self, keep_until: int | None) -> None:
+        """Open metrics.jsonl; on resume drop records past the resumed step."""
+        if keep_until is None:
+            self.metrics_path.write_text("")
+        else:
+            _truncate_metrics(self.metrics_path, keep_until)
+        self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+        if self.config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                self._tb_writer = None
+            else:
+                purge = self.step + 1 if keep_until is not None else None
+                self._tb_writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main_process or self._metrics_file is None:
+            return
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        if self._tb_writer is not None:
+            split = record.get("split", "train")
+            for key, value in record.items():
+                if key not in ("step", "split") and isinstance(value, (int, float)):
+                    self._tb_writer.add_scalar(f"{split}/{key}", value, record["step"])
+
+    def _close_logs(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+        if self._tb_writer is not None:
+            self._tb_writer.close()
+            self._tb_writer = None
+
+    def _progress_bar(self) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.config.max_steps,
+            initial=self.step,
+            desc="train",
+            disable=not (self.config.progress and self.is_main_process),
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+
+def _count_tokens(metrics: dict[str, float], batch: Any) -> float:
+    if "tokens" in metrics:
+        return float(metrics["tokens"])
+    ids = batch.get("input_ids") if isinstance(batch, dict) else None
+    return float(ids.numel()) if isinstance(ids, torch.Tensor) else 0.0
+
+
+def check_no_checkpoints(out_dir: str | os.PathLike) -> None:
+    """Refuse to start a fresh run in ``out_dir`` when it holds checkpoints of another run."""
+    checkpoint_dir = Path(out_dir) / "checkpoints"
+    existing = list_checkpoints(checkpoint_dir)
+    if existing:
+        raise FileExistsError(
+            f"{checkpoint_dir} already holds checkpoints (newest {existing[-1][1].name}); "
+            "resume to continue that run (--resume), or choose another output directory"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{path}: unreadable ({exc})") from exc
+
+
+def _truncate_metrics(path: Path, keep_until: int) -> None:
+    """Keep the records with ``step <= keep_until`` (and drop a half-written last line)."""
+    from mmgpt.checkpoint import atomic_write_bytes
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= keep_until:
+            kept.append(line + "\n")
+    atomic_write_bytes(path, "".join(kept).encode())
