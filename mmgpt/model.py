@@ -23,6 +23,11 @@ from mmgpt.config import GPTConfig
 # --------------------------------------------------------------------------------------
 
 
+def make_dropout(p: float) -> nn.Module:
+    # nn.Identity when off: a no-op Dropout still costs a call per layer per decode step.
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def make_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
@@ -135,7 +140,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = make_dropout(config.dropout)
 
     def forward(
         self,
@@ -179,7 +184,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
         self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = make_dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, T, C)
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
@@ -227,7 +232,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
+                drop=make_dropout(config.dropout),
                 h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
                 ln_f=make_norm(config),
             )
