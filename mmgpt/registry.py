@@ -8,6 +8,7 @@ group is loaded lazily on the first lookup, so ``import mmgpt`` stays light.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import os
 import threading
@@ -55,7 +56,7 @@ class Entry:
     kind: str
     name: str
     obj: Any
-    distribution: str
+    distribution: str  # the installed distribution that supplied the entry
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,11 @@ class Registry:
         self._loaded = False
         self._loading = False
         self._lock = threading.RLock()
-        self._current_dist = "mmgpt"
+        # The distribution of the entry point being loaded; None outside entry-point loading,
+        # where the distribution is inferred from the registered object's module on demand.
+        self._current_dist: str | None = None
+        # top-level package of each plugin entry point → its distribution
+        self._plugin_packages: dict[str, str] = {}
 
     # -- registration ---------------------------------------------------------------
     def register(self, kind: str, name: str, obj: Any = None, *, override: bool = False) -> Any:
@@ -87,9 +92,10 @@ class Registry:
                 if existing is not None and not override and existing.obj is not target:
                     raise RegistryError(
                         f"{kind} {name!r} is already registered by distribution "
-                        f"{existing.distribution!r}; pass override=True to replace it"
+                        f"{self._resolve(existing).distribution!r}; pass override=True to "
+                        "replace it"
                     )
-                self._entries[kind][name] = Entry(kind, name, target, self._current_dist)
+                self._entries[kind][name] = Entry(kind, name, target, self._supplier(target))
             return target
 
         return add if obj is None else add(obj)
@@ -138,11 +144,11 @@ class Registry:
         kinds = KINDS if kind is None else (kind,)
         for k in kinds:
             self._check_kind(k)
-        return [e for k in kinds for _, e in sorted(self._entries[k].items())]
+        return [self._resolve(e) for k in kinds for _, e in sorted(self._entries[k].items())]
 
     def distribution_of(self, kind: str, name: str) -> str:
         self.get(kind, name)
-        return self._entries[kind][name].distribution
+        return self._resolve(self._entries[kind][name]).distribution
 
     @property
     def plugin_errors(self) -> list[PluginError]:
@@ -157,18 +163,26 @@ class Registry:
                 return
             self._loading = True
             try:
+                # A broken built-in module is a bug in mmgpt: let it raise, and raise again on
+                # the next lookup rather than serve a half-filled registry.
                 for module in BUILTIN_MODULES:
                     importlib.import_module(module)
+                self._loaded = True
                 if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0", "false", "False"):
                     return
-                for ep in _plugin_entry_points():
+                self._plugin_errors.clear()
+                eps = _plugin_entry_points()
+                self._plugin_packages = {
+                    ep.module.partition(".")[0]: ep.dist.name for ep in eps if ep.dist is not None
+                }
+                for ep in eps:
                     self._load_entry_point(ep)
             finally:
                 self._loading = False
-                self._loaded = True
 
     def _load_entry_point(self, ep: EntryPoint) -> None:
         dist = ep.dist.name if ep.dist is not None else "unknown"
+        before = {k: dict(v) for k, v in self._entries.items()}
         try:
             with self._supplied_by(dist):
                 loaded = ep.load()
@@ -176,6 +190,15 @@ class Registry:
                 if callable(loaded) and not isinstance(loaded, type):
                     loaded()
         except Exception as exc:  # a broken plugin must not break the others
+            # Drop what the plugin registered before failing (objects of a half-executed
+            # module); keep what other packages it imported registered meanwhile.
+            for kind, table in self._entries.items():
+                for name, entry in list(table.items()):
+                    if entry.distribution == dist and before[kind].get(name) is not entry:
+                        if name in before[kind]:
+                            table[name] = before[kind][name]
+                        else:
+                            del table[name]
             self._plugin_errors.append(PluginError(ep.name, dist, f"{type(exc).__name__}: {exc}"))
             warnings.warn(
                 f"mmgpt plugin {ep.name!r} from distribution {dist!r} failed to load: "
@@ -183,6 +206,28 @@ class Registry:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    def _supplier(self, obj: Any) -> str:
+        """The distribution to credit for registering ``obj`` now ("" = find out on demand)."""
+        package = (getattr(obj, "__module__", None) or "").partition(".")[0]
+        if self._current_dist is None:
+            # Outside entry-point loading (a module imported directly): attributed by module
+            # when someone asks, since that lookup scans every installed distribution.
+            return ""
+        # A plugin may import another plugin's package (which then registers its own entries):
+        # credit those to that package's distribution, everything else to the loading plugin.
+        return self._plugin_packages.get(package, self._current_dist)
+
+    def _resolve(self, entry: Entry) -> Entry:
+        """Fill in the distribution of an entry registered outside entry-point loading."""
+        if entry.distribution:
+            return entry
+        module = getattr(entry.obj, "__module__", None) or ""
+        resolved = Entry(entry.kind, entry.name, entry.obj, _distribution_of_module(module))
+        with self._lock:
+            if self._entries[entry.kind].get(entry.name) is entry:
+                self._entries[entry.kind][entry.name] = resolved
+        return resolved
 
     @contextmanager
     def _supplied_by(self, dist: str) -> Iterator[None]:
@@ -195,6 +240,22 @@ class Registry:
     def _check_kind(self, kind: str) -> None:
         if kind not in self._entries:
             raise RegistryError(f"unknown registry kind {kind!r}; kinds are: {', '.join(KINDS)}")
+
+
+@functools.cache
+def _top_level_distributions() -> dict[str, list[str]]:
+    from importlib.metadata import packages_distributions
+
+    return packages_distributions()  # scans every installed distribution: done once, lazily
+
+
+def _distribution_of_module(module: str) -> str:
+    """The distribution that installed ``module``, else its top-level name (e.g. ``__main__``)."""
+    top = module.partition(".")[0]
+    if top == "mmgpt":
+        return "mmgpt"
+    dists = _top_level_distributions().get(top)
+    return dists[0] if dists else (top or "unknown")
 
 
 def _plugin_entry_points() -> list[EntryPoint]:

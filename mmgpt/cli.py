@@ -1,0 +1,391 @@
+"""The ``mmgpt`` command line.
+
+Every subcommand dispatches lazily to the module that implements it, so ``mmgpt --help``
+answers without importing torch. Expected failures (a missing file, a bad
+value, an unknown registry name, a command whose module is not installed, Ctrl-C) print one
+line ``mmgpt: error: ...`` and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mmgpt.registry import RegistryError
+
+# Where each subcommand's work lives (``module:function``); imported only when run.
+TARGETS = {
+    "demo": "demos.app:launch",
+    "train": "mmgpt.recipe:run_training",
+    "eval": "mmgpt.eval:run_eval",
+    "data check": "mmgpt.data.check:check_dataset",
+    "plan": "mmgpt.plan:plan_training",
+}
+# Optional dependencies and the extra that installs each (DESIGN.md convention 5).
+EXTRAS = {
+    "gradio": "demo",
+    "timm": "vision",
+    "torchvision": "vision",
+    "diffusers": "diffusion",
+    "peft": "adapters",
+    "transformers": "interop",
+    "sacrebleu": "eval",
+}
+EVAL_TASKS = ("caption", "vqa", "lm", "t2i")
+
+
+class CommandError(Exception):
+    """An expected failure of a command, reported as one line."""
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from mmgpt.checkpoint import CorruptCheckpointError
+
+    return (
+        CommandError,
+        OSError,  # FileNotFoundError, PermissionError, ...
+        ValueError,
+        RegistryError,
+        ImportError,
+        CorruptCheckpointError,
+        KeyboardInterrupt,
+    )
+
+
+def _error_message(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    package = (getattr(exc, "name", None) or "").partition(".")[0]
+    if isinstance(exc, ModuleNotFoundError) and package in EXTRAS:
+        return (
+            f"the optional dependency {package!r} is not installed; "
+            f'run: pip install "mmgpt[{EXTRAS[package]}]"'
+        )
+    return str(exc) or type(exc).__name__
+
+
+def _target(command: str) -> Callable[..., Any]:
+    """Import the function behind ``command``; a missing module is a clean error."""
+    module_name, _, attr = TARGETS[command].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only the target module (or a package above it) missing means "not available";
+        # a dependency missing inside it is reported as such by the caller.
+        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+            raise
+        raise CommandError(
+            f"'mmgpt {command}' is not available in this installation "
+            f"(module {module_name!r} is missing)"
+        ) from exc
+    function = getattr(module, attr, None)
+    if function is None:
+        raise CommandError(
+            f"'mmgpt {command}' is not available in this installation "
+            f"({module_name} has no {attr!r})"
+        )
+    return function
+
+
+def _print_result(result: Any) -> None:
+    """Print what a command function returned: mappings as JSON, anything else as text."""
+    if result is None:
+        return
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:
+        print(result)
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    _target("demo")(model=args.model, port=args.port, share=args.share)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    result = _target("train")(
+        args.recipe, data=args.data, out=args.out, resume=args.resume, overrides=args.overrides
+    )
+    _print_result(result)
+    return 0
+
+
+def load_tokenizer(model_dir: str | Path, config: dict[str, Any] | None = None) -> Any:
+    """The tokenizer of a model directory, built by the registry entry its config names."""
+    from mmgpt.checkpoint import read_model_config
+    from mmgpt.registry import create
+
+    model_dir = Path(model_dir)
+    config = read_model_config(model_dir) if config is None else config
+    section = config.get("tokenizer")
+    if section is None:
+        # A Hugging Face directory has no mmgpt section; its tokenizer.json loads as "bpe".
+        if not (model_dir / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"{model_dir}: no tokenizer (config.json has no 'tokenizer' section and there "
+                "is no tokenizer.json)"
+            )
+        section = {"name": "bpe"}
+    if not isinstance(section, dict) or not isinstance(section.get("name"), str):
+        raise ValueError(
+            f"{model_dir / 'config.json'}: 'tokenizer' must be an object with a 'name', "
+            f"got {section!r}"
+        )
+    return create("tokenizer", section["name"], path=model_dir)
+
+
+def _generation_config(args: argparse.Namespace) -> Any:
+    from mmgpt.generation import GenerationConfig
+
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+    # Unset options keep GenerationConfig's defaults, so they are defined in one place.
+    # Generation stops at the tokenizer's eos (stream_text's default).
+    return GenerationConfig(**{k: v for k, v in options.items() if v is not None})
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mmgpt.checkpoint import read_model_config
+
+    model_dir = Path(args.model)
+    config = read_model_config(model_dir)
+    architecture = config.get("architecture", "gpt")
+    gen_config = _generation_config(args)
+    if architecture == "multimodal":
+        chunks = _stream_multimodal(model_dir, args.prompt, args.image, gen_config)
+    elif args.image:
+        raise ValueError(
+            f"{model_dir}: --image needs a multimodal model; this one is a text-only "
+            f"{architecture!r} model"
+        )
+    else:
+        from mmgpt.generation import stream_text
+        from mmgpt.model import GPT
+
+        model = GPT.from_pretrained(model_dir).eval()
+        tokenizer = load_tokenizer(model_dir, config)
+        chunks = stream_text(model, tokenizer, args.prompt, gen_config)
+    pieces = []
+    for chunk in chunks:
+        pieces.append(chunk)
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.out_dir is not None:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "text.txt").write_text("".join(pieces), encoding="utf-8")
+    return 0
+
+
+def _stream_multimodal(
+    model_dir: Path, prompt: str, image_paths: Sequence[str], gen_config: Any
+) -> Any:
+    """The reply of a multimodal model to one user turn with its images."""
+    from mmgpt.data.images import load_image
+    from mmgpt.multimodal import MultimodalGPT
+
+    model = MultimodalGPT.from_pretrained(model_dir)
+    images = [load_image(p) for p in image_paths]
+    if images and "<image>" not in prompt:
+        # the images go before the question, one placeholder each
+        prompt = "<image>\n" * len(images) + prompt
+    return model.stream_text([{"role": "user", "text": prompt}], images, gen_config)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mmgpt.checkpoint import read_model_config
+
+    model_dir = Path(args.model)
+    config = read_model_config(model_dir)
+    task = args.task or ("caption" if config.get("architecture") == "multimodal" else "lm")
+    if task == "lm":
+        metrics = _eval_lm(model_dir, config, Path(args.data))
+    else:
+        metrics = _target("eval")(model_dir, args.data, task)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _eval_lm(model_dir: Path, config: dict[str, Any], data: Path) -> dict[str, Any]:
+    from mmgpt.eval.perplexity import perplexity
+    from mmgpt.model import GPT
+
+    if config.get("architecture", "gpt") != "gpt":
+        raise ValueError(f"{model_dir}: --task lm needs a text GPT model")
+    model = GPT.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir, config)
+    return {"task": "lm", **perplexity(model, tokenizer, data)}
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    report = _target("data check")(args.path, strict=args.strict)
+    print(report.to_json() if args.json else report.to_text())
+    return report.exit_code
+
+
+def cmd_plugins_list(args: argparse.Namespace) -> int:
+    from mmgpt.registry import REGISTRY
+
+    with warnings.catch_warnings():
+        # failed plugins are listed below the table; the warning would say it twice
+        warnings.simplefilter("ignore", RuntimeWarning)
+        entries = REGISTRY.entries()
+    rows = [("KIND", "NAME", "DISTRIBUTION")]
+    rows += [(e.kind, e.name, e.distribution) for e in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    for kind, name, dist in rows:
+        print(f"{kind:<{widths[0]}}  {name:<{widths[1]}}  {dist}")
+    errors = REGISTRY.plugin_errors
+    if errors:
+        print("\nplugins that failed to load:")
+        for e in errors:
+            print(f"  {e.distribution} (entry point {e.entry_point!r}): {e.error}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    plan = _target("plan")
+    _print_result(plan(args.recipe, gpus=args.gpus, gpu_memory=args.gpu_memory))
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --debug is accepted before or after the subcommand; SUPPRESS keeps a subparser's
+    # default from overwriting a value given before it.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="mmgpt",
+        description="Multimodal GPT models with plugin modalities.",
+        parents=[debug],
+    )
+    from mmgpt import __version__
+
+    parser.add_argument("--version", action="version", version=f"mmgpt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", parents=[debug], help="open the Gradio multimodal chat demo")
+    p.add_argument("--model", metavar="DIR", help="model directory (default: the shipped model)")
+    p.add_argument("--port", type=_positive_int, help="port to serve on")
+    p.add_argument("--share", action="store_true", help="create a public Gradio link")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", parents=[debug], help="train from a recipe")
+    p.add_argument("recipe", metavar="RECIPE", help="a shipped recipe name or a YAML file")
+    p.add_argument("--data", metavar="PATH", help="training data (file or directory)")
+    p.add_argument("--out", metavar="DIR", help="output directory")
+    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. trainer.lr=3e-4"
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", parents=[debug], help="generate text (and images)")
+    p.add_argument("--model", metavar="DIR", required=True, help="model directory")
+    p.add_argument(
+        "--image", metavar="PATH", action="append", default=[], help="input image (repeatable)"
+    )
+    p.add_argument("--prompt", metavar="TEXT", required=True, help="the prompt")
+    p.add_argument("--max-new-tokens", metavar="N", type=_positive_int)
+    p.add_argument("--temperature", type=_nonnegative_float, help="0 = greedy")
+    p.add_argument("--top-k", type=_positive_int)
+    p.add_argument("--top-p", type=_nonnegative_float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out-dir", metavar="DIR", help="also write outputs (text, images) here")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", parents=[debug], help="evaluate a model; prints JSON metrics")
+    p.add_argument("--model", metavar="DIR", required=True, help="model directory")
+    p.add_argument("--data", metavar="PATH", required=True, help="evaluation data")
+    p.add_argument(
+        "--task",
+        choices=EVAL_TASKS,
+        help="lm: perplexity on text files (default for text models); "
+        "caption (default for multimodal models), vqa, t2i",
+    )
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", parents=[debug], help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    q = data_sub.add_parser("check", parents=[debug], help="validate a dataset")
+    q.add_argument(
+        "path", metavar="PATH", help="imagefolder dir, LLaVA json, preference jsonl, text"
+    )
+    q.add_argument("--strict", action="store_true", help="count warnings as problems (exit 1)")
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("plugins", parents=[debug], help="registry entries and plugins")
+    plugins_sub = p.add_subparsers(dest="plugins_command", metavar="COMMAND", required=True)
+    q = plugins_sub.add_parser(
+        "list", parents=[debug], help="every entry: kind, name, distribution"
+    )
+    q.set_defaults(func=cmd_plugins_list)
+
+    p = sub.add_parser("plan", parents=[debug], help="plan a training run over GPUs")
+    p.add_argument("recipe", metavar="RECIPE", help="a shipped recipe name or a YAML file")
+    p.add_argument("--gpus", type=_positive_int, required=True, metavar="N")
+    p.add_argument("--gpu-memory", type=_nonnegative_float, metavar="GB", help="memory per GPU")
+    p.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `mmgpt train RECIPE --out x lr=1` leaves overrides after options unparsed.
+        if args.command == "train" and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = getattr(args, "debug", False)
+    try:
+        return args.func(args)
+    except _expected_errors() as exc:
+        if debug:
+            raise
+        print(f"mmgpt: error: {_error_message(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
