@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from mmgpt.registry import RegistryError
 
 # Where each subcommand's work lives (``module:function``); imported only when run.
 TARGETS = {
-    "demo": "demos.app:launch",
+    "demo": "mmgpt.demo:launch_demo",
     "train": "mmgpt.recipe:run_training",
     "eval": "mmgpt.eval:run_eval",
     "data check": "mmgpt.data.check:check_dataset",
@@ -105,7 +106,13 @@ def _print_result(result: Any) -> None:
 
 # -- commands ------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    _target("demo")(model=args.model, port=args.port, share=args.share)
+    _target("demo")(
+        model_dir=args.model,
+        port=args.port,
+        share=args.share,
+        app=args.app,
+        data_dir=args.data,
+    )
     return 0
 
 
@@ -113,7 +120,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = _target("train")(
         args.recipe, data=args.data, out=args.out, resume=args.resume, overrides=args.overrides
     )
-    _print_result(result)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: one summary, from rank 0
+        _print_result(result)
     return 0
 
 
@@ -214,7 +222,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if task == "lm":
         metrics = _eval_lm(model_dir, config, Path(args.data))
     else:
-        metrics = _target("eval")(model_dir, args.data, task)
+        options = {"batch_size": args.batch_size, "limit": args.limit}
+        options = {k: v for k, v in options.items() if v is not None}
+        metrics = _target("eval")(model_dir, args.data, task, **options)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
@@ -231,7 +241,9 @@ def _eval_lm(model_dir: Path, config: dict[str, Any], data: Path) -> dict[str, A
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    report = _target("data check")(args.path, strict=args.strict)
+    # with a model, text lengths are counted in that model's tokens
+    tokenizer = load_tokenizer(args.model) if args.model is not None else None
+    report = _target("data check")(args.path, tokenizer=tokenizer, strict=args.strict)
     print(report.to_json() if args.json else report.to_text())
     return report.exit_code
 
@@ -258,7 +270,10 @@ def cmd_plugins_list(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     plan = _target("plan")
-    _print_result(plan(args.recipe, gpus=args.gpus, gpu_memory=args.gpu_memory))
+    extra: dict[str, Any] = {"flops": args.flops} if args.flops is not None else {}
+    if args.overrides:
+        extra["overrides"] = args.overrides
+    _print_result(plan(args.recipe, gpus=args.gpus, gpu_memory=args.gpu_memory, **extra))
     return 0
 
 
@@ -305,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="DIR", help="model directory (default: the shipped model)")
     p.add_argument("--port", type=_positive_int, help="port to serve on")
     p.add_argument("--share", action="store_true", help="create a public Gradio link")
+    p.add_argument(
+        "--app",
+        choices=("chat", "text_to_image", "preferences"),
+        default="chat",
+        help="which demo (default: chat)",
+    )
+    p.add_argument(
+        "--data", metavar="DIR", help="preferences app: where pairs are written (./preferences)"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", parents=[debug], help="train from a recipe")
@@ -333,13 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", parents=[debug], help="evaluate a model; prints JSON metrics")
     p.add_argument("--model", metavar="DIR", required=True, help="model directory")
-    p.add_argument("--data", metavar="PATH", required=True, help="evaluation data")
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        required=True,
+        help="evaluation data: text files (lm); an imagefolder dir, a LLaVA JSON, or "
+        "'shapes[:seed=1,size=200,...]' for the synthetic shapes world (caption, vqa)",
+    )
     p.add_argument(
         "--task",
         choices=EVAL_TASKS,
         help="lm: perplexity on text files (default for text models); "
         "caption (default for multimodal models), vqa, t2i",
     )
+    p.add_argument("--batch-size", metavar="N", type=_positive_int, help="caption/vqa: batch")
+    p.add_argument("--limit", metavar="N", type=_positive_int, help="caption/vqa: first N samples")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", parents=[debug], help="dataset tools")
@@ -350,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--strict", action="store_true", help="count warnings as problems (exit 1)")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.add_argument(
+        "--model", metavar="DIR", help="measure lengths in this model's tokens (default: chars)"
+    )
     q.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("plugins", parents=[debug], help="registry entries and plugins")
@@ -363,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", metavar="RECIPE", help="a shipped recipe name or a YAML file")
     p.add_argument("--gpus", type=_positive_int, required=True, metavar="N")
     p.add_argument("--gpu-memory", type=_nonnegative_float, metavar="GB", help="memory per GPU")
+    p.add_argument(
+        "--flops", type=_nonnegative_float, metavar="TFLOPS", help="peak bf16 TFLOPS per GPU"
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. model.n_layer=24"
+    )
     p.set_defaults(func=cmd_plan)
     return parser
 
@@ -373,7 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         # `mmgpt train RECIPE --out x lr=1` leaves overrides after options unparsed.
-        if args.command == "train" and all("=" in a and not a.startswith("-") for a in extra):
+        if args.command in ("train", "plan") and all(
+            "=" in a and not a.startswith("-") for a in extra
+        ):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmgpt import distributed
 from mmgpt.checkpoint import (
     CorruptCheckpointError,
     capture_rng_state,
@@ -52,6 +54,7 @@ from mmgpt.checkpoint import (
 )
 from mmgpt.config import from_dict
 from mmgpt.data.loader import ResumableLoader
+from mmgpt.distributed import STRATEGIES
 
 __all__ = [
     "TrainConfig",
@@ -97,7 +100,9 @@ class TrainConfig:
     precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16/fp16 on CUDA, fp32 on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # DataLoader worker processes
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (ddp/fsdp: each decoder block)
+    strategy: str = "none"  # none | ddp | fsdp (run under torchrun; see docs/distributed.md)
+    activation_checkpointing: bool = False  # recompute decoder blocks in backward
     save_frozen: bool = True  # checkpoints hold frozen weights too (False: trainable + buffers)
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = True  # also log to out_dir/tensorboard when tensorboard is installed
@@ -129,7 +134,15 @@ class TrainConfig:
             or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         ):
             _fail("device", f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        for name in ("compile", "save_frozen", "progress", "tensorboard"):
+        if self.strategy not in STRATEGIES:
+            _fail("strategy", f"expected one of {STRATEGIES}, got {self.strategy!r}")
+        for name in (
+            "compile",
+            "save_frozen",
+            "progress",
+            "tensorboard",
+            "activation_checkpointing",
+        ):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, f"expected true or false, got {getattr(self, name)!r}")
 
@@ -310,8 +323,10 @@ class Trainer:
 
     # -- hooks for scale-out ----------------------------------------------------------
     def _setup_distributed(self) -> tuple[int, int]:
-        """(rank, world_size) of this process; single-process by default."""
-        return 0, 1
+        """(rank, world_size) of this process; initialises the process group for ddp/fsdp."""
+        info = distributed.setup(self.config.strategy, self.config.device)
+        self.local_rank = info.local_rank
+        return info.rank, info.world_size
 
     @property
     def is_main_process(self) -> bool:
@@ -320,9 +335,17 @@ class Trainer:
 
     def _wrap_model(self, model: nn.Module) -> nn.Module:
         """The module the objective calls (DDP/FSDP wrap here); compiled when asked."""
-        if self.config.compile:
-            return torch.compile(model)
-        return model
+        cfg = self.config
+        # FSDP shards the model in place: keep a weightless skeleton to write full models
+        self._template = distributed.meta_copy(model) if cfg.strategy == "fsdp" else None
+        return distributed.wrap_model(
+            model,
+            strategy=cfg.strategy,
+            device=self.device,
+            precision=self.precision,
+            activation_checkpointing=cfg.activation_checkpointing,
+            compile=cfg.compile,
+        )
 
     def _make_loader(self, dataset: Any, *, train: bool) -> ResumableLoader:
         return ResumableLoader(
@@ -339,19 +362,39 @@ class Trainer:
         )
 
     def _accumulation_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:
-        """Wraps forward + backward of a micro-batch (DDP: ``no_sync`` unless last)."""
-        return contextlib.nullcontext()
+        """Wraps forward + backward of a micro-batch: gradients are only communicated on the
+        last one (DDP ``no_sync``, FSDP ``set_requires_gradient_sync(False)`` before)."""
+        return distributed.set_gradient_sync(
+            self.wrapped_model, self.config.strategy, last_micro_batch
+        )
 
     def _reduce_sum(self, value: float) -> float:
         """Sum of ``value`` over processes."""
-        return value
+        if self.world_size == 1:
+            return value
+        return distributed.all_reduce_sum([value], self.device)[0]
 
     def _reduce_metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        """Element-wise sum of metric sums over processes."""
-        return sums
+        """Element-wise sum of metric sums over processes (every rank must have the same keys)."""
+        if self.world_size == 1:
+            return sums
+        keys = sorted(sums)
+        # a checksum of the key names catches ranks whose objectives report different metrics
+        check = float(zlib.crc32("\0".join(keys).encode()) % (1 << 24))
+        *values, total_check = distributed.all_reduce_sum(
+            [sums[k] for k in keys] + [check], self.device
+        )
+        if total_check != check * self.world_size:
+            raise RuntimeError(
+                f"rank {self.rank}: the objective's metrics differ between processes "
+                f"(this rank has {keys}); every rank must report the same metric names"
+            )
+        return dict(zip(keys, values))
 
     def _barrier(self) -> None:
         """Wait for every process (no-op in a single process)."""
+        if self.world_size > 1:
+            distributed.barrier()
 
     def _model_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights a checkpoint stores."""
@@ -361,11 +404,14 @@ class Trainer:
         frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         return {k: v for k, v in state.items() if k not in frozen}
 
-    def _load_model_state(self, state: dict[str, torch.Tensor], source: Path) -> None:
+    def _load_model_state(
+        self, state: dict[str, torch.Tensor], source: Path, model: nn.Module | None = None
+    ) -> None:
+        model = self.model if model is None else model
         if self.config.save_frozen:
-            load_model_state(self.model, state, source)
+            load_model_state(model, state, source)
             return
-        expected = model_state_dict(self.model)
+        expected = model_state_dict(model)
         unexpected = sorted(set(state) - set(expected))
         if unexpected:
             raise ValueError(f"{source}: weights the model does not have: {unexpected[:8]}")
@@ -375,7 +421,7 @@ class Trainer:
                     f"{source}: tensor {key!r} has shape {tuple(value.shape)}, "
                     f"the model expects {tuple(expected[key].shape)}"
                 )
-        self.model.load_state_dict(state, strict=False)
+        model.load_state_dict(state, strict=False)
 
     # -- setup ------------------------------------------------------------------------
     def _resolve_device(self) -> torch.device:
@@ -384,6 +430,8 @@ class Trainer:
             name = "cuda" if torch.cuda.is_available() else "cpu"
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"TrainConfig.device: {name!r} requested but CUDA is not available")
+        if name == "cuda" and self.config.strategy != "none":
+            name = f"cuda:{getattr(self, 'local_rank', 0)}"  # one GPU per process
         return torch.device(name)
 
     def _resolve_precision(self) -> str:
@@ -395,6 +443,12 @@ class Trainer:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
             raise ValueError("TrainConfig.precision: bf16 is not supported by this GPU; use fp16")
+        if precision == "fp16" and self.config.strategy == "fsdp":
+            # the loss scaler would skip steps per shard, not per model
+            raise ValueError(
+                "TrainConfig.precision: fp16 is not supported with strategy 'fsdp'; use bf16 "
+                "(or fp32)"
+            )
         return precision
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -442,6 +496,10 @@ class Trainer:
             return {k: self._to_device(v) for k, v in batch.items()}
         if isinstance(batch, (list, tuple)):
             return type(batch)(self._to_device(v) for v in batch)
+        to = getattr(batch, "to", None)
+        if callable(to) and not isinstance(batch, nn.Module):
+            # batch objects such as MultimodalBatch move their own tensors
+            return to(self.device, non_blocking=True)
         return batch
 
     def compute_gradients(self, micro_batches: Sequence[Any]) -> dict[str, float]:
@@ -455,6 +513,7 @@ class Trainer:
         acc = _Accumulator()
         n = len(micro_batches)
         reference = 0.0
+        tokens = 0.0  # this process's; summed over processes with the metrics
         for i, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
             with self._accumulation_context(last_micro_batch=i == n - 1):
@@ -470,8 +529,9 @@ class Trainer:
                     reference = self._reduce_sum(weight) / self.world_size or 1.0
                 self.scaler.scale(out.loss * (weight / reference)).backward()
             acc.add(float(out.loss.detach()), weight, out.metrics)
-            self.tokens_seen += _count_tokens(out.metrics, batch)
-        sums = self._reduce_metrics(acc.sums())
+            tokens += _count_tokens(out.metrics, batch)
+        sums = self._reduce_metrics({**acc.sums(), "__tokens": tokens})
+        self.tokens_seen += sums.pop("__tokens")
         self.scaler.unscale_(self.optimizer)
         total = sums["__weight"]
         if total > 0:
@@ -489,7 +549,10 @@ class Trainer:
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         if not params:
             return 0.0
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor
+            norm = norm.full_tensor()
+        return float(norm)
 
     def train_step(self, micro_batches: Sequence[Any]) -> dict[str, float]:
         """Gradients, clipping, optimizer and scheduler step; returns the step's metrics."""
@@ -524,12 +587,11 @@ class Trainer:
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.config.seed)
-                for i, batch in enumerate(self.eval_loader.iter_epoch(0)):
-                    if max_batches and i >= max_batches:
-                        break
+                for batch, counted in self._eval_batches(max_batches):
                     with self._autocast():
                         out = self.objective(self.wrapped_model, self._to_device(batch))
-                    acc.add(float(out.loss), float(out.weight), out.metrics)
+                    if counted:
+                        acc.add(float(out.loss), float(out.weight), out.metrics)
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
@@ -538,6 +600,32 @@ class Trainer:
         if "tokens" in result and math.isfinite(result["loss"]):
             result["perplexity"] = math.exp(min(result["loss"], 700.0))
         return result
+
+    def _eval_batches(self, max_batches: int) -> Iterator[tuple[Any, bool]]:
+        """``(batch, counted)``: the first ``max_batches`` eval batches (0: all) of this rank.
+
+        Ranks must run the same number of forwards (FSDP gathers weights in each), but the
+        eval split need not divide evenly: a rank with fewer batches repeats its last one
+        (or sample 0) uncounted. Together the ranks cover exactly the samples one process
+        with ``batch_size * world_size`` would see.
+        """
+        loader = self.eval_loader
+        total = len(loader)
+        if self.world_size > 1:  # rank 0 holds the most samples of the strided split
+            per_rank = len(range(0, loader.num_samples, self.world_size))
+            total = -(-per_rank // loader.batch_size)
+        if max_batches:
+            total = min(total, max_batches)
+        done, last = 0, None
+        for batch in loader.iter_epoch(0):
+            if done >= total:
+                break
+            yield batch, True
+            done, last = done + 1, batch
+        for _ in range(done, total):
+            if last is None:
+                last = loader.collate_fn([loader.dataset[0]])
+            yield last, False
 
     # -- the loop ---------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -608,14 +696,18 @@ class Trainer:
         self._barrier()
         path = None
         if resume:
-            path = latest_valid_checkpoint(self.checkpoint_dir, quarantine=self.is_main_process)
+            if self.is_main_process:
+                path = latest_valid_checkpoint(self.checkpoint_dir)
+            if self.world_size > 1:  # rank 0 verified (and quarantined); everyone loads that
+                path = distributed.broadcast_object(path)
             if path is None and self.is_main_process:
                 print(f"no checkpoint in {self.checkpoint_dir}; starting from step 0", flush=True)
         if path is not None:
             self.load_checkpoint(path)
         else:
             self.step = 0
-            seed_everything(self.config.seed)
+            # distinct streams per process (dropout masks); rank 0's is the single-process one
+            seed_everything(self.config.seed + self.rank)
         if self.is_main_process:
             self._open_logs(keep_until=self.step if path is not None else None)
         return path is not None
@@ -624,22 +716,12 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoints/step_{N:08d}`` (atomic, with manifest); keep the last K."""
         self._barrier()
+        if self.world_size > 1 or self.config.strategy == "fsdp":
+            return self._save_distributed_checkpoint()
         if not self.is_main_process:
             return None
         opt_tensors, opt_meta = optimizer_state_to_files(self.optimizer.state_dict())
         rng_tensors, rng_meta = capture_rng_state()
-        scheduler_state = {
-            k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"
-        }
-        state = {
-            "format_version": STATE_FORMAT,
-            "step": self.step,
-            "data": self.train_loader.state_dict(),
-            "rng": rng_meta,
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "world_size": self.world_size,
-            "config": self.config.to_dict(),
-        }
         path = write_checkpoint_dir(
             self.checkpoint_dir / checkpoint_name(self.step),
             tensors={
@@ -649,41 +731,216 @@ class Trainer:
             },
             json_files={
                 "optimizer.json": opt_meta,
-                "scheduler.json": scheduler_state,
-                "trainer_state.json": state,
+                "scheduler.json": self._scheduler_state(),
+                "trainer_state.json": self._trainer_state(rng_meta, sharded=False),
             },
             step=self.step,
         )
         prune_checkpoints(self.checkpoint_dir, self.config.keep_last)
         return path
 
+    def _trainer_state(self, rng_meta: dict[str, Any], *, sharded: bool) -> dict[str, Any]:
+        return {
+            "format_version": STATE_FORMAT,
+            "step": self.step,
+            "data": self.train_loader.state_dict(),
+            "rng": rng_meta,  # rank 0's; other ranks' are in rng_rank{r}.*
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "world_size": self.world_size,
+            "strategy": self.config.strategy,
+            "sharded": sharded,
+            "config": self.config.to_dict(),
+            "extra": self._extra_state(),
+        }
+
+    def _scheduler_state(self) -> dict[str, Any]:
+        return {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+
+    def _save_distributed_checkpoint(self) -> Path | None:
+        """Every rank writes its RNG state (and, for FSDP, its weight and optimizer shards
+        with DCP) into one staging directory; rank 0 adds the rest and renames it into place.
+
+        The staging directory must be visible to every rank: on several machines, ``out_dir``
+        lives on a shared filesystem.
+        """
+        from mmgpt.checkpoint import atomic_write_bytes, save_tensors
+
+        final = self.checkpoint_dir / checkpoint_name(self.step)
+        staging = final.with_name(f".tmp-{final.name}.staging")  # swept by remove_stale_temp_dirs
+        if self.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self._barrier()
+        rng_tensors, rng_meta = capture_rng_state()
+        if self.rank > 0:
+            save_tensors(rng_tensors, staging / f"rng_rank{self.rank}.safetensors")
+            atomic_write_bytes(staging / f"rng_rank{self.rank}.json", json.dumps(rng_meta).encode())
+        sharded = self.config.strategy == "fsdp"
+        if sharded:
+            distributed.save_sharded(
+                staging / distributed.DCP_DIR,
+                self.model,
+                self.optimizer,
+                exclude=self._excluded_state_keys(),
+            )
+        self._barrier()
+        path = None
+        if self.is_main_process:
+            # hyperparameters and non-tensor values as JSON (with FSDP the tensors are in dcp/)
+            opt_tensors, opt_meta = optimizer_state_to_files(self.optimizer.state_dict())
+            tensors = {"rng.safetensors": rng_tensors}
+            if sharded:
+                distributed.write_model_config(
+                    self._template, self.tokenizer, staging / distributed.MODEL_CONFIG_DIR
+                )
+            else:
+                tensors["model.safetensors"] = self._model_state_dict()
+                tensors["optimizer.safetensors"] = opt_tensors
+            json_files = {
+                "optimizer.json": opt_meta,
+                "scheduler.json": self._scheduler_state(),
+                "trainer_state.json": self._trainer_state(rng_meta, sharded=sharded),
+            }
+            for name, tensor_dict in tensors.items():
+                save_tensors(tensor_dict, staging / name, metadata={"format": "pt"})
+            for name, obj in json_files.items():
+                text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"
+                atomic_write_bytes(staging / name, text.encode())
+            path = distributed.finalize_checkpoint_dir(staging, final, self.step)
+            prune_checkpoints(self.checkpoint_dir, self.config.keep_last)
+        self._barrier()
+        return path
+
+    def _excluded_state_keys(self) -> set[str]:
+        """State-dict keys a sharded checkpoint leaves out: tied aliases (and frozen weights
+        when ``save_frozen`` is off)."""
+        exclude = set(getattr(self.model, "tied_weight_keys", []))
+        if not self.config.save_frozen:
+            exclude |= {n for n, p in self.model.named_parameters() if not p.requires_grad}
+        return exclude
+
+    def _optimizer_param_names(self) -> list[str]:
+        """The name of each parameter of the optimizer, in its state-dict (index) order."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _verify_checkpoint(self, path: Path) -> None:
+        """Check the manifest once (on rank 0); every rank raises the same error."""
+        if self.world_size == 1:
+            verify_checkpoint_dir(path)
+            return
+        error = None
+        if self.is_main_process:
+            try:
+                verify_checkpoint_dir(path)
+            except (CorruptCheckpointError, OSError) as exc:
+                error = str(exc)
+        error = distributed.broadcast_object(error)
+        if error is not None:
+            raise CorruptCheckpointError(error)
+
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore weights, optimizer, scheduler, RNG states, data position and step."""
+        """Restore weights, optimizer, scheduler, RNG states, data position and step.
+
+        Any checkpoint loads into any strategy and world size: sharded (FSDP) checkpoints are
+        resharded by DCP, full ones are sharded on load; the data position is global.
+        """
         path = Path(path)
-        verify_checkpoint_dir(path)
+        self._verify_checkpoint(path)
         state = _read_json(path / "trainer_state.json")
-        self._load_model_state(
-            load_tensors(path / "model.safetensors", self.device), path / "model.safetensors"
-        )
-        opt_state = optimizer_state_from_files(
-            load_tensors(path / "optimizer.safetensors"), _read_json(path / "optimizer.json")
-        )
-        if len(opt_state["param_groups"]) != len(self.optimizer.param_groups):
+        opt_meta = _read_json(path / "optimizer.json")
+        if len(opt_meta["param_groups"]) != len(self.optimizer.param_groups):
             raise ValueError(
-                f"{path}: the optimizer has {len(opt_state['param_groups'])} parameter groups, "
+                f"{path}: the optimizer has {len(opt_meta['param_groups'])} parameter groups, "
                 f"this model {len(self.optimizer.param_groups)} (different trainable parameters?)"
             )
-        self.optimizer.load_state_dict(opt_state)
+        if (path / distributed.DCP_DIR).is_dir():
+            distributed.load_sharded(
+                path / distributed.DCP_DIR,
+                self.model,
+                self.optimizer,
+                exclude=self._excluded_state_keys(),
+            )
+        else:
+            source = path / "model.safetensors"
+            # FSDP: the full weights stay on the CPU; each rank copies its shard to the device
+            sharding = self.config.strategy == "fsdp"
+            model_state = load_tensors(source, "cpu" if sharding else self.device)
+            opt_state = optimizer_state_from_files(
+                load_tensors(path / "optimizer.safetensors"), opt_meta
+            )
+            if sharding:
+                with warnings.catch_warnings():  # checking shapes against the meta skeleton
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._load_model_state(model_state, source, model=self._template)
+                distributed.load_full_into_sharded(
+                    self.model,
+                    self.optimizer,
+                    model_state,
+                    opt_state,
+                    self._optimizer_param_names(),
+                )
+            else:
+                self._load_model_state(model_state, source)
+                self.optimizer.load_state_dict(opt_state)
         scheduler_state = _read_json(path / "scheduler.json")
         scheduler_state["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
         self.scheduler.load_state_dict(scheduler_state)
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
-        self.train_loader.load_state_dict(state["data"])
+        saved_world = int(state.get("world_size", 1))
+        self.train_loader.load_state_dict(self._data_position(state["data"], path))
+        self._load_extra_state(state.get("extra") or {})
         self.step = int(state["step"])
         self._apply_config_hyperparameters()
-        self._warn_config_changes(path, state.get("config", {}))
-        restore_rng_state(load_tensors(path / "rng.safetensors"), state["rng"])
+        self._warn_config_changes(path, state.get("config", {}), saved_world)
+        self._restore_rng(path, state, saved_world)
+
+    def _data_position(self, saved: dict[str, Any], path: Path) -> dict[str, Any]:
+        """The saved position for this loader: ``index`` batches of ``batch_size`` on each of
+        ``world_size`` ranks is a global count of samples, the same on any world size."""
+        bs, ws = int(saved.get("batch_size", self.config.batch_size)), int(saved["world_size"])
+        if (bs, ws) == (self.config.batch_size, self.world_size):
+            return saved
+        consumed = int(saved["index"]) * bs * ws
+        global_batch = self.config.batch_size * self.world_size
+        if consumed % global_batch:
+            raise ValueError(
+                f"{path}: cannot resume the data position on this layout: {consumed} samples of "
+                f"epoch {saved['epoch']} were consumed ({ws} rank(s) x batch_size {bs}), not a "
+                f"multiple of {self.world_size} rank(s) x batch_size {self.config.batch_size}; "
+                "keep batch_size x world_size the same (or a divisor of the consumed count)"
+            )
+        return {
+            **saved,
+            "index": consumed // global_batch,
+            "batch_size": self.config.batch_size,
+            "world_size": self.world_size,
+        }
+
+    def _restore_rng(self, path: Path, state: dict[str, Any], saved_world: int) -> None:
+        """This rank's RNG states; a rank the checkpoint has none for is seeded afresh."""
+        if self.rank == 0:
+            restore_rng_state(load_tensors(path / "rng.safetensors"), state["rng"])
+            if saved_world < self.world_size:
+                print(
+                    f"{path.name} holds RNG states for {saved_world} process(es); ranks "
+                    f">= {saved_world} start new streams",
+                    flush=True,
+                )
+            return
+        tensors = path / f"rng_rank{self.rank}.safetensors"
+        if tensors.is_file():
+            restore_rng_state(load_tensors(tensors), _read_json(tensors.with_suffix(".json")))
+        else:
+            seed_everything(self.config.seed + self.rank + 1_000_003 * self.step)
+
+    def _extra_state(self) -> dict[str, Any]:
+        """JSON state a subclass adds to every checkpoint (e.g. PPO's KL controller)."""
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`_extra_state` saved."""
 
     def _apply_config_hyperparameters(self) -> None:
         """The current config wins over hyperparameters stored in the optimizer state.
@@ -701,10 +958,14 @@ class Trainer:
                 group["weight_decay"] = cfg.weight_decay
         self.scheduler._last_lr = [lr for _ in self.optimizer.param_groups]
 
-    def _warn_config_changes(self, path: Path, saved: dict[str, Any]) -> None:
+    def _warn_config_changes(self, path: Path, saved: dict[str, Any], saved_world: int = 1) -> None:
         neutral = {"max_steps", "eval_every", "eval_batches", "save_every", "keep_last"}
         neutral |= {"log_every", "progress", "tensorboard", "num_workers", "device"}
+        # how the work is laid out, not what is computed
+        neutral |= {"strategy", "activation_checkpointing", "compile"}
         current = self.config.to_dict()
+        if saved.get("batch_size", 0) * saved_world == current["batch_size"] * self.world_size:
+            neutral.add("batch_size")  # the same global batch
         changed = sorted(k for k in current if k in saved and saved[k] != current[k])
         changed = [k for k in changed if k not in neutral]
         if changed and self.is_main_process:
@@ -718,8 +979,17 @@ class Trainer:
 
     # -- final model ------------------------------------------------------------------
     def save_model(self, directory: str | os.PathLike | None = None) -> Path | None:
-        """Write the model directory (default ``out_dir/model``) atomically."""
+        """Write the model directory (default ``out_dir/model``) atomically.
+
+        With FSDP every rank must call it: the weights are gathered to rank 0's CPU and
+        written from an unsharded copy of the model.
+        """
         self._barrier()
+        model = self.model
+        if self.config.strategy == "fsdp":
+            full = distributed.gather_full_state_dict(self.model)  # collective
+            if self.is_main_process:
+                model = distributed.materialize(self._template, full)
         if not self.is_main_process:
             return None
         target = Path(directory) if directory is not None else self.model_dir
@@ -728,7 +998,7 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            self._write_model(tmp)
+            self._write_model(tmp, model)
             if target.exists():
                 old = target.with_name(f".tmp-{target.name}.old.{os.getpid()}")
                 os.replace(target, old)
@@ -739,23 +1009,22 @@ class Trainer:
             raise
         return target
 
-    def _write_model(self, directory: Path) -> None:
+    def _write_model(self, directory: Path, model: nn.Module | None = None) -> None:
+        model = self.model if model is None else model
         if self.save_model_fn is not None:
-            self.save_model_fn(self.model, directory)
+            self.save_model_fn(model, directory)
             return
         from mmgpt.model import GPT
 
-        if isinstance(self.model, GPT):
+        if isinstance(model, GPT):
             from mmgpt.checkpoint import save_gpt
 
             extra = {"tokenizer": self.tokenizer.config_dict()} if self.tokenizer else None
-            save_gpt(self.model, directory, extra_config=extra)
-        elif hasattr(self.model, "save_pretrained"):
-            self.model.save_pretrained(directory)
+            save_gpt(model, directory, extra_config=extra)
+        elif hasattr(model, "save_pretrained"):
+            model.save_pretrained(directory)
         else:
-            raise TypeError(
-                f"{type(self.model).__name__} has no save_pretrained(); pass save_model_fn"
-            )
+            raise TypeError(f"{type(model).__name__} has no save_pretrained(); pass save_model_fn")
         if self.tokenizer is not None:
             self.tokenizer.save(directory)
 
