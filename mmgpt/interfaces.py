@@ -40,7 +40,9 @@ class ModalityEncoder(Protocol):
 
     ``num_tokens`` is how many sequence slots one item occupies; the processor expands each
     placeholder into that many slots. ``forward`` maps a preprocessed batch to
-    ``(N, num_tokens, output_dim)``.
+    ``(N, num_tokens, output_dim)``. An encoder may also set ``placeholder``, the text that
+    marks an item in a conversation (default ``f"<{modality}>"``; images always use
+    ``"<image>"``).
     """
 
     modality: str

@@ -3,9 +3,15 @@
 The decoder (:class:`mmgpt.model.GPT`) knows nothing about images. Fusion happens on its input
 embeddings: the processor expands each ``"<image>"`` into ``num_tokens`` image-token slots, and
 :meth:`MultimodalGPT.embed` replaces those slots by ``projector(encoder(image))`` with one
-``index_put``. Optional ``image_decoder`` and ``output_projector`` (registry kinds ``decoder``
+``index_put``. Any other modality (a plugin's ``"audio"`` encoder, say) works the same way:
+its placeholder (``encoder.placeholder``, e.g. ``"<audio>"``) becomes ``num_tokens`` slots and
+``projector(encoder(item))`` fills them. All modalities share one slot id, the tokenizer's
+``<image>`` token (:attr:`MultimodalGPT.slot_token_id`); the batch's per-modality positions say
+whose slots are whose, so adding a modality changes neither the tokenizer nor the vocabulary.
+Optional ``image_decoder`` and ``output_projector`` (registry kinds ``decoder``
 and ``projector``) turn the hidden states of the signal tokens ``[IMG0]..`` back into images;
-this class only holds, saves and loads them.
+this class holds, saves and loads them, and :meth:`MultimodalGPT.stream` draws with them
+(:mod:`mmgpt.imagegen`).
 
 A saved model is one directory::
 
@@ -40,9 +46,9 @@ from mmgpt.checkpoint import (
     WEIGHTS_NAME,
     load_model_state,
     load_tensors,
-    model_state_dict,
     read_model_config,
     save_tensors,
+    save_weights_and_adapters,
 )
 from mmgpt.config import GPTConfig, gpt_config
 from mmgpt.model import GPT, GPTOutput, KVCache
@@ -50,6 +56,7 @@ from mmgpt.processor import MultimodalBatch, MultimodalProcessor
 
 if TYPE_CHECKING:
     from mmgpt.generation import GenerationConfig, GenerationOutput
+    from mmgpt.imagegen import ImageEvent, ImageGenerationConfig, MultimodalOutput, TextEvent
 
 ARCHITECTURE = "multimodal"
 # Names accepted by freeze()/trainable(), mapped to attributes.
@@ -125,8 +132,11 @@ class MultimodalGPT(nn.Module):
         self.image_decoder = image_decoder
         self.output_projector = output_projector
         self.component_names: dict[str, str] = dict(component_names or {})
-        for modality in encoders:
-            self.placeholder_token_id(modality)  # fail now if the tokenizer lacks it
+        if encoders and getattr(tokenizer, "image_token_id", None) is None:
+            raise ValueError(
+                f"the tokenizer has no '<image>' token, which every modality's slots use "
+                f"(encoders for {sorted(encoders)})"
+            )
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -230,16 +240,15 @@ class MultimodalGPT(nn.Module):
             keys += [f"{prefix}.{k}" for k in getattr(module, "tied_weight_keys", [])]
         return keys
 
+    @property
+    def slot_token_id(self) -> int:
+        """The id of every modality slot: the tokenizer's ``<image>`` token, shared by all
+        modalities (the batch's per-modality positions tell them apart)."""
+        return int(self.tokenizer.image_token_id)
+
     def placeholder_token_id(self, modality: str) -> int:
-        """The token id whose slots hold ``modality`` features (``<image>`` for images)."""
-        if modality == "image":
-            return int(self.tokenizer.image_token_id)
-        token_id = self.tokenizer.token_to_id(f"<{modality}>")
-        if token_id is None:
-            raise ValueError(
-                f"the tokenizer has no placeholder token '<{modality}>' for the {modality!r} encoder"
-            )
-        return int(token_id)
+        """The token id whose slots hold ``modality`` features: :attr:`slot_token_id`."""
+        return self.slot_token_id
 
     def processor(self, **kwargs: Any) -> MultimodalProcessor:
         """A :class:`MultimodalProcessor` for this model (``max_length`` = ``block_size``)."""
@@ -255,18 +264,20 @@ class MultimodalGPT(nn.Module):
         return self.projectors[modality](feats)  # (N, K, C)
 
     def embed(self, batch: MultimodalBatch) -> Tensor:
-        """Token embeddings with each modality's projected features in its slots: ``(B, T, C)``."""
+        """Token embeddings with each modality's projected features in its slots: ``(B, T, C)``.
+
+        Every slot (:attr:`slot_token_id`) must be filled by exactly one item's features.
+        """
         input_ids = batch.input_ids.to(self.device)
         embeds = self.gpt.get_input_embeddings()(input_ids)  # (B, T, C)
-        for modality, (inputs, positions) in batch.modality_inputs().items():
+        is_slot = input_ids == self.slot_token_id if self.encoders else None  # (B, T)
+        n_slots = int(is_slot.sum()) if is_slot is not None else 0
+        # validate every modality's slots before running any encoder
+        filled = torch.zeros_like(input_ids, dtype=torch.bool)
+        plan: list[tuple[str, Tensor, Tensor, Tensor, int]] = []
+        for modality, (inputs, positions) in batch.fusion_inputs().items():
             n_items = 0 if inputs is None else inputs.size(0)
-            placeholder = self.placeholder_token_id(modality) if modality in self.encoders else None
-            n_slots = int((input_ids == placeholder).sum()) if placeholder is not None else 0
             if n_items == 0:
-                if n_slots:
-                    raise ValueError(
-                        f"the batch has {n_slots} {modality} slot(s) but no {modality} inputs"
-                    )
                 continue
             if modality not in self.encoders:
                 raise ValueError(f"the batch has {modality} inputs but the model has no encoder")
@@ -274,22 +285,39 @@ class MultimodalGPT(nn.Module):
                 raise ValueError(
                     f"{modality}_positions must have shape ({n_items}, 2), got {tuple(positions.shape)}"
                 )
-            feats = self.encode(modality, inputs.to(self.device))  # (N, K, C)
-            N, K, C = feats.shape
-            if n_slots != N * K:
-                raise ValueError(
-                    f"the batch has {n_slots} {modality} slots, but {N} item(s) × {K} tokens "
-                    f"= {N * K} features; was it processed for this encoder?"
-                )
+            K = int(self.encoders[modality].num_tokens)
             positions = positions.to(self.device)
             rows = positions[:, 0].repeat_interleave(K)  # (N·K,)
             cols = (positions[:, 1:2] + torch.arange(K, device=self.device)).reshape(-1)  # (N·K,)
-            if not bool((input_ids[rows, cols] == placeholder).all()):
+            in_range = bool(((cols >= 0) & (cols < input_ids.size(1))).all())
+            if not in_range or not bool(is_slot[rows, cols].all()):
                 raise ValueError(
                     f"{modality}_positions do not point at {modality} slots of input_ids"
                 )
+            if bool(filled[rows, cols].any()):
+                raise ValueError(f"{modality}_positions overlap slots that are already filled")
+            filled[rows, cols] = True
+            plan.append((modality, inputs, rows, cols, K))
+        total = int(filled.sum())
+        if total != n_slots:
+            names = "/".join(m for m, *_ in plan) or "/".join(self.encoders)
+            if not plan:
+                raise ValueError(f"the batch has {n_slots} {names} slot(s) but no {names} inputs")
+            parts = " + ".join(f"{x.size(0)} item(s) × {k} tokens" for _, x, _, _, k in plan)
+            raise ValueError(
+                f"the batch has {n_slots} {names} slots, but {parts} = {total} features; "
+                "was it processed for this model's encoders?"
+            )
+        for modality, inputs, rows, cols, K in plan:
+            feats = self.encode(modality, inputs.to(self.device))  # (N, K, C)
+            if tuple(feats.shape[:2]) != (inputs.size(0), K):
+                raise ValueError(
+                    f"the {modality} encoder returned features of shape {tuple(feats.shape)} "
+                    f"for {inputs.size(0)} item(s); expected {K} tokens each (its num_tokens)"
+                )
             # one scatter of all items' features into their slots (autograd flows to feats)
-            embeds = embeds.index_put((rows, cols), feats.reshape(N * K, C).to(embeds.dtype))
+            flat = feats.reshape(rows.numel(), feats.size(-1)).to(embeds.dtype)  # (N·K, C)
+            embeds = embeds.index_put((rows, cols), flat)
         return embeds  # (B, T, C)
 
     def forward(
@@ -300,6 +328,8 @@ class MultimodalGPT(nn.Module):
         attention_mask: Tensor | None = None,
         images: Tensor | None = None,
         image_positions: Tensor | None = None,
+        modality_inputs: Mapping[str, Tensor] | None = None,
+        modality_positions: Mapping[str, Tensor] | None = None,
         inputs_embeds: Tensor | None = None,
         position_ids: Tensor | None = None,
         past_key_values: KVCache | None = None,
@@ -307,9 +337,15 @@ class MultimodalGPT(nn.Module):
         logits_to_keep: int = 0,
         return_logits: bool = True,
     ) -> GPTOutput:
-        """Run the decoder on a batch (or on ids + images, or on ready ``inputs_embeds``)."""
+        """Run the decoder on a batch (or on ids + images and other modalities' inputs and
+        positions, or on ready ``inputs_embeds``)."""
         if batch is not None:
-            if input_ids is not None or inputs_embeds is not None or images is not None:
+            if (
+                input_ids is not None
+                or inputs_embeds is not None
+                or images is not None
+                or modality_inputs is not None
+            ):
                 raise ValueError("pass either a batch or tensors, not both")
             inputs_embeds = self.embed(batch)
             if attention_mask is None:
@@ -330,6 +366,8 @@ class MultimodalGPT(nn.Module):
                         if image_positions is not None
                         else torch.zeros(0, 2, dtype=torch.long)
                     ),
+                    modality_inputs=dict(modality_inputs or {}),
+                    modality_positions=dict(modality_positions or {}),
                 )
             )
         elif inputs_embeds is None:
@@ -361,10 +399,12 @@ class MultimodalGPT(nn.Module):
         self,
         prompts: Sequence[str | Sequence[Any]],
         images: Sequence[Sequence[Any]] | None = None,
+        inputs: Sequence[Mapping[str, Sequence[Any]] | None] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Prompts (conversations or raw strings) + their images → left-padded
+        """Prompts (conversations or raw strings) + their images (and ``inputs[i]``, other
+        modalities' items ``{modality: [item, …]}``) → left-padded
         ``(inputs_embeds (B, T, C), attention_mask (B, T))`` for a prefill."""
-        batch = self.processor().prompt_batch(prompts, images)
+        batch = self.processor().prompt_batch(prompts, images, inputs)
         with self._inference():
             embeds = self.embed(batch)  # (B, T, C)
         return embeds, batch.attention_mask.to(self.device)
@@ -383,18 +423,20 @@ class MultimodalGPT(nn.Module):
         images: Sequence[Sequence[Any]] | None = None,
         config: GenerationConfig | None = None,
         *,
+        inputs: Sequence[Mapping[str, Sequence[Any]] | None] | None = None,
         stop_at_eos: bool = True,
         skip_special_tokens: bool = True,
         **kwargs: Any,
     ) -> GenerationOutput:
         """Batched generation with :func:`mmgpt.generation.generate` (KV cache, image-fused
         prefill). ``prompts``: conversations (rendered with the chat template, ending with
-        ``"Assistant:"``) or raw strings; ``images[i]``: the images of prompt ``i``. Returns a
+        ``"Assistant:"``) or raw strings; ``images[i]``: the images of prompt ``i``;
+        ``inputs[i]``: its items of other modalities (``{"audio": [wave]}``). Returns a
         :class:`~mmgpt.generation.GenerationOutput` with ``texts``; ``kwargs`` go to ``generate``
         (``token_hook``, ``return_hidden_states``)."""
         from mmgpt import generation
 
-        embeds, mask = self.prepare_prompts(prompts, images)
+        embeds, mask = self.prepare_prompts(prompts, images, inputs)
         out = generation.generate(
             self.gpt,
             None,
@@ -418,14 +460,16 @@ class MultimodalGPT(nn.Module):
         images: Sequence[Any] = (),
         config: GenerationConfig | None = None,
         *,
+        inputs: Mapping[str, Sequence[Any]] | None = None,
         stop_at_eos: bool = True,
         skip_special_tokens: bool = True,
         token_hook: Any = None,
     ) -> Iterator[str]:
-        """Yield the reply to one prompt (a conversation or a raw string) in text chunks."""
+        """Yield the reply to one prompt (a conversation or a raw string) in text chunks;
+        ``inputs``: its items of non-image modalities, ``{modality: [item, …]}``."""
         from mmgpt import generation
 
-        embeds, _ = self.prepare_prompts([prompt], [images])
+        embeds, _ = self.prepare_prompts([prompt], [images], [inputs])
         chunks = generation.stream_text(
             self.gpt,
             self.tokenizer,
@@ -453,6 +497,33 @@ class MultimodalGPT(nn.Module):
     ) -> str:
         """The whole reply to one prompt; options as :meth:`stream_text`."""
         return "".join(self.stream_text(prompt, images, config, **kwargs))
+
+    def stream(
+        self,
+        prompt: str | Sequence[Any],
+        images: Sequence[Any] = (),
+        config: GenerationConfig | None = None,
+        image_config: ImageGenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> Iterator[TextEvent | ImageEvent]:
+        """Reply to one prompt with :class:`~mmgpt.imagegen.TextEvent` s and, where the model
+        writes ``[IMG0]..``, :class:`~mmgpt.imagegen.ImageEvent` s; see :func:`mmgpt.imagegen.stream`."""
+        from mmgpt import imagegen
+
+        return imagegen.stream(self, prompt, images, config, image_config, **kwargs)
+
+    def generate_multimodal(
+        self,
+        prompt: str | Sequence[Any],
+        images: Sequence[Any] = (),
+        config: GenerationConfig | None = None,
+        image_config: ImageGenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> MultimodalOutput:
+        """The whole reply of :meth:`stream`: ``.events``, ``.text`` and ``.images``."""
+        from mmgpt import imagegen
+
+        return imagegen.generate_multimodal(self, prompt, images, config, image_config, **kwargs)
 
     # -- training stages ---------------------------------------------------------------------
     def _part_modules(self, parts: str | Iterable[str]) -> list[nn.Module]:
@@ -556,14 +627,25 @@ class MultimodalGPT(nn.Module):
             ) from exc
         path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(path)
-        save_tensors(model_state_dict(self), path / WEIGHTS_NAME, metadata={"format": "pt"})
+        # with adapters: the base weights, and each adapter under adapters/<name>/
+        weights = save_weights_and_adapters(self, path, config)
+        save_tensors(weights, path / WEIGHTS_NAME, metadata={"format": "pt"})
         save_json(config, path / CONFIG_NAME)
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, map_location: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        *,
+        map_location: str | torch.device = "cpu",
+        adapter: str | Sequence[str] | None = "auto",
     ) -> MultimodalGPT:
-        """Load a directory written by :meth:`save_pretrained`."""
+        """Load a directory written by :meth:`save_pretrained`.
+
+        ``adapter``: ``"auto"`` loads the adapters saved with the model (the recorded one
+        active), ``"all"`` every ``adapters/<name>/``, a name or names those, ``None`` none
+        (the base model); see :mod:`mmgpt.adapters.directory`.
+        """
         path = Path(path)
         config = read_model_config(path)
         where = path / CONFIG_NAME
@@ -604,6 +686,10 @@ class MultimodalGPT(nn.Module):
             component_names=names,
         )
         load_model_state(model, load_tensors(path / WEIGHTS_NAME), path / WEIGHTS_NAME)
+        if adapter is not None and (adapter != "auto" or config.get("adapters")):
+            from mmgpt.adapters.directory import load_adapters
+
+            load_adapters(model, path, adapter, record=config.get("adapters"))
         return model.to(map_location)
 
 

@@ -20,13 +20,20 @@ Placeholders in any turn's text, any number, at any position:
 * ``"<image_out>"`` (an image the assistant draws) becomes the signal tokens
   ``[IMG0]..[IMGk-1]``; in an assistant turn their labels are *on*, since the model must learn
   to emit them.
+* Any other modality's placeholder (each encoder declares one: ``encoder.placeholder``,
+  default ``f"<{encoder.modality}>"``, e.g. ``"<audio>"``) becomes ``num_tokens`` slots like an
+  image's, filled from ``sample.inputs[modality]``. Every modality's slots hold the same id, the
+  tokenizer's ``<image>`` token (the generic *modality slot*): the batch records which modality
+  owns which slots (``modality_positions``), so a new modality needs no new token and no
+  change to the tokenizer's vocabulary.
 
 Counts are validated here, when a sample is processed: the number of ``"<image>"``
-placeholders must equal ``len(sample.images)`` (and ``"<image_out>"`` the number of
-``output_images`` when any are given), otherwise a ``ValueError`` names the sample (its
+placeholders must equal ``len(sample.images)`` (each other modality's placeholders the number
+of its ``inputs``, and ``"<image_out>"`` the number of ``output_images`` when any are given),
+otherwise a ``ValueError`` names the sample (its
 ``meta`` source and line, or its index in the batch) and both counts. A sequence longer than
 ``max_length`` is an error too, unless ``truncation=True``, which cuts at ``max_length`` but
-never inside an image or signal span (the whole span goes, with its image).
+never inside an image, modality or signal span (the whole span goes, with its item).
 """
 
 from __future__ import annotations
@@ -42,7 +49,6 @@ from torch import Tensor
 from mmgpt.data.sample import IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER
 
 IGNORE_INDEX = -100
-_PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_OUT_PLACEHOLDER)}|{re.escape(IMAGE_PLACEHOLDER)})")
 PADDING_SIDES = ("left", "right")
 
 
@@ -59,6 +65,8 @@ class MultimodalBatch:
     ``logits[:, :-1]`` with ``labels[:, 1:]``. Image ``i`` (in placeholder order, sample by
     sample) fills slots ``input_ids[r, s : s + num_tokens]`` where
     ``(r, s) = image_positions[i]``; the slots hold the tokenizer's image token id until fused.
+    Other modalities (a plugin's ``"audio"``…) are in ``modality_inputs[m]`` with their
+    ``modality_positions[m]`` (``(N_m, 2)``, the same layout); their slots hold the same id.
     """
 
     input_ids: Tensor  # (B, T) long
@@ -74,6 +82,18 @@ class MultimodalBatch:
     # processor has an output-image transform, else the PIL images as given; None otherwise
     output_images: Tensor | list[Any] | None = None
     meta: list[dict[str, Any]] = field(default_factory=list)
+    # non-image modality → its preprocessed items (N_m, …) and their (N_m, 2) first slots
+    modality_inputs: dict[str, Tensor] = field(default_factory=dict)
+    modality_positions: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if "image" in self.modality_inputs or "image" in self.modality_positions:
+            raise ValueError("MultimodalBatch: images go in images/image_positions")
+        if set(self.modality_inputs) != set(self.modality_positions):
+            raise ValueError(
+                f"MultimodalBatch: modality_inputs has {sorted(self.modality_inputs)} but "
+                f"modality_positions has {sorted(self.modality_positions)}"
+            )
 
     def __len__(self) -> int:
         return self.input_ids.size(0)
@@ -85,12 +105,17 @@ class MultimodalBatch:
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 value = value.to(device, non_blocking=non_blocking)
+            elif f.name in ("modality_inputs", "modality_positions"):
+                value = {k: v.to(device, non_blocking=non_blocking) for k, v in value.items()}
             moved[f.name] = value
         return MultimodalBatch(**moved)
 
-    def modality_inputs(self) -> dict[str, tuple[Tensor | None, Tensor]]:
-        """``{modality: (inputs, positions)}`` for fusion; only images for now."""
-        return {"image": (self.images, self.image_positions)}
+    def fusion_inputs(self) -> dict[str, tuple[Tensor | None, Tensor]]:
+        """``{modality: (inputs, positions)}`` for fusion: images first, then the others."""
+        return {
+            "image": (self.images, self.image_positions),
+            **{m: (x, self.modality_positions[m]) for m, x in self.modality_inputs.items()},
+        }
 
 
 # --------------------------------------------------------------------------------------
@@ -169,6 +194,36 @@ class EncodedSample:
     images: list[Any]
     output_images: list[Any]
     meta: dict[str, Any]
+    # non-image modalities: spans and items by modality, like image_spans/images
+    modality_spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    modality_items: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModalitySlots:
+    """How one non-image modality enters a sequence: its placeholder text, the slots per item
+    (``encoder.num_tokens``) and the batch transform (``encoder.preprocess``)."""
+
+    modality: str
+    placeholder: str
+    num_tokens: int
+    transform: Callable[[list[Any]], Tensor]
+
+    @classmethod
+    def from_encoder(cls, modality: str, encoder: Any) -> ModalitySlots:
+        placeholder = getattr(encoder, "placeholder", None) or f"<{modality}>"
+        num_tokens = getattr(encoder, "num_tokens", None)
+        if not isinstance(placeholder, str) or not placeholder.strip():
+            raise ValueError(
+                f"the {modality!r} encoder's placeholder must be a non-empty string, "
+                f"got {placeholder!r}"
+            )
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens <= 0:
+            raise ValueError(
+                f"the {modality!r} encoder's num_tokens must be a positive integer, "
+                f"got {num_tokens!r}"
+            )
+        return cls(modality, placeholder, num_tokens, encoder.preprocess)
 
 
 def describe_sample(meta: Mapping[str, Any] | None, index: int | None) -> str:
@@ -190,8 +245,10 @@ class MultimodalProcessor:
     Args:
         tokenizer: mmgpt tokenizer (``encode``, ``bos_id``, ``eos_id``, ``pad_id``,
             ``image_token_id``, ``signal_token_ids``).
-        encoders: the image encoder, or a mapping ``{"image": encoder}`` (e.g. a model's
-            ``encoders``); gives the slots per image (``num_tokens``) and ``preprocess``.
+        encoders: an encoder (keyed by its ``modality``, default ``"image"``) or a mapping
+            ``{modality: encoder}`` (e.g. a model's ``encoders``); each gives its slots per
+            item (``num_tokens``), ``preprocess`` and, for non-image modalities, its
+            ``placeholder`` (default ``f"<{modality}>"``).
         num_image_tokens: slots per image when no encoder is given.
         image_transform: list of images → ``(N, 3, H, W)``; default ``encoder.preprocess``.
         output_image_transform: list of output images → tensor (e.g. a decoder's
@@ -221,7 +278,11 @@ class MultimodalProcessor:
             raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
         if isinstance(encoders, torch.nn.ModuleDict):  # not a Mapping: no .get()
             encoders = dict(encoders.items())
-        encoder = encoders.get("image") if isinstance(encoders, Mapping) else encoders
+        if encoders is None:
+            encoders = {}
+        elif not isinstance(encoders, Mapping):
+            encoders = {getattr(encoders, "modality", "image"): encoders}
+        encoder = encoders.get("image")
         if encoder is not None:
             if num_image_tokens is not None and num_image_tokens != encoder.num_tokens:
                 raise ValueError(
@@ -234,6 +295,20 @@ class MultimodalProcessor:
             isinstance(num_image_tokens, bool) or num_image_tokens <= 0
         ):
             raise ValueError(f"num_image_tokens must be a positive integer, got {num_image_tokens}")
+        self.modalities: dict[str, ModalitySlots] = {
+            m: ModalitySlots.from_encoder(m, enc) for m, enc in encoders.items() if m != "image"
+        }
+        fixed = (IMAGE_PLACEHOLDER, IMAGE_OUT_PLACEHOLDER)
+        placeholders = [*fixed, *(spec.placeholder for spec in self.modalities.values())]
+        if len(set(placeholders)) != len(placeholders):
+            raise ValueError(
+                f"modality placeholders must be distinct and differ from {fixed}, got "
+                + ", ".join(f"{m}: {s.placeholder!r}" for m, s in self.modalities.items())
+            )
+        self._placeholder_modality = {s.placeholder: m for m, s in self.modalities.items()}
+        # longest first, so a placeholder that extends another one wins
+        alternatives = sorted(placeholders, key=len, reverse=True)
+        self._placeholder_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.image_transform = image_transform
@@ -263,25 +338,37 @@ class MultimodalProcessor:
             raise ValueError(f"{where}: {exc}") from exc
         images = list(getattr(sample, "images", None) or [])
         output_images = list(getattr(sample, "output_images", None) or [])
-        ids, labels, image_spans, signal_spans = self._encode_turns(turns, where)
+        items = self._modality_items(getattr(sample, "inputs", None), where)
+        ids, labels, image_spans, signal_spans, spans = self._encode_turns(turns, where)
         self._check_counts(where, len(image_spans), len(images), len(signal_spans), output_images)
-        enc = EncodedSample(ids, labels, image_spans, signal_spans, images, output_images, meta)
+        self._check_modality_counts(where, spans, items)
+        enc = EncodedSample(
+            ids, labels, image_spans, signal_spans, images, output_images, meta, spans, items
+        )
         return self._fit_length(enc, where)
 
     def encode_prompt(
-        self, prompt: str | Sequence[Any], images: Sequence[Any] = (), *, index: int | None = None
+        self,
+        prompt: str | Sequence[Any],
+        images: Sequence[Any] = (),
+        *,
+        inputs: Mapping[str, Sequence[Any]] | None = None,
+        index: int | None = None,
     ) -> EncodedSample:
         """A generation prompt: a conversation (rendered with the template and ending with
         ``"Assistant:"``) or a raw string (used verbatim after ``<bos>``; placeholders expanded).
+        ``inputs``: items of non-image modalities, ``{modality: [item, …]}``.
         """
         where = f"prompt {index}" if index is not None else "the prompt"
         images = list(images)
+        items = self._modality_items(inputs, where)
         if isinstance(prompt, str):
             ids: list[int] = [self.tokenizer.bos_id] if self.template.add_bos else []
             labels = [IGNORE_INDEX] * len(ids)
             image_spans: list[tuple[int, int]] = []
             signal_spans: list[tuple[int, int]] = []
-            self._append_text(prompt, False, ids, labels, image_spans, signal_spans, where)
+            spans: dict[str, list[tuple[int, int]]] = {}
+            self._append_text(prompt, False, ids, labels, image_spans, signal_spans, where, spans)
         else:
             turns = _turns(prompt)
             if turns and turns[-1][0] != "user":
@@ -289,13 +376,14 @@ class MultimodalProcessor:
                     f"{where}: a generation prompt must end with a user turn, "
                     f"the last turn is {turns[-1][0]!r}"
                 )
-            ids, labels, image_spans, signal_spans = self._encode_turns(turns, where)
+            ids, labels, image_spans, signal_spans, spans = self._encode_turns(turns, where)
             self._append_text(
                 self.template.assistant_prefix, False, ids, labels, image_spans, signal_spans, where
             )
         self._check_counts(where, len(image_spans), len(images), 0, [])
+        self._check_modality_counts(where, spans, items)
         enc = EncodedSample(
-            ids, [IGNORE_INDEX] * len(ids), image_spans, signal_spans, images, [], {}
+            ids, [IGNORE_INDEX] * len(ids), image_spans, signal_spans, images, [], {}, spans, items
         )
         if self.max_length is not None and len(ids) > self.max_length:
             raise ValueError(
@@ -309,14 +397,22 @@ class MultimodalProcessor:
         return self.template.render(conversation, add_generation_prompt=True)
 
     def prompt_batch(
-        self, prompts: Sequence[str | Sequence[Any]], images: Sequence[Sequence[Any]] | None = None
+        self,
+        prompts: Sequence[str | Sequence[Any]],
+        images: Sequence[Sequence[Any]] | None = None,
+        inputs: Sequence[Mapping[str, Sequence[Any]] | None] | None = None,
     ) -> MultimodalBatch:
-        """Several generation prompts, left-padded, without labels."""
+        """Several generation prompts, left-padded, without labels. ``images[i]`` and
+        ``inputs[i]`` (``{modality: items}``) belong to prompt ``i``."""
         images = images if images is not None else [()] * len(prompts)
+        inputs = inputs if inputs is not None else [None] * len(prompts)
         if len(images) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+        if len(inputs) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(inputs)} input mappings")
         encoded = [
-            self.encode_prompt(p, im, index=i) for i, (p, im) in enumerate(zip(prompts, images))
+            self.encode_prompt(p, im, inputs=x, index=i)
+            for i, (p, im, x) in enumerate(zip(prompts, images, inputs))
         ]
         batch = self.collate(encoded, padding_side="left")
         batch.labels = None
@@ -337,6 +433,8 @@ class MultimodalProcessor:
         image_positions, signal_positions = [], []
         images: list[Any] = []
         output_images: list[Any] = []
+        positions: dict[str, list[tuple[int, int]]] = {m: [] for m in self.modalities}
+        items: dict[str, list[Any]] = {m: [] for m in self.modalities}
         with_outputs = [bool(e.output_images) for e in encoded if e.signal_spans]
         if any(with_outputs) and not all(with_outputs):
             raise ValueError(
@@ -353,6 +451,10 @@ class MultimodalProcessor:
             signal_positions += [(row, offset + start) for start, _ in e.signal_spans]
             images += e.images
             output_images += e.output_images
+            for m, spans in e.modality_spans.items():
+                positions[m] += [(row, offset + start) for start, _ in spans]
+                items[m] += e.modality_items.get(m, [])
+        present = [m for m in self.modalities if items[m]]
         return MultimodalBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -362,32 +464,55 @@ class MultimodalProcessor:
             signal_positions=torch.tensor(signal_positions, dtype=torch.long).reshape(-1, 2),
             output_images=self._preprocess_outputs(output_images),
             meta=[e.meta for e in encoded],
+            modality_inputs={m: self.modalities[m].transform(items[m]) for m in present},
+            modality_positions={
+                m: torch.tensor(positions[m], dtype=torch.long).reshape(-1, 2) for m in present
+            },
         )
 
     # -- internals --------------------------------------------------------------------
     def _encode_turns(
         self, turns: list[tuple[str, str]], where: str
-    ) -> tuple[list[int], list[int], list[tuple[int, int]], list[tuple[int, int]]]:
+    ) -> tuple[
+        list[int],
+        list[int],
+        list[tuple[int, int]],
+        list[tuple[int, int]],
+        dict[str, list[tuple[int, int]]],
+    ]:
         t = self.template
         ids: list[int] = [self.tokenizer.bos_id] if t.add_bos else []
         labels = [IGNORE_INDEX] * len(ids)
         image_spans: list[tuple[int, int]] = []
         signal_spans: list[tuple[int, int]] = []
+        modality_spans: dict[str, list[tuple[int, int]]] = {}
         spans = (image_spans, signal_spans)
         for role, text in turns:
             if role == "user":
                 self._append_text(
-                    f"{t.user_prefix}{text}{t.user_suffix}", False, ids, labels, *spans, where
+                    f"{t.user_prefix}{text}{t.user_suffix}",
+                    False,
+                    ids,
+                    labels,
+                    *spans,
+                    where,
+                    modality_spans,
                 )
             else:
                 self._append_text(t.assistant_prefix, False, ids, labels, *spans, where)
                 self._append_text(
-                    f"{t.assistant_separator}{text}", True, ids, labels, *spans, where
+                    f"{t.assistant_separator}{text}",
+                    True,
+                    ids,
+                    labels,
+                    *spans,
+                    where,
+                    modality_spans,
                 )
                 ids.append(self.tokenizer.eos_id)
                 labels.append(self.tokenizer.eos_id)
                 self._append_text(t.assistant_suffix, False, ids, labels, *spans, where)
-        return ids, labels, image_spans, signal_spans
+        return ids, labels, image_spans, signal_spans, modality_spans
 
     def _append_text(
         self,
@@ -398,12 +523,24 @@ class MultimodalProcessor:
         image_spans: list[tuple[int, int]],
         signal_spans: list[tuple[int, int]],
         where: str,
+        modality_spans: dict[str, list[tuple[int, int]]] | None = None,
     ) -> None:
-        """Tokenize ``text`` with its placeholders expanded; labels on iff ``learn``."""
-        for piece in _PLACEHOLDER_RE.split(text):
+        """Tokenize ``text`` with its placeholders expanded; labels on iff ``learn``.
+
+        Non-image modality spans go into ``modality_spans[modality]``."""
+        for piece in self._placeholder_re.split(text):
             if not piece:
                 continue
-            if piece == IMAGE_PLACEHOLDER:
+            modality = self._placeholder_modality.get(piece)
+            if modality is not None:
+                if modality_spans is None:
+                    raise ValueError(f"{where}: unexpected {piece!r} placeholder")
+                n = self.modalities[modality].num_tokens
+                modality_spans.setdefault(modality, []).append((len(ids), n))
+                # the generic modality slot id: the fusion knows each slot's modality
+                ids += [self.tokenizer.image_token_id] * n
+                labels += [IGNORE_INDEX] * n
+            elif piece == IMAGE_PLACEHOLDER:
                 if self.num_image_tokens is None:
                     raise ValueError(
                         f"{where}: the text has an '<image>' placeholder but the processor has "
@@ -442,6 +579,47 @@ class MultimodalProcessor:
                 f"{len(output_images)} output image(s) were given"
             )
 
+    def _modality_items(self, inputs: Any, where: str) -> dict[str, list[Any]]:
+        """``sample.inputs`` as lists, every modality known to this processor."""
+        if not inputs:
+            return {}
+        if not isinstance(inputs, Mapping):
+            raise ValueError(
+                f"{where}: inputs must be a mapping {{modality: [items]}}, got "
+                f"{type(inputs).__name__}"
+            )
+        items = {}
+        for modality, values in inputs.items():
+            if isinstance(values, Sequence) and not isinstance(values, (str, bytes)) and not values:
+                continue  # no items of that modality
+            if modality == "image":
+                raise ValueError(f"{where}: input images go in images, not inputs['image']")
+            if modality not in self.modalities:
+                known = ", ".join(sorted(self.modalities)) or "none"
+                raise ValueError(
+                    f"{where}: has {modality!r} inputs but the processor has no {modality!r} "
+                    f"encoder (its non-image modalities: {known})"
+                )
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+                raise ValueError(
+                    f"{where}: inputs[{modality!r}] must be a list of items, got "
+                    f"{type(values).__name__}"
+                )
+            items[modality] = list(values)
+        return items
+
+    def _check_modality_counts(
+        self, where: str, spans: dict[str, list[tuple[int, int]]], items: dict[str, list[Any]]
+    ) -> None:
+        for modality, spec in self.modalities.items():
+            n_placeholders = len(spans.get(modality, []))
+            n_items = len(items.get(modality, []))
+            if n_placeholders != n_items:
+                raise ValueError(
+                    f"{where}: the conversation has {n_placeholders} {spec.placeholder!r} "
+                    f"placeholder(s) but {n_items} {modality} input(s) were given"
+                )
+
     def _fit_length(self, enc: EncodedSample, where: str) -> EncodedSample:
         n = len(enc.input_ids)
         if self.max_length is None or n <= self.max_length:
@@ -453,11 +631,16 @@ class MultimodalProcessor:
                 "shorten the text, use fewer images, or pass truncation=True"
             )
         cut = self.max_length
-        for start, length in enc.image_spans + enc.signal_spans:
+        other_spans = [span for spans in enc.modality_spans.values() for span in spans]
+        for start, length in enc.image_spans + enc.signal_spans + other_spans:
             if start < cut < start + length:
                 cut = min(cut, start)  # never cut through a span: drop it whole
         keep_images = sum(start + length <= cut for start, length in enc.image_spans)
         keep_signals = sum(start + length <= cut for start, length in enc.signal_spans)
+        kept = {
+            m: [span for span in spans if span[0] + span[1] <= cut]
+            for m, spans in enc.modality_spans.items()
+        }
         return EncodedSample(
             input_ids=enc.input_ids[:cut],
             labels=enc.labels[:cut],
@@ -466,6 +649,10 @@ class MultimodalProcessor:
             images=enc.images[:keep_images],
             output_images=enc.output_images[:keep_signals],
             meta=enc.meta,
+            modality_spans=kept,
+            modality_items={
+                m: items[: len(kept.get(m, []))] for m, items in enc.modality_items.items()
+            },
         )
 
     def _preprocess_images(self, images: list[Any]) -> Tensor | None:
@@ -490,6 +677,7 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "ChatTemplate",
     "EncodedSample",
+    "ModalitySlots",
     "MultimodalBatch",
     "MultimodalProcessor",
     "describe_sample",

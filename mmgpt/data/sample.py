@@ -3,7 +3,9 @@
 Every multimodal dataset of mmgpt yields :class:`Sample`; the processor turns samples into
 batches. ``images`` are the *input* images, in the order of the ``"<image>"`` placeholders in
 the conversation text; ``output_images`` are the images the assistant must draw, one per
-``"<image_out>"`` placeholder in its turns.
+``"<image_out>"`` placeholder in its turns. Inputs of any other modality (a plugin's, e.g.
+``"audio"``) go in ``inputs[modality]``, in the order of that modality's placeholder
+(``"<audio>"``; each encoder declares its own).
 """
 
 from __future__ import annotations
@@ -50,19 +52,35 @@ class Sample:
     """A conversation with its input images and the images the assistant must draw.
 
     ``meta`` carries whatever evaluation or error messages need: the shapes-world scene, the
-    question type, the source file and line.
+    question type, the source file and line. ``inputs`` holds the items of non-image
+    modalities, ``{modality: [item, …]}`` (images always go in ``images``).
     """
 
     conversation: list[Turn]
     images: list[Image.Image] = field(default_factory=list)
     output_images: list[Image.Image] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for i, turn in enumerate(self.conversation):
             if not isinstance(turn, Turn):
                 raise TypeError(
                     f"Sample.conversation[{i}] must be a Turn, got {type(turn).__name__}"
+                )
+        if not isinstance(self.inputs, dict):
+            raise TypeError(
+                f"Sample.inputs must be a dict {{modality: [items]}}, got {type(self.inputs).__name__}"
+            )
+        for modality, items in self.inputs.items():
+            if not isinstance(modality, str) or not modality:
+                raise TypeError(f"Sample.inputs keys must be modality names, got {modality!r}")
+            if modality == "image":
+                raise ValueError("Sample.inputs['image']: input images go in Sample.images")
+            if not isinstance(items, list):
+                raise TypeError(
+                    f"Sample.inputs[{modality!r}] must be a list of items, got "
+                    f"{type(items).__name__}"
                 )
 
     @property
