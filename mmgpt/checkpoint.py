@@ -127,21 +127,42 @@ def read_model_config(path: Path) -> dict[str, Any]:
 
 
 def save_gpt(model: GPT, path: str | Path, extra_config: dict[str, Any] | None = None) -> None:
+    """Write a GPT model directory; with adapters: base weights + ``adapters/<name>/``."""
     from mmgpt.config import save_json
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_tensors(model_state_dict(model), path / WEIGHTS_NAME, metadata={"format": "pt"})
     config = {
         "architecture": "gpt",
         "format_version": FORMAT_VERSION,
         "gpt": model.config.to_dict(),
         **(extra_config or {}),
     }
+    weights = save_weights_and_adapters(model, path, config)
+    save_tensors(weights, path / WEIGHTS_NAME, metadata={"format": "pt"})
     save_json(config, path / CONFIG_NAME)
 
 
-def load_gpt(path: str | Path, *, map_location: str | torch.device = "cpu") -> GPT:
+def save_weights_and_adapters(
+    model: torch.nn.Module, path: Path, config: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The weights ``model.safetensors`` holds; a model with adapters also writes them to
+    ``path/adapters/<name>/`` and records them in ``config`` (see mmgpt/adapters/directory.py).
+    """
+    if not getattr(model, "peft_config", None):
+        return model_state_dict(model)
+    from mmgpt.adapters import base_state_dict
+    from mmgpt.adapters.directory import CONFIG_KEY, save_model_adapters
+
+    config[CONFIG_KEY] = save_model_adapters(model, path)
+    return base_state_dict(model)
+
+
+def load_gpt(
+    path: str | Path, *, map_location: str | torch.device = "cpu", adapter: Any = "auto"
+) -> GPT:
+    """Load a GPT model directory (or a Hugging Face GPT-2 one) with its adapters: ``adapter``
+    is ``"auto"`` (those saved with the model), ``"all"``, a name, names, or ``None``."""
     from mmgpt.config import GPTConfig
     from mmgpt.model import GPT
 
@@ -158,7 +179,11 @@ def load_gpt(path: str | Path, *, map_location: str | torch.device = "cpu") -> G
         )
     model = GPT(GPTConfig.from_dict(config["gpt"]))
     load_model_state(model, load_tensors(path / WEIGHTS_NAME, map_location), path / WEIGHTS_NAME)
-    return model.to(map_location)
+    if adapter is not None and (adapter != "auto" or config.get("adapters")):
+        from mmgpt.adapters.directory import load_adapters
+
+        load_adapters(model, path, adapter, record=config.get("adapters"))
+    return model.to(map_location).eval()  # like transformers: loaded models start in eval mode
 
 
 # --------------------------------------------------------------------------------------

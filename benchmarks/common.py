@@ -1,0 +1,270 @@
+"""Shared pieces of the side-by-side benchmarks: fair timing, the benchmark model, tables.
+
+Fairness rules every script follows: the two contenders run the same weights (ours exported
+with ``save_hf_gpt2`` and loaded by transformers), alternate inside one process (A B A B …, the
+order flipped every round so neither always runs on a warmer cache), warm up first, and report
+the median of the repeats. Nothing here is a test; these are scripts to be read by a human.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmgpt.config import GPTConfig
+from mmgpt.interop.gpt2 import save_hf_gpt2
+from mmgpt.model import GPT
+
+# The model the targets are stated for: 6 layers, 384 wide, 6 heads, 256 context, vocab 512,
+# learned positions and the tanh GELU, i.e. exactly what GPT-2 computes.
+BENCH_CONFIG = dict(
+    n_layer=6,
+    n_head=6,
+    n_embd=384,
+    block_size=256,
+    vocab_size=512,
+    pos_encoding="learned",
+    norm="layernorm",
+    activation="gelu_tanh",
+    dropout=0.0,
+    tie_embeddings=True,
+)
+
+
+def bench_config(**overrides) -> GPTConfig:
+    return GPTConfig(**{**BENCH_CONFIG, **overrides})
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per contender")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per contender")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time (needs a quiet machine); cpu: this process's CPU time, which "
+        "other processes cannot inflate; meaningful with --threads 1 (idle OpenMP threads spin)",
+    )
+
+
+def setup(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+
+# transformers' names for GPT-2's tanh GELU: "gelu_new" is what GPT2Config defaults to and what
+# the released GPT-2 checkpoints say (composed of elementwise ops in Python);
+# "gelu_pytorch_tanh" calls the same fused kernel as mmgpt. Same function, different cost.
+HF_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def ours_and_hf(
+    config: GPTConfig,
+    seed: int = 0,
+    hf_attn: str = "sdpa",
+    hf_activations: Sequence[str] = ("gelu_new",),
+) -> tuple[GPT, dict[str, torch.nn.Module]]:
+    """Our GPT and, per activation name, transformers' GPT2LMHeadModel with identical weights."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    ours = GPT(config)
+    theirs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_gpt2(ours, tmp)
+        config_path = Path(tmp) / "config.json"
+        hf_config = json.loads(config_path.read_text())
+        for act in hf_activations:
+            if config.activation == "gelu_tanh" and act not in HF_TANH_GELUS:
+                raise ValueError(f"{act!r} is not the tanh GELU the model uses")
+            config_path.write_text(json.dumps({**hf_config, "activation_function": act}))
+            theirs[act] = GPT2LMHeadModel.from_pretrained(tmp, attn_implementation=hf_attn).float()
+    return ours, theirs
+
+
+@dataclass
+class Timing:
+    name: str
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the repeats: how noisy the machine was."""
+        return (max(self.seconds) - min(self.seconds)) / self.median
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def alternate(
+    contenders: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    clock: str = "wall",
+) -> dict[str, Timing]:
+    """Time each callable ``repeats`` times, interleaved; flip the order every round."""
+    now = CLOCKS[clock]
+    names = list(contenders)
+    timings = {n: Timing(n) for n in names}
+    for _ in range(warmup):
+        for n in names:
+            contenders[n]()
+    for r in range(repeats):
+        for n in names if r % 2 == 0 else reversed(names):
+            gc.collect()
+            start = now()
+            contenders[n]()
+            timings[n].seconds.append(now() - start)
+    return timings
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(clock: str = "wall") -> str:
+    import transformers
+
+    return (
+        f"{cpu_model_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+        f"{clock} clock, load average {os.getloadavg()[0]:.2f}"
+    )
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A Markdown table (pastes straight into docs/benchmarks.md)."""
+    cells = [[str(c) for c in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    print(line(cells[0]))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells[1:]:
+        print(line(r))
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        if value >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.3g}" if value < 10 else f"{value:.1f}"
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------
+
+
+def matmul_flops_per_s(
+    m: int, k: int | None = None, n: int | None = None, repeats: int = 5, clock: str = "wall"
+) -> float:
+    """Median FLOP/s of an fp32 (m × k) @ (k × n) matmul; square when only ``m`` is given."""
+    k, n = k or m, n or m
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    out = torch.empty(m, n)
+    torch.mm(a, b, out=out)  # warm up: MKL picks its kernels, pages get touched
+    inner = max(1, int(2e9 // (2 * m * k * n)))  # small shapes: several calls per timing
+    now = CLOCKS[clock]
+    times = []
+    for _ in range(repeats):
+        start = now()
+        for _ in range(inner):
+            torch.mm(a, b, out=out)
+        times.append((now() - start) / inner)
+    return 2 * m * k * n / statistics.median(times)
+
+
+def training_flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Model FLOPs per trained token (PaLM appendix B / nanoGPT's estimate_mfu):
+    6·N for the weight matmuls (forward 2N + backward 4N) plus 12·L·C·T for attention
+    scores and weighted values. N excludes the position table (a lookup, not a matmul) and
+    counts the tied embedding once, as the LM head's matmul."""
+    c = config
+    per_layer = 3 * c.n_embd * c.n_embd + c.n_embd * c.n_embd + 2 * c.n_embd * c.mlp_hidden
+    n_matmul = c.n_layer * per_layer + c.vocab_size * c.n_embd
+    return 6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len
+
+
+# --------------------------------------------------------------------------------------
+# Floors: the work no implementation of the same model can skip
+# --------------------------------------------------------------------------------------
+
+
+def linear_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The weight matrix of every matmul of a forward pass, in order (LM head last)."""
+    return [m.weight.detach() for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def decode_floor(model: GPT, batch: int, new_tokens: int) -> Callable[[], None]:
+    """The decode steps' weight matmuls alone: every step streams all weights once."""
+    weights = linear_weights(model)
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
+
+    @torch.inference_mode()
+    def run() -> None:
+        for _ in range(new_tokens):
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+
+    return run
+
+
+def training_floor(model: GPT, batch: int, context: int) -> Callable[[], None]:
+    """One training step's weight matmuls (forward, input grad, weight grad) and attention
+    (forward + backward, causal), with nothing in between."""
+    c = model.config
+    tokens = batch * context
+    gemms = []
+    for w in linear_weights(model):
+        out_f, in_f = w.shape
+        x, gy = torch.randn(tokens, in_f), torch.randn(tokens, out_f)
+        gemms.append(
+            (
+                x,
+                w,
+                gy,
+                torch.empty(tokens, out_f),
+                torch.empty(tokens, in_f),
+                torch.empty(out_f, in_f),
+            )
+        )
+    shape = (batch, c.n_head, context, c.head_dim)
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    grad = torch.randn(shape)
+
+    def run() -> None:
+        for x, w, gy, y, gx, gw in gemms:
+            torch.mm(x, w.t(), out=y)  # forward
+            torch.mm(gy, w, out=gx)  # grad wrt the input
+            torch.mm(gy.t(), x, out=gw)  # grad wrt the weight
+        for _ in range(c.n_layer):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+
+    return run
