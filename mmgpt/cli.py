@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +117,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.adapter is not None:  # first, so that an explicit adapter.method=... wins
+        overrides.insert(0, f"adapter.method={args.adapter}")
+    # --model / --reward-model are the recipe keys model.from / objective.reward_model
+    if args.reward_model is not None:
+        overrides.insert(0, f"objective.reward_model={args.reward_model}")
+    if args.model is not None:
+        overrides.insert(0, f"model.from={args.model}")
     result = _target("train")(
-        args.recipe, data=args.data, out=args.out, resume=args.resume, overrides=args.overrides
+        args.recipe, data=args.data, out=args.out, resume=args.resume, overrides=overrides
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun: one summary, from rank 0
         _print_result(result)
@@ -172,17 +180,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     architecture = config.get("architecture", "gpt")
     gen_config = _generation_config(args)
     if architecture == "multimodal":
-        chunks = _stream_multimodal(model_dir, args.prompt, args.image, gen_config)
+        chunks = _stream_multimodal(
+            model_dir,
+            args.prompt,
+            args.image,
+            gen_config,
+            _adapter_choice(args.adapter),
+            out_dir=args.out_dir,
+            image_options=_image_options(args),
+        )
     elif args.image:
         raise ValueError(
             f"{model_dir}: --image needs a multimodal model; this one is a text-only "
             f"{architecture!r} model"
         )
     else:
+        from mmgpt.checkpoint import load_gpt
         from mmgpt.generation import stream_text
-        from mmgpt.model import GPT
 
-        model = GPT.from_pretrained(model_dir).eval()
+        model = load_gpt(model_dir, adapter=_adapter_choice(args.adapter)).eval()
         tokenizer = load_tokenizer(model_dir, config)
         chunks = stream_text(model, tokenizer, args.prompt, gen_config)
     pieces = []
@@ -198,19 +214,65 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_choice(name: str | None) -> str | None:
+    """``--adapter``: unset → the adapters saved with the model; ``none`` → the base."""
+    if name is None:
+        return "auto"
+    return None if name == "none" else name
+
+
 def _stream_multimodal(
-    model_dir: Path, prompt: str, image_paths: Sequence[str], gen_config: Any
-) -> Any:
-    """The reply of a multimodal model to one user turn with its images."""
+    model_dir: Path,
+    prompt: str,
+    image_paths: Sequence[str],
+    gen_config: Any,
+    adapter: str | None = "auto",
+    *,
+    out_dir: str | None = None,
+    image_options: dict[str, Any] | None = None,
+) -> Iterator[str]:
+    """The reply of a multimodal model to one user turn with its images, as text chunks.
+
+    A model with an image decoder may draw: each image is written to ``out_dir`` as
+    ``image_N.png`` and its path printed on a line of its own as soon as it is decoded.
+    """
     from mmgpt.data.images import load_image
     from mmgpt.multimodal import MultimodalGPT
 
-    model = MultimodalGPT.from_pretrained(model_dir)
+    model = MultimodalGPT.from_pretrained(model_dir, adapter=adapter)
     images = [load_image(p) for p in image_paths]
     if images and "<image>" not in prompt:
         # the images go before the question, one placeholder each
         prompt = "<image>\n" * len(images) + prompt
-    return model.stream_text([{"role": "user", "text": prompt}], images, gen_config)
+    conversation = [{"role": "user", "text": prompt}]
+    if model.image_decoder is None:
+        yield from model.stream_text(conversation, images, gen_config)
+        return
+    from mmgpt.imagegen import ImageEvent, ImageGenerationConfig
+
+    image_config = ImageGenerationConfig(
+        **{k: v for k, v in (image_options or {}).items() if v is not None}
+    )
+    for event in model.stream(conversation, images, gen_config, image_config):
+        if not isinstance(event, ImageEvent):
+            yield event.text
+        elif out_dir is None:
+            print(f"\n[image {event.index} not saved: pass --out-dir DIR]", flush=True)
+        else:
+            path = Path(out_dir) / f"image_{event.index}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            event.image.save(path)
+            print(f"\n{path}", flush=True)
+
+
+def _image_options(args: argparse.Namespace) -> dict[str, Any]:
+    """ImageGenerationConfig fields from ``--steps``/``--guidance-scale``/``--sampler``/``--seed``."""
+    return {
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "sampler": args.sampler,
+        "seed": args.seed,
+    }
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -222,7 +284,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if task == "lm":
         metrics = _eval_lm(model_dir, config, Path(args.data))
     else:
-        options = {"batch_size": args.batch_size, "limit": args.limit}
+        options = {
+            "batch_size": args.batch_size,
+            "limit": args.limit,
+            "max_new_tokens": args.max_new_tokens,
+        }
         options = {k: v for k, v in options.items() if v is not None}
         metrics = _target("eval")(model_dir, args.data, task, **options)
     print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -336,8 +402,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="PATH", help="training data (file or directory)")
     p.add_argument("--out", metavar="DIR", help="output directory")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint")
+    p.add_argument("--model", metavar="DIR", help="start from this model (model.from=DIR)")
     p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. trainer.lr=3e-4"
+        "--reward-model",
+        metavar="DIR",
+        help="reward model for PPO (objective.reward_model=DIR; from `mmgpt train reward`)",
+    )
+    p.add_argument(
+        "--adapter",
+        choices=("lora", "dora"),
+        help="train a LoRA/DoRA adapter on the frozen model (adapter.method=...; options "
+        "adapter.r, adapter.alpha, adapter.targets, ...; see docs/adapters.md)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.lr=3e-4"
     )
     p.set_defaults(func=cmd_train)
 
@@ -353,6 +431,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_nonnegative_float)
     p.add_argument("--seed", type=int)
     p.add_argument("--out-dir", metavar="DIR", help="also write outputs (text, images) here")
+    p.add_argument("--steps", type=_positive_int, help="diffusion steps per generated image")
+    p.add_argument(
+        "--guidance-scale", type=_nonnegative_float, help="classifier-free guidance (1 = off)"
+    )
+    p.add_argument("--sampler", help="diffusion sampler: dpm (default), ddim or ddpm")
+    p.add_argument(
+        "--adapter",
+        metavar="NAME",
+        help="adapter under DIR/adapters/ to use; 'none': the base model (default: the "
+        "adapters saved with the model)",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", parents=[debug], help="evaluate a model; prints JSON metrics")
@@ -372,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", metavar="N", type=_positive_int, help="caption/vqa: batch")
     p.add_argument("--limit", metavar="N", type=_positive_int, help="caption/vqa: first N samples")
+    p.add_argument(
+        "--max-new-tokens", metavar="N", type=_positive_int, help="caption/vqa: longest reply"
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", parents=[debug], help="dataset tools")
