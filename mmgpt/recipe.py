@@ -34,11 +34,14 @@ import yaml
 __all__ = [
     "apply_overrides",
     "build_model",
+    "build_multimodal_model",
     "build_tokenizer",
+    "conversation_text",
     "load_recipe",
     "main",
     "recipe_names",
     "run_training",
+    "trainable_parts",
     "validate_recipe",
 ]
 
@@ -48,6 +51,21 @@ TOKENIZER_DIR = "tokenizer"
 # Arguments the recipe supplies to a dataset factory (when its signature accepts them).
 DATASET_CONTEXT = ("tokenizer", "block_size", "split")
 DATA_PATH_ARGS = ("paths", "path", "root")
+ARCHITECTURES = ("gpt", "multimodal")
+# Multimodal recipes: model components ({type: registry name, **its arguments}) by the registry
+# kind of their type, the recipe-level keys of `train` that choose what trains, and the keys
+# of `data` the recipe handles itself (not passed to the dataset).
+COMPONENTS = {
+    "encoder": "encoder",
+    "projector": "projector",
+    "image_decoder": "decoder",
+    "output_projector": "projector",
+}
+STAGES = ("full", "align", "finetune")
+STAGE_KEYS = ("stage", "train_encoder")
+MULTIMODAL_DATA_KEYS = ("eval_fraction", "truncation")
+MULTIMODAL_FORMATS = ("imagefolder", "llava")
+TOKENIZER_CORPUS = "tokenizer_corpus.txt"
 _REQUIRED = object()
 
 
@@ -161,12 +179,18 @@ def _section_keys(recipe: dict[str, Any], section: str) -> set[str] | None:
     from mmgpt.trainer import TrainConfig
 
     body = recipe.get(section) or {}
+    multimodal = _architecture(recipe) == "multimodal"
     if section == "train":
-        return {f.name for f in dataclasses.fields(TrainConfig)}
+        return {f.name for f in dataclasses.fields(TrainConfig)} | (
+            set(STAGE_KEYS) if multimodal else set()
+        )
     if section == "model":
-        return {"preset", "from"} | {f.name for f in dataclasses.fields(GPTConfig)}
+        keys = {"architecture", "preset", "from"} | {f.name for f in dataclasses.fields(GPTConfig)}
+        return keys | (set(COMPONENTS) if multimodal else set())
     kind = {"tokenizer": "tokenizer", "data": "dataset", "objective": "objective"}[section]
     extra = {"name", "from"} if section == "tokenizer" else {"name"}
+    if section == "data" and multimodal:
+        extra |= set(MULTIMODAL_DATA_KEYS)
     name = body.get("name")
     if name is None:
         return None
@@ -200,6 +224,9 @@ def _check_key(recipe: dict[str, Any], parts: list[str]) -> None:
         return
     if parts[1] == "name":
         return  # the registry names the known entries when it is looked up
+    if parts[0] == "model" and parts[1] in COMPONENTS and len(parts) > 2:
+        _check_component_key(recipe, parts)
+        return
     valid = _section_keys(recipe, parts[0])
     if valid is not None and parts[1] not in valid:
         import difflib
@@ -214,11 +241,23 @@ def _check_key(recipe: dict[str, Any], parts: list[str]) -> None:
 
 def validate_recipe(recipe: dict[str, Any]) -> None:
     """Check every section and key; an unknown one is an error listing the valid ones."""
+    _architecture(recipe)  # an unknown architecture is an error
     for section, body in recipe.items():
         _check_key(recipe, [section])
         if section != "description" and isinstance(body, dict):
             for key in body:
                 _check_key(recipe, [section, str(key)])
+    for component in COMPONENTS:
+        body = recipe.get("model", {}).get(component)
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ValueError(
+                f"recipe key 'model.{component}' must be a mapping with a 'type' (a registry "
+                f"entry) and its arguments, got {body!r}"
+            )
+        for key in body:
+            _check_key(recipe, ["model", component, str(key)])
     for section in ("data", "objective"):
         if not recipe.get(section, {}).get("name"):
             raise ValueError(f"recipe section {section!r} needs a 'name' (a registry entry)")
@@ -349,16 +388,24 @@ def run_training(
 
     Returns ``{"out_dir", "model_dir", "step", "train", "eval"}`` (last metrics).
     """
+    from mmgpt import distributed
     from mmgpt.registry import create, get
     from mmgpt.trainer import TrainConfig, Trainer, check_no_checkpoints, seed_everything
 
     name = "recipe" if isinstance(recipe, Mapping) else Path(recipe).stem
     spec = apply_overrides(load_recipe(recipe), overrides)
     validate_recipe(spec)
-    train_config = TrainConfig.from_dict(spec["train"])
+    multimodal = _architecture(spec) == "multimodal"
+    train_section = dict(spec["train"])
+    stage = {k: train_section.pop(k) for k in STAGE_KEYS if k in train_section}
+    train_config = TrainConfig.from_dict(train_section)
+    # under torchrun: join the process group now, so that one rank alone trains the tokenizer
+    distributed.setup(train_config.strategy, train_config.device)
     out_dir = Path(out) if out is not None else Path("runs") / name
     if not resume:  # before anything is written there (recipe, tokenizer)
         check_no_checkpoints(out_dir)
+    if multimodal:
+        return _run_multimodal(spec, train_config, stage, data=data, out_dir=out_dir, resume=resume)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     data_section = dict(spec["data"])
@@ -384,8 +431,13 @@ def run_training(
         tokenizer = create("tokenizer", tok_section["name"], path=str(saved_tokenizer))
     elif tok_section or model_from:
         data_paths = data_section[path_arg] if path_arg is not None else None
-        tokenizer = build_tokenizer(tok_section, data_paths=data_paths, model_from=model_from)
-        tokenizer.save(saved_tokenizer)
+
+        def make_tokenizer() -> Any:
+            made = build_tokenizer(tok_section, data_paths=data_paths, model_from=model_from)
+            made.save(saved_tokenizer)
+            return made
+
+        tokenizer = distributed.on_main_process(make_tokenizer)
     else:
         tokenizer = None
 
@@ -443,6 +495,346 @@ def _record_recipe(path: Path, spec: dict[str, Any], resume: bool) -> None:
                 stacklevel=3,
             )
     atomic_write_bytes(path, text.encode())
+
+
+# --------------------------------------------------------------------------------------
+# Multimodal recipes (model.architecture: multimodal)
+# --------------------------------------------------------------------------------------
+
+
+def _architecture(recipe: Mapping[str, Any]) -> str:
+    """``model.architecture`` of a recipe: ``"gpt"`` (default) or ``"multimodal"``."""
+    model = recipe.get("model")
+    arch = model.get("architecture") if isinstance(model, Mapping) else None
+    arch = "gpt" if arch is None else arch
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"recipe key 'model.architecture' must be one of {', '.join(ARCHITECTURES)}, "
+            f"got {arch!r}"
+        )
+    return arch
+
+
+def _check_component_key(recipe: dict[str, Any], parts: list[str]) -> None:
+    """``model.<component>.<key>``: ``type`` or an argument of the registry entry it names."""
+    dotted = ".".join(parts)
+    component, key = parts[1], parts[2]
+    if _architecture(recipe) != "multimodal":
+        raise ValueError(
+            f"unknown recipe key {dotted!r}: model components need model.architecture=multimodal"
+        )
+    body = recipe.get("model", {}).get(component)
+    type_name = body.get("type") if isinstance(body, Mapping) else None
+    if key == "type" or type_name is None:
+        return
+    from mmgpt.registry import get
+
+    params = _parameters(get(COMPONENTS[component], type_name))
+    if params is None or key in params:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(params), n=1)
+    hint = f" (did you mean model.{component}.{close[0]}?)" if close else ""
+    raise ValueError(
+        f"unknown recipe key {dotted!r}{hint}; {COMPONENTS[component]} {type_name!r} takes: "
+        f"type, {', '.join(sorted(params))}"
+    )
+
+
+def trainable_parts(stage: str | None = "full", train_encoder: bool | None = None) -> str:
+    """The parts of a :class:`~mmgpt.multimodal.MultimodalGPT` a training stage updates.
+
+    ``full``: everything (the encoder unless ``train_encoder`` is false); ``align`` (LLaVA
+    stage 1): the projector only; ``finetune`` (LLaVA stage 2): projector + GPT, plus the
+    encoder when ``train_encoder`` is true.
+    """
+    stage = "full" if stage is None else stage
+    if stage not in STAGES:
+        raise ValueError(
+            f"recipe key 'train.stage' must be one of {', '.join(STAGES)}, got {stage!r}"
+        )
+    if train_encoder is not None and not isinstance(train_encoder, bool):
+        raise ValueError(
+            f"recipe key 'train.train_encoder' must be true or false, got {train_encoder!r}"
+        )
+    if stage == "align":
+        if train_encoder:
+            raise ValueError(
+                "train.stage=align trains the projector only; train.train_encoder=true needs "
+                "train.stage=finetune (or full)"
+            )
+        return "projector"
+    if stage == "finetune":
+        return "projector+gpt" + ("+encoder" if train_encoder else "")
+    if train_encoder is False:
+        return "gpt+projector+image_decoder+output_projector"
+    return "all"
+
+
+def _components(section: Mapping[str, Any]) -> dict[str, Any]:
+    """``MultimodalGPT.build`` arguments from the model section's component mappings."""
+    kwargs: dict[str, Any] = {"encoder": None}
+    for component, kind in COMPONENTS.items():
+        body = section.get(component)
+        if body is None:
+            continue
+        body = dict(body)
+        type_name = body.pop("type", None)
+        if not type_name:
+            raise ValueError(
+                f"recipe key 'model.{component}' needs a 'type' (a registry {kind} entry)"
+            )
+        kwargs[component] = type_name
+        kwargs[f"{component}_kwargs"] = body
+    return kwargs
+
+
+def _gpt_overrides(section: Mapping[str, Any]) -> dict[str, Any]:
+    from mmgpt.config import GPTConfig
+
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    return {k: v for k, v in section.items() if k in fields}
+
+
+def _override_gpt(gpt: Any, overrides: Mapping[str, Any], source: Path) -> Any:
+    """``gpt`` with config ``overrides`` (e.g. dropout for fine-tuning), weights kept."""
+    from mmgpt.checkpoint import load_model_state, model_state_dict
+    from mmgpt.config import GPTConfig
+    from mmgpt.model import GPT
+
+    changed = {k: v for k, v in overrides.items() if getattr(gpt.config, k) != v}
+    if not changed:
+        return gpt
+    tuned = GPT(GPTConfig.from_dict({**gpt.config.to_dict(), **changed}))
+    try:
+        load_model_state(tuned, model_state_dict(gpt), source)
+    except ValueError as exc:
+        raise ValueError(
+            f"model.from={source}: the recipe's model settings {changed} change the shapes of "
+            f"its weights ({exc}); drop them or match the saved model"
+        ) from exc
+    return tuned
+
+
+def build_multimodal_model(section: Mapping[str, Any], tokenizer: Any = None) -> Any:
+    """A :class:`~mmgpt.multimodal.MultimodalGPT` from a recipe's model section.
+
+    - ``from: DIR`` of a multimodal model: that model (its tokenizer, encoder and projector;
+      the section's components are not used), with GPT overrides such as ``dropout``.
+    - ``from: DIR`` of a text GPT: that GPT and its tokenizer, with the section's encoder and
+      projector built around it (LLaVA's start: a pretrained language model).
+    - ``preset``: a new GPT of that preset (``vocab_size`` follows ``tokenizer``) + components.
+    """
+    from mmgpt.checkpoint import read_model_config
+    from mmgpt.model import GPT
+    from mmgpt.multimodal import MultimodalGPT
+    from mmgpt.registry import create
+
+    overrides = _gpt_overrides(section)
+    components = _components(section)
+    if section.get("from"):
+        path = Path(section["from"])
+        config = read_model_config(path)
+        if config.get("architecture") == "multimodal":
+            model = MultimodalGPT.from_pretrained(path)
+            model.gpt = _override_gpt(model.gpt, overrides, path)
+            return model
+        gpt = _override_gpt(GPT.from_pretrained(path), overrides, path)
+        tok_config = config.get("tokenizer") or {"name": "bpe"}
+        tokenizer = create("tokenizer", tok_config["name"], path=str(path))
+        return _build(MultimodalGPT, gpt, tokenizer, components, {})
+    if not section.get("preset"):
+        raise ValueError("recipe section 'model' needs 'preset' (e.g. gpt-nano) or 'from'")
+    if tokenizer is None:
+        raise ValueError("a multimodal model built from a preset needs a tokenizer")
+    return _build(MultimodalGPT, section["preset"], tokenizer, components, overrides)
+
+
+def _build(cls: Any, gpt: Any, tokenizer: Any, components: dict[str, Any], overrides: Any) -> Any:
+    try:
+        return cls.build(gpt, tokenizer, **components, **overrides)
+    except TypeError as exc:  # a component argument its registry entry does not take
+        names = ", ".join(f"model.{c}.type={components[c]}" for c in COMPONENTS if c in components)
+        raise ValueError(f"recipe section 'model' ({names}): {exc}") from exc
+
+
+def conversation_text(dataset: Any, limit: int = 5000) -> str:
+    """The text of a dataset's conversations, rendered like the chat template, for training a
+    tokenizer (file datasets: every record, read without loading images; others: the first
+    ``limit`` samples)."""
+    from mmgpt.data.sample import IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER
+    from mmgpt.processor import DEFAULT_TEMPLATE as t
+
+    records = getattr(dataset, "records", None)
+    if records is not None:
+        conversations = [record.data for record in records]
+    else:
+        conversations = [dataset[i].conversation for i in range(min(len(dataset), limit))]
+    lines = []
+    for turns in conversations:
+        for turn in turns:
+            text = turn.text.replace(IMAGE_PLACEHOLDER, "").replace(IMAGE_OUT_PLACEHOLDER, "")
+            text = text.strip()
+            if turn.role == "user":
+                lines.append(f"{t.user_prefix}{text}{t.user_suffix}")
+            else:
+                lines.append(
+                    f"{t.assistant_prefix}{t.assistant_separator}{text}{t.assistant_suffix}"
+                )
+    return "".join(lines)
+
+
+def _multimodal_data_source(
+    section: dict[str, Any], data: str | os.PathLike | None
+) -> tuple[str, dict[str, Any]]:
+    """(dataset name, its arguments); ``--data`` switches to the detected file format, keeping
+    only the arguments that format takes."""
+    from mmgpt.data.check import detect_format
+    from mmgpt.registry import get
+
+    args = dict(section)
+    name = args.pop("name")
+    if data is None:
+        return name, args
+    fmt, target = detect_format(data)
+    if fmt not in MULTIMODAL_FORMATS:
+        raise ValueError(
+            f"{data}: detected a {fmt} dataset, but multimodal recipes train on image-text data: "
+            "an imagefolder directory (metadata.jsonl) or a LLaVA conversation JSON"
+        )
+    params = _parameters(get("dataset", fmt))
+    kept = {k: v for k, v in args.items() if params is None or k in params}
+    return fmt, {**kept, "path": str(target)}
+
+
+def _make_dataset(name: str, args: Mapping[str, Any], image_size: int | None) -> Any:
+    from mmgpt.registry import get
+
+    args = dict(args)
+    if "image_size" in args and args["image_size"] is None:
+        # null follows the image encoder's input size; without one, the dataset's default
+        if image_size is None:
+            del args["image_size"]
+        else:
+            args["image_size"] = image_size
+    try:
+        dataset = get("dataset", name)(**args)
+    except TypeError as exc:  # an argument the dataset does not take
+        raise ValueError(f"recipe section 'data' (dataset {name!r}): {exc}") from exc
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise ValueError(
+            f"dataset {name!r} with {args} is not map-style (endless?); give it a size "
+            "(e.g. data.size=20000)"
+        )
+    return dataset
+
+
+def _split_dataset(dataset: Any, fraction: Any) -> tuple[Any, Any]:
+    """(train, held-out) subsets; sample ``i`` is held out when ``is_heldout(i, fraction)``."""
+    from torch.utils.data import Subset
+
+    from mmgpt.data.text import is_heldout
+
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 <= fraction < 1
+    ):
+        raise ValueError(f"recipe key 'data.eval_fraction' must be in [0, 1), got {fraction!r}")
+    held = [i for i in range(len(dataset)) if is_heldout(i, fraction)]
+    if not held:
+        return dataset, None
+    kept = set(held)
+    return Subset(dataset, [i for i in range(len(dataset)) if i not in kept]), Subset(dataset, held)
+
+
+def _multimodal_tokenizer(
+    section: Mapping[str, Any], text_dataset: Any, out_dir: Path, resume: bool
+) -> Any:
+    """Load ``tokenizer.from``, reuse the run's own on resume, or train one on the data's text."""
+    from mmgpt.checkpoint import atomic_write_bytes
+    from mmgpt.registry import create
+
+    args = {k: v for k, v in section.items() if k not in ("name", "from")}
+    name = section.get("name") or "bpe"
+    if section.get("from"):
+        # training arguments (vocab_size, min_frequency) do not apply to a loaded tokenizer
+        loading = {k: v for k, v in args.items() if k not in ("vocab_size", "min_frequency")}
+        return create("tokenizer", name, path=str(section["from"]), **loading)
+    if not section.get("name"):
+        raise ValueError("recipe section 'tokenizer' needs a 'name' (e.g. bpe) or 'from'")
+    saved = out_dir / TOKENIZER_DIR
+    if resume and (saved / "tokenizer.json").is_file():
+        return create("tokenizer", name, path=str(saved))
+    corpus = out_dir / TOKENIZER_CORPUS
+    text = conversation_text(text_dataset)
+    if not text.strip():
+        raise ValueError("the training data has no text to train a tokenizer on")
+    atomic_write_bytes(corpus, text.encode("utf-8"))
+    tokenizer = create("tokenizer", name, files=[str(corpus)], **args)
+    tokenizer.save(saved)
+    return tokenizer
+
+
+def _run_multimodal(
+    spec: dict[str, Any],
+    train_config: Any,
+    stage: Mapping[str, Any],
+    *,
+    data: str | os.PathLike | None,
+    out_dir: Path,
+    resume: bool,
+) -> dict[str, Any]:
+    """``run_training`` for ``model.architecture: multimodal`` (the caption and vqa recipes)."""
+    from mmgpt import distributed
+    from mmgpt.registry import create
+    from mmgpt.trainer import Trainer, seed_everything
+
+    parts = trainable_parts(stage.get("stage"), stage.get("train_encoder"))
+    data_section = dict(spec["data"])
+    own = {k: data_section.pop(k) for k in MULTIMODAL_DATA_KEYS if k in data_section}
+    dataset_name, dataset_args = _multimodal_data_source(data_section, data)
+    spec["data"] = {"name": dataset_name, **dataset_args, **own}
+    dataset = _make_dataset(dataset_name, dataset_args, None)  # bad data fails before any write
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _record_recipe(out_dir / "recipe.yaml", spec, resume)
+
+    model_section = dict(spec["model"])
+    if model_section.get("from"):
+        if spec["tokenizer"].get("from"):
+            raise ValueError(
+                "model.from brings the model's own tokenizer; remove tokenizer.from "
+                f"(got {spec['tokenizer']['from']!r})"
+            )
+        tokenizer = None
+    else:
+        tokenizer = distributed.on_main_process(
+            _multimodal_tokenizer, spec["tokenizer"], dataset, out_dir, resume
+        )
+    seed_everything(train_config.seed)  # model init is part of the reproducible run
+    model = build_multimodal_model(model_section, tokenizer)
+    model.trainable(parts)
+
+    encoder = dict(model.encoders.items()).get("image")
+    input_size = getattr(encoder, "input_size", None)
+    if input_size and "image_size" in dataset_args and dataset_args["image_size"] is None:
+        dataset = _make_dataset(dataset_name, dataset_args, input_size[-1])
+    train_data, eval_data = _split_dataset(dataset, own.get("eval_fraction", 0.02))
+
+    objective_section = dict(spec["objective"])
+    objective = create("objective", objective_section.pop("name"), **objective_section)
+    trainer = Trainer(
+        model,
+        objective,
+        train_data,
+        train_config,
+        eval_data=eval_data,
+        collate_fn=model.processor(truncation=bool(own.get("truncation", False))),
+        out_dir=out_dir,
+    )
+    result = trainer.fit(resume=resume)
+    return {"out_dir": str(out_dir), **result}
 
 
 # --------------------------------------------------------------------------------------
