@@ -288,7 +288,9 @@ def build_tokenizer(
     args = {k: v for k, v in section.items() if k not in ("name", "from")}
     if section.get("from"):
         return create("tokenizer", section.get("name", "bpe"), path=str(section["from"]), **args)
-    if not section and model_from is not None:
+    if model_from is not None:
+        # A model loaded from a directory keeps its own tokenizer: training a new one would
+        # give ids that do not match its embeddings.
         from mmgpt.checkpoint import read_model_config
 
         config = read_model_config(Path(model_from)).get("tokenizer") or {}
