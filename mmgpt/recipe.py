@@ -7,6 +7,8 @@ A recipe has the sections
 - ``data``: ``name`` of a dataset entry plus its arguments;
 - ``objective``: ``name`` of an objective entry plus its arguments;
 - ``train``: :class:`~mmgpt.trainer.TrainConfig` fields;
+- ``adapter`` (optional): a LoRA/DoRA adapter on the model (``method``, ``r``, ``alpha``,
+  ``targets``…; :mod:`mmgpt.adapters.training`); ``adapter=lora`` is ``adapter.method=lora``;
 
 and an optional ``description``. Shipped recipes live in ``mmgpt/recipes/NAME.yaml``.
 ``key=value`` overrides address nested keys with dots (``train.lr=1e-3``); values are YAML
@@ -46,7 +48,7 @@ __all__ = [
 ]
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-SECTIONS = ("description", "model", "tokenizer", "data", "objective", "train")
+SECTIONS = ("description", "model", "tokenizer", "data", "objective", "train", "adapter")
 TOKENIZER_DIR = "tokenizer"
 # Arguments the recipe supplies to a dataset factory (when its signature accepts them).
 DATASET_CONTEXT = ("tokenizer", "block_size", "split")
@@ -65,6 +67,8 @@ STAGES = ("full", "align", "finetune")
 STAGE_KEYS = ("stage", "train_encoder")
 MULTIMODAL_DATA_KEYS = ("eval_fraction", "truncation")
 MULTIMODAL_FORMATS = ("imagefolder", "llava")
+# file datasets of the RLHF recipes (reward, dpo, ppo): --data is their file, whatever it holds
+RLHF_DATASETS = ("preference", "prompts")
 TOKENIZER_CORPUS = "tokenizer_corpus.txt"
 _REQUIRED = object()
 
@@ -123,6 +127,8 @@ def load_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]
             raise ValueError(f"{path}: invalid YAML ({exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{source}: a recipe must be a mapping of sections, got {type(data)}")
+    if isinstance(data.get("adapter"), str):  # `adapter: lora`
+        data["adapter"] = {"method": data["adapter"]}
     for section in SECTIONS[1:]:
         if data.get(section) is None:
             data[section] = {}
@@ -152,7 +158,7 @@ def apply_overrides(
     """Set dotted keys (``["train.lr=1e-3"]`` or ``{"train.lr": "1e-3"}``); validates them."""
     recipe = copy.deepcopy(recipe)
     for key, value in _as_pairs(overrides):
-        parts = key.split(".")
+        parts = ["adapter", "method"] if key == "adapter" else key.split(".")
         if any(not p for p in parts):
             raise ValueError(f"override key {key!r} is malformed")
         if len(parts) == 1 and parts[0] != "description":
@@ -180,6 +186,10 @@ def _section_keys(recipe: dict[str, Any], section: str) -> set[str] | None:
 
     body = recipe.get(section) or {}
     multimodal = _architecture(recipe) == "multimodal"
+    if section == "adapter":
+        from mmgpt.adapters.training import ADAPTER_KEYS
+
+        return set(ADAPTER_KEYS)
     if section == "train":
         return {f.name for f in dataclasses.fields(TrainConfig)} | (
             set(STAGE_KEYS) if multimodal else set()
@@ -322,7 +332,10 @@ def build_model(section: dict[str, Any], tokenizer: Any = None) -> Any:
 
     overrides = {k: v for k, v in section.items() if k not in ("preset", "from")}
     if section.get("from"):
-        model = GPT.from_pretrained(section["from"])
+        from mmgpt.adapters.training import fold_loaded_adapters
+
+        # a LoRA run's directory: its adapter folded in, the base this run starts from
+        model = fold_loaded_adapters(GPT.from_pretrained(section["from"]))
         if overrides:  # e.g. a different dropout for fine-tuning; shapes must stay
             config = dataclasses.replace(model.config, **overrides)
             tuned = GPT(config)
@@ -391,6 +404,7 @@ def run_training(
     Returns ``{"out_dir", "model_dir", "step", "train", "eval"}`` (last metrics).
     """
     from mmgpt import distributed
+    from mmgpt.adapters.training import apply_adapter
     from mmgpt.registry import create, get
     from mmgpt.trainer import TrainConfig, Trainer, check_no_checkpoints, seed_everything
 
@@ -445,6 +459,7 @@ def run_training(
 
     seed_everything(train_config.seed)  # model init is part of the reproducible run
     model = build_model(dict(spec["model"]), tokenizer)
+    apply_adapter(model, spec.get("adapter"))  # then only the adapter (+ extras) trains
 
     context = {"tokenizer": tokenizer, "block_size": model.config.block_size}
     train_data = factory(**_dataset_kwargs(factory, data_section, {**context, "split": "train"}))
@@ -639,10 +654,14 @@ def build_multimodal_model(section: Mapping[str, Any], tokenizer: Any = None) ->
         path = Path(section["from"])
         config = read_model_config(path)
         if config.get("architecture") == "multimodal":
-            model = MultimodalGPT.from_pretrained(path)
+            from mmgpt.adapters.training import fold_loaded_adapters
+
+            model = fold_loaded_adapters(MultimodalGPT.from_pretrained(path))
             model.gpt = _override_gpt(model.gpt, overrides, path)
             return model
-        gpt = _override_gpt(GPT.from_pretrained(path), overrides, path)
+        from mmgpt.adapters.training import fold_loaded_adapters
+
+        gpt = _override_gpt(fold_loaded_adapters(GPT.from_pretrained(path)), overrides, path)
         tok_config = config.get("tokenizer") or {"name": "bpe"}
         tokenizer = create("tokenizer", tok_config["name"], path=str(path))
         return _build(MultimodalGPT, gpt, tokenizer, components, {})
@@ -699,6 +718,8 @@ def _multimodal_data_source(
     name = args.pop("name")
     if data is None:
         return name, args
+    if name in RLHF_DATASETS:  # a prompt dataset also reads preference files
+        return name, {**args, "path": str(data)}
     fmt, target = detect_format(data)
     if fmt not in MULTIMODAL_FORMATS:
         raise ValueError(
@@ -790,6 +811,7 @@ def _run_multimodal(
 ) -> dict[str, Any]:
     """``run_training`` for ``model.architecture: multimodal`` (the caption and vqa recipes)."""
     from mmgpt import distributed
+    from mmgpt.adapters.training import apply_adapter
     from mmgpt.registry import create
     from mmgpt.trainer import Trainer, seed_everything
 
@@ -817,6 +839,7 @@ def _run_multimodal(
     seed_everything(train_config.seed)  # model init is part of the reproducible run
     model = build_multimodal_model(model_section, tokenizer)
     model.trainable(parts)
+    apply_adapter(model, spec.get("adapter"))  # with an adapter, it decides what trains
 
     encoder = dict(model.encoders.items()).get("image")
     input_size = getattr(encoder, "input_size", None)
@@ -826,15 +849,27 @@ def _run_multimodal(
 
     objective_section = dict(spec["objective"])
     objective = create("objective", objective_section.pop("name"), **objective_section)
-    trainer = Trainer(
-        model,
-        objective,
-        train_data,
-        train_config,
-        eval_data=eval_data,
-        collate_fn=model.processor(truncation=bool(own.get("truncation", False))),
-        out_dir=out_dir,
-    )
+    truncation = bool(own.get("truncation", False))
+    build_trainer = getattr(objective, "build_trainer", None)
+    if build_trainer is not None:  # reward, dpo, ppo: a reward head, cached references, PPO
+        trainer = build_trainer(
+            model,
+            train_data,
+            train_config,
+            eval_data=eval_data,
+            out_dir=out_dir,
+            truncation=truncation,
+        )
+    else:
+        trainer = Trainer(
+            model,
+            objective,
+            train_data,
+            train_config,
+            eval_data=eval_data,
+            collate_fn=model.processor(truncation=truncation),
+            out_dir=out_dir,
+        )
     result = trainer.fit(resume=resume)
     return {"out_dir": str(out_dir), **result}
 

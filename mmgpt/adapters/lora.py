@@ -156,9 +156,13 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
     mark_trainable(model, name)
 
 
+def _extra_prefixes(train_extra: Sequence[str]) -> tuple[str, ...]:
+    return tuple(f"{COMPONENT_MODULES.get(e, e)}." for e in train_extra)
+
+
 def mark_trainable(model: nn.Module, name: str) -> None:
     config: AdapterConfig = model._mmgpt_adapter_configs[name]
-    extra = tuple(f"{COMPONENT_MODULES.get(e, e)}." for e in config.train_extra)
+    extra = _extra_prefixes(config.train_extra)
     for pname, p in model.named_parameters():
         own = f".{name}." in pname and ("lora_" in pname)
         p.requires_grad_(own or (bool(extra) and _under(pname, extra)))
@@ -185,14 +189,61 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def merge_adapters(model: nn.Module, names: Sequence[str] | None = None) -> None:
     """Fold adapters into the base weights (faster inference); ``unmerge_adapters`` undoes it."""
+    _refuse_quantized(model, "merge adapters into")
     names = list(names) if names is not None else [active_adapter(model)]
     for layer in _tuner_layers(model):
         layer.merge(adapter_names=names)
 
 
+def _refuse_quantized(model: nn.Module, action: str) -> None:
+    from mmgpt.adapters.quantize import is_quantized
+
+    if is_quantized(model):
+        raise ValueError(
+            f"cannot {action} a quantised base; load the adapter onto the float base model"
+        )
+
+
 def unmerge_adapters(model: nn.Module) -> None:
     for layer in _tuner_layers(model):
         layer.unmerge()
+
+
+def fold_adapters(model: nn.Module, names: Sequence[str] | None = None) -> nn.Module:
+    """Merge adapters (default: the active one) into the base weights and remove every adapter
+    layer, leaving a plain model with every parameter trainable again.
+
+    The model then saves and loads like one that never had adapters: what deployment wants,
+    and the base a new adapter or a full fine-tune starts from.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if _is_tuner_layer(m)]
+    if not layers:
+        raise ValueError("this model has no adapters to fold")
+    if any(getattr(m, "merged", False) for _, m in layers):
+        raise ValueError("unmerge adapters before folding them (fold merges what it is asked to)")
+    _refuse_quantized(model, "fold adapters into")
+    names = list(names) if names is not None else [active_adapter(model)]
+    unknown = [n for n in names if n not in adapter_names(model)]
+    if unknown:
+        raise ValueError(
+            f"no adapter {unknown[0]!r} on this model; adapters: {adapter_names(model)}"
+        )
+    for module_name, layer in layers:
+        layer.merge(adapter_names=names)
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.get_base_layer())
+    for attr in ("peft_config", "_mmgpt_adapter_configs", "_mmgpt_adapter_sources"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    model.requires_grad_(True)
+    return model
+
+
+def _is_tuner_layer(module: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
 
 
 def active_adapter(model: nn.Module) -> str:
@@ -209,6 +260,7 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's weights under their original names (adapters stripped, unmerged)."""
     if any(getattr(m, "merged", False) for m in _tuner_layers(model)):
         raise ValueError("unmerge adapters before saving the base weights")
+    _refuse_quantized(model, "save the weights of")
     tied = set(getattr(model, "tied_weight_keys", []))
     out = {}
     for key, value in model.state_dict().items():
@@ -220,10 +272,20 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """A cheap, order-stable digest of the base weights' names, shapes and values."""
+def base_fingerprint(model: nn.Module, exclude: Sequence[str] = ()) -> str:
+    """A cheap, order-stable digest of the base weights' names, shapes and values.
+
+    ``exclude``: components (``train_extra`` names) left out: an adapter carries its own copy
+    of the modules it trains in full, so they are not part of the base it needs.
+    """
+    stored = getattr(model, "_mmgpt_base_fingerprints", {}).get(tuple(sorted(exclude)))
+    if stored is not None:  # taken before the base was quantised
+        return stored
+    prefixes = _extra_prefixes(exclude)
     digest = hashlib.sha256()
     for key, value in sorted(base_state_dict(model).items()):
+        if prefixes and _under(key, prefixes):
+            continue
         v = value.detach().double()
         stats = (v.sum().item(), v.abs().sum().item()) if v.numel() else (0.0, 0.0)
         digest.update(f"{key}:{tuple(v.shape)}:{stats[0]:.6e}:{stats[1]:.6e};".encode())
@@ -237,9 +299,10 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     directory = Path(directory)
     state = peft.get_peft_model_state_dict(model, adapter_name=name)
     config: AdapterConfig = model._mmgpt_adapter_configs[name]
-    extra = tuple(f"{COMPONENT_MODULES.get(e, e)}." for e in config.train_extra)
+    extra = _extra_prefixes(config.train_extra)
     if extra:  # fully trained extras (e.g. the projector) travel with the adapter
-        for key, value in base_state_dict(model).items():
+        for key, value in model.state_dict().items():
+            key = key.replace(".base_layer.", ".")
             if _under(key, extra):
                 state[key] = value
     save_tensors(
@@ -253,7 +316,11 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     _write_json(directory / ADAPTER_CONFIG, peft_cfg)
     _write_json(
         directory / MMGPT_ADAPTER_META,
-        {"name": name, "config": config.__dict__, "base_fingerprint": base_fingerprint(model)},
+        {
+            "name": name,
+            "config": config.__dict__,
+            "base_fingerprint": base_fingerprint(model, config.train_extra),
+        },
     )
     return directory
 
@@ -270,10 +337,11 @@ def load_adapter(
     meta_path = directory / MMGPT_ADAPTER_META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     fingerprint = meta.get("base_fingerprint")
-    if check_base and fingerprint and fingerprint != base_fingerprint(model):
+    extras = (meta.get("config") or {}).get("train_extra") or []
+    if check_base and fingerprint and fingerprint != (ours := base_fingerprint(model, extras)):
         raise ValueError(
             f"{directory}: this adapter was trained on a different base model "
-            f"(fingerprint {fingerprint} != {base_fingerprint(model)}); "
+            f"(fingerprint {fingerprint} != {ours}); "
             "load it onto the base it was trained from, or pass check_base=False"
         )
     name = name or meta.get("name") or directory.name
@@ -297,9 +365,16 @@ def load_adapter(
         bias="none",
     )
     if name in adapter_names(model):
+        if getattr(model, "_mmgpt_adapter_sources", {}).get(name) == str(directory.resolve()):
+            set_active_adapter(model, name)  # already loaded from this very directory
+            return name
         raise ValueError(f"adapter {name!r} already exists on this model; pass another name")
+    # peft stores a long list of full names as the shortest suffixes that match exactly them
+    module_names = [n for n, _ in model.named_modules()]
     missing_targets = [
-        t for t in lora_config.target_modules if t not in dict(model.named_modules())
+        t
+        for t in sorted(lora_config.target_modules)
+        if not any(n == t or n.endswith("." + t) for n in module_names)
     ]
     if missing_targets:
         raise ValueError(
@@ -323,6 +398,10 @@ def load_adapter(
         )
     if extra_state:
         _load_extra(model, extra_state, directory / ADAPTER_WEIGHTS)
+    model._mmgpt_adapter_sources = {
+        **getattr(model, "_mmgpt_adapter_sources", {}),
+        name: str(directory.resolve()),
+    }
     set_active_adapter(model, name)
     return name
 
@@ -332,7 +411,9 @@ def _load_extra(model: nn.Module, state: dict[str, torch.Tensor], source: Path) 
     params.update(dict(model.named_buffers()))
     with torch.no_grad():
         for key, value in state.items():
-            target = params.get(key) or params.get(_to_wrapped_name(key))
+            target = params.get(key)
+            if target is None:
+                target = params.get(_to_wrapped_name(key))
             if target is None or target.shape != value.shape:
                 raise ValueError(f"{source}: tensor {key!r} does not fit this model")
             target.copy_(value)

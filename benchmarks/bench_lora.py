@@ -1,0 +1,328 @@
+"""LoRA vs full fine-tuning on a transfer task of the shapes world.
+
+1. **Base**: the caption recipe trains a MultimodalGPT (tiny ViT + MLP projector + GPT) on
+   one-shape scenes drawn WITHOUT one colour (``--held-out``, default cyan).
+2. **Fine-tune** the base (``model.from=base/model``) on scenes of every colour, the same
+   number of steps, three ways, each in its own process so that its peak memory is its own:
+   ``full`` (what the recipe trains: the GPT and the projector; its tiny ViT stays at its
+   random initialisation, see caption.yaml), ``lora`` (``--adapter lora`` on the GPT and the
+   projector, everything else frozen) and ``lora-emb`` (the same plus the token embeddings,
+   tied to the LM head, trained in full: ``adapter.train_extra=transformer.wte``).
+3. **Evaluate** every model by greedy captioning of held-out scenes (another seed): exact
+   match overall, on scenes of the new colour, and on the colours the base knew.
+
+Reported per mode: trainable parameters, median optimizer-step time, peak RSS of the
+process (``resource.getrusage``; torch's CPU allocations are invisible to tracemalloc), and
+caption exact match. ``--memory-model`` adds the same full-vs-LoRA memory comparison for a
+larger GPT (random tokens, a few steps), where optimizer state is no longer lost in the
+interpreter's own footprint.
+
+    python benchmarks/bench_lora.py --out runs/bench_lora --memory-model   # ~10 min, 2 cores
+
+Everything runs through the public entry points (``mmgpt.recipe.run_training`` = ``mmgpt
+train``, ``mmgpt.eval.run``), so the figures are what a user gets. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+ALL_COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink"]
+MODES = ("full", "lora", "lora-emb")
+LORA_MODES = ("lora", "lora-emb")
+
+
+def common_overrides(args: argparse.Namespace, steps: int) -> list[str]:
+    return [
+        f"train.max_steps={steps}",
+        f"train.batch_size={args.batch_size}",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "train.keep_last=1",
+        "train.log_every=25",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.device=cpu",
+        f"train.seed={args.seed}",
+        "data.max_shapes=1",
+        f"data.kinds={json.dumps(args.kinds.split(','))}",
+        "data.eval_fraction=0",
+    ]
+
+
+def base_overrides(args: argparse.Namespace) -> list[str]:
+    seen = [c for c in ALL_COLORS if c != args.held_out]
+    return [
+        *common_overrides(args, args.base_steps),
+        "train.warmup_steps=50",
+        f"data.size={args.base_steps * args.batch_size}",
+        f"data.colors={json.dumps(seen)}",
+        "data.seed=0",
+        "tokenizer.vocab_size=384",
+    ]
+
+
+def finetune_overrides(args: argparse.Namespace, mode: str, base_dir: Path) -> list[str]:
+    lr = args.full_lr if mode == "full" else args.lora_lr
+    out = [
+        *common_overrides(args, args.steps),
+        f"model.from={base_dir}",
+        f"train.lr={lr}",
+        f"train.min_lr={lr / 10}",
+        "train.warmup_steps=20",
+        f"data.size={args.steps * args.batch_size}",
+        f"data.colors={json.dumps(ALL_COLORS)}",
+        "data.seed=2",  # not the base's scenes
+    ]
+    if mode in LORA_MODES:
+        out += [
+            "adapter.method=lora",
+            f"adapter.r={args.rank}",
+            f"adapter.alpha={2 * args.rank}",
+            f"adapter.targets={args.targets}",
+        ]
+    if mode == "lora-emb":
+        # the token embeddings (tied to the LM head) train in full too: the new colour's word
+        # is spelled with tokens the base barely trained, which a frozen head cannot emit
+        out.append("adapter.train_extra=transformer.wte")
+    return out
+
+
+# -- one training run per process -------------------------------------------------------------
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Run one fine-tune (or the base) here and write timings and peak memory as JSON."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from mmgpt import trainer
+    from mmgpt.recipe import run_training
+
+    step_times: list[float] = []
+    train_step = trainer.Trainer.train_step
+
+    def timed(self, micro_batches):  # the optimizer step: forward, backward, AdamW
+        start = time.perf_counter()
+        metrics = train_step(self, micro_batches)
+        step_times.append(time.perf_counter() - start)
+        return metrics
+
+    trainer.Trainer.train_step = timed
+    out = Path(args.out)
+    if args.worker == "base":
+        overrides, run_dir = base_overrides(args), out / "base"
+    else:
+        overrides = finetune_overrides(args, args.worker, out / "base" / "model")
+        run_dir = out / args.worker
+    start = time.perf_counter()
+    result = run_training("caption", out=run_dir, overrides=overrides)
+    wall = time.perf_counter() - start
+    record = {
+        "mode": args.worker,
+        "steps": result["step"],
+        "final_loss": result["train"].get("loss"),
+        "step_time_s": statistics.median(step_times[5:] or step_times),
+        "wall_s": wall,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    (run_dir / "bench.json").write_text(json.dumps(record, indent=2))
+
+
+def memory_worker(args: argparse.Namespace) -> None:
+    """A few LM steps of a larger GPT, full or LoRA; peak RSS of this process."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from mmgpt.adapters import AdapterConfig, add_adapter, trainable_summary
+    from mmgpt.config import gpt_config
+    from mmgpt.model import GPT
+
+    torch.manual_seed(0)
+    config = gpt_config("gpt-nano", n_layer=8, n_head=8, n_embd=512, block_size=128, vocab_size=512)
+    model = GPT(config)
+    if args.worker == "memory-lora":
+        add_adapter(model, AdapterConfig(r=args.rank, alpha=2 * args.rank, targets=["decoder"]))
+    trainable, total = trainable_summary(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 512, (4, 65))  # small batch: weights and optimizer state dominate
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        logits = model(ids[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    record = {
+        "mode": args.worker,
+        "trainable": trainable,
+        "total": total,
+        "rss_before_training_mb": before,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "step_time_s": statistics.median(times[1:]),
+    }
+    print(json.dumps(record))
+
+
+def run_process(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE), "--worker", mode, *sys.argv[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    if mode.startswith("memory"):
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    record = json.loads((Path(args.out) / mode / "bench.json").read_text())
+    # what the Trainer printed: "parameters: 1,234 trainable / 5,678 total; ..."
+    found = re.search(r"parameters: ([\d,]+) trainable / ([\d,]+) total", done.stdout)
+    if found:
+        record["trainable"], record["total"] = (int(g.replace(",", "")) for g in found.groups())
+    return record
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+def evaluate(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Greedy captions of held-out one-shape scenes of every colour: exact match overall, on
+    scenes of the new colour, and on the others."""
+    import torch
+
+    from mmgpt.adapters import trainable_summary
+    from mmgpt.data.shapes import ShapesWorld
+    from mmgpt.eval.metrics import exact_match
+    from mmgpt.eval.run import eval_items, generate_replies
+    from mmgpt.multimodal import MultimodalGPT
+
+    torch.set_num_threads(args.threads)
+    model = MultimodalGPT.from_pretrained(model_dir).eval()  # with its adapter, if any
+    trainable, total = trainable_summary(model)
+    size = model.encoders["image"].input_size[-1]
+    data = ShapesWorld(
+        size=args.eval_size,
+        seed=1,
+        task="caption",
+        max_shapes=1,
+        kinds=args.kinds.split(","),
+        image_size=size,
+    )
+    items = eval_items(data)
+    start = time.perf_counter()
+    predictions = generate_replies(model, items, batch_size=50, max_new_tokens=24)
+    seconds = time.perf_counter() - start
+    new = [i for i, item in enumerate(items) if item.meta["scene"][0]["color"] == args.held_out]
+    old = [i for i in range(len(items)) if i not in set(new)]
+
+    def em(idx: list[int]) -> float:
+        return 100 * exact_match([predictions[i] for i in idx], [items[i].reference for i in idx])
+
+    return {
+        "exact_match": em(list(range(len(items)))),
+        "exact_match_new_colour": em(new),
+        "exact_match_seen_colours": em(old),
+        "n": len(items),
+        "n_new_colour": len(new),
+        "loaded_trainable": trainable,
+        "loaded_total": total,
+        "eval_s": seconds,
+        "example_new_colour": [(predictions[i], items[i].reference) for i in new[:3]],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/bench_lora", help="output directory")
+    parser.add_argument("--held-out", default="cyan", choices=ALL_COLORS)
+    parser.add_argument(
+        "--kinds",
+        default="circle,square,triangle",
+        help="shape kinds of every scene (few: the base masters them, so the fine-tune is "
+        "about the new colour)",
+    )
+    parser.add_argument("--base-steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per mode")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--full-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-lr", type=float, default=3e-3)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", default="decoder,projector")
+    parser.add_argument("--eval-size", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--memory-model", action="store_true", help="also the larger-GPT test")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker in ("memory-full", "memory-lora"):
+        memory_worker(args)
+        return
+    if args.worker:
+        worker(args)
+        return
+
+    out = Path(args.out)
+    results: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k != "worker"}}
+    if (out / "base" / "model" / "config.json").is_file():
+        print(f"reusing the base model in {out / 'base'}", flush=True)
+        if (out / "base" / "bench.json").is_file():
+            results["base_run"] = json.loads((out / "base" / "bench.json").read_text())
+    else:
+        print("training the base (without the held-out colour) ...", flush=True)
+        results["base_run"] = run_process(args, "base")
+    for mode in MODES:
+        print(f"fine-tuning: {mode} ...", flush=True)
+        results[mode] = run_process(args, mode)
+    for mode in ("base", *MODES):
+        model_dir = out / mode / "model"
+        print(f"evaluating {mode} ...", flush=True)
+        results.setdefault(mode, {}).update(evaluate(model_dir, args))
+        if mode == "base":
+            results[mode].update(results.get("base_run", {}))
+    if args.memory_model:
+        for mode in ("memory-full", "memory-lora"):
+            print(f"{mode} ...", flush=True)
+            results[mode] = run_process(args, mode)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+    print(
+        f"\n| mode | trainable / total | step (s) | peak RSS (MB) | EM all | EM {args.held_out} "
+        "| EM seen colours |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for mode in ("base", *MODES):
+        r = results[mode]
+        step = f"{r['step_time_s']:.3f}" if "step_time_s" in r else "-"
+        rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
+        counts = "-"
+        if "trainable" in r:
+            share = 100 * r["trainable"] / r["total"]
+            counts = f"{r['trainable']:,} / {r['total']:,} ({share:.1f}%)"
+        print(
+            f"| {mode} | {counts} | {step} | {rss} | {r['exact_match']:.1f} | "
+            f"{r['exact_match_new_colour']:.1f} | {r['exact_match_seen_colours']:.1f} |"
+        )
+    if args.memory_model:
+        for mode in ("memory-full", "memory-lora"):
+            r = results[mode]
+            print(
+                f"{mode}: {r['trainable']:,} / {r['total']:,} trainable, step "
+                f"{r['step_time_s']:.2f} s, RSS before training {r['rss_before_training_mb']:.0f}"
+                f" MB, peak {r['peak_rss_mb']:.0f} MB"
+            )
+
+
+if __name__ == "__main__":
+    main()
