@@ -377,11 +377,21 @@ class GPT(nn.Module):
         return cls(gpt_config(preset, **overrides))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, map_location: str | torch.device = "cpu") -> GPT:
-        """Load an mmgpt model directory or a Hugging Face GPT-2 directory."""
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        map_location: str | torch.device = "cpu",
+        adapter: str | list[str] | None = "auto",
+    ) -> GPT:
+        """Load an mmgpt model directory or a Hugging Face GPT-2 directory.
+
+        ``adapter``: "auto" loads the adapters recorded in the directory's config.json and
+        activates the recorded one; "all", a name, a list of names, or None (base only).
+        """
         from mmgpt.checkpoint import load_gpt
 
-        return load_gpt(path, map_location=map_location)
+        return load_gpt(path, map_location=map_location, adapter=adapter)
 
     def save_pretrained(self, path: str | Path) -> None:
         from mmgpt.checkpoint import save_gpt
