@@ -139,8 +139,12 @@ def test_plan_and_demo_dispatch(target_module, capsys: pytest.CaptureFixture[str
         "def target(recipe, *, gpus, gpu_memory):\n    return f'{recipe} {gpus} {gpu_memory}'\n",
     )
     assert run(["plan", "lm", "--gpus", "8", "--gpu-memory", "80"], capsys)[1] == "lm 8 80.0\n"
-    target_module("demo", "def target(*, model, port, share):\n    print(model, port, share)\n")
-    assert run(["demo", "--port", "7861", "--share"], capsys)[1] == "None 7861 True\n"
+    target_module(
+        "demo",
+        "def target(*, model_dir, port, share, app, data_dir):\n"
+        "    print(model_dir, port, share, app, data_dir)\n",
+    )
+    assert run(["demo", "--port", "7861", "--share"], capsys)[1] == "None 7861 True chat None\n"
 
 
 def test_data_check_reports_and_exits_by_strictness(

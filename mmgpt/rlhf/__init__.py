@@ -1,10 +1,23 @@
-"""RLHF building blocks shared by the reward, PPO and DPO objectives.
+"""RLHF for multimodal models: reward models, PPO with KL control, DPO/IPO.
 
 These are written here rather than taken from a library because the widely used RLHF
 libraries assume a text-only causal LM with a Hugging Face interface; mmgpt's policies take
 images and text through MultimodalGPT, so the objectives work on our own log-probabilities.
+
+- :mod:`mmgpt.rlhf.losses` — the mathematics (Bradley-Terry, GAE, clipped losses, DPO/IPO,
+  the adaptive KL controller), checked against hand computations.
+- :mod:`mmgpt.rlhf.data` — preference batches (chosen + rejected, with images) and prompts.
+- :mod:`mmgpt.rlhf.reward_model` — :class:`RewardModel`.
+- :mod:`mmgpt.rlhf.policy` — answer log-probabilities and the reference policy.
+- :mod:`mmgpt.rlhf.reference` — DPO's cached reference log-probabilities.
+- :mod:`mmgpt.rlhf.rollout` / :mod:`mmgpt.rlhf.ppo_trainer` — PPO (:class:`PPOTrainer`).
+- :mod:`mmgpt.rlhf.prompts` — the ``"prompts"`` dataset; :mod:`mmgpt.rlhf.shapes` — shapes-world
+  preference pairs.
 """
 
+from typing import Any
+
+from mmgpt.rlhf.data import ImageOutputPair, PreferenceBatch, PreferenceCollator, as_prompt
 from mmgpt.rlhf.losses import (
     AdaptiveKLController,
     bradley_terry_loss,
@@ -18,9 +31,18 @@ from mmgpt.rlhf.losses import (
     sequence_logprobs,
     token_logprobs,
 )
+from mmgpt.rlhf.policy import ReferencePolicy, save_policy, sequence_logps
+from mmgpt.rlhf.reward_model import RewardModel, reward_statistics
 
 __all__ = [
     "AdaptiveKLController",
+    "ImageOutputPair",
+    "PPOTrainer",
+    "PreferenceBatch",
+    "PreferenceCollator",
+    "ReferencePolicy",
+    "RewardModel",
+    "as_prompt",
     "bradley_terry_loss",
     "clipped_policy_loss",
     "clipped_value_loss",
@@ -29,6 +51,17 @@ __all__ = [
     "gae",
     "masked_mean",
     "masked_whiten",
+    "reward_statistics",
+    "save_policy",
     "sequence_logprobs",
+    "sequence_logps",
     "token_logprobs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PPOTrainer":  # imported on use: it pulls in the trainer and the objectives
+        from mmgpt.rlhf.ppo_trainer import PPOTrainer
+
+        return PPOTrainer
+    raise AttributeError(f"module 'mmgpt.rlhf' has no attribute {name!r}")

@@ -1,0 +1,523 @@
+"""What the demo apps share, without Gradio: the model wrapper, input checks and settings.
+
+:class:`DemoModel` wraps a :class:`~mmgpt.multimodal.MultimodalGPT` for serving:
+
+* **Inputs are checked here** and every problem is a :class:`UserInputError` whose message is
+  meant for the person at the keyboard (the apps show it as a ``gr.Error``): an empty prompt,
+  a file that is not an image, an image over the size limits, a message longer than the
+  model's context, an image sent to a model that cannot see.
+* **Limits** (:class:`ImageLimits`): uploads over ``MAX_UPLOAD_MB`` are refused by the server;
+  images over ``max_pixels`` (40 megapixels) are refused after reading only their header;
+  images with a side over ``max_side`` (1024 px) are downscaled with a warning — the model
+  itself sees ``input_size`` pixels (32×32 for ``shapes-tiny``).
+* **Context**: a conversation that does not fit ``block_size`` together with the answer's
+  ``max_new_tokens`` loses its oldest exchanges (whole turns, with their images) and the app
+  says so; if the last message alone does not fit, that is an error naming the numbers.
+* **Concurrency**: requests run in Gradio's worker threads; every decoding step takes one
+  lock, with the request's adapter switched on for that step. Concurrent requests thus
+  interleave step by step, each computing exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from mmgpt.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from mmgpt.data.sample import DEFAULT_CAPTION_PROMPT, IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from mmgpt.generation import GenerationConfig
+    from mmgpt.multimodal import MultimodalGPT
+
+logger = logging.getLogger("mmgpt.demo")
+
+# The server refuses uploads above this size (passed to ``launch(max_file_size=...)``).
+MAX_UPLOAD_MB = 20
+NO_ADAPTER = "none"
+MAX_SEED = 2**31 - 1
+T = TypeVar("T")
+
+
+class UserInputError(ValueError):
+    """A problem with what the user gave; the message is shown to them as is."""
+
+
+Warn = Callable[[str], None]
+
+
+def _log_warning(message: str) -> None:
+    logger.warning(message)
+
+
+# --------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Refuse images above ``max_pixels``; downscale those with a side above ``max_side``."""
+
+    max_side: int = 1024
+    max_pixels: int = 40_000_000
+
+    def describe(self) -> str:
+        return (
+            f"files up to {MAX_UPLOAD_MB} MB and {self.max_pixels / 1e6:g} megapixels; images "
+            f"larger than {self.max_side} px on a side are downscaled"
+        )
+
+
+IMAGE_TYPES_TEXT = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+
+
+def load_user_image(
+    path: str | Path, limits: ImageLimits = ImageLimits(), warn: Warn = _log_warning
+) -> Image.Image:
+    """An uploaded file → RGB image, or a :class:`UserInputError` saying what is wrong."""
+    from PIL import Image
+
+    path = Path(path)
+    name = path.name
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise UserInputError(
+            f"'{name}' is not an image. Upload a {IMAGE_TYPES_TEXT} file ({limits.describe()})."
+        )
+    try:
+        image = load_image(path, max_pixels=limits.max_pixels)
+    except ImageLoadError as exc:
+        if exc.reason == "too_large":
+            size = _header_size(path)
+            what = f"{size[0]}×{size[1]} pixels" if size else "too large"
+            raise UserInputError(
+                f"'{name}' is {what}, above this demo's limit of "
+                f"{limits.max_pixels / 1e6:g} megapixels. Downscale it and try again."
+            ) from None
+        if exc.reason == "missing_image":
+            raise UserInputError(f"'{name}' did not arrive; upload it again.") from None
+        raise UserInputError(
+            f"'{name}' could not be read as an image ({exc.detail}). Upload a "
+            f"{IMAGE_TYPES_TEXT} file."
+        ) from None
+    width, height = image.size
+    if max(width, height) > limits.max_side:
+        image.thumbnail((limits.max_side, limits.max_side), Image.Resampling.LANCZOS)
+        warn(
+            f"'{name}' ({width}×{height}) was downscaled to {image.size[0]}×{image.size[1]} "
+            f"pixels (the limit is {limits.max_side} px on a side)."
+        )
+    return image
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                return image.size
+    except Exception:  # a decompression bomb PIL refuses even to open
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------
+
+
+def _number(name: str, value: Any, low: float, high: float, *, integer: bool = False) -> Any:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{name} must be a number, got {value!r}.") from None
+    if not low <= number <= high:  # also refuses nan
+        raise UserInputError(f"{name} must be between {low:g} and {high:g}, got {value!r}.")
+    if integer:
+        if number != int(number):
+            raise UserInputError(f"{name} must be a whole number, got {value!r}.")
+        return int(number)
+    return number
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sampling and drawing settings of one request (validated by :meth:`from_values`)."""
+
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.9
+    max_new_tokens: int = 48
+    guidance: float = 3.0  # classifier-free guidance of the image decoder
+    steps: int = 20  # diffusion sampling steps
+    seed: int = -1  # -1 = a fresh random seed per request
+
+    @classmethod
+    def from_values(
+        cls,
+        temperature: Any = 0.7,
+        top_p: Any = 0.9,
+        max_new_tokens: Any = 48,
+        guidance: Any = 3.0,
+        steps: Any = 20,
+        seed: Any = -1,
+    ) -> Settings:
+        """Settings from UI/API values (numbers may arrive as floats or strings)."""
+        return cls(
+            temperature=_number("Temperature", temperature, 0.0, 5.0),
+            top_p=_number("Top-p", top_p, 0.01, 1.0),
+            max_new_tokens=_number("Max new tokens", max_new_tokens, 1, 4096, integer=True),
+            guidance=_number("Guidance", guidance, 0.0, 30.0),
+            steps=_number("Diffusion steps", steps, 1, 200, integer=True),
+            seed=_number("Seed", -1 if seed is None else seed, -1, MAX_SEED, integer=True),
+        )
+
+    def resolve_seed(self) -> int:
+        """The seed to use: the given one, or a fresh random one for ``-1``."""
+        return self.seed if self.seed >= 0 else random.SystemRandom().randrange(MAX_SEED)
+
+    def generation_config(self, seed: int, **overrides: Any) -> GenerationConfig:
+        from mmgpt.generation import GenerationConfig
+
+        options: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": seed,
+        }
+        options.update(overrides)
+        return GenerationConfig(**options)
+
+
+# --------------------------------------------------------------------------------------
+# Conversations
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Message:
+    """One turn as the model reads it: text with placeholders, and the input images' paths."""
+
+    role: str  # "user" | "assistant"
+    text: str
+    images: list[str]
+
+
+def user_message(text: str | None, image_paths: Sequence[str] = ()) -> Message:
+    """A user turn from typed text and attached images.
+
+    Images go before the text, one ``"<image>"`` each (LLaVA's convention, the one the
+    shapes world and the preference JSONL use), unless the text places them itself. An image
+    with no text asks for a caption.
+    """
+    text = (text or "").strip()
+    paths = [str(p) for p in image_paths]
+    if not text and not paths:
+        raise UserInputError("The message is empty: type a question or attach an image.")
+    placed = text.count(IMAGE_PLACEHOLDER)
+    if placed and placed != len(paths):
+        raise UserInputError(
+            f"The message mentions {IMAGE_PLACEHOLDER} {placed} time(s) but has {len(paths)} "
+            f"image(s) attached; attach one image per {IMAGE_PLACEHOLDER}, or leave "
+            f"{IMAGE_PLACEHOLDER} out."
+        )
+    if not placed and paths:
+        text = f"{IMAGE_PLACEHOLDER}\n" * len(paths) + (text or DEFAULT_CAPTION_PROMPT)
+    return Message("user", text, paths)
+
+
+class DemoModel:
+    """A multimodal model ready to serve (see the module docstring).
+
+    Args:
+        model: the model (put in eval mode here).
+        name: shown in the apps (the model directory's name).
+        adapters: names of loaded adapters the user may pick from.
+        limits: image limits.
+    """
+
+    def __init__(
+        self,
+        model: MultimodalGPT,
+        *,
+        name: str = "model",
+        adapters: Sequence[str] = (),
+        limits: ImageLimits = ImageLimits(),
+    ) -> None:
+        self.model = model.eval()
+        self.name = name
+        self.adapters = list(adapters)
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._processor = model.processor(max_length=None)
+        self._image_cache: dict[str, Image.Image] = {}
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, limits: ImageLimits = ImageLimits()) -> DemoModel:
+        """Load a model directory and the adapters under ``model_dir/adapters/<name>/``.
+
+        An adapter that fails to load is left out with a logged warning, not fatal: the demo
+        still serves the base model.
+        """
+        from mmgpt.multimodal import MultimodalGPT
+
+        model_dir = Path(model_dir)
+        model = MultimodalGPT.from_pretrained(model_dir)
+        adapters = []
+        adapter_root = model_dir / "adapters"
+        if adapter_root.is_dir():
+            from mmgpt.adapters import load_adapter
+
+            for directory in sorted(p for p in adapter_root.iterdir() if p.is_dir()):
+                try:
+                    adapters.append(load_adapter(model, directory, directory.name))
+                except Exception as exc:
+                    logger.warning("adapter %s not loaded: %s", directory, exc)
+        return cls(model, name=model_dir.resolve().name, adapters=adapters, limits=limits)
+
+    # -- what the model can do ------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return int(self.model.config.block_size)
+
+    @property
+    def can_see(self) -> bool:
+        return "image" in self.model.encoders
+
+    @property
+    def can_draw(self) -> bool:
+        tok = self.model.tokenizer
+        return (
+            self.model.image_decoder is not None
+            and self.model.output_projector is not None
+            and bool(getattr(tok, "signal_token_ids", None))
+        )
+
+    @property
+    def image_tokens(self) -> int:
+        """Decoder positions one input image takes (0 without an image encoder)."""
+        return int(self.model.encoders["image"].num_tokens) if self.can_see else 0
+
+    @property
+    def input_size(self) -> int | None:
+        """Side in pixels of the images the encoder reads."""
+        if not self.can_see:
+            return None
+        return int(self.model.encoders["image"].input_size[-1])
+
+    def adapter_choices(self) -> list[str]:
+        return [NO_ADAPTER, *self.adapters]
+
+    # -- inputs ---------------------------------------------------------------------------
+    def image(self, path: str | Path, warn: Warn = _log_warning) -> Image.Image:
+        """A user image, checked and cached by path (a conversation re-reads its images)."""
+        key = str(path)
+        if key not in self._image_cache:
+            if len(self._image_cache) > 256:
+                self._image_cache.clear()
+            self._image_cache[key] = load_user_image(path, self.limits, warn)
+        return self._image_cache[key]
+
+    def prompt_length(self, turns: Sequence[dict[str, str]], images: Sequence[Any]) -> int:
+        """Tokens of the generation prompt for ``turns`` (image slots included)."""
+        try:
+            return len(self._processor.encode_prompt(turns, images).input_ids)
+        except ValueError as exc:
+            raise UserInputError(str(exc)) from None
+
+    def fit(
+        self, messages: Sequence[Message], max_new_tokens: int, warn: Warn = _log_warning
+    ) -> tuple[list[dict[str, str]], list[Image.Image]]:
+        """The prompt turns and images for ``messages`` (ending with a user turn) that fit
+        the context with ``max_new_tokens`` to spare; the oldest exchanges go first."""
+        if not messages or messages[-1].role != "user":
+            raise UserInputError("There is no question to answer: send a message first.")
+        for message in messages:
+            if message.images and not self.can_see:
+                raise UserInputError(
+                    f"The model '{self.name}' cannot see images (it has no image encoder); "
+                    "send text only."
+                )
+        if max_new_tokens >= self.block_size:
+            raise UserInputError(
+                f"Max new tokens ({max_new_tokens}) must be below the model's context of "
+                f"{self.block_size} tokens."
+            )
+        budget = self.block_size - max_new_tokens
+        start = 0
+        while True:
+            kept = messages[start:]
+            turns = [{"role": m.role, "text": m.text} for m in kept]
+            images = [self.image(p, warn) for m in kept for p in m.images]
+            length = self.prompt_length(turns, images)
+            if length <= budget:
+                break
+            if len(kept) == 1:
+                per_image = f"; each image takes {self.image_tokens}" if kept[0].images else ""
+                raise UserInputError(
+                    f"The message is too long for this model: it needs {length} tokens"
+                    f"{per_image}, and the model reads at most {self.block_size} tokens "
+                    f"including the {max_new_tokens} of the answer. Shorten the message or "
+                    "lower 'Max new tokens'."
+                )
+            # drop the oldest exchange: up to (and excluding) the next user turn after it
+            start += 1
+            while start < len(messages) - 1 and messages[start].role != "user":
+                start += 1
+        if start:
+            warn(
+                f"The conversation is longer than the model's context of {self.block_size} "
+                f"tokens: the oldest {start} message(s) were left out."
+            )
+        return turns, images
+
+    def check_adapter(self, adapter: str | None) -> str:
+        adapter = adapter or NO_ADAPTER
+        if adapter != NO_ADAPTER and adapter not in self.adapters:
+            raise UserInputError(
+                f"Unknown adapter '{adapter}'; choose one of: {', '.join(self.adapter_choices())}."
+            )
+        return adapter
+
+    # -- running the model ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _adapter(self, adapter: str) -> Iterator[None]:
+        if not self.adapters:
+            yield
+            return
+        from mmgpt.adapters import adapters_disabled, set_active_adapter
+
+        if adapter == NO_ADAPTER:
+            with adapters_disabled(self.model):
+                yield
+        else:
+            set_active_adapter(self.model, adapter)
+            yield
+
+    def locked(self, make: Callable[[], Iterator[T]], adapter: str = NO_ADAPTER) -> Iterator[T]:
+        """Iterate ``make()`` taking the model lock (and the adapter) for each step."""
+        adapter = self.check_adapter(adapter)
+        iterator: Iterator[T] | None = None
+        try:
+            while True:
+                with self._lock, self._adapter(adapter):
+                    if iterator is None:
+                        iterator = make()
+                    try:
+                        item = next(iterator)
+                    except StopIteration:
+                        return
+                yield item
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                with self._lock:
+                    close()
+
+    def run(self, fn: Callable[[], T], adapter: str = NO_ADAPTER) -> T:
+        """Call ``fn`` under the model lock with ``adapter`` active."""
+        adapter = self.check_adapter(adapter)
+        with self._lock, self._adapter(adapter):
+            return fn()
+
+    def stream_reply(
+        self,
+        turns: Sequence[dict[str, str]],
+        images: Sequence[Image.Image],
+        settings: Settings,
+        seed: int,
+        adapter: str = NO_ADAPTER,
+    ) -> Iterator[str | Image.Image]:
+        """The assistant's reply to ``turns``: text chunks (``str``) as they are sampled and
+        images (PIL) where the model draws one (with ``seed``, ``seed + 1``… in order)."""
+        config = settings.generation_config(seed)
+        if not self.can_draw:
+            yield from self.locked(
+                lambda: self.model.stream_text(list(turns), list(images), config), adapter
+            )
+            return
+        from mmgpt.imagegen import TextEvent
+
+        image_config = self.image_config(settings, seed)
+        events = self.locked(
+            lambda: self.model.stream(list(turns), list(images), config, image_config), adapter
+        )
+        for event in events:
+            yield event.text if isinstance(event, TextEvent) else event.image
+
+    def image_config(self, settings: Settings, seed: int) -> Any:
+        from mmgpt.imagegen import ImageGenerationConfig
+
+        return ImageGenerationConfig(
+            steps=settings.steps, guidance_scale=settings.guidance, seed=seed
+        )
+
+    def draw(
+        self, prompt: str, settings: Settings, seed: int, adapter: str = NO_ADAPTER
+    ) -> Image.Image:
+        """One image for a drawing prompt with ``seed``; the model is made to start its
+        reply with the signal tokens, so it always draws."""
+        if not self.can_draw:
+            raise UserInputError(f"The model '{self.name}' cannot draw (it has no image decoder).")
+        text = (prompt or "").strip()
+        if not text:
+            raise UserInputError("The prompt is empty: describe what to draw.")
+        k = len(self.model.tokenizer.signal_token_ids)
+        turns, images = self.fit([user_message(text)], k + 1)
+        from mmgpt import imagegen
+
+        def run() -> Image.Image:
+            result = imagegen.generate_images(
+                self.model,
+                [turns],
+                self.image_config(settings, seed),
+                seeds=[seed],
+                force_image=True,
+                images=[images],
+            )
+            return result[0][0][0]
+
+        return self.run(run, adapter)
+
+    def reply(
+        self,
+        turns: Sequence[dict[str, str]],
+        images: Sequence[Image.Image],
+        settings: Settings,
+        seed: int,
+        adapter: str = NO_ADAPTER,
+    ) -> tuple[str, list[Image.Image]]:
+        """The whole reply: its text (an image's place marked ``<image_out>``) and images."""
+        text, drawn = [], []
+        for event in self.stream_reply(turns, images, settings, seed, adapter):
+            if isinstance(event, str):
+                text.append(event)
+            else:
+                drawn.append(event)
+                text.append(IMAGE_OUT_PLACEHOLDER)
+        return "".join(text).strip(), drawn
+
+
+__all__ = [
+    "IMAGE_TYPES_TEXT",
+    "MAX_SEED",
+    "MAX_UPLOAD_MB",
+    "NO_ADAPTER",
+    "DemoModel",
+    "ImageLimits",
+    "Message",
+    "Settings",
+    "UserInputError",
+    "load_user_image",
+    "user_message",
+]

@@ -1,0 +1,174 @@
+"""Text-to-image training: LM loss on the reply + diffusion loss conditioned on the signal tokens.
+
+For a :class:`~mmgpt.processor.MultimodalBatch` whose assistant turns contain ``"<image_out>"``
+(expanded by the processor into ``[IMG0]..[IMGk-1]`` with labels on) and whose
+``output_images`` are the targets (``(M, 3, H, W)`` in [-1, 1], the decoder's
+``preprocess``):
+
+1. one forward of the GPT over the whole batch (input images fused as usual);
+2. the LM loss: cross-entropy of every labelled next token, signal tokens included, so the
+   model learns *when* to draw;
+3. the final hidden states at the signal spans ``(M, k, n_embd)`` → ``output_projector`` →
+   condition ``(M, N, D)`` → ``image_decoder.training_loss`` (the decoder's own noise/v
+   target and its condition dropout for classifier-free guidance);
+4. ``loss = lm_weight · lm + diffusion_weight · diffusion``.
+
+``backprop_into_gpt=False`` detaches the hidden states: the image loss then trains only the
+output projector and the decoder (GILL's frozen-LLM setting), while the LM loss still trains
+the GPT. A batch without output images (caption or VQA samples of a mixed dataset) has a
+diffusion loss of 0. The noise, timesteps and condition dropout come from torch's global
+generator, which the trainer seeds and checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mmgpt.imagegen import gather_signal_states, require_image_generation
+from mmgpt.interfaces import ObjectiveOutput
+from mmgpt.processor import IGNORE_INDEX, MultimodalBatch
+from mmgpt.registry import register
+
+__all__ = ["DiffusionObjective"]
+
+
+def _unwrap(model: Any) -> Any:
+    """The MultimodalGPT behind a DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrapper."""
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, torch.nn.Module):
+            return _unwrap(inner)
+    return model
+
+
+def _weight(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"diffusion objective: {name} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+@register("objective", "diffusion")
+class DiffusionObjective:
+    """``lm_weight · LM + diffusion_weight · diffusion`` on a MultimodalBatch (module docstring).
+
+    Args:
+        lm_weight: weight of the next-token loss (0: not computed into the graph).
+        diffusion_weight: weight of the decoder's loss.
+        backprop_into_gpt: let the image loss train the GPT (and input encoders) too.
+        learn_forced_tokens: also learn to predict ``[IMG1]..[IMGk-1]`` (default, every
+            labelled token); ``False`` leaves them out of the LM loss, since generation forces
+            them anyway, so the LM loss does not pull the signal states towards predicting the
+            next signal token (only ``[IMG0]``, *when* to draw, and what follows are learned).
+
+    Metrics: ``lm_loss``, ``diffusion_loss``, ``images`` (output images per batch).
+    ``weight`` is the number of samples of the batch.
+    """
+
+    def __init__(
+        self,
+        lm_weight: float = 1.0,
+        diffusion_weight: float = 1.0,
+        backprop_into_gpt: bool = True,
+        learn_forced_tokens: bool = True,
+    ) -> None:
+        self.lm_weight = _weight("lm_weight", lm_weight)
+        self.diffusion_weight = _weight("diffusion_weight", diffusion_weight)
+        if not isinstance(backprop_into_gpt, bool):
+            raise ValueError(
+                f"diffusion objective: backprop_into_gpt must be true or false, got "
+                f"{backprop_into_gpt!r}"
+            )
+        self.backprop_into_gpt = backprop_into_gpt
+        if not isinstance(learn_forced_tokens, bool):
+            raise ValueError(
+                f"diffusion objective: learn_forced_tokens must be true or false, got "
+                f"{learn_forced_tokens!r}"
+            )
+        self.learn_forced_tokens = learn_forced_tokens
+
+    def __call__(self, model: Any, batch: MultimodalBatch) -> ObjectiveOutput:
+        if not isinstance(batch, MultimodalBatch):
+            raise TypeError(
+                "diffusion objective: expected a MultimodalBatch (collate the samples with "
+                f"model.processor()), got {type(batch).__name__}"
+            )
+        if batch.labels is None:
+            raise ValueError("diffusion objective: the batch has no labels")
+        base = _unwrap(model)
+        signal_ids = require_image_generation(base)
+        batch = batch.to(base.device)
+        targets = self._targets(base, batch)
+
+        out = model(batch)  # logits (B, T, V), hidden_states (B, T, C)
+        labels = batch.labels
+        if not self.learn_forced_tokens and batch.signal_positions.numel():
+            labels = labels.clone()
+            rows, cols = batch.signal_positions[:, 0], batch.signal_positions[:, 1]
+            for j in range(1, len(signal_ids)):  # [IMG1].. are forced at generation time
+                labels[rows, cols + j] = IGNORE_INDEX
+        logits, labels = out.logits[:, :-1], labels[:, 1:]
+        lm = F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+        )
+        if not bool((labels != IGNORE_INDEX).any()):
+            lm = logits.sum() * 0.0  # no target token: cross_entropy's mean would be nan
+        if self.lm_weight == 0:
+            lm = lm.detach()  # reported, but no gradient path at all
+
+        n_images = batch.signal_positions.size(0)
+        if n_images:
+            self._check_spans(batch, signal_ids)
+            states = gather_signal_states(
+                out.hidden_states, batch.signal_positions, len(signal_ids)
+            )
+            if not self.backprop_into_gpt:
+                states = states.detach()
+            condition = base.output_projector(states)  # (M, N, D)
+            diffusion = base.image_decoder.training_loss(condition, targets)
+        else:
+            diffusion = torch.zeros((), device=lm.device)
+        loss = self.lm_weight * lm + self.diffusion_weight * diffusion
+        return ObjectiveOutput(
+            loss=loss,
+            metrics={
+                "lm_loss": float(lm.detach()),
+                "diffusion_loss": float(diffusion.detach()),
+                "images": float(n_images),
+            },
+            weight=float(len(batch)),
+        )
+
+    @staticmethod
+    def _targets(model: Any, batch: MultimodalBatch) -> torch.Tensor | None:
+        n = batch.signal_positions.size(0)
+        images = batch.output_images
+        if n == 0:
+            return None
+        if images is None:
+            raise ValueError(
+                f"diffusion objective: the batch has {n} '<image_out>' span(s) but no output "
+                "images to learn them from"
+            )
+        if not isinstance(images, torch.Tensor):  # PIL images: the processor had no transform
+            images = model.image_decoder.preprocess(list(images))
+        if images.size(0) != n:
+            raise ValueError(
+                f"diffusion objective: {n} signal span(s) but {images.size(0)} output image(s)"
+            )
+        return images.to(model.device)
+
+    @staticmethod
+    def _check_spans(batch: MultimodalBatch, signal_ids: list[int]) -> None:
+        k = len(signal_ids)
+        ids = gather_signal_states(batch.input_ids[..., None], batch.signal_positions, k)[..., 0]
+        expected = torch.tensor(signal_ids, device=ids.device)
+        if not bool((ids == expected).all()):
+            raise ValueError(
+                "diffusion objective: signal_positions do not point at [IMG0]..[IMGk-1] spans "
+                "of input_ids"
+            )

@@ -1,0 +1,241 @@
+"""PPOTrainer: RLHF of a multimodal policy against a reward model, with KL control.
+
+One trainer *step* is one PPO iteration:
+
+1. **Rollout** — take ``train.batch_size × train.grad_accum_steps`` prompts (text + images),
+   sample an answer to each with the KV-cache generator, score prompt + answer with the
+   reward model (the reward model sees the image too), and recompute per answer token the
+   policy's log-probabilities, its values (value head) and the frozen reference's
+   log-probabilities.
+2. **Rewards** — per token ``r_t = −β (log π − log π_ref)``; the last answer token also gets the
+   reward model's score (normalised with its training statistics). β follows Ziegler et al.'s
+   adaptive controller toward ``target_kl`` (nats per answer).
+3. **Advantages** — GAE over the answer tokens, then whitened over the batch.
+4. **Optimisation** — ``ppo_epochs`` passes over the rollout in shuffled minibatches, one
+   optimizer step each, with the clipped policy and value losses (objective ``"ppo"``).
+
+It is a :class:`~mmgpt.trainer.Trainer` whose ``train_step`` is the above: optimizer (AdamW with
+decay groups), learning-rate schedule (one scheduler step per rollout), gradient clipping,
+autocast, the prompt loader's resumable position, ``metrics.jsonl``, TensorBoard, the progress
+bar, evaluation cadence and atomic checkpoints all come from the Trainer. A checkpoint holds the
+policy and value head (one model state), the optimizer, the RNG states, the step and the data
+position, plus the KL controller (the Trainer's ``extra`` state).
+
+The reference policy: with LoRA adapters on the policy, the same module with its adapters
+disabled (no second copy of the weights); otherwise a frozen deep copy of the starting policy.
+
+mmgpt implements PPO itself: RLHF libraries such as TRL assume a text-only causal LM, while
+this policy reads images through MultimodalGPT.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmgpt.data.sample import Sample
+from mmgpt.generation import GenerationConfig
+from mmgpt.objectives.ppo import PPOConfig, PPOObjective
+from mmgpt.rlhf.data import collate_prompts
+from mmgpt.rlhf.losses import AdaptiveKLController, gae, masked_mean, masked_whiten
+from mmgpt.rlhf.policy import ReferencePolicy, save_policy
+from mmgpt.rlhf.reward_model import RewardModel
+from mmgpt.rlhf.rollout import (
+    PolicyWithValueHead,
+    ResponseBatch,
+    generate_responses,
+    response_forward,
+)
+from mmgpt.trainer import TrainConfig, Trainer
+
+__all__ = ["EvalFn", "PPOTrainer"]
+
+# eval_fn(prompts, answers) -> extra metrics (e.g. caption exact match) for evaluate()
+EvalFn = Callable[[Sequence[Sample], Sequence[str]], dict[str, float]]
+
+
+class PPOTrainer(Trainer):
+    """PPO on ``policy`` (a MultimodalGPT, optionally with LoRA) against ``reward_model``.
+
+    Args:
+        policy: the model to improve (usually an SFT model); saved to ``out_dir/model``.
+        reward_model: a :class:`~mmgpt.rlhf.reward_model.RewardModel` (frozen here).
+        prompts: a map-style dataset of prompts: Samples (their final answer is dropped),
+            preference pairs (their prompt) or strings; see :func:`~mmgpt.rlhf.data.as_prompt`.
+        config: :class:`~mmgpt.trainer.TrainConfig`; ``max_steps`` counts rollouts,
+            ``batch_size × grad_accum_steps`` prompts make one.
+        objective: the ``"ppo"`` objective, a :class:`PPOConfig` or a dict of its fields.
+        eval_prompts: held-out prompts; ``evaluate`` answers them greedily and reports the mean
+            reward (and ``eval_fn``'s metrics).
+        value_head: a trained ``Linear(n_embd, 1)`` to start from (default: zeros).
+        eval_fn: ``(prompts, answers) -> metrics`` added to each evaluation.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        reward_model: RewardModel,
+        prompts: Any,
+        config: TrainConfig | dict[str, Any],
+        objective: PPOObjective | PPOConfig | dict[str, Any] | None = None,
+        *,
+        eval_prompts: Any = None,
+        out_dir: str | os.PathLike,
+        value_head: nn.Linear | None = None,
+        eval_fn: EvalFn | None = None,
+    ) -> None:
+        if isinstance(objective, PPOConfig):
+            objective = PPOObjective(**objective.to_dict())
+        elif objective is None or isinstance(objective, dict):
+            objective = PPOObjective(**(objective or {}))
+        if not isinstance(objective, PPOObjective):
+            raise TypeError(f"objective: expected the ppo objective, got {objective!r}")
+        self.ppo: PPOConfig = objective.config
+        # the reference is taken from the starting weights, before any step (or resume) changes them
+        self.reference = ReferencePolicy(policy)
+        super().__init__(
+            PolicyWithValueHead(policy, value_head),
+            objective,
+            prompts,
+            config,
+            eval_data=eval_prompts,
+            collate_fn=collate_prompts,
+            out_dir=out_dir,
+            save_model_fn=save_policy,
+        )
+        self.policy = policy
+        self.reference.to(self.device)
+        self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
+        self.kl_controller = AdaptiveKLController(
+            self.ppo.init_kl_coef, self.ppo.target_kl, self.ppo.kl_horizon
+        )
+        self.eval_fn = eval_fn
+
+    # -- checkpoints: the KL controller rides along in the trainer state ------------------
+    def _extra_state(self) -> dict[str, Any]:
+        return {"kl_controller": self.kl_controller.state_dict()}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        if "kl_controller" in state:
+            self.kl_controller.load_state_dict(state["kl_controller"])
+
+    # -- one PPO iteration ---------------------------------------------------------------
+    def generation_config(self, *, greedy: bool = False) -> GenerationConfig:
+        cfg = self.ppo
+        if greedy:
+            return GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False)
+        return GenerationConfig(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+        )
+
+    def score(self, prompts: Sequence[Sample], answers: Sequence[str]) -> torch.Tensor:
+        """The reward model's scores of ``answers`` (raw, not normalised): ``(B,)``."""
+        return self.reward_model.score(
+            [p.conversation for p in prompts], answers, [p.images for p in prompts]
+        ).to(self.device)
+
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[Sample]) -> tuple[ResponseBatch, dict[str, float]]:
+        """Sample, score and annotate a batch of answers (steps 1–3 of the module docstring)."""
+        cfg = self.ppo
+        batch, answers, ended = generate_responses(self.policy, prompts, self.generation_config())
+        batch = batch.to(self.device)
+        raw = self.score(prompts, answers)  # (B,)
+        scores = self.reward_model.normalize(raw) if cfg.normalize_reward else raw
+        if cfg.reward_clip is not None:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        unfinished = ~torch.tensor(ended, device=self.device)
+        scores = scores - cfg.missing_eos_penalty * unfinished.float()
+
+        self.wrapped_model.eval()
+        logprobs, values, _ = self.wrapped_model(batch, with_entropy=False)  # (B, R) each
+        with self.reference.active() as reference:
+            ref_logprobs = response_forward(reference, batch).logprobs  # (B, R)
+        mask = batch.response_mask
+        kl = (logprobs - ref_logprobs) * mask  # (B, R) per-token log-ratio
+        beta = self.kl_controller.beta
+        rewards = -beta * kl
+        last = (batch.lengths.long() - 1).clamp(min=0)  # (B,) last answer token
+        rows = torch.arange(len(batch), device=self.device)
+        rewards[rows, last] += scores
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        batch.old_logprobs, batch.old_values = logprobs, values
+        batch.advantages, batch.returns = advantages, returns
+        sequence_kl = kl.sum(-1)  # (B,) log π(y) − log π_ref(y): a sample of KL(π ‖ π_ref)
+        stats = {
+            "reward": float(raw.mean()),
+            "reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
+            "score": float(scores.mean()),
+            "kl": float(sequence_kl.mean()),
+            "non_score_reward": float((-beta * kl).sum(-1).mean()),
+            "beta": beta,
+            "response_length": float(batch.lengths.mean()),
+            "ended_with_eos": float(torch.tensor(ended, dtype=torch.float).mean()),
+            "value_mean": float(masked_mean(values, mask)),
+        }
+        return batch, stats
+
+    def train_step(self, micro_batches: Sequence[Any]) -> dict[str, float]:
+        """A rollout, then ``ppo_epochs`` of minibatch updates; one scheduler step."""
+        cfg = self.ppo
+        k = cfg.samples_per_prompt
+        prompts = [p for micro in micro_batches for p in micro for _ in range(k)]
+        batch, stats = self.rollout(prompts)
+        n = len(batch)
+        size = min(cfg.minibatch_size, n)
+        sums: dict[str, float] = defaultdict(float)
+        updates = 0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(n)
+            for start in range(0, n, size):
+                minibatch = batch.select(order[start : start + size])
+                metrics = self.compute_gradients([minibatch])
+                metrics["grad_norm"] = self.clip_gradients()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                for key, value in metrics.items():
+                    sums[key] += value
+                updates += 1
+        self.tokens_seen += float(batch.response_mask.sum()) * cfg.ppo_epochs
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step += 1
+        self.kl_controller.update(stats["kl"], n)
+        return {**{k: v / updates for k, v in sums.items()}, **stats, "lr": lr}
+
+    # -- evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
+        """Greedy answers to the held-out prompts: mean reward, length, ``eval_fn``'s metrics."""
+        if self.eval_loader is None:
+            return {}
+        max_batches = self.config.eval_batches if max_batches is None else max_batches
+        prompts: list[Sample] = []
+        for i, micro in enumerate(self.eval_loader.iter_epoch(0)):
+            if max_batches and i >= max_batches:
+                break
+            prompts += micro
+        if not prompts:
+            return {}
+        batch, answers, _ = generate_responses(
+            self.policy, prompts, self.generation_config(greedy=True)
+        )
+        raw = self.score(prompts, answers)
+        metrics = {
+            "reward": float(raw.mean()),
+            "response_length": float(batch.lengths.float().mean()),
+        }
+        if self.eval_fn is not None:
+            metrics.update(self.eval_fn(prompts, answers))
+        return metrics

@@ -1,0 +1,106 @@
+"""Prompt data for PPO: JSONL of prompts (with optional images), no answers needed.
+
+One object per line::
+
+    {"prompt": "Describe the image.", "image": "images/1.png"}
+
+``image`` is a path or a list of paths relative to ``image_root`` (default: the file's
+directory); the prompt gets ``"<image>\\n"`` per image prepended when it has no placeholder,
+as in the preference format. A preference file works as a prompt file too: ``chosen``,
+``rejected`` and ``responses`` are ignored (and kept in ``meta`` with every other key, so an
+evaluation can compare against them).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from mmgpt.data.llava import (
+    check_images_exist,
+    insert_image_placeholders,
+    parse_image_field,
+    record_id,
+    resolve_image,
+)
+from mmgpt.data.records import (
+    DataError,
+    Problem,
+    Record,
+    RecordDataset,
+    RecordError,
+    iter_jsonl,
+)
+from mmgpt.data.sample import Sample, Turn
+from mmgpt.registry import register
+
+__all__ = ["PromptDataset", "read_prompts"]
+
+
+def read_prompts(
+    path: str | os.PathLike, *, image_root: str | os.PathLike | None = None
+) -> tuple[list[Record], list[Problem]]:
+    """Parse a prompt JSONL file: one record per line, problems with their line numbers."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: prompt file not found")
+    root = Path(image_root) if image_root is not None else path.parent
+    records: list[Record] = []
+    problems: list[Problem] = []
+    for line, obj in iter_jsonl(path):
+        ident = record_id(obj) if isinstance(obj, dict) else None
+        try:
+            if isinstance(obj, RecordError):
+                raise obj
+            if not isinstance(obj, dict):
+                raise RecordError(
+                    "bad_type", f"a line must be a JSON object, got {type(obj).__name__}"
+                )
+            prompt = obj.get("prompt")
+            if prompt is None:
+                raise RecordError("missing_field", "missing field 'prompt'")
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise RecordError("bad_type", "'prompt' must be a non-empty string")
+            names = parse_image_field(obj.get("image"))
+            (turn,) = insert_image_placeholders([Turn("user", prompt)], len(names))
+            paths = [resolve_image(root, name) for name in names]
+            check_images_exist(paths)
+            meta = {k: v for k, v in obj.items() if k not in ("prompt", "image")}
+            records.append(Record(str(path), line, ident, paths, turn.text, meta))
+        except RecordError as exc:
+            problems.append(Problem(str(path), line, exc.reason, str(exc), ident))
+    return records, problems
+
+
+@register("dataset", "prompts")
+class PromptDataset(RecordDataset):
+    """Prompts (Samples with one user turn and its images) from a JSONL file; see the module
+    docstring. Problems, ``skipped`` and ``strict`` work as for the other file datasets."""
+
+    format_name = "prompts"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        image_root: str | os.PathLike | None = None,
+        strict: bool = False,
+        max_pixels: int | None = None,
+        verify_images: bool = False,
+    ) -> None:
+        records, problems = read_prompts(path, image_root=image_root)
+        super().__init__(
+            records,
+            problems,
+            source=str(path),
+            strict=strict,
+            max_pixels=max_pixels,
+            verify_images=verify_images,
+        )
+
+    def build(self, record: Record, images: list[Any]) -> Sample:
+        meta = {**record.meta, "source": record.file, "line": record.line}
+        if record.id is not None:
+            meta["id"] = record.id
+        return Sample([Turn("user", record.data)], images, meta=meta)

@@ -1,0 +1,238 @@
+"""Reward model: a MultimodalGPT backbone (image encoder included) + a scalar head.
+
+The score of a (prompt, images, answer) sequence is ``head(h_last)``, where ``h_last`` is the
+final hidden state (after ``ln_f``) of the LAST NON-PAD token: the decoder is causal, so only
+that position has read the whole prompt, image and answer. Trained with the Bradley-Terry loss
+``−log σ(r(x, y_w) − r(x, y_l))`` (objective ``"reward"``).
+
+An answer may itself be an image: an ``"<image>"`` placeholder in the assistant turn puts the
+image encoder's features of that (generated) image there, so the same model scores image
+outputs (:class:`~mmgpt.rlhf.data.ImageOutputPair`, :meth:`RewardModel.score`).
+
+A saved reward model is a MultimodalGPT directory (``config.json``, ``model.safetensors``,
+tokenizer files: the backbone loads with ``MultimodalGPT.from_pretrained``) plus::
+
+    reward_head.safetensors   the head's weight (1, C) and bias (1,)
+    reward_config.json        {"architecture": "reward", "format_version": 1,
+                               "normalization": {"mean": m, "std": s, "count": n} | null}
+
+``normalization`` holds the mean and standard deviation of the model's scores over its
+training answers (chosen and rejected), so PPO can use ``(r − mean) / std``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmgpt.checkpoint import atomic_write_bytes, load_tensors, save_tensors
+from mmgpt.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from mmgpt.processor import MultimodalBatch
+
+__all__ = ["REWARD_CONFIG", "REWARD_HEAD", "RewardModel", "last_token_index", "reward_statistics"]
+
+REWARD_HEAD = "reward_head.safetensors"
+REWARD_CONFIG = "reward_config.json"
+ARCHITECTURE = "reward"
+FORMAT_VERSION = 1
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of each row's last real token (mask 1), for right or left padding: ``(B,)``."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (batch, time), got {tuple(attention_mask.shape)}")
+    mask = attention_mask.bool()
+    if not bool(mask.any(-1).all()):
+        raise ValueError("a row of the batch has no token (its attention_mask is all 0)")
+    T = mask.size(1)
+    # first 1 from the right, counted from the left
+    return T - 1 - mask.flip(-1).long().argmax(-1)
+
+
+class RewardModel(nn.Module):
+    """``backbone`` (a :class:`~mmgpt.multimodal.MultimodalGPT`) + a linear scalar head.
+
+    ``model(batch)`` returns the scores ``(B,)``; :meth:`score` takes conversations, images
+    and answers as text (the reward model tokenizes them itself, so a policy with another
+    tokenizer can be scored).
+    """
+
+    def __init__(self, backbone: nn.Module, *, head: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        n_embd = backbone.config.n_embd
+        if head is None:
+            head = nn.Linear(n_embd, 1)
+            nn.init.normal_(head.weight, std=1.0 / math.sqrt(n_embd + 1))
+            nn.init.zeros_(head.bias)
+        if (head.in_features, head.out_features) != (n_embd, 1):
+            raise ValueError(
+                f"reward head maps {head.in_features} → {head.out_features}; expected "
+                f"{n_embd} → 1 (the backbone's width)"
+            )
+        self.head = head
+        self.normalization: dict[str, float] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.backbone.tokenizer
+
+    @property
+    def tied_weight_keys(self) -> list[str]:
+        return [f"backbone.{k}" for k in getattr(self.backbone, "tied_weight_keys", [])]
+
+    def processor(self, **kwargs: Any) -> Any:
+        """The backbone's processor (right padding)."""
+        return self.backbone.processor(**kwargs)
+
+    def forward(self, batch: MultimodalBatch) -> Tensor:
+        """Scores ``(B,)`` from the hidden state of each row's last non-pad token."""
+        batch = batch.to(self.device)
+        hidden = self.backbone(batch, return_logits=False).hidden_states  # (B, T, C)
+        last = last_token_index(batch.attention_mask)  # (B,)
+        h = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, C)
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1)  # (B,)
+
+    def normalize(self, scores: Tensor) -> Tensor:
+        """``(scores − mean) / std`` with the training-set statistics (identity without them)."""
+        if not self.normalization:
+            return scores
+        return (scores - self.normalization["mean"]) / max(self.normalization["std"], 1e-6)
+
+    @torch.no_grad()
+    def score(
+        self,
+        conversations: Sequence[Sequence[Turn]],
+        answers: Sequence[str],
+        images: Sequence[Sequence[Any]] | None = None,
+        *,
+        answer_images: Sequence[Sequence[Any]] | None = None,
+        normalize: bool = False,
+        batch_size: int = 64,
+    ) -> Tensor:
+        """Scores of ``answers`` to prompts (conversations ending with a user turn): ``(N,)``.
+
+        ``answer_images[i]``: images the answer shows (generated images); each needs an
+        ``"<image>"`` in ``answers[i]`` — an answer that is only images can be ``""``, then it
+        becomes one placeholder per image. Sequences longer than the backbone's context are
+        cut at the end.
+        """
+        n = len(answers)
+        if len(conversations) != n:
+            raise ValueError(f"score: {len(conversations)} conversations but {n} answers")
+        images = images if images is not None else [[] for _ in range(n)]
+        answer_images = answer_images if answer_images is not None else [[] for _ in range(n)]
+        if len(images) != n or len(answer_images) != n:
+            raise ValueError("score: images and answer_images need one list per answer")
+        samples = []
+        for conv, answer, ims, outs in zip(conversations, answers, images, answer_images):
+            if outs and not answer:
+                answer = IMAGE_PLACEHOLDER * len(outs)
+            turns = [*conv, Turn("assistant", answer)]
+            samples.append(Sample(turns, [*ims, *outs]))
+        processor = self.processor(truncation=True)
+        was_training = self.training
+        self.eval()
+        try:
+            scores = torch.cat(
+                [self(processor(samples[i : i + batch_size])) for i in range(0, n, batch_size)]
+            )
+        finally:
+            self.train(was_training)
+        return self.normalize(scores) if normalize else scores
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        """The backbone's directory + ``reward_head.safetensors`` + ``reward_config.json``."""
+        path = Path(path)
+        self.backbone.save_pretrained(path)
+        save_tensors(
+            {"weight": self.head.weight, "bias": self.head.bias},
+            path / REWARD_HEAD,
+            metadata={"format": "pt"},
+        )
+        config = {
+            "architecture": ARCHITECTURE,
+            "format_version": FORMAT_VERSION,
+            "normalization": self.normalization,
+        }
+        atomic_write_bytes(path / REWARD_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, map_location: str | torch.device = "cpu"
+    ) -> RewardModel:
+        """Load a directory written by :meth:`save_pretrained`."""
+        from mmgpt.multimodal import MultimodalGPT
+
+        path = Path(path)
+        config_path = path / REWARD_CONFIG
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no {REWARD_CONFIG}; not a reward model directory (train one with "
+                "`mmgpt train reward`)"
+            )
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ValueError(f"{config_path}: invalid JSON ({exc})") from None
+        if config.get("architecture") != ARCHITECTURE:
+            raise ValueError(
+                f"{config_path}: architecture is {config.get('architecture')!r}, expected "
+                f"{ARCHITECTURE!r}"
+            )
+        backbone = MultimodalGPT.from_pretrained(path, map_location=map_location)
+        state = load_tensors(path / REWARD_HEAD, map_location)
+        n_embd = backbone.config.n_embd
+        weight, bias = state.get("weight"), state.get("bias")
+        if weight is None or bias is None or tuple(weight.shape) != (1, n_embd):
+            raise ValueError(
+                f"{path / REWARD_HEAD}: expected 'weight' (1, {n_embd}) and 'bias' (1,), got "
+                f"{ {k: tuple(v.shape) for k, v in state.items()} }"
+            )
+        head = nn.Linear(n_embd, 1).to(map_location)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
+        model = cls(backbone, head=head)
+        norm = config.get("normalization")
+        if norm is not None:
+            if not isinstance(norm, dict) or not {"mean", "std"} <= set(norm):
+                raise ValueError(f"{config_path}: 'normalization' needs 'mean' and 'std'")
+            model.normalization = {k: float(v) for k, v in norm.items()}
+        return model
+
+
+@torch.no_grad()
+def reward_statistics(
+    model: RewardModel, dataset: Any, collate_fn: Any, *, batch_size: int = 32
+) -> dict[str, float]:
+    """Mean and std of the scores of every answer (chosen and rejected) of ``dataset``."""
+    was_training = model.training
+    model.eval()
+    total = total_sq = 0.0
+    count = 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            scores = model(collate_fn(items).pairs).double()
+            total += float(scores.sum())
+            total_sq += float((scores**2).sum())
+            count += scores.numel()
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("reward_statistics: the dataset is empty")
+    mean = total / count
+    std = math.sqrt(max(total_sq / count - mean**2, 0.0))
+    return {"mean": mean, "std": std, "count": float(count)}

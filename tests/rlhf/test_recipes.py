@@ -1,0 +1,90 @@
+"""The reward, dpo and ppo recipes through `mmgpt train` (--model, --reward-model, --data)."""
+
+from __future__ import annotations
+
+import json
+
+from mmgpt import cli
+from mmgpt.rlhf.reward_model import RewardModel
+from mmgpt.rlhf.shapes import write_shapes_preferences
+
+QUICK = ["train.progress=false", "train.tensorboard=false", "train.warmup_steps=0"]
+
+
+def train(*argv: str) -> None:
+    assert cli.main(["train", *argv, *QUICK]) == 0
+
+
+def test_reward_then_ppo_and_dpo_from_the_command_line(tok, rl, tmp_path, capsys) -> None:
+    sft = tmp_path / "sft"
+    rl.build(tok, block_size=128).save_pretrained(sft)
+    prefs = write_shapes_preferences(tmp_path / "prefs", 24, seed=0, image_size=32, max_shapes=1)
+
+    train(
+        "reward",
+        "--model",
+        str(sft),
+        "--data",
+        str(prefs),
+        "--out",
+        str(tmp_path / "rm"),
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "data.eval_fraction=0.25",
+    )
+    reward_model = RewardModel.from_pretrained(tmp_path / "rm" / "model")
+    assert reward_model.normalization["count"] > 0  # statistics of the training answers
+
+    train(
+        "ppo",
+        "--model",
+        str(sft),
+        "--reward-model",
+        str(tmp_path / "rm" / "model"),
+        "--data",
+        str(prefs),
+        "--out",
+        str(tmp_path / "ppo"),
+        "train.max_steps=1",
+        "train.batch_size=4",
+        "objective.minibatch_size=2",
+        "objective.max_new_tokens=4",
+        "objective.ppo_epochs=1",
+    )
+    record = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"reward", "kl", "beta", "entropy", "clip_fraction", "value_loss"} <= set(record)
+    assert (tmp_path / "ppo" / "model" / "value_head.safetensors").is_file()
+
+    train(
+        "dpo",
+        "--model",
+        str(sft),
+        "--data",
+        str(prefs),
+        "--out",
+        str(tmp_path / "dpo"),
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "objective.loss_type=ipo",
+    )
+    assert (tmp_path / "dpo" / "reference_logps.safetensors").is_file()
+    assert (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
+    capsys.readouterr()
+
+    # a recipe other than ppo has no reward model to take
+    code = cli.main(
+        [
+            "train",
+            "dpo",
+            "--model",
+            str(sft),
+            "--reward-model",
+            "x",
+            "--data",
+            str(prefs),
+            "--out",
+            str(tmp_path / "bad"),
+        ]
+    )
+    assert code == 2
+    assert "reward_model" in capsys.readouterr().err
