@@ -182,26 +182,28 @@ def main(argv: list[str] | None = None) -> int:
         default="final",
         help="the SFT checkpoint the reward model starts from",
     )
-    parser.add_argument("--rm-steps", type=int, default=300)
-    parser.add_argument("--ppo-rollouts", type=int, default=40)
-    parser.add_argument("--dpo-steps", type=int, default=300)
+    parser.add_argument("--rm-steps", type=int, default=500)
+    parser.add_argument("--ppo-rollouts", type=int, default=60)
+    parser.add_argument("--dpo-steps", type=int, default=500)
     parser.add_argument("--rm-lr", type=float, default=1e-3)
-    parser.add_argument("--ppo-lr", type=float, default=5e-5)
+    parser.add_argument("--ppo-lr", type=float, default=5e-4)
     parser.add_argument("--ppo-init-kl", type=float, default=0.1)
-    parser.add_argument("--ppo-batch", type=int, default=64, help="prompts per rollout")
-    parser.add_argument("--ppo-minibatch", type=int, default=16)
+    parser.add_argument("--ppo-batch", type=int, default=32, help="prompts per rollout")
+    parser.add_argument("--ppo-minibatch", type=int, default=64)
     parser.add_argument("--ppo-epochs", type=int, default=4)
-    parser.add_argument("--ppo-samples", type=int, default=1, help="answers per prompt")
+    parser.add_argument("--ppo-samples", type=int, default=4, help="answers per prompt")
     parser.add_argument("--target-kl", type=float, default=4.0)
-    parser.add_argument("--dpo-lr", type=float, default=1e-4)
+    parser.add_argument("--dpo-lr", type=float, default=5e-4)
     parser.add_argument("--dpo-beta", type=float, default=0.1)
-    parser.add_argument("--dpo-sft-weight", type=float, default=0.0)
+    parser.add_argument("--dpo-sft-weight", type=float, default=1.0)
+    parser.add_argument("--plain-dpo-steps", type=int, default=300, help="0: skip plain DPO")
+    parser.add_argument("--plain-dpo-lr", type=float, default=1e-4)
     parser.add_argument("--phases", default="sft,rm,ppo,dpo")
     args = parser.parse_args(argv)
     if args.quick:
         args.pairs, args.eval_images = 200, 40
         args.sft_steps, args.weak_step = 20, 10
-        args.rm_steps, args.ppo_rollouts, args.dpo_steps = 10, 2, 10
+        args.rm_steps, args.ppo_rollouts, args.dpo_steps, args.plain_dpo_steps = 10, 2, 10, 5
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -346,39 +348,38 @@ def main(argv: list[str] | None = None) -> int:
         log(f"PPO: {results['ppo']}")
         save_results()
 
-    # 4. DPO from the weak SFT model on the same pairs
-    if "dpo" in phases:
-        shutil.rmtree(out / "dpo", ignore_errors=True)
+    # 4. DPO from the weak SFT model on the same pairs: with the RPO term (the chosen answers'
+    #    NLL, weight --dpo-sft-weight) and, for comparison, plain DPO
+    variants = {"dpo": (args.dpo_sft_weight, args.dpo_steps, args.dpo_lr)}
+    if args.plain_dpo_steps:
+        variants["dpo_plain"] = (0.0, args.plain_dpo_steps, args.plain_dpo_lr)
+    for name, (sft_weight, steps, lr) in variants.items():
+        if "dpo" not in phases:
+            break
+        shutil.rmtree(out / name, ignore_errors=True)
         torch.manual_seed(0)
         t = time.perf_counter()
-        objective = DPOObjective(
-            beta=args.dpo_beta, sft_weight=args.dpo_sft_weight, reference_batch_size=64
-        )
+        objective = DPOObjective(beta=args.dpo_beta, sft_weight=sft_weight, reference_batch_size=64)
         trainer = objective.build_trainer(
             copy.deepcopy(sft),
             train_pairs,
-            quiet_config(
-                max_steps=args.dpo_steps,
-                batch_size=16,
-                lr=args.dpo_lr,
-                min_lr=args.dpo_lr / 10,
-                warmup_steps=20,
-            ),
+            quiet_config(max_steps=steps, batch_size=16, lr=lr, min_lr=lr / 10, warmup_steps=20),
             eval_data=eval_pairs,
-            out_dir=out / "dpo",
+            out_dir=out / name,
         )
         trainer.fit()
-        results["dpo_train_s"] = round(time.perf_counter() - t, 1)
-        dpo = MultimodalGPT.from_pretrained(out / "dpo" / "model")
-        results["dpo"] = caption_eval(dpo, eval_world, reward_model)
-        results["dpo"]["kl_to_sft"] = sampled_kl(dpo, sft, eval_world)
-        log(f"DPO: {results['dpo']}")
+        results[f"{name}_train_s"] = round(time.perf_counter() - t, 1)
+        tuned = MultimodalGPT.from_pretrained(out / name / "model")
+        results[name] = caption_eval(tuned, eval_world, reward_model)
+        results[name]["kl_to_sft"] = sampled_kl(tuned, sft, eval_world)
+        results[name]["heldout_pairs"] = trainer.last_eval
+        log(f"{name}: {results[name]}")
         save_results()
 
     save_results()
     summary = {
         name: {k: results[name].get(k) for k in ("exact_match", "reward", "kl_to_sft")}
-        for name in ("sft", "ppo", "dpo")
+        for name in ("sft", "sft_final", "ppo", "dpo", "dpo_plain")
         if name in results
     }
     log(f"summary: {json.dumps(summary)}; wall {results['wall_s']} s")

@@ -37,6 +37,10 @@ def circle_file(tiny, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.xfail(
+    reason="known bug: after Clear the user message stays in the chatbot (demo issue still open)",
+    strict=False,
+)
 def test_chat_in_the_browser(chat, browser, tiny, circle_file) -> None:
     from playwright.sync_api import expect
 
