@@ -4,21 +4,26 @@ The preference is programmatic: for each image the chosen caption is right in ev
 the rejected one is wrong in one (a colour, a shape, a position, or the number of shapes;
 :mod:`mmgpt.rlhf.shapes`). The run
 
-1. trains a deliberately WEAK caption model (SFT for few steps: low exact match),
-2. trains a reward model from it on preference pairs (held-out pair accuracy),
-3. runs PPO from the weak model against that reward model (KL-controlled toward the SFT model),
-4. runs DPO from the same weak model on the same pairs,
+1. trains one caption SFT run (600 steps) and takes its EARLY checkpoint (step 400) as the
+   deliberately weak policy (low exact match);
+2. trains a reward model on the preference pairs, starting from the end of that SFT run
+   (``--rm-from weak`` starts it from the weak checkpoint instead), and measures its held-out
+   pair accuracy per kind of corruption;
+3. runs PPO from the weak policy against that reward model (KL-controlled toward the weak
+   policy, several sampled answers per image);
+4. runs DPO from the same weak policy on the same pairs — with the RPO term (the chosen
+   answers' NLL, ``--dpo-sft-weight``) and, for comparison, plain DPO;
 
-and reports, for the SFT model and each tuned policy, caption exact match and per-attribute
-accuracy on held-out images (greedy decoding), the reward model's mean score of those
-captions, and the KL to the SFT reference (sampled answers, nats per answer). Every model sees
-the image: policy and reward model are MultimodalGPTs (ViT → projector → GPT).
+and reports, for the weak policy and each tuned one, caption exact match and per-attribute
+accuracy on 300 held-out images (greedy decoding), the reward model's mean score of those
+captions, and the KL to the weak SFT reference (sampled answers, nats per answer). Every model
+sees the image: policies and reward model are MultimodalGPTs (ViT → projector → GPT).
 
-    python benchmarks/bench_rlhf.py --out runs/bench_rlhf          # ~20 min on 2 CPU cores
-    python benchmarks/bench_rlhf.py --out /tmp/r --quick            # a smoke run (~2 min)
+    python benchmarks/bench_rlhf.py --out runs/bench_rlhf          # ~15 min on 2 CPU cores
+    python benchmarks/bench_rlhf.py --out /tmp/r --quick            # a smoke run (~1 min)
 
-Results go to ``OUT/results.json`` (and each phase's run directory); ``--reuse`` keeps the
-phases whose model directory already exists.
+Results go to ``OUT/results.json`` (and each phase's run directory); ``--reuse`` keeps the SFT
+and reward-model phases already done in ``--out``. Figures of a run: docs/rlhf.md.
 """
 
 from __future__ import annotations
@@ -182,16 +187,18 @@ def main(argv: list[str] | None = None) -> int:
         default="final",
         help="the SFT checkpoint the reward model starts from",
     )
-    parser.add_argument("--rm-steps", type=int, default=500)
+    parser.add_argument("--rm-steps", type=int, default=1000)
     parser.add_argument("--ppo-rollouts", type=int, default=60)
     parser.add_argument("--dpo-steps", type=int, default=500)
-    parser.add_argument("--rm-lr", type=float, default=1e-3)
+    parser.add_argument("--rm-lr", type=float, default=3e-4)
     parser.add_argument("--ppo-lr", type=float, default=5e-4)
     parser.add_argument("--ppo-init-kl", type=float, default=0.1)
     parser.add_argument("--ppo-batch", type=int, default=32, help="prompts per rollout")
     parser.add_argument("--ppo-minibatch", type=int, default=64)
     parser.add_argument("--ppo-epochs", type=int, default=4)
     parser.add_argument("--ppo-samples", type=int, default=4, help="answers per prompt")
+    parser.add_argument("--ppo-entropy", type=float, default=0.0, help="entropy bonus")
+    parser.add_argument("--ppo-min-lr", type=float, default=None, help="default: lr / 10")
     parser.add_argument("--target-kl", type=float, default=4.0)
     parser.add_argument("--dpo-lr", type=float, default=5e-4)
     parser.add_argument("--dpo-beta", type=float, default=0.1)
@@ -319,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_steps=args.ppo_rollouts,
                 batch_size=args.ppo_batch,
                 lr=args.ppo_lr,
-                min_lr=args.ppo_lr / 10,
+                min_lr=args.ppo_lr / 10 if args.ppo_min_lr is None else args.ppo_min_lr,
                 warmup_steps=0,
                 log_every=1,
                 eval_every=max(1, args.ppo_rollouts // 4),
@@ -329,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_new_tokens=24,
                 ppo_epochs=args.ppo_epochs,
                 samples_per_prompt=args.ppo_samples,
+                entropy_coef=args.ppo_entropy,
                 minibatch_size=args.ppo_minibatch,
                 init_kl_coef=args.ppo_init_kl,
                 target_kl=args.target_kl,

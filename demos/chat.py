@@ -121,15 +121,26 @@ class ChatApp:
         return str(path)
 
     def _prepare(
-        self, history: Sequence[dict[str, Any]], settings: Settings, *, quiet: bool
+        self,
+        history: Sequence[dict[str, Any]],
+        settings: Settings,
+        *,
+        quiet: bool,
+        remember: bool,
     ) -> tuple[list[dict[str, str]], list[Any]]:
         messages = to_messages(history)
+        if not remember:  # the last (user) message alone, with its images
+            messages = messages[-1:]
         warn = (lambda _message: None) if quiet else ui.warn
         return self.model.fit(messages, settings.max_new_tokens, warn)
 
     # -- UI events ------------------------------------------------------------------------
     def add_message(
-        self, message: dict[str, Any] | None, history: list[dict[str, Any]], max_new_tokens: Any
+        self,
+        message: dict[str, Any] | None,
+        history: list[dict[str, Any]],
+        max_new_tokens: Any,
+        remember: bool = False,
     ) -> tuple[list[dict[str, Any]], Any]:
         """Check the new message (images, length) and show it; the box is locked until the
         answer is done. On a problem nothing changes and the message stays in the box."""
@@ -139,7 +150,7 @@ class ChatApp:
         settings = Settings.from_values(max_new_tokens=max_new_tokens)
         new_history = [*_strip_trailing_empty(history), user_entry(text, files)]
         user_message(text, files)  # empty message → error
-        self._prepare(new_history, settings, quiet=False)
+        self._prepare(new_history, settings, quiet=False, remember=bool(remember))
         return new_history, gr.MultimodalTextbox(value=None, interactive=False)
 
     def respond(
@@ -152,11 +163,13 @@ class ChatApp:
         steps: int,
         seed: int,
         adapter: str,
+        remember: bool = False,
     ) -> Iterator[list[dict[str, Any]]]:
-        """Stream the answer to the last user message into the conversation."""
+        """Stream the answer to the last user message into the conversation (with the earlier
+        turns as context when ``remember``)."""
         settings = Settings.from_values(temperature, top_p, max_new_tokens, guidance, steps, seed)
         history = list(history or [])
-        turns, images = self._prepare(history, settings, quiet=True)
+        turns, images = self._prepare(history, settings, quiet=True, remember=bool(remember))
         content: list[Any] = []
         history.append({"role": "assistant", "content": content})
         for event in self.model.stream_reply(
@@ -206,15 +219,15 @@ class ChatApp:
         seed: int,
         adapter: str,
     ) -> Iterator[tuple[str, list[str]]]:
-        """One turn: the message (text + image files) after ``history``; streams
-        ``(reply text so far, drawn images)``."""
+        """One turn: the message (text + image files) after ``history`` (the caller's context,
+        always used); streams ``(reply text so far, drawn images)``."""
         message = message or {}
         text = (message.get("text") or "").strip()
         files = [str(f) for f in message.get("files") or []]
         user_message(text, files)
         conversation = [*_api_history(history), user_entry(text, files)]
         settings = Settings.from_values(temperature, top_p, max_new_tokens, guidance, steps, seed)
-        turns, images = self._prepare(conversation, settings, quiet=False)
+        turns, images = self._prepare(conversation, settings, quiet=False, remember=True)
         reply, drawn = "", []
         yield reply, drawn
         for event in self.model.stream_reply(
@@ -304,14 +317,20 @@ def build_app(model: DemoModel, *, image_dir: str | Path | None = None) -> gr.Bl
                     guidance, steps = ui.image_controls(model)
                     seed = ui.seed_control()
                     adapter = ui.adapter_control(model)
+                    remember = gr.Checkbox(
+                        False,
+                        label="Earlier turns as context",
+                        info="off: each message is answered on its own, best for models "
+                        "trained on single exchanges such as shapes-tiny",
+                    )
                 gr.Markdown(f"Images: {model.limits.describe()}.", elem_classes=["mmgpt-note"])
-        settings = [temperature, top_p, max_new, guidance, steps, seed, adapter]
+        settings = [temperature, top_p, max_new, guidance, steps, seed, adapter, remember]
         unlock = {"fn": lambda: gr.MultimodalTextbox(interactive=True), "outputs": [box]}
         private: dict[str, Any] = {"api_visibility": "private"}
 
         submitted = box.submit(
             ui.friendly(app.add_message),
-            [box, chatbot, max_new],
+            [box, chatbot, max_new, remember],
             [chatbot, box],
             concurrency_limit=None,
             **private,
@@ -328,12 +347,13 @@ def build_app(model: DemoModel, *, image_dir: str | Path | None = None) -> gr.Bl
         undo_btn.click(
             ui.friendly(app.undo), [chatbot], [chatbot, box], concurrency_limit=None, **private
         )
-        clear_btn.click(
+        # Clear first cancels a running answer, then empties the chat through the queue, so
+        # that it lands after the last update of that answer rather than under it
+        clear_btn.click(None, None, None, cancels=[answered, retried], **private).then(
             lambda: ([], gr.MultimodalTextbox(value=None, interactive=True)),
             None,
             [chatbot, box],
-            cancels=[answered, retried],
-            queue=False,
+            concurrency_limit=None,
             **private,
         )
 
@@ -343,7 +363,7 @@ def build_app(model: DemoModel, *, image_dir: str | Path | None = None) -> gr.Bl
         api_images = gr.Gallery(visible=False, label="images", format="png")
         gr.Button(visible=False).click(
             ui.friendly(app.api_chat),
-            [box, api_history, *settings],
+            [box, api_history, *settings[:-1]],  # an API caller's history is always used
             [api_reply, api_images],
             api_name="chat",
             api_description="Answer a message (text + image files) after an optional history; "

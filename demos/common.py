@@ -155,7 +155,7 @@ def _number(name: str, value: Any, low: float, high: float, *, integer: bool = F
 class Settings:
     """Sampling and drawing settings of one request (validated by :meth:`from_values`)."""
 
-    temperature: float = 0.7  # 0 = greedy
+    temperature: float = 0.3  # 0 = greedy; low: the shapes answers are short and exact
     top_p: float = 0.9
     max_new_tokens: int = 48
     guidance: float = 3.0  # classifier-free guidance of the image decoder
@@ -165,7 +165,7 @@ class Settings:
     @classmethod
     def from_values(
         cls,
-        temperature: Any = 0.7,
+        temperature: Any = 0.3,
         top_p: Any = 0.9,
         max_new_tokens: Any = 48,
         guidance: Any = 3.0,

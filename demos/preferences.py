@@ -139,7 +139,7 @@ class PreferenceApp:
                 image = opened.convert("RGB")
         can_choose = not pair.identical
         return (
-            f"**Prompt:** {pair.prompt.replace('<image>', '🖼').strip()}  \n"
+            f"**Prompt:** {pair.prompt.replace('<image>', '[image]').strip()}  \n"
             f"seeds {pair.seeds[0]} (A) and {pair.seeds[1]} (B)"
             + (" — *identical answers: skip*" if pair.identical else ""),
             gr.Image(value=image, visible=image is not None),
@@ -190,7 +190,11 @@ def build_app(model: DemoModel, *, data_dir: str | os.PathLike = "preferences") 
         with gr.Group():
             pending_md = gr.Markdown(elem_id="pending")
             pending_image = gr.Image(
-                label="Prompt image", interactive=False, height=140, visible=False
+                label="Prompt image",
+                interactive=False,
+                height=140,
+                visible=False,
+                elem_id="pending-image",
             )
             with gr.Row():
                 answer_a = gr.Textbox(label="Answer A", lines=4, interactive=False, elem_id="a")

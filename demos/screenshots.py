@@ -38,16 +38,19 @@ def _chat(page: Any) -> None:
     from demos.examples import CHAT_EXAMPLES, examples_dir
 
     box = page.locator("#message textarea")
-    for example in (CHAT_EXAMPLES[2], CHAT_EXAMPLES[1], CHAT_EXAMPLES[3]):
+    bot = page.locator("#chatbot [data-testid=bot]")
+    for i, example in enumerate((CHAT_EXAMPLES[1], CHAT_EXAMPLES[3])):
         if example.image:
             page.set_input_files("#message input[type=file]", str(examples_dir() / example.image))
             page.locator("#message img").first.wait_for()
         box.fill(example.text)
         box.press("Enter")
-        page.wait_for_function(  # the box unlocks when the answer is complete
-            "() => !document.querySelector('#message textarea').disabled"
+        bot.nth(i).wait_for()
+        page.wait_for_function(  # the answer is complete when the progress text is gone
+            "() => !document.querySelector('#chatbot').innerText.includes('processing')"
         )
-        page.wait_for_timeout(500)
+    bot.last.locator("img").wait_for()
+    page.wait_for_timeout(500)
 
 
 def _text_to_image(page: Any) -> None:
@@ -70,6 +73,7 @@ def _preferences(page: Any) -> None:
     page.get_by_label("Seed").press("Tab")
     page.click("#sample")
     page.locator("#pending").get_by_text("seeds").wait_for()
+    page.locator("#pending-image img").wait_for()
 
 
 SCENES = {"chat": _chat, "text_to_image": _text_to_image, "preferences": _preferences}
@@ -106,6 +110,8 @@ def take_screenshots(
                     page.goto(blocks.local_url)
                     page.locator("textarea").first.wait_for()
                     scene(page)
+                    page.evaluate("window.scrollTo(0, 0)")
+                    page.wait_for_timeout(300)
                     path = out / f"{app}.png"
                     page.screenshot(path=str(path))
                     written.append(path)

@@ -1039,7 +1039,13 @@ class Trainer:
         if self.config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
+            except ImportError:  # tensorboard is optional (the `logging` extra)
+                warnings.warn(
+                    "train.tensorboard is on but the tensorboard package is not installed "
+                    "(pip install 'mmgpt[logging]'); metrics go to metrics.jsonl only",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 self._tb_writer = None
             else:
                 purge = self.step + 1 if keep_until is not None else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,3 +194,39 @@ def test_mixed_batches_and_bad_inputs(tok) -> None:
         K,
         2,
     )
+
+
+def test_the_t2i_recipe_trains_resumes_and_draws(tmp_path) -> None:
+    from mmgpt.imagegen import ImageGenerationConfig, generate_images
+    from mmgpt.recipe import run_training
+
+    small = [
+        "data.size=48",
+        "data.image_size=16",
+        "model.image_decoder.image_size=16",
+        "train.batch_size=4",
+        "train.warmup_steps=1",
+        "train.eval_every=0",
+        "train.save_every=1",
+        "train.log_every=1",
+        "train.progress=false",
+        "train.tensorboard=false",
+    ]
+    out = tmp_path / "run"
+    first = run_training("t2i", out=out, overrides=[*small, "train.max_steps=2"])
+    assert first["step"] == 2 and set(first["train"]) >= {"lm_loss", "diffusion_loss"}
+    with pytest.warns(RuntimeWarning, match="changed recipe"):  # max_steps grew
+        resumed = run_training("t2i", out=out, resume=True, overrides=[*small, "train.max_steps=3"])
+    assert resumed["step"] == 3
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # the resumed run continued the log, it did not start over
+
+    model = MultimodalGPT.from_pretrained(out / "model")
+    assert type(model.output_projector).__name__ == "StandardizedSignalProjector"
+    drawn = generate_images(
+        model,
+        ["draw a large red circle on the left"],
+        ImageGenerationConfig(steps=2, seed=0),
+        force_image=True,
+    )
+    assert drawn[0][0][0].size == (16, 16)
