@@ -626,6 +626,13 @@ def consolidate(
         state = load_tensors(checkpoint / WEIGHTS_NAME)
     else:
         raise ValueError(f"{checkpoint}: neither {DCP_DIR}/ nor {WEIGHTS_NAME}: not a checkpoint")
+    adapter_keys = [k for k in state if ".lora_" in k or ".base_layer." in k]
+    if adapter_keys:  # a plain model directory cannot hold injected adapter layers
+        raise ValueError(
+            f"{checkpoint}: the checkpoint of a run with adapters (e.g. {adapter_keys[0]}); "
+            "consolidating it into a model directory is not supported yet: use the run's "
+            "final model directory (OUT/model, base weights + adapters/<name>/)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

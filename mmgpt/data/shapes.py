@@ -407,6 +407,7 @@ class _ShapesGenerator:
         positions: Sequence[str] | None = None,
         question_types: Sequence[str] | None = None,
         caption_prompt: str = DEFAULT_CAPTION_PROMPT,
+        draw_max_shapes: int | None = None,
         seed: int = 0,
     ) -> None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
@@ -429,6 +430,15 @@ class _ShapesGenerator:
                 f"colour-kind pairs), got min_shapes={min_shapes}, max_shapes={max_shapes}"
             )
         self.min_shapes, self.max_shapes = min_shapes, max_shapes
+        if draw_max_shapes is not None and (
+            isinstance(draw_max_shapes, bool)
+            or not isinstance(draw_max_shapes, int)
+            or draw_max_shapes < 1
+        ):
+            raise ValueError(
+                f"draw_max_shapes must be an int >= 1 or null, got {draw_max_shapes!r}"
+            )
+        self.draw_max_shapes = draw_max_shapes
         self.caption_prompt = caption_prompt
         self.seed = int(seed)
 
@@ -460,6 +470,10 @@ class _ShapesGenerator:
         rng = self.rng(index)
         scene = self._scene(rng)
         task = rng.choice(self.tasks)
+        if task == "t2i" and self.draw_max_shapes is not None and len(scene) > self.draw_max_shapes:
+            # a drawing keeps a random subset of the scene (reading order kept)
+            keep = sorted(rng.sample(range(len(scene)), self.draw_max_shapes))
+            scene = [scene[i] for i in keep]
         image = self.render(scene)
         text = caption(scene)
         meta: dict[str, Any] = {
@@ -580,6 +594,8 @@ class ShapesWorld(_ShapesGenerator, Dataset):
             ``POSITIONS`` to draw from (hold one out for transfer experiments).
         question_types: subset of ``QUESTION_TYPES`` for VQA samples.
         caption_prompt: user text of caption samples, after ``"<image>\\n"``.
+        draw_max_shapes: at most this many shapes in a drawing sample (a random subset of its
+            scene); drawing several shapes from one prompt is much harder for a small decoder.
         seed: sample ``i`` is a pure function of ``(seed, i)``.
         size: number of samples.
     """

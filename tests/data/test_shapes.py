@@ -256,6 +256,28 @@ def test_sample_layout_per_task():
     np.testing.assert_array_equal(pixels(t2i), np.asarray(render_scene(t2i.meta["scene"], 32)))
 
 
+def test_draw_max_shapes_keeps_a_subset_of_the_scene_in_drawings_only():
+    full = ShapesWorld(task="mixed", seed=4, min_shapes=3, max_shapes=3, image_size=32)
+    capped = ShapesWorld(
+        task="mixed", seed=4, min_shapes=3, max_shapes=3, image_size=32, draw_max_shapes=1
+    )
+    counts = {"t2i": 0, "other": 0}
+    for i in range(60):
+        a, b = full[i], capped[i]
+        if b.meta["task"] == "t2i":
+            counts["t2i"] += 1
+            (shape,) = b.meta["scene"]
+            assert shape in a.meta["scene"]  # one shape of the same scene
+            assert b.conversation[0].text == "draw " + caption([Shape(**shape)])
+            np.testing.assert_array_equal(pixels(b), np.asarray(render_scene([shape], 32)))
+        else:
+            counts["other"] += 1
+            assert texts(a) == texts(b) and len(b.meta["scene"]) == 3
+    assert counts["t2i"] > 5 and counts["other"] > 5
+    with pytest.raises(ValueError, match="draw_max_shapes"):
+        ShapesWorld(draw_max_shapes=0)
+
+
 def test_held_out_colour_and_kind_never_appear():
     world = ShapesWorld(
         seed=9, colors=[c for c in COLORS if c != "red"], kinds=["circle", "square", "triangle"]

@@ -277,3 +277,21 @@ def test_mmgpt_train_under_torchrun_trains_one_tokenizer_and_one_model(
     final = out / "checkpoints" / "step_00000002"
     assert (final / "dcp" / "__1_0.distcp").is_file()  # written by both ranks
     assert json.loads((final / "trainer_state.json").read_text())["world_size"] == 2
+
+
+def test_consolidate_refuses_a_checkpoint_with_adapter_layers(tmp_path: Path) -> None:
+    from mmgpt.checkpoint import write_checkpoint_dir
+    from mmgpt.distributed import consolidate
+
+    state = {
+        "transformer.h.0.attn.c_attn.base_layer.weight": torch.zeros(6, 2),
+        "transformer.h.0.attn.c_attn.lora_A.default.weight": torch.zeros(1, 2),
+    }
+    checkpoint = write_checkpoint_dir(
+        tmp_path / "step_00000001", tensors={"model.safetensors": state}, json_files={}, step=1
+    )
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"with adapters.*OUT/model"):
+        consolidate(checkpoint, tmp_path / "out", config_from=str(tmp_path / "cfg"))
+    assert not (tmp_path / "out").exists()
