@@ -639,7 +639,11 @@ class DiffusionDecoder(nn.Module):
         x = _randn(shape, generator, self.device, self.dtype) * scheduler.init_noise_sigma
         step_kw: dict[str, Any] = {"generator": generator}
         if sampler == "ddim":
-            step_kw["eta"] = eta
+            # Recompute the noise from the clipped x0: otherwise DDIM mixes a clipped x0 with
+            # the unclipped noise, an inconsistency that grows with the number of steps (near-
+            # white backgrounds drifted darker and the judged accuracy fell from 0.59 at 10
+            # steps to 0.19 at 50, while DPM-Solver++, which updates in x0, stayed at 0.97).
+            step_kw.update(eta=eta, use_clipped_model_output=True)
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(x, t)
             output = self.predict(model_input, t, condition, guidance_scale)
