@@ -6,20 +6,23 @@ the rejected one is wrong in one (a colour, a shape, a position, or the number o
 
 1. trains one caption SFT run (600 steps) and takes its EARLY checkpoint (step 400) as the
    deliberately weak policy (low exact match);
-2. trains a reward model on the preference pairs, starting from the end of that SFT run
+2. trains a reward model on 10,000 preference pairs, starting from the end of that SFT run
    (``--rm-from weak`` starts it from the weak checkpoint instead), and measures its held-out
-   pair accuracy per kind of corruption;
+   pair accuracy per kind of corruption and how often its BEST caption of an image (the
+   argmax over every caption of one shape) is the right one — the optimum PPO climbs toward;
 3. runs PPO from the weak policy against that reward model (KL-controlled toward the weak
    policy, several sampled answers per image);
-4. runs DPO from the same weak policy on the same pairs — with the RPO term (the chosen
-   answers' NLL, ``--dpo-sft-weight``) and, for comparison, plain DPO;
+4. runs DPO from the same weak policy on the same pairs: plain DPO (the sigmoid loss with
+   label smoothing 0.1, i.e. conservative DPO; and without the smoothing), DPO with the RPO
+   term (the chosen answers' NLL, ``--dpo-sft-weight``) and, to show what that term alone
+   does, the NLL of the chosen answers without any DPO term;
 
 and reports, for the weak policy and each tuned one, caption exact match and per-attribute
 accuracy on 300 held-out images (greedy decoding), the reward model's mean score of those
 captions, and the KL to the weak SFT reference (sampled answers, nats per answer). Every model
 sees the image: policies and reward model are MultimodalGPTs (ViT → projector → GPT).
 
-    python benchmarks/bench_rlhf.py --out runs/bench_rlhf          # ~15 min on 2 CPU cores
+    OMP_NUM_THREADS=1 python benchmarks/bench_rlhf.py --out runs/bench_rlhf  # ~8 min, 1 thread
     python benchmarks/bench_rlhf.py --out /tmp/r --quick            # a smoke run (~1 min)
 
 Results go to ``OUT/results.json`` (and each phase's run directory); ``--reuse`` keeps the SFT
@@ -41,7 +44,7 @@ import torch
 
 from mmgpt.checkpoint import WEIGHTS_NAME, checkpoint_name, load_model_state, load_tensors
 from mmgpt.data.preference import PreferenceDataset
-from mmgpt.data.shapes import ShapesWorld
+from mmgpt.data.shapes import POSITIONS, SIZES, ShapesWorld, caption
 from mmgpt.eval.caption import attribute_accuracy
 from mmgpt.eval.metrics import exact_match
 from mmgpt.generation import GenerationConfig
@@ -66,6 +69,9 @@ WORLD: dict[str, Any] = dict(
 # 48×48 images in 16×16 patches: one image token per cell of the 3×3 grid
 ENCODER = {"name": "vit_tiny_custom", "img_size": 48, "patch_size": 16}
 SEEDS = {"sft": 0, "pairs": 10, "pairs_eval": 11, "prompts": 12, "eval": 13}
+# the tokenizer learns from the first pairs only: they already hold the whole vocabulary, and
+# the tokenizer (hence the SFT run) then does not depend on --pairs
+TOKENIZER_PAIRS = 3000
 
 
 def log(message: str) -> None:
@@ -134,6 +140,47 @@ def sampled_kl(
     return total / len(prompts)
 
 
+@torch.no_grad()
+def reward_best_caption_accuracy(
+    reward_model: RewardModel, eval_world: ShapesWorld, n: int = 100
+) -> dict[str, float]:
+    """How often the reward model's highest-scored caption of an image is the right one.
+
+    ``all``: the argmax over every caption of one shape (kind × colour × size × position,
+    216 of them); ``same_size``: with the size kept right (the preference pairs never corrupt
+    the size, so the reward model has no reason to read it); ``position``: over the nine
+    positions, the rest right. PPO maximises the reward model's score, so this — not the pair
+    accuracy — bounds what it can reach.
+    """
+    hits = {"all": 0, "same_size": 0, "position": 0}
+    n = min(n, len(eval_world))
+    for i in range(n):
+        sample = eval_world[i]
+        prompt = as_prompt(sample)
+        truth = dict(sample.meta["scene"][0])
+        grids = {
+            "all": [
+                {"shape": k, "color": c, "size": z, "position": q}
+                for k in WORLD["kinds"]
+                for c in WORLD["colors"]
+                for z in SIZES
+                for q in POSITIONS
+            ],
+            "position": [{"position": q} for q in POSITIONS],
+        }
+        grids["same_size"] = [g for g in grids["all"] if g["size"] == truth["size"]]
+        for key, changes in grids.items():
+            candidates = [caption([{**truth, **change}]) for change in changes]
+            scores = reward_model.score(
+                [prompt.conversation] * len(candidates),
+                candidates,
+                [prompt.images] * len(candidates),
+                batch_size=256,
+            )
+            hits[key] += candidates[int(scores.argmax())] == sample.meta["caption"]
+    return {key: value / n for key, value in hits.items()}
+
+
 def reward_accuracy_by_corruption(
     reward_model: RewardModel, pairs: PreferenceDataset
 ) -> dict[str, float]:
@@ -160,7 +207,7 @@ def build_tokenizer(out: Path, pairs_file: Path) -> Any:
     if (path / "tokenizer.json").is_file():
         return TextTokenizer.from_file(path)
     lines = []
-    for line in pairs_file.read_text().splitlines():
+    for line in pairs_file.read_text().splitlines()[:TOKENIZER_PAIRS]:
         record = json.loads(line)
         for answer in (record["chosen"], record["rejected"]):
             lines.append(f"User: {record['prompt']}\nAssistant: {answer}\n")
@@ -177,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny settings, for a smoke run")
     parser.add_argument("--reuse", action="store_true", help="keep phases already done in --out")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--pairs", type=int, default=3000)
+    parser.add_argument("--pairs", type=int, default=10000)
     parser.add_argument("--eval-images", type=int, default=300)
     parser.add_argument("--sft-steps", type=int, default=600)
     parser.add_argument("--weak-step", type=int, default=400, help="the policy's SFT checkpoint")
@@ -187,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         default="final",
         help="the SFT checkpoint the reward model starts from",
     )
-    parser.add_argument("--rm-steps", type=int, default=1000)
-    parser.add_argument("--ppo-rollouts", type=int, default=60)
+    parser.add_argument("--rm-steps", type=int, default=2000)
+    parser.add_argument("--rm-batch", type=int, default=32, help="pairs per reward-model step")
+    parser.add_argument("--ppo-rollouts", type=int, default=100)
     parser.add_argument("--dpo-steps", type=int, default=500)
     parser.add_argument("--rm-lr", type=float, default=3e-4)
     parser.add_argument("--ppo-lr", type=float, default=5e-4)
@@ -200,17 +248,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppo-entropy", type=float, default=0.0, help="entropy bonus")
     parser.add_argument("--ppo-min-lr", type=float, default=None, help="default: lr / 10")
     parser.add_argument("--target-kl", type=float, default=4.0)
-    parser.add_argument("--dpo-lr", type=float, default=5e-4)
-    parser.add_argument("--dpo-beta", type=float, default=0.1)
-    parser.add_argument("--dpo-sft-weight", type=float, default=1.0)
-    parser.add_argument("--plain-dpo-steps", type=int, default=300, help="0: skip plain DPO")
+    parser.add_argument("--dpo-lr", type=float, default=5e-4, help="DPO+RPO (and NLL only)")
+    parser.add_argument("--dpo-beta", type=float, default=0.1, help="DPO+RPO")
+    parser.add_argument("--dpo-sft-weight", type=float, default=1.0, help="DPO+RPO")
+    parser.add_argument("--plain-dpo-steps", type=int, default=500, help="0: skip plain DPO")
     parser.add_argument("--plain-dpo-lr", type=float, default=1e-4)
+    parser.add_argument("--plain-dpo-beta", type=float, default=0.5)
+    parser.add_argument("--plain-dpo-smoothing", type=float, default=0.1, help="label smoothing")
+    parser.add_argument("--rm-argmax-images", type=int, default=100)
     parser.add_argument("--phases", default="sft,rm,ppo,dpo")
     args = parser.parse_args(argv)
     if args.quick:
         args.pairs, args.eval_images = 200, 40
         args.sft_steps, args.weak_step = 20, 10
         args.rm_steps, args.ppo_rollouts, args.dpo_steps, args.plain_dpo_steps = 10, 2, 10, 5
+        args.rm_argmax_images = 5
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # data: preference pairs (train / held-out), prompts and eval images are disjoint seeds
     pairs_file = out / "data" / "train" / "preferences.jsonl"
-    if not pairs_file.is_file():
+    if not pairs_file.is_file() or len(pairs_file.read_text().splitlines()) != args.pairs:
+        shutil.rmtree(out / "data", ignore_errors=True)
         write_shapes_preferences(out / "data" / "train", args.pairs, seed=SEEDS["pairs"], **WORLD)
         write_shapes_preferences(
             out / "data" / "eval", max(args.pairs // 10, 40), seed=SEEDS["pairs_eval"], **WORLD
@@ -288,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             train_pairs,
             quiet_config(
                 max_steps=args.rm_steps,
-                batch_size=16,
+                batch_size=args.rm_batch,
                 lr=args.rm_lr,
                 min_lr=args.rm_lr / 10,
                 warmup_steps=20,
@@ -301,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     reward_model = RewardModel.from_pretrained(rm_dir)
     results["reward_model"] = {
         "heldout_accuracy": reward_accuracy_by_corruption(reward_model, eval_pairs),
+        "best_caption_accuracy": reward_best_caption_accuracy(
+            reward_model, eval_world, args.rm_argmax_images
+        ),
         "normalization": reward_model.normalization,
     }
     results["sft"] = caption_eval(sft, eval_world, reward_model)
@@ -356,38 +412,55 @@ def main(argv: list[str] | None = None) -> int:
         log(f"PPO: {results['ppo']}")
         save_results()
 
-    # 4. DPO from the weak SFT model on the same pairs: with the RPO term (the chosen answers'
-    #    NLL, weight --dpo-sft-weight) and, for comparison, plain DPO
-    variants = {"dpo": (args.dpo_sft_weight, args.dpo_steps, args.dpo_lr)}
+    # 4. DPO from the weak SFT model on the same pairs: plain DPO (conservative: label
+    #    smoothing; and without it), DPO with the RPO term (the chosen answers' NLL, weight
+    #    --dpo-sft-weight), and that NLL term alone (SFT on the chosen answers, no DPO term)
+    variants: dict[str, dict[str, Any]] = {}
     if args.plain_dpo_steps:
-        variants["dpo_plain"] = (0.0, args.plain_dpo_steps, args.plain_dpo_lr)
-    for name, (sft_weight, steps, lr) in variants.items():
+        plain = dict(beta=args.plain_dpo_beta, steps=args.plain_dpo_steps, lr=args.plain_dpo_lr)
+        variants["dpo"] = {**plain, "label_smoothing": args.plain_dpo_smoothing}
+        variants["dpo_no_smoothing"] = {**plain, "label_smoothing": 0.0}
+    variants["dpo_rpo"] = dict(
+        beta=args.dpo_beta, sft_weight=args.dpo_sft_weight, steps=args.dpo_steps, lr=args.dpo_lr
+    )
+    variants["nll_chosen"] = dict(steps=args.dpo_steps, lr=args.dpo_lr)
+    for name, variant in variants.items():
         if "dpo" not in phases:
             break
+        variant = dict(variant)
+        steps, lr = variant.pop("steps"), variant.pop("lr")
         shutil.rmtree(out / name, ignore_errors=True)
         torch.manual_seed(0)
         t = time.perf_counter()
-        objective = DPOObjective(beta=args.dpo_beta, sft_weight=sft_weight, reference_batch_size=64)
-        trainer = objective.build_trainer(
-            copy.deepcopy(sft),
-            train_pairs,
-            quiet_config(max_steps=steps, batch_size=16, lr=lr, min_lr=lr / 10, warmup_steps=20),
-            eval_data=eval_pairs,
-            out_dir=out / name,
+        config = quiet_config(
+            max_steps=steps, batch_size=16, lr=lr, min_lr=lr / 10, warmup_steps=20
         )
+        model = copy.deepcopy(sft)
+        if name == "nll_chosen":
+            chosen = [train_pairs[i].samples()[0] for i in range(len(train_pairs))]
+            trainer = Trainer(
+                model, "sft", chosen, config, collate_fn=model.processor(), out_dir=out / name
+            )
+        else:
+            objective = DPOObjective(reference_batch_size=64, **variant)
+            trainer = objective.build_trainer(
+                model, train_pairs, config, eval_data=eval_pairs, out_dir=out / name
+            )
         trainer.fit()
         results[f"{name}_train_s"] = round(time.perf_counter() - t, 1)
         tuned = MultimodalGPT.from_pretrained(out / name / "model")
         results[name] = caption_eval(tuned, eval_world, reward_model)
         results[name]["kl_to_sft"] = sampled_kl(tuned, sft, eval_world)
-        results[name]["heldout_pairs"] = trainer.last_eval
+        results[name]["settings"] = {"steps": steps, "lr": lr, **variant}
+        if name != "nll_chosen":
+            results[name]["heldout_pairs"] = trainer.last_eval
         log(f"{name}: {results[name]}")
         save_results()
 
     save_results()
     summary = {
         name: {k: results[name].get(k) for k in ("exact_match", "reward", "kl_to_sft")}
-        for name in ("sft", "sft_final", "ppo", "dpo", "dpo_plain")
+        for name in ("sft", "sft_final", "ppo", "dpo", "dpo_no_smoothing", "dpo_rpo", "nll_chosen")
         if name in results
     }
     log(f"summary: {json.dumps(summary)}; wall {results['wall_s']} s")

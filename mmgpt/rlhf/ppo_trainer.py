@@ -6,7 +6,7 @@ One trainer *step* is one PPO iteration:
    sample an answer to each with the KV-cache generator, score prompt + answer with the
    reward model (the reward model sees the image too), and recompute per answer token the
    policy's log-probabilities, its values (value head) and the frozen reference's
-   log-probabilities.
+   log-probabilities — both of the distribution sampled from (logits / ``temperature``).
 2. **Rewards** — per token ``r_t = −β (log π − log π_ref)``; the last answer token also gets the
    reward model's score (normalised with its training statistics). β follows Ziegler et al.'s
    adaptive controller toward ``target_kl`` (nats per answer).
@@ -99,7 +99,8 @@ class PPOTrainer(Trainer):
         # the reference is taken from the starting weights, before any step (or resume) changes them
         self.reference = ReferencePolicy(policy)
         super().__init__(
-            PolicyWithValueHead(policy, value_head),
+            # log-probabilities of the tempered distribution the rollouts sample from
+            PolicyWithValueHead(policy, value_head, temperature=self.ppo.temperature),
             objective,
             prompts,
             config,
@@ -158,7 +159,9 @@ class PPOTrainer(Trainer):
         self.wrapped_model.eval()
         logprobs, values, _ = self.wrapped_model(batch, with_entropy=False)  # (B, R) each
         with self.reference.active() as reference:
-            ref_logprobs = response_forward(reference, batch).logprobs  # (B, R)
+            ref_logprobs = response_forward(
+                reference, batch, temperature=cfg.temperature
+            ).logprobs  # (B, R)
         mask = batch.response_mask
         kl = (logprobs - ref_logprobs) * mask  # (B, R) per-token log-ratio
         beta = self.kl_controller.beta

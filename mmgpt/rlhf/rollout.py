@@ -97,8 +97,13 @@ def response_forward(
     *,
     with_entropy: bool = False,
     with_hidden: bool = False,
+    temperature: float = 1.0,
 ) -> ResponseScores:
-    """log π(answer token | prompt, images, earlier tokens) for a MultimodalGPT ``model``."""
+    """log π(answer token | prompt, images, earlier tokens) for a MultimodalGPT ``model``.
+
+    ``temperature``: score under ``softmax(logits / temperature)``, the distribution that
+    :func:`generate_responses` sampled from with that temperature.
+    """
     device = model.device
     prompt = batch.prompt.to(device)
     response_ids = batch.response_ids.to(device)
@@ -110,6 +115,8 @@ def response_forward(
     mask = torch.cat([prompt.attention_mask, response_mask.long()], dim=1)  # (B, P + R)
     out = model.gpt(inputs_embeds=inputs, attention_mask=mask, logits_to_keep=R + 1)
     logits = out.logits[:, :-1]  # (B, R, V): column P-1+j predicts answer token j
+    if temperature != 1.0:
+        logits = logits / temperature
     labels = response_ids.masked_fill(response_mask == 0, IGNORE_INDEX)
     logprobs = token_logprobs(logits, labels)  # (B, R), 0 off the answer
     entropy = entropy_from_logits(logits) * response_mask if with_entropy else None
@@ -123,11 +130,18 @@ class PolicyWithValueHead(nn.Module):
     The head is a separate small ``Linear(n_embd, 1)``; the trunk is shared (the value loss
     also trains the policy's layers, as in Ziegler et al. / TRL). While ``deterministic``,
     the policy stays in eval mode even under ``.train()``: the ratio π/π_old must compare the
-    same function that produced the rollout, so dropout stays off.
+    same function that produced the rollout, so dropout stays off. ``temperature`` is the
+    sampling temperature of the rollouts: log-probabilities are those of the tempered
+    distribution the answers were drawn from.
     """
 
     def __init__(
-        self, policy: nn.Module, value_head: nn.Linear | None = None, *, deterministic: bool = True
+        self,
+        policy: nn.Module,
+        value_head: nn.Linear | None = None,
+        *,
+        deterministic: bool = True,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         self.policy = policy
@@ -138,6 +152,7 @@ class PolicyWithValueHead(nn.Module):
             nn.init.zeros_(value_head.bias)
         self.value_head = value_head
         self.deterministic = deterministic
+        self.temperature = temperature
 
     @property
     def device(self) -> torch.device:
@@ -159,7 +174,13 @@ class PolicyWithValueHead(nn.Module):
 
     def forward(self, batch: ResponseBatch, *, with_entropy: bool = True) -> tuple[Tensor, ...]:
         """``(logprobs, values, entropy)`` of the answer tokens, each ``(B, R)``."""
-        scores = response_forward(self.policy, batch, with_entropy=with_entropy, with_hidden=True)
+        scores = response_forward(
+            self.policy,
+            batch,
+            with_entropy=with_entropy,
+            with_hidden=True,
+            temperature=self.temperature,
+        )
         hidden = scores.hidden_states
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, R)
         mask = batch.response_mask.to(values.device)

@@ -79,13 +79,15 @@ def test_reference_without_adapters_is_a_frozen_copy(tok, rl) -> None:
         assert not any(p.requires_grad for p in ref.parameters())
 
 
-def test_response_logprobs_match_a_full_forward(tok, rl) -> None:
-    """Answer log-probs from embed(prompt) ⧺ embed(answer) equal a plain forward's."""
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_response_logprobs_match_a_full_forward(tok, rl, temperature) -> None:
+    """Answer log-probs from embed(prompt) ⧺ embed(answer) equal a plain forward's (of the
+    tempered distribution at ``temperature``)."""
     policy = rl.build(tok).eval()
     prompts = rl.colour_prompts(3, seed=3)
     batch, _, _ = generate_responses(policy, prompts, GenerationConfig(max_new_tokens=6, seed=1))
     with torch.no_grad():
-        scores = response_forward(policy, batch).logprobs  # (B, R)
+        scores = response_forward(policy, batch, temperature=temperature).logprobs  # (B, R)
         for row in range(len(batch)):
             n = int(batch.response_mask[row].sum())
             ids = torch.cat([batch.prompt.input_ids[row], batch.response_ids[row, :n]])
@@ -97,10 +99,35 @@ def test_response_logprobs_match_a_full_forward(tok, rl) -> None:
             logits = policy(
                 input_ids=ids, images=batch.prompt.images[[row]], image_positions=positions
             ).logits[0]
-            logp = torch.log_softmax(logits[-n - 1 : -1], -1)
+            logp = torch.log_softmax(logits[-n - 1 : -1] / temperature, -1)
             expected = logp.gather(-1, ids[0, -n:, None]).squeeze(-1)
             torch.testing.assert_close(scores[row, :n], expected, rtol=1e-4, atol=1e-4)
             assert (scores[row, n:] == 0).all()
+
+
+def test_rollout_scores_the_tempered_distribution_it_sampled_from(
+    red_or_blue_policy, rl, tmp_path
+) -> None:
+    """With temperature T the rollout samples from softmax(logits / T): π_old, π and π_ref
+    must all be that distribution, else the ratio and the KL penalty are off from step 0."""
+    policy = copy.deepcopy(red_or_blue_policy)
+    trainer = PPOTrainer(
+        policy,
+        ContainsRed(),
+        rl.colour_prompts(8, seed=4),
+        rl.quiet(max_steps=1, batch_size=8, lr=1e-3),
+        ppo_settings(temperature=0.5),
+        out_dir=tmp_path,
+    )
+    batch, stats = trainer.rollout(rl.colour_prompts(8, seed=8))
+    with torch.no_grad():
+        tempered = response_forward(policy, batch, temperature=0.5).logprobs
+        plain = response_forward(policy, batch).logprobs
+    torch.testing.assert_close(batch.old_logprobs, tempered)
+    assert not torch.allclose(batch.old_logprobs, plain)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-5)  # the reference is tempered alike
+    logprobs, _, _ = trainer.wrapped_model(batch)
+    torch.testing.assert_close(logprobs.detach(), tempered)
 
 
 def test_ppo_raises_a_toy_reward(red_or_blue_policy, rl, tmp_path) -> None:
