@@ -1,9 +1,11 @@
-"""DPO: cached reference log-probs (in memory and in the run directory), learning, IPO."""
+"""DPO: cached reference log-probs (in memory and in the run directory), learning, IPO,
+the loss by hand (summed or token-averaged log-probs)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -103,3 +105,48 @@ def test_dpo_run_raises_the_implicit_reward_margin(tok, rl, tmp_path, loss_type)
     assert (tmp_path / "reference_logps_eval.safetensors").is_file()
     log = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()]
     assert {"reward_accuracy", "reward_margin", "pairs"} <= set(log[-1])
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "average_logps"),
+    [("sigmoid", False), ("sigmoid", True), ("ipo", None), ("ipo", False)],
+)
+def test_loss_by_hand_with_summed_or_token_averaged_logps(tok, rl, loss_type, average_logps):
+    """The objective's loss against log-softmax sums written out here; ``average_logps``
+    divides policy AND reference log-probs by each answer's token count (its <eos> included),
+    which differs between "red" and "it is blue"."""
+    torch.manual_seed(0)
+    model = rl.build(tok).eval()
+    pairs = red_beats_blue(rl, 3, seed=5)
+    batch = PreferenceCollator(model.processor())(pairs)
+    reference = torch.tensor([[-2.0, -9.0], [-3.5, -7.0], [-1.0, -12.0]])
+    beta, smoothing = 0.7, (0.2 if loss_type == "sigmoid" else 0.0)
+    objective = DPOObjective(
+        beta=beta, loss_type=loss_type, label_smoothing=smoothing, average_logps=average_logps
+    )
+    loss = objective(model, PreferenceBatch(batch.pairs, reference)).loss
+
+    with torch.no_grad():
+        logits = model(batch.pairs).logits[:, :-1]
+    labels = batch.pairs.labels[:, 1:]
+    expected = []
+    averaged = loss_type == "ipo" if average_logps is None else average_logps
+    for i in range(3):
+        rows = []
+        for row, ref in ((i, reference[i, 0]), (i + 3, reference[i, 1])):
+            positions = [t for t in range(labels.shape[1]) if labels[row, t] != -100]
+            logp = sum(
+                float(torch.log_softmax(logits[row, t], -1)[labels[row, t]]) for t in positions
+            )
+            n = len(positions) if averaged else 1
+            rows.append((logp / n, float(ref) / n))
+        (pc, rc), (pr, rr) = rows
+        h = (pc - rc) - (pr - rr)
+        if loss_type == "sigmoid":
+            expected.append(
+                -(1 - smoothing) * math.log(1 / (1 + math.exp(-beta * h)))
+                - smoothing * math.log(1 / (1 + math.exp(beta * h)))
+            )
+        else:
+            expected.append((h - 1 / (2 * beta)) ** 2)
+    assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-4)
