@@ -260,23 +260,38 @@ def write_checkpoint_dir(
         for name, obj in json_files.items():
             text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"
             atomic_write_bytes(tmp / name, text.encode())
-        files = {
-            p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(tmp.iterdir())
-            if p.is_file()
-        }
-        manifest = {"format_version": FORMAT_VERSION, "step": int(step), "files": files}
-        atomic_write_bytes(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
-        _fsync_dir(tmp)
-        if directory.exists():  # e.g. a step recomputed after falling back past it
-            old = directory.with_name(f"{_TMP_PREFIX}{directory.name}.old.{os.getpid()}")
-            os.replace(directory, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
+        finalize_checkpoint_dir(tmp, directory, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return directory
+
+
+def finalize_checkpoint_dir(tmp: str | Path, directory: str | Path, step: int) -> Path:
+    """Complete a checkpoint written into the staging directory ``tmp``: write
+    ``manifest.json`` over every file under it (subdirectories included, e.g. the shards of a
+    distributed checkpoint), fsync, and rename ``tmp`` to ``directory`` (replacing it)."""
+    import json
+    import shutil
+
+    tmp, directory = Path(tmp), Path(directory)
+    files = {}
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        files[path.relative_to(tmp).as_posix()] = {
+            "size": path.stat().st_size,
+            "sha256": _sha256(path),
+        }
+    manifest = {"format_version": FORMAT_VERSION, "step": int(step), "files": files}
+    atomic_write_bytes(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    for sub in [p for p in tmp.rglob("*") if p.is_dir()]:
+        _fsync_dir(sub)
+    _fsync_dir(tmp)
+    if directory.exists():  # e.g. a step recomputed after falling back past it
+        old = directory.with_name(f"{_TMP_PREFIX}{directory.name}.old.{os.getpid()}")
+        os.replace(directory, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, directory)
+    _fsync_dir(directory.parent)
     return directory
 
 

@@ -531,33 +531,12 @@ def load_full_into_sharded(
 
 
 def finalize_checkpoint_dir(tmp: Path, directory: Path, step: int) -> Path:
-    """Write ``manifest.json`` over every file under ``tmp`` (subdirectories included), then
-    rename ``tmp`` to ``directory`` (replacing it). The layout matches single-process
-    checkpoints, so ``verify_checkpoint_dir`` and ``latest_valid_checkpoint`` apply."""
-    from mmgpt.checkpoint import (
-        FORMAT_VERSION,
-        MANIFEST_NAME,
-        _fsync_dir,
-        _sha256,
-        atomic_write_bytes,
-    )
+    """Write ``manifest.json`` over every file under ``tmp`` (shards included), then rename
+    it to ``directory``: :func:`mmgpt.checkpoint.finalize_checkpoint_dir`, so the layout
+    matches single-process checkpoints and ``verify_checkpoint_dir`` applies."""
+    from mmgpt.checkpoint import finalize_checkpoint_dir as finalize
 
-    files = {}
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        name = path.relative_to(tmp).as_posix()
-        files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    manifest = {"format_version": FORMAT_VERSION, "step": int(step), "files": files}
-    atomic_write_bytes(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
-    for sub in [p for p in tmp.rglob("*") if p.is_dir()]:
-        _fsync_dir(sub)
-    _fsync_dir(tmp)
-    if directory.exists():
-        old = directory.with_name(f".tmp-{directory.name}.old.{os.getpid()}")
-        os.replace(directory, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
-    return directory
+    return finalize(tmp, directory, step)
 
 
 # --------------------------------------------------------------------------------------
