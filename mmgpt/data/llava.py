@@ -25,12 +25,13 @@ from typing import Any
 
 from mmgpt.data.records import (
     DataError,
+    FileRecordDataset,
     Problem,
     Record,
-    RecordDataset,
     RecordError,
     iter_json_array,
     iter_jsonl,
+    record_meta,
 )
 from mmgpt.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
 from mmgpt.registry import register
@@ -183,7 +184,7 @@ def _parse_record(obj: Any, root: Path, file: str, line: int) -> Record:
 
 
 @register("dataset", "llava")
-class LlavaDataset(RecordDataset):
+class LlavaDataset(FileRecordDataset):
     """Samples from LLaVA conversation JSON; see the module docstring for the format.
 
     Args:
@@ -196,25 +197,8 @@ class LlavaDataset(RecordDataset):
 
     format_name = "llava"
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        image_root: str | os.PathLike | None = None,
-        strict: bool = False,
-        max_pixels: int | None = None,
-        verify_images: bool = False,
-    ) -> None:
-        records, problems = read_llava(path, image_root=image_root)
-        super().__init__(
-            records,
-            problems,
-            source=str(path),
-            strict=strict,
-            max_pixels=max_pixels,
-            verify_images=verify_images,
-        )
+    read = staticmethod(read_llava)
 
     def build(self, record: Record, images: list[Any]) -> Sample:
-        meta = {**record.meta, "source": record.file, "line": record.line}
+        meta = record_meta(record)
         return Sample(list(record.data), images=images, meta=meta)

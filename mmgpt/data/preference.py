@@ -32,11 +32,12 @@ from mmgpt.data.llava import (
 )
 from mmgpt.data.records import (
     DataError,
+    FileRecordDataset,
     Problem,
     Record,
-    RecordDataset,
     RecordError,
     iter_jsonl,
+    record_meta,
 )
 from mmgpt.data.sample import Sample, Turn
 from mmgpt.registry import register
@@ -185,7 +186,7 @@ def _ranked(obj: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 @register("dataset", "preference")
-class PreferenceDataset(RecordDataset):
+class PreferenceDataset(FileRecordDataset):
     """:class:`PreferencePair` items from a preference JSONL file (see the module docstring).
 
     ``len`` counts pairs, so a ranked list of ``k`` responses contributes ``k(k-1)/2``.
@@ -194,28 +195,9 @@ class PreferenceDataset(RecordDataset):
 
     format_name = "preference"
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        image_root: str | os.PathLike | None = None,
-        strict: bool = False,
-        max_pixels: int | None = None,
-        verify_images: bool = False,
-    ) -> None:
-        records, problems = read_preference(path, image_root=image_root)
-        super().__init__(
-            records,
-            problems,
-            source=str(path),
-            strict=strict,
-            max_pixels=max_pixels,
-            verify_images=verify_images,
-        )
+    read = staticmethod(read_preference)
 
     def build(self, record: Record, images: list[Any]) -> PreferencePair:
         prompt, chosen, rejected = record.data
-        meta = {**record.meta, "source": record.file, "line": record.line}
-        if record.id is not None:
-            meta["id"] = record.id
+        meta = record_meta(record)
         return PreferencePair(prompt, images, chosen, rejected, meta)

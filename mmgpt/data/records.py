@@ -13,7 +13,7 @@ import json
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,3 +307,38 @@ class RecordDataset(Dataset):
     def _count(self, problem: Problem) -> None:
         self.problems.append(problem)
         self.skipped[problem.reason] = self.skipped.get(problem.reason, 0) + 1
+
+
+class FileRecordDataset(RecordDataset):
+    """A :class:`RecordDataset` of one file whose entries name images relative to
+    ``image_root`` (default: the file's directory). Subclasses set ``read``, a function
+    ``read(path, image_root=...) -> (records, problems)``, and ``build``."""
+
+    read: Callable[..., tuple[list[Record], list[Problem]]]
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        image_root: str | os.PathLike | None = None,
+        strict: bool = False,
+        max_pixels: int | None = None,
+        verify_images: bool = False,
+    ) -> None:
+        records, problems = type(self).read(path, image_root=image_root)
+        super().__init__(
+            records,
+            problems,
+            source=str(path),
+            strict=strict,
+            max_pixels=max_pixels,
+            verify_images=verify_images,
+        )
+
+
+def record_meta(record: Record) -> dict[str, Any]:
+    """A sample's ``meta``: the record's own, its file and line, and its id when it has one."""
+    meta = {**record.meta, "source": record.file, "line": record.line}
+    if record.id is not None:
+        meta["id"] = record.id
+    return meta

@@ -26,11 +26,12 @@ from mmgpt.data.llava import (
 )
 from mmgpt.data.records import (
     DataError,
+    FileRecordDataset,
     Problem,
     Record,
-    RecordDataset,
     RecordError,
     iter_jsonl,
+    record_meta,
 )
 from mmgpt.data.sample import Sample, Turn
 from mmgpt.registry import register
@@ -74,33 +75,14 @@ def read_prompts(
 
 
 @register("dataset", "prompts")
-class PromptDataset(RecordDataset):
+class PromptDataset(FileRecordDataset):
     """Prompts (Samples with one user turn and its images) from a JSONL file; see the module
     docstring. Problems, ``skipped`` and ``strict`` work as for the other file datasets."""
 
     format_name = "prompts"
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        image_root: str | os.PathLike | None = None,
-        strict: bool = False,
-        max_pixels: int | None = None,
-        verify_images: bool = False,
-    ) -> None:
-        records, problems = read_prompts(path, image_root=image_root)
-        super().__init__(
-            records,
-            problems,
-            source=str(path),
-            strict=strict,
-            max_pixels=max_pixels,
-            verify_images=verify_images,
-        )
+    read = staticmethod(read_prompts)
 
     def build(self, record: Record, images: list[Any]) -> Sample:
-        meta = {**record.meta, "source": record.file, "line": record.line}
-        if record.id is not None:
-            meta["id"] = record.id
+        meta = record_meta(record)
         return Sample([Turn("user", record.data)], images, meta=meta)
