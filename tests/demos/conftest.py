@@ -156,6 +156,10 @@ def page_of(browser: Any, url: str) -> Iterator[Any]:
     local = ("http://127.0.0.1", "http://localhost", "ws://127.0.0.1", "data:", "blob:")
     page.on("request", lambda r: None if r.url.startswith(local) else page.external.append(r.url))
     page.set_default_timeout(30_000)
+    # assertions have their own timeout (5 s by default): a loaded CI machine needs more
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=30_000)
     page.goto(url)
     try:
         yield page
