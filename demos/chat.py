@@ -347,15 +347,21 @@ def build_app(model: DemoModel, *, image_dir: str | Path | None = None) -> gr.Bl
         undo_btn.click(
             ui.friendly(app.undo), [chatbot], [chatbot, box], concurrency_limit=None, **private
         )
-        # Clear first cancels a running answer, then empties the chat through the queue, so
-        # that it lands after the last update of that answer rather than under it
-        clear_btn.click(None, None, None, cancels=[answered, retried], **private).then(
-            lambda: ([], gr.MultimodalTextbox(value=None, interactive=True)),
+
+        # Clear cancels a running answer and empties the chat at once, and once more after
+        # that event: an update of the cancelled answer already on its way cannot then refill
+        # the chat, and the chat empties even when the page drops one of the two events.
+        def cleared() -> tuple[list[Any], Any]:
+            return [], gr.MultimodalTextbox(value=None, interactive=True)
+
+        clear_btn.click(
+            cleared,
             None,
             [chatbot, box],
+            cancels=[answered, retried],
             concurrency_limit=None,
             **private,
-        )
+        ).then(cleared, None, [chatbot, box], concurrency_limit=None, **private)
 
         # The named API endpoint: a hidden button, so API calls leave the page alone.
         api_history = gr.JSON(value=[], visible=False, label="history")
