@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,27 @@ def record_id(obj: dict[str, Any]) -> str | None:
     return None if value is None else str(value)
 
 
+def collect_records(
+    path: Path,
+    rows: Iterable[tuple[int, Any]],
+    parse: Callable[[Any, int], list[Record]],
+) -> tuple[list[Record], list[Problem]]:
+    """Records from ``(line, object)`` rows of the file ``path``, ``parse(object, line)`` giving
+    each row's records; a ``RecordError`` (raised by ``parse`` or yielded by the reader)
+    becomes a :class:`Problem` of that line instead."""
+    records: list[Record] = []
+    problems: list[Problem] = []
+    for line, obj in rows:
+        ident = record_id(obj) if isinstance(obj, dict) else None
+        try:
+            if isinstance(obj, RecordError):
+                raise obj
+            records.extend(parse(obj, line))
+        except RecordError as exc:
+            problems.append(Problem(str(path), line, exc.reason, str(exc), ident))
+    return records, problems
+
+
 def read_llava(
     path: str | os.PathLike, *, image_root: str | os.PathLike | None = None
 ) -> tuple[list[Record], list[Problem]]:
@@ -158,17 +179,9 @@ def read_llava(
         raise DataError(f"{path}: LLaVA data file not found")
     root = Path(image_root) if image_root is not None else path.parent
     rows = iter_jsonl(path) if path.suffix == ".jsonl" else iter_json_array(path)
-    records: list[Record] = []
-    problems: list[Problem] = []
-    for line, obj in rows:
-        ident = record_id(obj) if isinstance(obj, dict) else None
-        try:
-            if isinstance(obj, RecordError):
-                raise obj
-            records.append(_parse_record(obj, root, str(path), line))
-        except RecordError as exc:
-            problems.append(Problem(str(path), line, exc.reason, str(exc), ident))
-    return records, problems
+    return collect_records(
+        path, rows, lambda obj, line: [_parse_record(obj, root, str(path), line)]
+    )
 
 
 def _parse_record(obj: Any, root: Path, file: str, line: int) -> Record:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmgpt.data.llava import (
     check_images_exist,
+    collect_records,
     insert_image_placeholders,
     parse_image_field,
     record_id,
@@ -100,17 +101,9 @@ def read_preference(
     if not path.is_file():
         raise DataError(f"{path}: preference file not found")
     root = Path(image_root) if image_root is not None else path.parent
-    records: list[Record] = []
-    problems: list[Problem] = []
-    for line, obj in iter_jsonl(path):
-        ident = record_id(obj) if isinstance(obj, dict) else None
-        try:
-            if isinstance(obj, RecordError):
-                raise obj
-            records.extend(_parse_line(obj, root, str(path), line))
-        except RecordError as exc:
-            problems.append(Problem(str(path), line, exc.reason, str(exc), ident))
-    return records, problems
+    return collect_records(
+        path, iter_jsonl(path), lambda obj, line: _parse_line(obj, root, str(path), line)
+    )
 
 
 def _string(obj: dict[str, Any], key: str) -> str:

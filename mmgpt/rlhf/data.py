@@ -95,6 +95,16 @@ def select_rows(batch: MultimodalBatch, rows: Sequence[int] | Tensor) -> Multimo
 # --------------------------------------------------------------------------------------
 
 
+def fields_to(batch: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """A copy of the dataclass ``batch`` with every field that is not ``None`` (tensors,
+    ``MultimodalBatch``es) moved to ``device``."""
+    moved = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        moved[f.name] = None if value is None else value.to(device, non_blocking=non_blocking)
+    return type(batch)(**moved)
+
+
 @dataclass
 class ImageOutputPair:
     """A prompt and two candidate OUTPUT images, ``chosen`` preferred over ``rejected``.
@@ -141,13 +151,7 @@ class PreferenceBatch:
         return select_rows(self.pairs, range(len(self), 2 * len(self)))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PreferenceBatch:
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                value = value.to(device, non_blocking=non_blocking)
-            moved[f.name] = value
-        return PreferenceBatch(**moved)
+        return fields_to(self, device, non_blocking)
 
 
 class PreferenceCollator:

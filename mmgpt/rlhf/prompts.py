@@ -19,6 +19,7 @@ from typing import Any
 
 from mmgpt.data.llava import (
     check_images_exist,
+    collect_records,
     insert_image_placeholders,
     parse_image_field,
     record_id,
@@ -47,31 +48,25 @@ def read_prompts(
     if not path.is_file():
         raise DataError(f"{path}: prompt file not found")
     root = Path(image_root) if image_root is not None else path.parent
-    records: list[Record] = []
-    problems: list[Problem] = []
-    for line, obj in iter_jsonl(path):
-        ident = record_id(obj) if isinstance(obj, dict) else None
-        try:
-            if isinstance(obj, RecordError):
-                raise obj
-            if not isinstance(obj, dict):
-                raise RecordError(
-                    "bad_type", f"a line must be a JSON object, got {type(obj).__name__}"
-                )
-            prompt = obj.get("prompt")
-            if prompt is None:
-                raise RecordError("missing_field", "missing field 'prompt'")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise RecordError("bad_type", "'prompt' must be a non-empty string")
-            names = parse_image_field(obj.get("image"))
-            (turn,) = insert_image_placeholders([Turn("user", prompt)], len(names))
-            paths = [resolve_image(root, name) for name in names]
-            check_images_exist(paths)
-            meta = {k: v for k, v in obj.items() if k not in ("prompt", "image")}
-            records.append(Record(str(path), line, ident, paths, turn.text, meta))
-        except RecordError as exc:
-            problems.append(Problem(str(path), line, exc.reason, str(exc), ident))
-    return records, problems
+    return collect_records(
+        path, iter_jsonl(path), lambda obj, line: [_parse_prompt(obj, root, str(path), line)]
+    )
+
+
+def _parse_prompt(obj: Any, root: Path, file: str, line: int) -> Record:
+    if not isinstance(obj, dict):
+        raise RecordError("bad_type", f"a line must be a JSON object, got {type(obj).__name__}")
+    prompt = obj.get("prompt")
+    if prompt is None:
+        raise RecordError("missing_field", "missing field 'prompt'")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RecordError("bad_type", "'prompt' must be a non-empty string")
+    names = parse_image_field(obj.get("image"))
+    (turn,) = insert_image_placeholders([Turn("user", prompt)], len(names))
+    paths = [resolve_image(root, name) for name in names]
+    check_images_exist(paths)
+    meta = {k: v for k, v in obj.items() if k not in ("prompt", "image")}
+    return Record(file, line, record_id(obj), paths, turn.text, meta)
 
 
 @register("dataset", "prompts")

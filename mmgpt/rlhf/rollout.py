@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from mmgpt.data.sample import Sample
 from mmgpt.generation import GenerationConfig, generate
 from mmgpt.processor import IGNORE_INDEX, MultimodalBatch
-from mmgpt.rlhf.data import select_rows
+from mmgpt.rlhf.data import fields_to, select_rows
 from mmgpt.rlhf.losses import entropy_from_logits, token_logprobs
 
 __all__ = [
@@ -60,13 +60,7 @@ class ResponseBatch:
         return self.response_mask.sum(-1)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ResponseBatch:
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                value = value.to(device, non_blocking=non_blocking)
-            moved[f.name] = value
-        return ResponseBatch(**moved)
+        return fields_to(self, device, non_blocking)
 
     def select(self, rows: Sequence[int] | Tensor) -> ResponseBatch:
         """The rows ``rows`` (a PPO minibatch), each with its own images."""

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import torch
 
+from demos.screenshots import CHROMIUM_ARGS
+
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 IMAGE_QUESTION = "what colour is the circle?"
@@ -28,15 +30,6 @@ ANSWER = "a red circle"
 DRAW_PROMPT = "draw a red circle"
 ADAPTER = "noisy"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 def circle_image(size: int = 32) -> Any:
