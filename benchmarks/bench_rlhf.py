@@ -42,11 +42,13 @@ from typing import Any
 
 import torch
 
-from mmgpt.checkpoint import WEIGHTS_NAME, checkpoint_name, load_model_state, load_tensors
+from mmgpt.checkpoint import checkpoint_name
+from mmgpt.config import WEIGHTS_NAME
 from mmgpt.data.preference import PreferenceDataset
 from mmgpt.data.shapes import POSITIONS, SIZES, ShapesWorld, caption
 from mmgpt.eval.caption import attribute_accuracy
 from mmgpt.eval.metrics import exact_match
+from mmgpt.files import load_tensors
 from mmgpt.generation import GenerationConfig
 from mmgpt.multimodal import MultimodalGPT
 from mmgpt.objectives.dpo import DPOObjective
@@ -57,6 +59,7 @@ from mmgpt.rlhf.reward_model import RewardModel
 from mmgpt.rlhf.rollout import generate_responses, response_forward
 from mmgpt.rlhf.shapes import write_shapes_preferences
 from mmgpt.trainer import Trainer
+from mmgpt.weights import load_model_state
 
 # one shape per image, three kinds and four colours (two sizes, nine positions): a world a
 # 0.2M-parameter model learns on a CPU in minutes; 216 captions, 1/216 by chance

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmgpt.config import GPTConfig
-from mmgpt.interop.gpt2 import save_hf_gpt2
 from mmgpt.model import GPT
+from mmgpt.pretrained import save_hf_gpt2
 
 # The model the targets are stated for: 6 layers, 384 wide, 6 heads, 256 context, vocab 512,
 # learned positions and the tanh GELU, i.e. exactly what GPT-2 computes.

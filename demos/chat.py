@@ -14,8 +14,6 @@ with optional ``history`` (text messages ``[{"role": "user", "content": "…"}, 
 
 from __future__ import annotations
 
-import tempfile
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,14 @@ from typing import Any
 import gradio as gr
 
 from demos import ui
-from demos.common import DemoModel, Message, Settings, UserInputError, user_message
+from demos.common import (
+    DemoModel,
+    ImageFolder,
+    Message,
+    Settings,
+    UserInputError,
+    user_message,
+)
 from demos.examples import chat_examples
 from mmgpt.data.sample import IMAGE_OUT_PLACEHOLDER
 
@@ -108,17 +113,25 @@ def _strip_reply(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class ChatApp:
-    """The chat's event handlers around one :class:`DemoModel`."""
+    """The chat's event handlers around one :class:`DemoModel`.
 
-    def __init__(self, model: DemoModel, image_dir: str | Path | None = None) -> None:
+    Drawn images go to Gradio as files of a bounded :class:`~demos.common.ImageFolder`
+    (``image_dir``, default a new temporary folder), removed by :meth:`close`.
+    """
+
+    def __init__(
+        self, model: DemoModel, image_dir: str | Path | None = None, **folder_limits: int
+    ) -> None:
         self.model = model
-        self.image_dir = Path(image_dir or tempfile.mkdtemp(prefix="mmgpt-chat-"))
-        self.image_dir.mkdir(parents=True, exist_ok=True)
+        self.images = ImageFolder(image_dir, prefix="mmgpt-chat-", **folder_limits)
+        self.image_dir = self.images.directory
 
     def _save(self, image: Any) -> str:
-        path = self.image_dir / f"{uuid.uuid4().hex}.png"
-        image.save(path)
-        return str(path)
+        return self.images.save(image)
+
+    def close(self) -> None:
+        """Remove the drawn images (run when the server closes, and at exit)."""
+        self.images.close()
 
     def _prepare(
         self,
@@ -279,7 +292,7 @@ def build_app(model: DemoModel, *, image_dir: str | Path | None = None) -> gr.Bl
         )
         if p
     )
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=ui.DELETE_CACHE) as demo:
         gr.Markdown(f"## {TITLE}\n{ui.model_note(model)}")
         with gr.Row():
             with gr.Column(scale=3):
@@ -375,6 +388,7 @@ def build_app(model: DemoModel, *, image_dir: str | Path | None = None) -> gr.Bl
             api_description="Answer a message (text + image files) after an optional history; "
             "streams the reply text and the images drawn.",
         )
+    ui.close_with(demo, app.close)
     return demo
 
 

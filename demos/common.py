@@ -7,9 +7,11 @@
   a file that is not an image, an image over the size limits, a message longer than the
   model's context, an image sent to a model that cannot see.
 * **Limits** (:class:`ImageLimits`): uploads over ``MAX_UPLOAD_MB`` are refused by the server;
-  images over ``max_pixels`` (40 megapixels) are refused after reading only their header;
-  images with a side over ``max_side`` (1024 px) are downscaled with a warning — the model
-  itself sees ``input_size`` pixels (32×32 for ``shapes-tiny``).
+  images over ``max_pixels`` (``DEMO_MAX_PIXELS``, 16 megapixels) or whose decoding would take
+  more than ``max_decoded_bytes`` are refused after reading only their header, and only the
+  allowlisted raster formats are ever parsed (:func:`mmgpt.data.images.open_image`); images
+  with a side over ``max_side`` (1024 px) are downscaled with a warning — the model itself
+  sees ``input_size`` pixels (32×32 for ``shapes-tiny``).
 * **Context**: a conversation that does not fit ``block_size`` together with the answer's
   ``max_new_tokens`` loses its oldest exchanges (whole turns, with their images) and the app
   says so; if the last message alone does not fit, that is an error naming the numbers.
@@ -22,14 +24,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
+import shutil
+import tempfile
 import threading
+import uuid
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from mmgpt.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from mmgpt.data.images import (
+    DEMO_MAX_DECODED_BYTES,
+    DEMO_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    ImageLoadError,
+    load_image,
+    open_image,
+)
 from mmgpt.data.sample import DEFAULT_CAPTION_PROMPT, IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:
@@ -43,6 +58,8 @@ logger = logging.getLogger("mmgpt.demo")
 # The server refuses uploads above this size (passed to ``launch(max_file_size=...)``).
 MAX_UPLOAD_MB = 20
 NO_ADAPTER = "none"
+# Decoded user images kept for re-reading (a few conversations' worth of 1024 px images).
+IMAGE_CACHE_BYTES = 64 * 2**20
 MAX_SEED = 2**31 - 1
 T = TypeVar("T")
 
@@ -68,7 +85,8 @@ class ImageLimits:
     """Refuse images above ``max_pixels``; downscale those with a side above ``max_side``."""
 
     max_side: int = 1024
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEMO_MAX_PIXELS
+    max_decoded_bytes: int = DEMO_MAX_DECODED_BYTES
 
     def describe(self) -> str:
         return (
@@ -93,17 +111,19 @@ def load_user_image(
             f"'{name}' is not an image. Upload a {IMAGE_TYPES_TEXT} file ({limits.describe()})."
         )
     try:
-        image = load_image(path, max_pixels=limits.max_pixels)
+        image = load_image(
+            path, max_pixels=limits.max_pixels, max_decoded_bytes=limits.max_decoded_bytes
+        )
     except ImageLoadError as exc:
         if exc.reason == "too_large":
-            size = _header_size(path)
-            what = f"{size[0]}×{size[1]} pixels" if size else "too large"
-            raise UserInputError(
-                f"'{name}' is {what}, above this demo's limit of "
-                f"{limits.max_pixels / 1e6:g} megapixels. Downscale it and try again."
-            ) from None
+            raise UserInputError(_too_large(path, limits)) from None
         if exc.reason == "missing_image":
             raise UserInputError(f"'{name}' did not arrive; upload it again.") from None
+        if exc.reason == "unsupported_format":
+            raise UserInputError(
+                f"'{name}' is a {exc.format} file, not an image this demo reads. Upload a "
+                f"{IMAGE_TYPES_TEXT} file."
+            ) from None
         raise UserInputError(
             f"'{name}' could not be read as an image ({exc.detail}). Upload a "
             f"{IMAGE_TYPES_TEXT} file."
@@ -118,18 +138,89 @@ def load_user_image(
     return image
 
 
-def _header_size(path: Path) -> tuple[int, int] | None:
-    import warnings
-
-    from PIL import Image
-
+def _too_large(path: Path, limits: ImageLimits) -> str:
+    """Why an image over a budget was refused, in the user's terms (its header only is read)."""
+    name = path.name
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as image:
-                return image.size
-    except Exception:  # a decompression bomb PIL refuses even to open
-        return None
+        with open_image(path, max_pixels=None, max_decoded_bytes=None) as header:
+            (width, height), mode = header.size, header.mode
+    except ImageLoadError:  # so large that even PIL's own limit refuses the header
+        return (
+            f"'{name}' is too large, above this demo's limit of {limits.max_pixels / 1e6:g} "
+            "megapixels. Downscale it and try again."
+        )
+    if width * height > limits.max_pixels:
+        return (
+            f"'{name}' is {width}×{height} pixels, above this demo's limit of "
+            f"{limits.max_pixels / 1e6:g} megapixels. Downscale it and try again."
+        )
+    return (
+        f"'{name}' ({width}×{height}, mode {mode}) would take more than "
+        f"{limits.max_decoded_bytes / 2**20:g} MB of memory to decode. Save it as an 8-bit "
+        "RGB image or downscale it and try again."
+    )
+
+
+class ImageFolder:
+    """Images handed to Gradio by path (the chat's drawn images): PNG files in one folder,
+    at most ``max_files`` of them and ``max_bytes`` in all, the oldest removed first.
+
+    Gradio copies a file into its own cache when it sends it to the page, so a file here is
+    needed only for a moment; the bound keeps a long-running server's disk use flat.
+    :meth:`close` (also run at interpreter exit) removes the folder when it was created here,
+    or only the files written here when the caller gave the folder.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike | None = None,
+        *,
+        prefix: str = "mmgpt-",
+        max_files: int = 256,
+        max_bytes: int = 64 * 2**20,
+    ) -> None:
+        if max_files < 1 or max_bytes < 1:
+            raise ValueError(
+                f"ImageFolder: max_files and max_bytes must be positive, got {max_files} "
+                f"and {max_bytes}"
+            )
+        owned = directory is None
+        self.directory = Path(tempfile.mkdtemp(prefix=prefix) if owned else directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_files, self.max_bytes = max_files, max_bytes
+        self._files: OrderedDict[Path, int] = OrderedDict()  # path → size, oldest first
+        self._lock = threading.Lock()
+        # a finalizer, not atexit.register(self.close): it runs at exit without keeping
+        # every folder (and its app) alive until then
+        self._finalizer = weakref.finalize(self, _remove_images, self.directory, owned, self._files)
+
+    def save(self, image: Image.Image) -> str:
+        """Write ``image`` as a new PNG file; returns its path."""
+        path = self.directory / f"{uuid.uuid4().hex}.png"
+        image.save(path, format="PNG")
+        size = path.stat().st_size
+        with self._lock:
+            self._files[path] = size
+            total = sum(self._files.values())
+            while len(self._files) > 1 and (
+                len(self._files) > self.max_files or total > self.max_bytes
+            ):
+                old, old_size = self._files.popitem(last=False)
+                total -= old_size
+                old.unlink(missing_ok=True)
+        return str(path)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _remove_images(directory: Path, owned: bool, files: dict[Path, int]) -> None:
+    if owned:
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    for path in list(files):
+        path.unlink(missing_ok=True)
+    files.clear()
 
 
 # --------------------------------------------------------------------------------------
@@ -260,7 +351,9 @@ class DemoModel:
         self.limits = limits
         self._lock = threading.Lock()
         self._processor = model.processor(max_length=None)
-        self._image_cache: dict[str, Image.Image] = {}
+        # decoded user images by path: a conversation re-reads its images at every turn
+        self._image_cache: OrderedDict[str, Image.Image] = OrderedDict()
+        self._image_cache_lock = threading.Lock()
 
     @classmethod
     def load(cls, model_dir: str | Path, *, limits: ImageLimits = ImageLimits()) -> DemoModel:
@@ -269,20 +362,17 @@ class DemoModel:
         An adapter that fails to load is left out with a logged warning, not fatal: the demo
         still serves the base model.
         """
+        from mmgpt.adapters import adapter_dirs, load_adapter
         from mmgpt.multimodal import MultimodalGPT
 
         model_dir = Path(model_dir)
         model = MultimodalGPT.from_pretrained(model_dir)
         adapters = []
-        adapter_root = model_dir / "adapters"
-        if adapter_root.is_dir():
-            from mmgpt.adapters import load_adapter
-
-            for directory in sorted(p for p in adapter_root.iterdir() if p.is_dir()):
-                try:
-                    adapters.append(load_adapter(model, directory, directory.name))
-                except Exception as exc:
-                    logger.warning("adapter %s not loaded: %s", directory, exc)
+        for name, directory in adapter_dirs(model_dir).items():
+            try:
+                adapters.append(load_adapter(model, directory, name))
+            except Exception as exc:
+                logger.warning("adapter %s not loaded: %s", directory, exc)
         return cls(model, name=model_dir.resolve().name, adapters=adapters, limits=limits)
 
     # -- what the model can do ------------------------------------------------------------
@@ -322,11 +412,20 @@ class DemoModel:
     def image(self, path: str | Path, warn: Warn = _log_warning) -> Image.Image:
         """A user image, checked and cached by path (a conversation re-reads its images)."""
         key = str(path)
-        if key not in self._image_cache:
-            if len(self._image_cache) > 256:
-                self._image_cache.clear()
-            self._image_cache[key] = load_user_image(path, self.limits, warn)
-        return self._image_cache[key]
+        with self._image_cache_lock:
+            cached = self._image_cache.get(key)
+            if cached is not None:
+                self._image_cache.move_to_end(key)
+                return cached
+        image = load_user_image(path, self.limits, warn)
+        with self._image_cache_lock:
+            self._image_cache[key] = image
+            # bounded by decoded bytes, not entries: each may be up to max_side² RGB pixels
+            while len(self._image_cache) > 1 and (
+                sum(i.width * i.height * 3 for i in self._image_cache.values()) > IMAGE_CACHE_BYTES
+            ):
+                self._image_cache.popitem(last=False)
+        return image
 
     def prompt_length(self, turns: Sequence[dict[str, str]], images: Sequence[Any]) -> int:
         """Tokens of the generation prompt for ``turns`` (image slots included)."""
@@ -514,6 +613,7 @@ __all__ = [
     "MAX_UPLOAD_MB",
     "NO_ADAPTER",
     "DemoModel",
+    "ImageFolder",
     "ImageLimits",
     "Message",
     "Settings",

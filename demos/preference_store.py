@@ -6,7 +6,13 @@ A directory holds::
                         {"prompt", "image" (optional, relative path), "chosen", "rejected",
                          "pair_id", "seeds", "model", "created"}
     images/<sha>.png    the prompts' images, named by content (saved once)
-    state.json          the pair waiting for a judgement, and the count of skipped pairs
+    state.json          the pairs waiting for a judgement (one per session), and the count
+                        of skipped pairs
+
+Each session (a browser, an API client) has its own pending pair: sampling replaces only the
+caller's pair, and any pending pair can be judged by its id (an unguessable uuid), so two
+people labelling at once do not undo each other's work. At most ``MAX_PENDING`` pairs wait;
+beyond that the oldest is dropped.
 
 Nothing is lost across page reloads, server restarts or crashes:
 
@@ -34,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmgpt.checkpoint import atomic_write_bytes
+from mmgpt.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -47,8 +53,11 @@ except ImportError:  # pragma: no cover - Windows
 JSONL_NAME = "preferences.jsonl"
 STATE_NAME = "state.json"
 IMAGE_DIR = "images"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: a single "pending" pair; read as the default session's
 CHOICES = ("A", "B", "skip")
+# Pending pairs kept at once: every API client is a session, so this must be bounded.
+MAX_PENDING = 256
+DEFAULT_OWNER = ""  # the session of callers that name none (and of version-1 state files)
 
 
 class StaleChoiceError(ValueError):
@@ -98,7 +107,9 @@ class PreferenceStore:
         self.model_name = model_name
         self._lock = threading.Lock()
         self._count = self._skipped = 0
-        self._pending: PendingPair | None = None
+        # owner → pending pair, oldest first; the default owner's pair is state.json's
+        # "pending" (as in version 1), the others its "sessions"
+        self._pairs: dict[str, PendingPair] = {}
         self._seen_size = -1  # JSONL size at the last count
         self._recorded_ids: set[str] = set()
         with self._writer():
@@ -116,30 +127,44 @@ class PreferenceStore:
 
     @property
     def pending(self) -> PendingPair | None:
+        """The default session's pending pair."""
         return self.snapshot()[2]
 
-    def snapshot(self) -> tuple[int, int, PendingPair | None]:
-        """``(recorded pairs, skipped pairs, pending pair)`` as on disk now."""
+    def snapshot(self, owner: str = DEFAULT_OWNER) -> tuple[int, int, PendingPair | None]:
+        """``(recorded pairs, skipped pairs, owner's pending pair)`` as on disk now."""
         with self._writer():
             self._refresh()
-            return self._count, self._skipped, self._pending
+            return self._count, self._skipped, self._pairs.get(owner)
+
+    def waiting(self) -> list[PendingPair]:
+        """Every session's pending pair, oldest first."""
+        with self._writer():
+            self._refresh()
+            return list(self._pairs.values())
 
     def _refresh(self) -> None:
         """Re-read the state and (when the file changed) the count; the lock is held."""
         state = self._read_state()
         self._skipped = int(state.get("skipped", 0))
-        pending = state.get("pending")
-        try:
-            self._pending = PendingPair.from_dict(pending) if pending else None
-        except (KeyError, TypeError, ValueError):
-            self._pending = None
+        sessions = state.get("sessions")
+        raw = dict(sessions) if isinstance(sessions, dict) else {}
+        if state.get("pending"):
+            raw[DEFAULT_OWNER] = state["pending"]
+        self._pairs = {}
+        for owner, data in raw.items():
+            try:
+                self._pairs[str(owner)] = PendingPair.from_dict(data)
+            except (KeyError, TypeError, ValueError):
+                continue  # one damaged entry must not cost the other sessions their pairs
         size = self.jsonl.stat().st_size if self.jsonl.is_file() else 0
         if size != self._seen_size:
             self._count, self._recorded_ids = self._scan()
             self._seen_size = size
-        if self._pending is not None and self._pending.id in self._recorded_ids:
+        recorded = [o for o, pair in self._pairs.items() if pair.id in self._recorded_ids]
+        if recorded:
             # judged, then the server stopped before the state was updated
-            self._pending = None
+            for owner in recorded:
+                del self._pairs[owner]
             self._write_state()
 
     def image_path(self, pair: PendingPair) -> Path | None:
@@ -194,9 +219,11 @@ class PreferenceStore:
                     fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
     def _write_state(self) -> None:
+        default = self._pairs.get(DEFAULT_OWNER)
         state = {
             "version": STATE_VERSION,
-            "pending": asdict(self._pending) if self._pending else None,
+            "pending": asdict(default) if default else None,
+            "sessions": {o: asdict(p) for o, p in self._pairs.items() if o != DEFAULT_OWNER},
             "skipped": self._skipped,
         }
         atomic_write_bytes(self.state_path, (json.dumps(state, indent=1) + "\n").encode())
@@ -212,11 +239,15 @@ class PreferenceStore:
             atomic_write_bytes(path, data)
         return relative
 
-    def set_pending(self, pair: PendingPair) -> None:
-        """Make ``pair`` the one waiting for a judgement (replacing any other)."""
+    def set_pending(self, pair: PendingPair, owner: str = DEFAULT_OWNER) -> None:
+        """Make ``pair`` the one waiting for ``owner``'s judgement (replacing the owner's
+        previous pair; other sessions' pairs stay)."""
         with self._writer():
             self._refresh()
-            self._pending = pair
+            self._pairs.pop(owner, None)  # re-inserted last: the newest
+            self._pairs[owner] = pair
+            while len(self._pairs) > MAX_PENDING:
+                del self._pairs[next(iter(self._pairs))]
             self._write_state()
 
     def judge(self, pair_id: str, choice: str) -> int:
@@ -226,8 +257,9 @@ class PreferenceStore:
             raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
         with self._writer():
             self._refresh()
-            pair = self._pending
-            if pair is None or pair.id != pair_id:
+            owner = next((o for o, p in self._pairs.items() if p.id == pair_id), None)
+            pair = self._pairs.get(owner) if owner is not None else None
+            if pair is None:
                 raise StaleChoiceError(
                     "This pair is no longer waiting for a judgement (it was judged or "
                     "replaced, perhaps in another tab); the page now shows the current one."
@@ -244,7 +276,7 @@ class PreferenceStore:
                 self._count += 1
                 self._recorded_ids.add(pair.id)
                 self._seen_size = self.jsonl.stat().st_size
-            self._pending = None
+            del self._pairs[owner]
             self._write_state()
             return self._count
 
@@ -280,7 +312,9 @@ class PreferenceStore:
 
 __all__ = [
     "CHOICES",
+    "DEFAULT_OWNER",
     "JSONL_NAME",
+    "MAX_PENDING",
     "STATE_NAME",
     "PendingPair",
     "PreferenceStore",

@@ -60,7 +60,7 @@ class TextToImageApp:
 def build_app(model: DemoModel) -> gr.Blocks:
     """The text-to-image app for ``model`` (not launched)."""
     app = TextToImageApp(model)
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=ui.DELETE_CACHE) as demo:
         gr.Markdown(f"## {TITLE}\n{ui.model_note(model)}")
         if not model.can_draw:
             gr.Markdown("**This model has no image decoder: it cannot draw.**")

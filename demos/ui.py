@@ -15,6 +15,10 @@ from demos.common import DemoModel, Settings, UserInputError
 
 logger = logging.getLogger("mmgpt.demo")
 DEFAULTS = Settings()
+# Gradio's cache (uploads, images sent to the page) of each app: every 10 minutes the files
+# older than an hour are removed, and all of them when the server closes. Without it every
+# upload stays on disk for the life of the machine.
+DELETE_CACHE = (600, 3600)
 
 CSS = """
 footer {visibility: hidden}
@@ -138,6 +142,17 @@ def adapter_control(model: DemoModel) -> gr.Dropdown:
     )
 
 
+def close_with(blocks: gr.Blocks, fn: Callable[[], None]) -> None:
+    """Have ``fn`` run when the server of ``blocks`` shuts down (see :func:`closers`)."""
+    blocks._mmgpt_closers = [*closers(blocks), fn]
+
+
+def closers(blocks: gr.Blocks) -> list[Callable[[], None]]:
+    """What :func:`close_with` registered; :func:`mmgpt.demo.launch_demo` runs these from
+    the server's lifespan, i.e. on ``blocks.close()`` and on Ctrl-C."""
+    return list(getattr(blocks, "_mmgpt_closers", []))
+
+
 def model_note(model: DemoModel) -> str:
     """One line describing the model, for the page header."""
     parts = [f"model **{model.name}**", f"context {model.block_size} tokens"]
@@ -150,7 +165,10 @@ def model_note(model: DemoModel) -> str:
 
 __all__ = [
     "CSS",
+    "DELETE_CACHE",
     "adapter_control",
+    "close_with",
+    "closers",
     "error",
     "friendly",
     "image_controls",

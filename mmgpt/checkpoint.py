@@ -1,213 +1,43 @@
-"""Model directories and atomic, pickle-free weight files.
+"""Training checkpoints: resumable trainer state without pickle.
 
-A model is a directory: ``config.json`` (the full config, plugin names included),
-``model.safetensors``, tokenizer files, and optionally ``adapters/<name>/`` and
-``trainer_state/``. Every write goes to a temporary file that is renamed into place, so a
-killed process never leaves a half-written file under the final name.
+A training checkpoint is a directory ``step_{N:08d}/`` holding safetensors files for tensors
+and JSON files for everything else, plus ``manifest.json`` (every file's size and sha256)
+written last. The directory is assembled under a temporary name and renamed into place
+(:mod:`mmgpt.files`), so a killed process leaves either a complete checkpoint or none; the
+manifest then catches damage that happens afterwards (a truncated or edited file).
+
+Model directories (``config.json`` + ``model.safetensors``) are :mod:`mmgpt.weights` and
+:mod:`mmgpt.pretrained`; this module is only the trainer's own state.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import tempfile
+import random
+import shutil
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import numpy as np
+import torch
 
-    from mmgpt.model import GPT
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_tensors(
-    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
-) -> None:
-    """Save tensors as safetensors, atomically. Shared storage is cloned (safetensors refuses it)."""
-    from safetensors.torch import save
-
-    seen: dict[int, str] = {}
-    clean = {}
-    for k, t in tensors.items():
-        t = t.detach()
-        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
-        if ptr in seen and ptr != -1:
-            t = t.clone()
-        seen.setdefault(ptr, k)
-        clean[k] = t.contiguous().cpu()
-    atomic_write_bytes(Path(path), save(clean, metadata=metadata))
-
-
-def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file; a truncated or corrupted file raises naming the file."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found")
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as exc:  # safetensors raises several types for a damaged header/body
-        raise CorruptCheckpointError(
-            f"{path}: unreadable or truncated safetensors file ({exc})"
-        ) from exc
-
-
-class CorruptCheckpointError(RuntimeError):
-    """A checkpoint file exists but cannot be read back."""
-
-
-def load_torch_file(path: Path) -> Any:
-    """Read a ``.bin``/``.pt`` file without unpickling arbitrary objects."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CorruptCheckpointError(
-            f"{path}: cannot be loaded with weights_only=True ({type(exc).__name__}: {exc}); "
-            "mmgpt never unpickles arbitrary objects"
-        ) from exc
-
-
-def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without tied aliases (stored once, re-tied on load)."""
-    tied = set(getattr(model, "tied_weight_keys", []))
-    return {k: v for k, v in model.state_dict().items() if k not in tied}
-
-
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Strict load that names missing/unexpected keys and the file they came from."""
-    tied = set(getattr(model, "tied_weight_keys", []))
-    expected = set(model.state_dict()) - tied
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected - tied)
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: weights do not match the model: missing {missing[:8]}"
-            f"{'…' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-            f"{'…' if len(unexpected) > 8 else ''}"
-        )
-    for k, v in state.items():
-        target = model.state_dict()[k]
-        if target.shape != v.shape:
-            raise ValueError(
-                f"{source}: tensor {k!r} has shape {tuple(v.shape)}, "
-                f"the model expects {tuple(target.shape)}"
-            )
-    model.load_state_dict(state, strict=False)
-
-
-def read_model_config(path: Path) -> dict[str, Any]:
-    from mmgpt.config import load_json
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a model directory")
-    return load_json(path / CONFIG_NAME)
-
-
-def save_gpt(model: GPT, path: str | Path, extra_config: dict[str, Any] | None = None) -> None:
-    """Write a GPT model directory; with adapters: base weights + ``adapters/<name>/``."""
-    from mmgpt.config import save_json
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config = {
-        "architecture": "gpt",
-        "format_version": FORMAT_VERSION,
-        "gpt": model.config.to_dict(),
-        **(extra_config or {}),
-    }
-    weights = save_weights_and_adapters(model, path, config)
-    save_tensors(weights, path / WEIGHTS_NAME, metadata={"format": "pt"})
-    save_json(config, path / CONFIG_NAME)
-
-
-def save_weights_and_adapters(
-    model: torch.nn.Module, path: Path, config: dict[str, Any]
-) -> dict[str, torch.Tensor]:
-    """The weights ``model.safetensors`` holds; a model with adapters also writes them to
-    ``path/adapters/<name>/`` and records them in ``config`` (see mmgpt/adapters/directory.py).
-    """
-    if not getattr(model, "peft_config", None):
-        return model_state_dict(model)
-    from mmgpt.adapters import base_state_dict
-    from mmgpt.adapters.directory import CONFIG_KEY, save_model_adapters
-
-    config[CONFIG_KEY] = save_model_adapters(model, path)
-    return base_state_dict(model)
-
-
-def load_gpt(
-    path: str | Path, *, map_location: str | torch.device = "cpu", adapter: Any = "auto"
-) -> GPT:
-    """Load a GPT model directory (or a Hugging Face GPT-2 one) with its adapters: ``adapter``
-    is ``"auto"`` (those saved with the model), ``"all"``, a name, names, or ``None``."""
-    from mmgpt.config import GPTConfig
-    from mmgpt.model import GPT
-
-    path = Path(path)
-    config = read_model_config(path)
-    if config.get("model_type") == "gpt2":
-        from mmgpt.interop.gpt2 import load_hf_gpt2
-
-        return load_hf_gpt2(path, map_location=map_location)
-    if "gpt" not in config:
-        raise ValueError(
-            f"{path / CONFIG_NAME}: expected an mmgpt model (a 'gpt' section) or a Hugging Face "
-            f"GPT-2 config (model_type 'gpt2'); found keys {sorted(config)}"
-        )
-    model = GPT(GPTConfig.from_dict(config["gpt"]))
-    load_model_state(model, load_tensors(path / WEIGHTS_NAME, map_location), path / WEIGHTS_NAME)
-    if adapter is not None and (adapter != "auto" or config.get("adapters")):
-        from mmgpt.adapters.directory import load_adapters
-
-        load_adapters(model, path, adapter, record=config.get("adapters"))
-    return model.to(map_location).eval()  # like transformers: loaded models start in eval mode
-
-
-# --------------------------------------------------------------------------------------
-# Training checkpoints: trainer state without pickle
-# --------------------------------------------------------------------------------------
-# A training checkpoint is a directory ``step_{N:08d}/`` holding safetensors files for
-# tensors and JSON files for everything else, plus ``manifest.json`` (every file's size and
-# sha256) written last. The directory is assembled under a temporary name and renamed into
-# place, so a killed process leaves either a complete checkpoint or none; the manifest then
-# catches damage that happens afterwards (a truncated or edited file).
+from mmgpt.config import FORMAT_VERSION
+from mmgpt.files import (
+    TMP_PREFIX,
+    CorruptCheckpointError,
+    atomic_directory,
+    atomic_write_bytes,
+    fsync_dir,
+    replace_dir,
+    save_json,
+    save_tensors,
+)
 
 MANIFEST_NAME = "manifest.json"
 CHECKPOINT_PREFIX = "step_"
-_TMP_PREFIX = ".tmp-"
 CORRUPT_SUFFIX = ".corrupt"
 
 
@@ -216,8 +46,6 @@ def checkpoint_name(step: int) -> str:
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -225,18 +53,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint_dir(
-    directory: str | Path,
+    directory: str | os.PathLike,
     *,
     tensors: dict[str, dict[str, torch.Tensor]],
     json_files: dict[str, Any],
@@ -248,57 +66,51 @@ def write_checkpoint_dir(
     file names (``"trainer_state.json"``) to JSON-serializable objects. An existing directory
     of the same name is replaced.
     """
-    import json
-    import shutil
-
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f"{_TMP_PREFIX}{directory.name}."))
-    try:
+    with atomic_directory(directory) as staging:
         for name, tensor_dict in tensors.items():
-            save_tensors(tensor_dict, tmp / name, metadata={"format": "pt"})
+            save_tensors(tensor_dict, staging / name, metadata={"format": "pt"})
         for name, obj in json_files.items():
-            text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"
-            atomic_write_bytes(tmp / name, text.encode())
-        finalize_checkpoint_dir(tmp, directory, step)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            save_json(obj, staging / name)
+        write_manifest(staging, step)
     return directory
 
 
-def finalize_checkpoint_dir(tmp: str | Path, directory: str | Path, step: int) -> Path:
-    """Complete a checkpoint written into the staging directory ``tmp``: write
-    ``manifest.json`` over every file under it (subdirectories included, e.g. the shards of a
-    distributed checkpoint), fsync, and rename ``tmp`` to ``directory`` (replacing it)."""
-    import json
-    import shutil
-
-    tmp, directory = Path(tmp), Path(directory)
+def write_manifest(staging: str | os.PathLike, step: int) -> None:
+    """Write ``manifest.json`` over every file under ``staging`` (subdirectories included,
+    e.g. the shards of a distributed checkpoint) and fsync the tree."""
+    staging = Path(staging)
     files = {}
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        files[path.relative_to(tmp).as_posix()] = {
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        files[path.relative_to(staging).as_posix()] = {
             "size": path.stat().st_size,
             "sha256": _sha256(path),
         }
     manifest = {"format_version": FORMAT_VERSION, "step": int(step), "files": files}
-    atomic_write_bytes(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
-    for sub in [p for p in tmp.rglob("*") if p.is_dir()]:
-        _fsync_dir(sub)
-    _fsync_dir(tmp)
-    if directory.exists():  # e.g. a step recomputed after falling back past it
-        old = directory.with_name(f"{_TMP_PREFIX}{directory.name}.old.{os.getpid()}")
-        os.replace(directory, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
-    return directory
+    atomic_write_bytes(staging / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    for sub in [p for p in staging.rglob("*") if p.is_dir()]:
+        fsync_dir(sub)
+    fsync_dir(staging)
+
+
+def finalize_checkpoint_dir(
+    staging: str | os.PathLike, directory: str | os.PathLike, step: int
+) -> Path:
+    """Complete a checkpoint written into ``staging`` (a directory every rank of a distributed
+    run wrote into): write its manifest and swap it into place as ``directory``."""
+    write_manifest(staging, step)
+    return replace_dir(staging, directory)
+
+
+def staging_dir(directory: str | os.PathLike) -> Path:
+    """The fixed staging name for ``directory`` that every rank can compute (swept by
+    :func:`mmgpt.files.remove_stale_temp_dirs` after a crash)."""
+    directory = Path(directory)
+    return directory.with_name(f"{TMP_PREFIX}{directory.name}.staging")
 
 
 def verify_checkpoint_dir(directory: str | Path) -> dict[str, Any]:
     """Check every file against the manifest; raise ``CorruptCheckpointError`` naming the file."""
-    import json
-
     directory = Path(directory)
     manifest_path = directory / MANIFEST_NAME
     try:
@@ -338,13 +150,15 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_valid_checkpoint(root: str | Path, *, quarantine: bool = True) -> Path | None:
-    """The newest checkpoint whose manifest verifies, or None.
+    """The newest checkpoint whose manifest verifies, or None when ``root`` holds none at all.
 
     A damaged checkpoint is reported with a warning naming the bad file and, with
-    ``quarantine``, renamed to ``step_N.corrupt`` so later runs (and pruning) skip it.
+    ``quarantine``, renamed to ``step_N.corrupt`` so later runs (and pruning) skip it. When
+    every checkpoint is damaged (now or in an earlier attempt), this raises
+    :class:`CorruptCheckpointError` naming them: resuming must never quietly start over.
     """
-    import warnings
-
+    root = Path(root)
+    damaged: list[str] = []
     for _, path in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint_dir(path)
@@ -364,13 +178,20 @@ def latest_valid_checkpoint(root: str | Path, *, quarantine: bool = True) -> Pat
                 RuntimeWarning,
                 stacklevel=2,
             )
+            damaged.append(f"{path.name} ({exc})")
+    quarantined = sorted(p.name for p in root.glob(f"*{CORRUPT_SUFFIX}*")) if root.is_dir() else []
+    if damaged or quarantined:
+        listed = "; ".join(damaged) if damaged else ", ".join(quarantined)
+        raise CorruptCheckpointError(
+            f"{root}: no checkpoint to resume from, every one is damaged: {listed}. Nothing was "
+            "changed. To start over explicitly, move the checkpoints folder aside (the damaged "
+            "ones are kept as step_N.corrupt for inspection) or train into another --out"
+        )
     return None
 
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints (and stale temp dirs); return the deleted."""
-    import shutil
-
+    """Delete all but the newest ``keep_last`` checkpoints; return the deleted."""
     root = Path(root)
     removed = []
     checkpoints = list_checkpoints(root)
@@ -378,17 +199,6 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
-
-
-def remove_stale_temp_dirs(root: str | Path) -> None:
-    """Remove half-written checkpoint directories left by a killed process."""
-    import shutil
-
-    root = Path(root)
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.is_dir() and p.name.startswith(_TMP_PREFIX):
-                shutil.rmtree(p, ignore_errors=True)
 
 
 def _jsonable(value: Any) -> Any:
@@ -405,8 +215,6 @@ def optimizer_state_to_files(
     state_dict: dict[str, Any],
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split ``optimizer.state_dict()`` into tensors (``state.{param}.{name}``) and JSON."""
-    import torch
-
     tensors: dict[str, torch.Tensor] = {}
     values: dict[str, dict[str, Any]] = {}
     for idx, param_state in state_dict["state"].items():
@@ -440,11 +248,6 @@ def optimizer_state_from_files(
 
 def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Python, numpy, torch CPU and CUDA generator states as (tensors, JSON)."""
-    import random
-
-    import numpy as np
-    import torch
-
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -460,11 +263,6 @@ def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state`."""
-    import random
-
-    import numpy as np
-    import torch
-
     version, internal, gauss = meta["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = meta["numpy"]
@@ -474,8 +272,6 @@ def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) ->
     if cuda and torch.cuda.is_available():
         states = [v for _, v in cuda]
         if len(states) != torch.cuda.device_count():
-            import warnings
-
             warnings.warn(
                 f"checkpoint has CUDA RNG states for {len(states)} device(s), this machine has "
                 f"{torch.cuda.device_count()}; restoring the common ones",

@@ -1,7 +1,7 @@
 """The ``mmgpt`` command line.
 
-Every subcommand dispatches lazily to the module that implements it, so ``mmgpt --help``
-answers without importing torch. Expected failures (a missing file, a bad
+Every subcommand dispatches lazily to the module that implements it (the imports inside the
+command functions are deliberate), so ``mmgpt --help`` answers without importing torch. Expected failures (a missing file, a bad
 value, an unknown registry name, a command whose module is not installed, Ctrl-C) print one
 line ``mmgpt: error: ...`` and exit with status 2; ``--debug`` shows the traceback instead.
 """
@@ -28,7 +28,7 @@ TARGETS = {
     "data check": "mmgpt.data.check:check_dataset",
     "plan": "mmgpt.plan:plan_training",
 }
-# Optional dependencies and the extra that installs each (DESIGN.md convention 5).
+# Optional dependencies and the extra that installs each: a missing one names its extra.
 EXTRAS = {
     "gradio": "demo",
     "timm": "vision",
@@ -46,7 +46,7 @@ class CommandError(Exception):
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from mmgpt.checkpoint import CorruptCheckpointError
+    from mmgpt.files import CorruptCheckpointError
 
     return (
         CommandError,
@@ -134,27 +134,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def load_tokenizer(model_dir: str | Path, config: dict[str, Any] | None = None) -> Any:
-    """The tokenizer of a model directory, built by the registry entry its config names."""
-    from mmgpt.checkpoint import read_model_config
-    from mmgpt.registry import create
+    """The tokenizer of a model directory (:func:`mmgpt.pretrained.load_tokenizer`)."""
+    from mmgpt.pretrained import load_tokenizer as load
 
-    model_dir = Path(model_dir)
-    config = read_model_config(model_dir) if config is None else config
-    section = config.get("tokenizer")
-    if section is None:
-        # A Hugging Face directory has no mmgpt section; its tokenizer.json loads as "bpe".
-        if not (model_dir / "tokenizer.json").is_file():
-            raise FileNotFoundError(
-                f"{model_dir}: no tokenizer (config.json has no 'tokenizer' section and there "
-                "is no tokenizer.json)"
-            )
-        section = {"name": "bpe"}
-    if not isinstance(section, dict) or not isinstance(section.get("name"), str):
-        raise ValueError(
-            f"{model_dir / 'config.json'}: 'tokenizer' must be an object with a 'name', "
-            f"got {section!r}"
-        )
-    return create("tokenizer", section["name"], path=model_dir)
+    return load(model_dir, config)
 
 
 def _generation_config(args: argparse.Namespace) -> Any:
@@ -173,13 +156,14 @@ def _generation_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mmgpt.checkpoint import read_model_config
+    from mmgpt.config import CONFIG_NAME, read_model_config
+    from mmgpt.pretrained import architecture
 
     model_dir = Path(args.model)
     config = read_model_config(model_dir)
-    architecture = config.get("architecture", "gpt")
+    arch = architecture(config, model_dir / CONFIG_NAME)
     gen_config = _generation_config(args)
-    if architecture == "multimodal":
+    if arch == "multimodal":
         chunks = _stream_multimodal(
             model_dir,
             args.prompt,
@@ -192,13 +176,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif args.image:
         raise ValueError(
             f"{model_dir}: --image needs a multimodal model; this one is a text-only "
-            f"{architecture!r} model"
+            f"{arch!r} model"
         )
     else:
-        from mmgpt.checkpoint import load_gpt
         from mmgpt.generation import stream_text
+        from mmgpt.pretrained import load_model
 
-        model = load_gpt(model_dir, adapter=_adapter_choice(args.adapter)).eval()
+        model = load_model(model_dir, adapter=_adapter_choice(args.adapter))
         tokenizer = load_tokenizer(model_dir, config)
         chunks = stream_text(model, tokenizer, args.prompt, gen_config)
     pieces = []
@@ -276,11 +260,13 @@ def _image_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mmgpt.checkpoint import read_model_config
+    from mmgpt.config import CONFIG_NAME, read_model_config
+    from mmgpt.pretrained import architecture
 
     model_dir = Path(args.model)
     config = read_model_config(model_dir)
-    task = args.task or ("caption" if config.get("architecture") == "multimodal" else "lm")
+    arch = architecture(config, model_dir / CONFIG_NAME)
+    task = args.task or ("caption" if arch == "multimodal" else "lm")
     if task == "lm":
         metrics = _eval_lm(model_dir, config, Path(args.data))
     else:
@@ -297,11 +283,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_lm(model_dir: Path, config: dict[str, Any], data: Path) -> dict[str, Any]:
     from mmgpt.eval.perplexity import perplexity
-    from mmgpt.model import GPT
+    from mmgpt.pretrained import load_model, require_architecture
 
-    if config.get("architecture", "gpt") != "gpt":
-        raise ValueError(f"{model_dir}: --task lm needs a text GPT model")
-    model = GPT.from_pretrained(model_dir)
+    require_architecture(model_dir, "gpt", "--task lm")
+    model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir, config)
     return {"task": "lm", **perplexity(model, tokenizer, data)}
 

@@ -1,12 +1,23 @@
-"""Configuration dataclasses and presets. Data only: no torch import here."""
+"""Configuration dataclasses, presets and the names of a model directory's files.
+
+Data only: no torch import here.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field, fields
+import difflib
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
+
+from mmgpt.files import load_json, save_json
+
+# A model directory: config.json (the full config, plugin names included) + model.safetensors
+# (+ tokenizer files, adapters/<name>/). FORMAT_VERSION is written into config.json.
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rotary", "none")
 NORMS = ("layernorm", "rmsnorm")
@@ -99,8 +110,6 @@ GPT_PRESETS: dict[str, dict[str, Any]] = {
 def gpt_config(preset: str, **overrides: Any) -> GPTConfig:
     """A GPTConfig from a preset name with field overrides."""
     if preset not in GPT_PRESETS:
-        import difflib
-
         close = difflib.get_close_matches(preset, GPT_PRESETS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown GPT preset {preset!r}; presets: {', '.join(GPT_PRESETS)}{hint}")
@@ -118,29 +127,26 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**data)
 
 
-def save_json(obj: dict[str, Any], path: str | Path) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    from mmgpt.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def load_json(path: str | Path) -> dict[str, Any]:
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of the model directory ``path`` (an error names a missing dir)."""
     path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from None
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a model directory")
+    config = load_json(path / CONFIG_NAME)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / CONFIG_NAME}: expected a JSON object")
+    return config
 
 
 __all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
     "GPT_PRESETS",
+    "WEIGHTS_NAME",
     "GPTConfig",
-    "field",
     "from_dict",
     "gpt_config",
     "load_json",
+    "read_model_config",
     "save_json",
 ]

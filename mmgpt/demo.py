@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ DEFAULT_HOST = "127.0.0.1"
 CONCURRENCY_LIMIT = 4
 MAX_QUEUE = 64
 DEFAULT_PREFERENCE_DIR = "preferences"
+logger = logging.getLogger("mmgpt.demo")
 
 
 def default_model_dir() -> Path:
@@ -107,13 +111,28 @@ def launch_demo(
     _gradio()
     from demos.common import MAX_UPLOAD_MB
     from demos.examples import examples_dir
-    from demos.ui import CSS, theme
+    from demos.ui import CSS, closers, theme
 
     blocks = build_demo(model_dir, app, data_dir=data_dir)
     blocks.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=MAX_QUEUE)
-    allowed = [str(examples_dir())]
     if app == "preferences":
-        allowed.append(str(Path(data_dir or DEFAULT_PREFERENCE_DIR).resolve()))
+        # Only here, for whoever runs the server: the page and the API never name the folder,
+        # and nothing in it is served (it holds every collected pair).
+        where = Path(data_dir or DEFAULT_PREFERENCE_DIR).resolve()
+        logger.info("preference data: %s", where)
+        if not quiet:
+            print(f"Preference data is written to {where}", file=sys.stderr)
+    on_close = closers(blocks)
+
+    @asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        # the server's shutdown (blocks.close(), Ctrl-C): remove the apps' temporary files
+        try:
+            yield
+        finally:
+            for close in on_close:
+                close()
+
     blocks.launch(
         server_name=host,
         server_port=port,
@@ -122,7 +141,9 @@ def launch_demo(
         quiet=quiet,
         show_error=False,  # unexpected errors show a one-line message, never a traceback
         max_file_size=f"{MAX_UPLOAD_MB}mb",
-        allowed_paths=allowed,
+        # the examples only; the preferences app hands its images over as pixels
+        allowed_paths=[str(examples_dir())],
+        app_kwargs={"lifespan": lifespan},
         ssr_mode=False,
         mcp_server=False,
         pwa=False,

@@ -39,6 +39,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmgpt.checkpoint import finalize_checkpoint_dir as finalize_training_checkpoint
+from mmgpt.checkpoint import verify_checkpoint_dir
+from mmgpt.config import CONFIG_NAME, WEIGHTS_NAME
+from mmgpt.files import atomic_directory, load_tensors, save_json, save_tensors
+from mmgpt.model import Block
+from mmgpt.pretrained import model_config
+
 __all__ = [
     "DCP_DIR",
     "MODEL_CONFIG_DIR",
@@ -217,8 +224,6 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     Encoder blocks are deliberately not included: an encoder runs only for batches that hold
     its modality, and an FSDP unit must run on every rank at every step.
     """
-    from mmgpt.model import Block
-
     return [m for m in model.modules() if isinstance(m, Block)]
 
 
@@ -408,20 +413,10 @@ def write_model_config(model: nn.Module, tokenizer: Any, directory: Path) -> boo
     Returns False for a model mmgpt cannot describe (then :func:`consolidate` needs
     ``config_from``).
     """
-    from mmgpt.checkpoint import CONFIG_NAME, FORMAT_VERSION
-    from mmgpt.config import save_json
-    from mmgpt.model import GPT
-
-    if hasattr(model, "config_dict"):
-        config = model.config_dict()
-        tokenizer = getattr(model, "tokenizer", None) or tokenizer
-    elif isinstance(model, GPT):
-        config = {"architecture": "gpt", "format_version": FORMAT_VERSION}
-        config["gpt"] = model.config.to_dict()
-        if tokenizer is not None:
-            config["tokenizer"] = tokenizer.config_dict()
-    else:
+    config = model_config(model, tokenizer)
+    if config is None:
         return False
+    tokenizer = getattr(model, "tokenizer", None) or tokenizer
     directory.mkdir(parents=True, exist_ok=True)
     save_json(config, directory / CONFIG_NAME)
     if tokenizer is not None:
@@ -534,9 +529,7 @@ def finalize_checkpoint_dir(tmp: Path, directory: Path, step: int) -> Path:
     """Write ``manifest.json`` over every file under ``tmp`` (shards included), then rename
     it to ``directory``: :func:`mmgpt.checkpoint.finalize_checkpoint_dir`, so the layout
     matches single-process checkpoints and ``verify_checkpoint_dir`` applies."""
-    from mmgpt.checkpoint import finalize_checkpoint_dir as finalize
-
-    return finalize(tmp, directory, step)
+    return finalize_training_checkpoint(tmp, directory, step)
 
 
 # --------------------------------------------------------------------------------------
@@ -573,14 +566,6 @@ def consolidate(
     checkpoint has no ``model/`` config (e.g. a model mmgpt cannot describe).
     The result loads with ``GPT.from_pretrained`` / ``MultimodalGPT.from_pretrained``.
     """
-    from mmgpt.checkpoint import (
-        CONFIG_NAME,
-        WEIGHTS_NAME,
-        load_tensors,
-        save_tensors,
-        verify_checkpoint_dir,
-    )
-
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"{checkpoint}: not a checkpoint directory")
@@ -612,20 +597,14 @@ def consolidate(
             "consolidating it into a model directory is not supported yet: use the run's "
             "final model directory (OUT/model, base weights + adapters/<name>/)"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(WEIGHTS_NAME, "adapters"))
-        save_tensors(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        if out.exists():
-            old = out.with_name(f".tmp-{out.name}.old.{os.getpid()}")
-            os.replace(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(out) as staging:
+        shutil.copytree(
+            source,
+            staging,
+            ignore=shutil.ignore_patterns(WEIGHTS_NAME, "adapters"),
+            dirs_exist_ok=True,
+        )
+        save_tensors(state, staging / WEIGHTS_NAME, metadata={"format": "pt"})
     return out
 
 

@@ -6,6 +6,7 @@ with weights). ``mmgpt.testing`` checks these contracts for any registered entry
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
+    from torch.utils.data import Dataset
+
+    from mmgpt.multimodal import MultimodalGPT
+    from mmgpt.trainer import TrainConfig, Trainer
 
 
 @runtime_checkable
@@ -56,12 +61,22 @@ class ModalityEncoder(Protocol):
 
 @runtime_checkable
 class Projector(Protocol):
-    """Maps encoder features (…, in_dim) to decoder width (…, out_dim)."""
+    """Maps encoder features ``(…, in_dim)`` to the decoder's width ``(…, out_dim)``.
+
+    :class:`~mmgpt.multimodal.MultimodalGPT` builds one with ``create("projector", name,
+    in_dim=encoder.output_dim, out_dim=n_embd)``, checks ``in_dim``/``out_dim`` against the
+    encoder and the GPT, saves ``config_dict()`` in ``config.json`` and rebuilds the projector
+    on load with ``create("projector", name, **config_dict())``. An output projector (signal
+    tokens → decoder conditions) may also declare ``num_signal_tokens`` and
+    ``num_condition_tokens``: it then maps ``(B, num_signal_tokens, in_dim)`` to
+    ``(B, num_condition_tokens, out_dim)``.
+    """
 
     in_dim: int
     out_dim: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+    def config_dict(self) -> dict[str, Any]: ...
 
 
 @runtime_checkable
@@ -90,6 +105,29 @@ class Objective(Protocol):
     """A training objective: the loss of ``model`` on ``batch``."""
 
     def __call__(self, model: Any, batch: Any) -> ObjectiveOutput: ...
+
+
+@runtime_checkable
+class BuildsTrainer(Objective, Protocol):
+    """An objective whose run needs more than the standard loop over ``model``: its own model
+    wrapper, collation or precomputed data (reward, DPO, PPO).
+
+    ``mmgpt train`` calls ``build_trainer`` with the recipe's model, data and ``train``
+    section instead of building a :class:`~mmgpt.trainer.Trainer` itself, then calls the
+    trainer's ``fit``. ``truncation`` is the data section's: cut over-long samples rather than
+    reject them.
+    """
+
+    def build_trainer(
+        self,
+        model: MultimodalGPT,
+        train_data: Dataset,
+        config: TrainConfig | dict[str, Any],
+        *,
+        eval_data: Dataset | None = None,
+        out_dir: str | os.PathLike,
+        truncation: bool = False,
+    ) -> Trainer: ...
 
 
 @runtime_checkable

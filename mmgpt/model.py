@@ -11,12 +11,33 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmgpt.config import GPTConfig
+from mmgpt.config import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    GPTConfig,
+    gpt_config,
+    read_model_config,
+)
+from mmgpt.interop.gpt2 import is_hf_gpt2_config, read_hf_gpt2
+from mmgpt.weights import (
+    check_weights_file,
+    load_model_files,
+    load_model_state,
+    model_state_dict,
+    save_model_files,
+)
+
+if TYPE_CHECKING:
+    from mmgpt.interfaces import Tokenizer
+
+ARCHITECTURE = "gpt"  # config.json's "architecture" of a text-only GPT directory
 
 # --------------------------------------------------------------------------------------
 # Normalisation
@@ -372,9 +393,15 @@ class GPT(nn.Module):
     # -- checkpoints -------------------------------------------------------------------
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> GPT:
-        from mmgpt.config import gpt_config
-
         return cls(gpt_config(preset, **overrides))
+
+    @staticmethod
+    def parameter_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+        """The shape of every stored tensor of a GPT with ``config``, computed on the meta
+        device (no memory): what a weights file must hold before a model is allocated."""
+        with torch.device("meta"):
+            model = GPT(config)
+        return {k: tuple(v.shape) for k, v in model_state_dict(model).items()}
 
     @classmethod
     def from_pretrained(
@@ -384,16 +411,54 @@ class GPT(nn.Module):
         map_location: str | torch.device = "cpu",
         adapter: str | list[str] | None = "auto",
     ) -> GPT:
-        """Load an mmgpt model directory or a Hugging Face GPT-2 directory.
+        """Load an mmgpt GPT directory or a Hugging Face GPT-2 directory, in eval mode.
 
         ``adapter``: "auto" loads the adapters recorded in the directory's config.json and
         activates the recorded one; "all", a name, a list of names, or None (base only).
         """
-        from mmgpt.checkpoint import load_gpt
+        path = Path(path)
+        config = read_model_config(path)
+        if is_hf_gpt2_config(config):
+            gpt, state, source = read_hf_gpt2(path)
+            _check_shapes(cls.parameter_shapes(gpt), state, source, path / CONFIG_NAME)
+            model = cls(gpt)
+            load_model_state(model, state, source)
+            return model.to(map_location).eval()
+        if "gpt" not in config:
+            raise ValueError(
+                f"{path / CONFIG_NAME}: expected an mmgpt model (a 'gpt' section) or a Hugging "
+                f"Face GPT-2 config (model_type 'gpt2'); found keys {sorted(config)}"
+            )
+        gpt = GPTConfig.from_dict(config["gpt"])
+        check_weights_file(cls.parameter_shapes(gpt), path / WEIGHTS_NAME, path / CONFIG_NAME)
+        return load_model_files(cls(gpt), path, config, adapter=adapter, map_location=map_location)
 
-        return load_gpt(path, map_location=map_location, adapter=adapter)
+    def config_dict(self, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+        """The content of ``config.json``; with ``tokenizer``, its section too (so the
+        directory names the tokenizer it was trained with)."""
+        config: dict[str, Any] = {
+            "architecture": ARCHITECTURE,
+            "format_version": FORMAT_VERSION,
+            "gpt": self.config.to_dict(),
+        }
+        if tokenizer is not None:
+            config["tokenizer"] = tokenizer.config_dict()
+        return config
 
-    def save_pretrained(self, path: str | Path) -> None:
-        from mmgpt.checkpoint import save_gpt
+    def save_pretrained(self, path: str | Path, *, tokenizer: Tokenizer | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (+ ``adapters/``) into ``path``;
+        with ``tokenizer``, its files and config section too."""
+        save_model_files(self, path, self.config_dict(tokenizer))
+        if tokenizer is not None:
+            tokenizer.save(Path(path))
 
-        save_gpt(self, path)
+
+def _check_shapes(
+    expected: dict[str, tuple[int, ...]], state: dict[str, Tensor], source: Path, config_path: Path
+) -> None:
+    for name, shape in expected.items():
+        if name in state and tuple(state[name].shape) != shape:
+            raise ValueError(
+                f"{config_path}: describes a model whose {name!r} has shape {shape}, but "
+                f"{source} stores {tuple(state[name].shape)}"
+            )

@@ -29,34 +29,31 @@ third-party plugin round-trips like the built-in ones.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mmgpt import registry
-from mmgpt.checkpoint import (
+from mmgpt import generation, imagegen, registry
+from mmgpt.config import (
     CONFIG_NAME,
     FORMAT_VERSION,
     WEIGHTS_NAME,
-    load_model_state,
-    load_tensors,
+    GPTConfig,
+    gpt_config,
     read_model_config,
-    save_tensors,
-    save_weights_and_adapters,
 )
-from mmgpt.config import GPTConfig, gpt_config
+from mmgpt.generation import GenerationConfig, GenerationOutput
+from mmgpt.imagegen import ImageEvent, ImageGenerationConfig, MultimodalOutput, TextEvent
 from mmgpt.model import GPT, GPTOutput, KVCache
 from mmgpt.processor import MultimodalBatch, MultimodalProcessor
-
-if TYPE_CHECKING:
-    from mmgpt.generation import GenerationConfig, GenerationOutput
-    from mmgpt.imagegen import ImageEvent, ImageGenerationConfig, MultimodalOutput, TextEvent
+from mmgpt.weights import check_weights_file, load_model_files, save_model_files
 
 ARCHITECTURE = "multimodal"
 # Names accepted by freeze()/trainable(), mapped to attributes.
@@ -80,7 +77,9 @@ class MultimodalGPT(nn.Module):
         tokenizer: an mmgpt tokenizer (``image_token_id``, ``signal_token_ids``…).
         encoders: ``{modality: encoder}`` (``"image"`` → e.g. the ``"vit"`` encoder).
         projectors: ``{modality: projector}`` mapping ``encoder.output_dim`` → ``n_embd``.
-        image_decoder, output_projector: optional image-generation components.
+        image_decoder: optional decoder that turns signal-token conditions into images.
+        output_projector: optional projector from signal-token states to the decoder's
+            conditioning width.
         component_names: registry names of the components, keyed ``"encoders.image"``,
             ``"projectors.image"``, ``"image_decoder"``, ``"output_projector"``; needed by
             :meth:`save_pretrained` for components whose class is not itself the registered
@@ -246,10 +245,6 @@ class MultimodalGPT(nn.Module):
         modalities (the batch's per-modality positions tell them apart)."""
         return int(self.tokenizer.image_token_id)
 
-    def placeholder_token_id(self, modality: str) -> int:
-        """The token id whose slots hold ``modality`` features: :attr:`slot_token_id`."""
-        return self.slot_token_id
-
     def processor(self, **kwargs: Any) -> MultimodalProcessor:
         """A :class:`MultimodalProcessor` for this model (``max_length`` = ``block_size``)."""
         kwargs.setdefault("max_length", self.config.block_size)
@@ -410,8 +405,6 @@ class MultimodalGPT(nn.Module):
         return embeds, batch.attention_mask.to(self.device)
 
     def _generation_config(self, config: GenerationConfig | None, stop_at_eos: bool):
-        from mmgpt.generation import GenerationConfig
-
         config = config if config is not None else GenerationConfig()
         if stop_at_eos and self.tokenizer.eos_id not in config.stop_token_ids:
             config = replace(config, stop_token_ids=(*config.stop_token_ids, self.tokenizer.eos_id))
@@ -434,8 +427,6 @@ class MultimodalGPT(nn.Module):
         ``inputs[i]``: its items of other modalities (``{"audio": [wave]}``). Returns a
         :class:`~mmgpt.generation.GenerationOutput` with ``texts``; ``kwargs`` go to ``generate``
         (``token_hook``, ``return_hidden_states``)."""
-        from mmgpt import generation
-
         embeds, mask = self.prepare_prompts(prompts, images, inputs)
         out = generation.generate(
             self.gpt,
@@ -467,8 +458,6 @@ class MultimodalGPT(nn.Module):
     ) -> Iterator[str]:
         """Yield the reply to one prompt (a conversation or a raw string) in text chunks;
         ``inputs``: its items of non-image modalities, ``{modality: [item, …]}``."""
-        from mmgpt import generation
-
         embeds, _ = self.prepare_prompts([prompt], [images], [inputs])
         chunks = generation.stream_text(
             self.gpt,
@@ -508,8 +497,6 @@ class MultimodalGPT(nn.Module):
     ) -> Iterator[TextEvent | ImageEvent]:
         """Reply to one prompt with :class:`~mmgpt.imagegen.TextEvent` s and, where the model
         writes ``[IMG0]..``, :class:`~mmgpt.imagegen.ImageEvent` s; see :func:`mmgpt.imagegen.stream`."""
-        from mmgpt import imagegen
-
         return imagegen.stream(self, prompt, images, config, image_config, **kwargs)
 
     def generate_multimodal(
@@ -521,8 +508,6 @@ class MultimodalGPT(nn.Module):
         **kwargs: Any,
     ) -> MultimodalOutput:
         """The whole reply of :meth:`stream`: ``.events``, ``.text`` and ``.images``."""
-        from mmgpt import imagegen
-
         return imagegen.generate_multimodal(self, prompt, images, config, image_config, **kwargs)
 
     # -- training stages ---------------------------------------------------------------------
@@ -614,9 +599,7 @@ class MultimodalGPT(nn.Module):
         return config
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write ``config.json``, ``model.safetensors`` and the tokenizer into ``path``."""
-        from mmgpt.config import save_json
-
+        """Write ``config.json``, ``model.safetensors`` (+ ``adapters/``) and the tokenizer."""
         path = Path(path)
         config = self.config_dict()  # first: an unsaveable component fails before any write
         try:
@@ -627,10 +610,7 @@ class MultimodalGPT(nn.Module):
             ) from exc
         path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(path)
-        # with adapters: the base weights, and each adapter under adapters/<name>/
-        weights = save_weights_and_adapters(self, path, config)
-        save_tensors(weights, path / WEIGHTS_NAME, metadata={"format": "pt"})
-        save_json(config, path / CONFIG_NAME)
+        save_model_files(self, path, config)
 
     @classmethod
     def from_pretrained(
@@ -640,7 +620,7 @@ class MultimodalGPT(nn.Module):
         map_location: str | torch.device = "cpu",
         adapter: str | Sequence[str] | None = "auto",
     ) -> MultimodalGPT:
-        """Load a directory written by :meth:`save_pretrained`.
+        """Load a directory written by :meth:`save_pretrained`, in eval mode.
 
         ``adapter``: ``"auto"`` loads the adapters saved with the model (the recorded one
         active), ``"all"`` every ``adapters/<name>/``, a name or names those, ``None`` none
@@ -656,9 +636,13 @@ class MultimodalGPT(nn.Module):
                 + ("; load it with GPT.from_pretrained" if "gpt" in config else "")
             )
         try:
+            gpt_cfg = GPTConfig.from_dict(config["gpt"])
+            # the decoder's shapes against the weights file, before anything is allocated
+            shapes = {f"gpt.{k}": v for k, v in GPT.parameter_shapes(gpt_cfg).items()}
+            check_weights_file(shapes, path / WEIGHTS_NAME, where)
             tok_cfg = dict(config["tokenizer"])
             tokenizer = registry.create("tokenizer", tok_cfg.pop("name"), path=path, **tok_cfg)
-            gpt = GPT(GPTConfig.from_dict(config["gpt"]))
+            gpt = GPT(gpt_cfg)
             names: dict[str, str] = {}
             built: dict[str, dict[str, nn.Module]] = {"encoders": {}, "projectors": {}}
             for group, kind in (("encoders", "encoder"), ("projectors", "projector")):
@@ -685,18 +669,11 @@ class MultimodalGPT(nn.Module):
             output_projector=extras["output_projector"],
             component_names=names,
         )
-        load_model_state(model, load_tensors(path / WEIGHTS_NAME), path / WEIGHTS_NAME)
-        if adapter is not None and (adapter != "auto" or config.get("adapters")):
-            from mmgpt.adapters.directory import load_adapters
-
-            load_adapters(model, path, adapter, record=config.get("adapters"))
-        return model.to(map_location)
+        return load_model_files(model, path, config, adapter=adapter, map_location=map_location)
 
 
 def _takes_argument(factory: Any, name: str) -> bool:
     """Whether ``factory`` has a parameter called ``name`` (not merely ``**kwargs``)."""
-    import inspect
-
     try:
         return name in inspect.signature(factory).parameters
     except (TypeError, ValueError):

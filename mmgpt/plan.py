@@ -39,13 +39,26 @@ Communication is not modelled: FSDP's all-gathers overlap compute on NVLink-clas
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+
+from mmgpt import registry
+from mmgpt.config import CONFIG_NAME, GPT_PRESETS, GPTConfig, gpt_config, read_model_config
+from mmgpt.distributed import transformer_blocks
+from mmgpt.model import GPT
+from mmgpt.multimodal import MultimodalGPT
+from mmgpt.pretrained import architecture
+from mmgpt.recipe.build import component_kwargs, gpt_overrides, trainable_parts
+from mmgpt.recipe.spec import STAGE_KEYS, apply_overrides, load_recipe, recipe_architecture
+from mmgpt.trainer import TrainConfig
 
 __all__ = [
     "DEFAULT_MFU",
@@ -186,8 +199,6 @@ class Plan:
 
 def _units(model: nn.Module) -> tuple[int, int]:
     """(parameters of the largest decoder block, parameters outside the blocks)."""
-    from mmgpt.distributed import transformer_blocks
-
     blocks = transformer_blocks(model)
     sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     total = sum(p.numel() for p in model.parameters())
@@ -196,8 +207,6 @@ def _units(model: nn.Module) -> tuple[int, int]:
 
 def _matmul_params(model: nn.Module) -> tuple[int, int]:
     """(decoder matmul parameters incl. the head, encoder matmul parameters)."""
-    from mmgpt.model import GPT
-
     gpt = next((m for m in model.modules() if isinstance(m, GPT)), None)
     decoder = 0
     if gpt is not None:
@@ -319,9 +328,9 @@ def _vocab_size(spec: Mapping[str, Any], preset_vocab: int) -> int:
     if model.get("vocab_size"):
         return int(model["vocab_size"])
     if tok.get("from"):
-        from mmgpt.registry import create
-
-        return int(create("tokenizer", tok.get("name", "bpe"), path=str(tok["from"])).vocab_size)
+        return int(
+            registry.create("tokenizer", tok.get("name", "bpe"), path=str(tok["from"])).vocab_size
+        )
     if tok.get("vocab_size"):  # a tokenizer trained to this size (an upper bound)
         return int(tok["vocab_size"])
     return preset_vocab
@@ -329,24 +338,17 @@ def _vocab_size(spec: Mapping[str, Any], preset_vocab: int) -> int:
 
 def _meta_model(spec: dict[str, Any]) -> tuple[nn.Module, Any, int]:
     """(model on the meta device, its GPTConfig, encoder tokens per sample)."""
-    import torch
-
-    from mmgpt import registry
-    from mmgpt.checkpoint import read_model_config
-    from mmgpt.config import GPT_PRESETS, GPTConfig, gpt_config
-    from mmgpt.model import GPT
-    from mmgpt.recipe import _architecture, _components, _gpt_overrides, trainable_parts
-
     section = dict(spec["model"])
-    multimodal = _architecture(spec) == "multimodal"
-    overrides = _gpt_overrides(section)
+    multimodal = recipe_architecture(spec) == "multimodal"
+    overrides = gpt_overrides(section)
     with torch.device("meta"):
         if section.get("from"):
             saved = read_model_config(section["from"])
             if "gpt" not in saved:
                 raise ValueError(f"{section['from']}: config.json has no 'gpt' section to plan")
             config = GPTConfig.from_dict({**saved["gpt"], **overrides})
-            if saved.get("architecture") == "multimodal":
+            where = Path(section["from"]) / CONFIG_NAME
+            if architecture(saved, where) == "multimodal":
                 parts = nn.ModuleDict({"gpt": GPT(config)})
                 for group, kind in (("encoders", "encoder"), ("projectors", "projector")):
                     for modality, item in (saved.get(group) or {}).items():
@@ -365,12 +367,10 @@ def _meta_model(spec: dict[str, Any]) -> tuple[nn.Module, Any, int]:
             vocab = _vocab_size(spec, GPT_PRESETS[preset]["vocab_size"])
             config = gpt_config(preset, **{**overrides, "vocab_size": vocab})
             if multimodal:
-                from mmgpt.multimodal import MultimodalGPT
-
                 tokenizer = _ShapeTokenizer(
                     vocab, int(spec["tokenizer"].get("num_signal_tokens", 8))
                 )
-                model = MultimodalGPT.build(config, tokenizer, **_components(section))
+                model = MultimodalGPT.build(config, tokenizer, **component_kwargs(section))
             else:
                 model = GPT(config)
     tokens = 0
@@ -393,11 +393,6 @@ def plan(
     overrides: Sequence[str] | Mapping[str, Any] = (),
 ) -> Plan:
     """The :class:`Plan` of a recipe (name, YAML path or mapping) on ``gpus`` GPUs."""
-    from pathlib import Path
-
-    from mmgpt.recipe import STAGE_KEYS, apply_overrides, load_recipe
-    from mmgpt.trainer import TrainConfig
-
     name = "recipe" if isinstance(recipe, Mapping) else Path(recipe).stem
     spec = apply_overrides(load_recipe(recipe), overrides)
     train = {k: v for k, v in (spec.get("train") or {}).items() if k not in STAGE_KEYS}
@@ -543,8 +538,6 @@ def plan_training(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="python -m mmgpt.plan", description=__doc__.split("\n")[0]
     )

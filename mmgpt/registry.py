@@ -3,6 +3,11 @@
 Components register themselves with ``@register(kind, name)``. Third-party packages (and
 mmgpt's own built-in plugins) declare an entry point in the group ``mmgpt.plugins``; the
 group is loaded lazily on the first lookup, so ``import mmgpt`` stays light.
+
+mmgpt's own plugins (``text``, ``vit``, ``diffusion``) always load first, so that a
+third-party plugin taking one of their names fails alone instead of knocking them out.
+Each plugin's import is isolated: whatever it raises (``SystemExit`` included, only
+``KeyboardInterrupt`` excepted) is reported with its distribution.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import logging
 import os
 import threading
 import warnings
@@ -21,6 +27,8 @@ from typing import Any
 
 ENTRY_POINT_GROUP = "mmgpt.plugins"
 DISABLE_ENV = "MMGPT_DISABLE_PLUGIN_AUTOLOAD"
+# Comma-separated entry-point names or distribution names of third-party plugins not to load.
+SKIP_ENV = "MMGPT_SKIP_PLUGINS"
 KINDS = (
     "tokenizer",
     "encoder",
@@ -42,6 +50,13 @@ BUILTIN_MODULES = (
     "mmgpt.adapters",
     "mmgpt.eval",
 )
+# mmgpt's own plugins (entry-point name → module), shipped in the mmgpt distribution. They are
+# imported directly, before any entry point and whatever the environment says: the shipped
+# models need them, and a third-party plugin must not be able to take their names first.
+BUILTIN_PLUGINS = {"text": "mmgpt_text", "vit": "mmgpt_vit", "diffusion": "mmgpt_diffusion"}
+BUILTIN_DISTRIBUTION = "mmgpt"
+
+logger = logging.getLogger("mmgpt.registry")
 
 
 class RegistryError(KeyError):
@@ -70,6 +85,7 @@ class Registry:
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
         self._plugin_errors: list[PluginError] = []
+        self._skipped: list[str] = []
         self._loaded = False
         self._loading = False
         self._lock = threading.RLock()
@@ -89,13 +105,27 @@ class Registry:
         def add(target: Any) -> Any:
             with self._lock:
                 existing = self._entries[kind].get(name)
-                if existing is not None and not override and existing.obj is not target:
-                    raise RegistryError(
-                        f"{kind} {name!r} is already registered by distribution "
-                        f"{self._resolve(existing).distribution!r}; pass override=True to "
-                        "replace it"
+                entry = Entry(kind, name, target, self._supplier(target))
+                if existing is not None and existing.obj is not target:
+                    holder = self._resolve(existing).distribution
+                    newcomer = self._resolve(entry).distribution
+                    if not override:
+                        raise RegistryError(
+                            f"{kind} {name!r} is already registered by distribution "
+                            f"{holder!r}; distribution {newcomer!r} cannot register it again "
+                            "(pass override=True to replace it)"
+                        )
+                    # Deliberate, but it silently changes what every model using the name
+                    # builds: say so in the log.
+                    logger.warning(
+                        "%s %r registered by distribution %r replaces the one of "
+                        "distribution %r (override=True)",
+                        kind,
+                        name,
+                        newcomer,
+                        holder,
                     )
-                self._entries[kind][name] = Entry(kind, name, target, self._supplier(target))
+                self._entries[kind][name] = entry
             return target
 
         return add if obj is None else add(obj)
@@ -155,9 +185,16 @@ class Registry:
         self.load_plugins()
         return list(self._plugin_errors)
 
+    @property
+    def skipped_plugins(self) -> list[str]:
+        """``distribution:entry point`` of the plugins left out through ``MMGPT_SKIP_PLUGINS``."""
+        self.load_plugins()
+        return list(self._skipped)
+
     # -- discovery ------------------------------------------------------------------
     def load_plugins(self, *, force: bool = False) -> None:
-        """Import built-in modules and entry points of ``mmgpt.plugins`` (once)."""
+        """Import built-in modules, mmgpt's own plugins, then the entry points of
+        ``mmgpt.plugins`` (once)."""
         with self._lock:
             if (self._loaded and not force) or self._loading:
                 return
@@ -168,43 +205,63 @@ class Registry:
                 for module in BUILTIN_MODULES:
                     importlib.import_module(module)
                 self._loaded = True
-                if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0", "false", "False"):
-                    return
                 self._plugin_errors.clear()
-                eps = _plugin_entry_points()
-                self._plugin_packages = {
-                    ep.module.partition(".")[0]: ep.dist.name for ep in eps if ep.dist is not None
-                }
-                for ep in eps:
-                    self._load_entry_point(ep)
+                self._skipped.clear()
+                self._plugin_packages = dict.fromkeys(
+                    BUILTIN_PLUGINS.values(), BUILTIN_DISTRIBUTION
+                )
+                for name, module in BUILTIN_PLUGINS.items():
+                    self._load_plugin(name, BUILTIN_DISTRIBUTION, lambda m=module: _import(m))
+                if os.environ.get(DISABLE_ENV, "").strip() in ("", "0", "false", "False"):
+                    self._load_third_party()
             finally:
                 self._loading = False
 
-    def _load_entry_point(self, ep: EntryPoint) -> None:
-        dist = ep.dist.name if ep.dist is not None else "unknown"
+    def _load_third_party(self) -> None:
+        skip = _skip_list()
+        eps = []
+        for ep in _plugin_entry_points():
+            # mmgpt's own entry points: already imported above
+            if ep.value in BUILTIN_PLUGINS.values():
+                continue
+            dist = _dist_name(ep)
+            if _normalize(ep.name) in skip or _normalize(dist) in skip:
+                self._skipped.append(f"{dist}:{ep.name}")
+                logger.info(
+                    "mmgpt plugin %r of distribution %r skipped (%s)", ep.name, dist, SKIP_ENV
+                )
+                continue
+            eps.append(ep)
+            # a plugin cannot claim the packages of mmgpt's own plugins
+            self._plugin_packages.setdefault(ep.module.partition(".")[0], dist)
+        for ep in eps:
+            self._load_plugin(ep.name, _dist_name(ep), lambda ep=ep: _call_hook(ep.load()))
+
+    def _load_plugin(self, name: str, dist: str, load: Callable[[], None]) -> None:
         before = {k: dict(v) for k, v in self._entries.items()}
         try:
             with self._supplied_by(dist):
-                loaded = ep.load()
-                # `module:function` entry points are registration hooks.
-                if callable(loaded) and not isinstance(loaded, type):
-                    loaded()
-        except Exception as exc:  # a broken plugin must not break the others
+                load()
+        except KeyboardInterrupt:
+            raise
+        # A broken plugin must not break the others, nor end the command: SystemExit (a
+        # plugin calling sys.exit at import) is caught too.
+        except BaseException as exc:
             # Drop what the plugin registered before failing (objects of a half-executed
             # module); keep what other packages it imported registered meanwhile.
             for kind, table in self._entries.items():
-                for name, entry in list(table.items()):
-                    if entry.distribution == dist and before[kind].get(name) is not entry:
-                        if name in before[kind]:
-                            table[name] = before[kind][name]
+                for entry_name, entry in list(table.items()):
+                    if entry.distribution == dist and before[kind].get(entry_name) is not entry:
+                        if entry_name in before[kind]:
+                            table[entry_name] = before[kind][entry_name]
                         else:
-                            del table[name]
-            self._plugin_errors.append(PluginError(ep.name, dist, f"{type(exc).__name__}: {exc}"))
+                            del table[entry_name]
+            error = f"{type(exc).__name__}: {exc}"
+            self._plugin_errors.append(PluginError(name, dist, error))
             warnings.warn(
-                f"mmgpt plugin {ep.name!r} from distribution {dist!r} failed to load: "
-                f"{type(exc).__name__}: {exc}",
+                f"mmgpt plugin {name!r} from distribution {dist!r} failed to load: {error}",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     def _supplier(self, obj: Any) -> str:
@@ -258,6 +315,29 @@ def _distribution_of_module(module: str) -> str:
     return dists[0] if dists else (top or "unknown")
 
 
+def _import(module: str) -> None:
+    importlib.import_module(module)
+
+
+def _call_hook(loaded: Any) -> None:
+    # `module:function` entry points are registration hooks.
+    if callable(loaded) and not isinstance(loaded, type):
+        loaded()
+
+
+def _dist_name(ep: EntryPoint) -> str:
+    return ep.dist.name if ep.dist is not None else "unknown"
+
+
+def _normalize(name: str) -> str:
+    # distribution names compare like pip's: case and -/_/. do not matter
+    return name.strip().lower().replace("_", "-").replace(".", "-")
+
+
+def _skip_list() -> set[str]:
+    return {_normalize(n) for n in os.environ.get(SKIP_ENV, "").split(",") if n.strip()}
+
+
 def _plugin_entry_points() -> list[EntryPoint]:
     seen: set[tuple[str, str]] = set()
     unique = []
@@ -296,6 +376,3 @@ def entries(kind: str | None = None) -> list[Entry]:
 
 def load_plugins(*, force: bool = False) -> None:
     REGISTRY.load_plugins(force=force)
-
-
-Factory = Callable[..., Any]

@@ -12,8 +12,10 @@ suite can run them over its own entries::
         check_entry("encoder", name)
 
 ``check_entry`` builds the entry with its ``conformance_example()`` hook when the registered
-object has one (a class- or static method returning a small instance), else with the kind's
-:data:`DEFAULT_KWARGS`.
+object has one (a class- or static method, or an attribute of a factory function, returning a
+small instance), else with ``create(kind, name, **example_kwargs(kind))``: the small arguments
+that mmgpt itself gives every entry of that kind (:data:`DEFAULT_KWARGS`). Components with
+weights are then also rebuilt from their ``config_dict()``, as a model directory rebuilds them.
 Inputs default per modality (``"image"``: small PIL images of several sizes and modes); a
 component of another modality provides ``example_items(n)`` (encoders) or
 ``example_targets(n)`` (decoders), or the caller passes them.
@@ -22,6 +24,7 @@ component of another modality provides ``example_items(n)`` (encoders) or
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import tempfile
@@ -29,19 +32,30 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+
+from mmgpt.files import load_tensors, save_tensors
+from mmgpt.interfaces import ModalityDecoder, ModalityEncoder, Objective, Projector, Tokenizer
 from mmgpt.registry import create, get, names
+from mmgpt.weights import load_model_state, model_state_dict
 
 __all__ = [
     "CHECKS",
     "DEFAULT_KWARGS",
+    "EXAMPLE_CORPUS",
     "ConformanceError",
     "build_example",
     "check_decoder",
     "check_encoder",
     "check_entry",
+    "check_objective",
     "check_projector",
+    "check_rebuild",
     "check_tokenizer",
     "conformance_params",
+    "example_kwargs",
 ]
 
 DEFAULT_TEXTS = (
@@ -86,8 +100,6 @@ def _check_config_dict(what: str, component: Any) -> None:
 
 
 def _check_tensor(what: str, out: Any, shape: tuple[int, ...]) -> None:
-    import torch
-
     if not isinstance(out, torch.Tensor):
         raise _fail(what, f"expected a tensor, got {type(out).__name__}")
     if tuple(out.shape) != shape:
@@ -102,8 +114,6 @@ def _check_gradients(
     what: str, module: Any, loss: Any, allow_unused: Sequence[str] = (), inputs: Any = None
 ) -> None:
     """``loss.backward()`` must reach every trainable parameter (except ``allow_unused``)."""
-    import torch
-
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     for p in params.values():
         p.grad = None
@@ -136,18 +146,12 @@ def _check_gradients(
 
 
 def _random_weight(shape: tuple[int, ...], like: Any) -> Any:
-    import torch
-
     g = torch.Generator().manual_seed(0)
     return torch.randn(shape, generator=g).to(device=like.device, dtype=like.dtype)
 
 
 def _check_state_round_trip(what: str, module: Any, forward: Callable[[Any], Any]) -> None:
     """Save the state dict through safetensors into a perturbed copy: outputs must be equal."""
-    import torch
-
-    from mmgpt.checkpoint import load_model_state, load_tensors, model_state_dict, save_tensors
-
     expected = forward(module)
     try:
         clone = copy.deepcopy(module)
@@ -181,9 +185,6 @@ def _default_items(component: Any, hook: str, n: int) -> list[Any]:
     if hasattr(component, hook):
         return list(getattr(component, hook)(n))
     if getattr(component, "modality", None) == "image":
-        import numpy as np
-        from PIL import Image
-
         rng = np.random.default_rng(0)
         sizes_modes = [((40, 30), "RGB"), ((24, 24), "RGB"), ((32, 48), "L")]
         images = []
@@ -200,13 +201,14 @@ def _default_items(component: Any, hook: str, n: int) -> list[Any]:
 
 
 def check_encoder(
-    encoder: Any, items: Sequence[Any] | None = None, *, allow_unused: Sequence[str] = ()
+    encoder: ModalityEncoder,
+    items: Sequence[Any] | None = None,
+    *,
+    allow_unused: Sequence[str] = (),
 ) -> None:
     """A :class:`~mmgpt.interfaces.ModalityEncoder`: declared sizes honoured, batch-independent,
     float output, gradients reach every trainable parameter, state round-trips through
     safetensors. ``allow_unused``: parameter-name prefixes exempt from the gradient check."""
-    import torch
-
     what = f"encoder {type(encoder).__name__}"
     _require(what, encoder, ("modality", "num_tokens", "output_dim", "preprocess", "config_dict"))
     if not isinstance(encoder, torch.nn.Module):
@@ -240,19 +242,19 @@ def check_encoder(
 
 
 # -- projectors ----------------------------------------------------------------------------
-def check_projector(projector: Any, *, allow_unused: Sequence[str] = ()) -> None:
+def check_projector(projector: Projector, *, allow_unused: Sequence[str] = ()) -> None:
     """A :class:`~mmgpt.interfaces.Projector`: ``(…, in_dim) → (…, out_dim)`` for any leading
-    shape, float output, gradients to input and parameters, safetensors round trip.
+    shape, float output, gradients to input and parameters, JSON ``config_dict()``,
+    safetensors round trip.
 
     A projector that mixes the token axis (an output projector from signal tokens to decoder
     conditions) declares ``num_signal_tokens`` (and ``num_condition_tokens``, default the
     same): it maps ``(B, num_signal_tokens, in_dim) → (B, num_condition_tokens, out_dim)``."""
-    import torch
-
     what = f"projector {type(projector).__name__}"
-    _require(what, projector, ("in_dim", "out_dim"))
+    _require(what, projector, ("in_dim", "out_dim", "config_dict"))
     if not isinstance(projector, torch.nn.Module):
         raise _fail(what, "must be a torch.nn.Module")
+    _check_config_dict(what, projector)
     in_dim = _positive_int(what, projector, "in_dim")
     out_dim = _positive_int(what, projector, "out_dim")
     param = next(projector.parameters(), None)
@@ -284,7 +286,7 @@ def check_projector(projector: Any, *, allow_unused: Sequence[str] = ()) -> None
 
 
 # -- tokenizers ----------------------------------------------------------------------------
-def check_tokenizer(tokenizer: Any, texts: Sequence[str] = DEFAULT_TEXTS) -> None:
+def check_tokenizer(tokenizer: Tokenizer, texts: Sequence[str] = DEFAULT_TEXTS) -> None:
     """A :class:`~mmgpt.interfaces.Tokenizer`: lossless ``decode(encode(s)) == s``, distinct
     in-range special ids (bos may equal eos), ``add_bos``/``add_eos`` and ``skip_special_tokens`` honoured,
     ``"<image>"`` encodes to ``image_token_id``, ``save`` + ``from_file`` round trip."""
@@ -354,7 +356,7 @@ def check_tokenizer(tokenizer: Any, texts: Sequence[str] = DEFAULT_TEXTS) -> Non
 
 # -- decoders ------------------------------------------------------------------------------
 def check_decoder(
-    decoder: Any,
+    decoder: ModalityDecoder,
     targets: Any = None,
     *,
     generate_kwargs: dict[str, Any] | None = None,
@@ -367,8 +369,6 @@ def check_decoder(
     ``targets`` default: ``decoder.example_targets(2)``, else for ``"image"`` decoders random
     images in [-1, 1] of ``decoder.image_size`` (default 32) with ``decoder.in_channels`` (3).
     """
-    import torch
-
     what = f"decoder {type(decoder).__name__}"
     _require(
         what,
@@ -425,17 +425,52 @@ def check_decoder(
         _check_state_round_trip(what, decoder, state_of)
 
 
+# -- objectives ----------------------------------------------------------------------------
+def check_objective(objective: Objective) -> None:
+    """An :class:`~mmgpt.interfaces.Objective`: callable as ``objective(model, batch)``; one
+    that builds its own trainer (:class:`~mmgpt.interfaces.BuildsTrainer`) accepts the
+    arguments ``mmgpt train`` passes to ``build_trainer``. The loss itself needs the model and
+    batches of the objective's own kind, so its tests check it."""
+    what = f"objective {type(objective).__name__}"
+    try:
+        inspect.signature(objective).bind(None, None)
+    except (TypeError, ValueError) as exc:  # not callable, or another signature
+        raise _fail(what, f"cannot be called as objective(model, batch) ({exc})") from None
+    build_trainer = getattr(objective, "build_trainer", None)
+    if build_trainer is None:
+        return
+    try:
+        # exactly the call of mmgpt.recipe for an objective with build_trainer
+        inspect.signature(build_trainer).bind(
+            None, None, None, eval_data=None, out_dir="out", truncation=False
+        )
+    except (TypeError, ValueError) as exc:
+        raise _fail(
+            what,
+            "build_trainer must accept (model, train_data, config, *, eval_data, out_dir, "
+            f"truncation), as `mmgpt train` calls it ({exc})",
+        ) from None
+
+
 # -- over the registry ---------------------------------------------------------------------
 CHECKS: dict[str, Callable[..., None]] = {
     "encoder": check_encoder,
     "projector": check_projector,
     "tokenizer": check_tokenizer,
     "decoder": check_decoder,
+    "objective": check_objective,
 }
 
+# The small English corpus shipped with mmgpt (mmgpt/assets/corpus).
+EXAMPLE_CORPUS = sorted(str(p) for p in (Path(__file__).parent / "assets" / "corpus").glob("*.txt"))
 
-# Arguments every entry of a kind takes (MultimodalGPT.build passes them to projectors).
-DEFAULT_KWARGS: dict[str, dict[str, Any]] = {"projector": {"in_dim": 8, "out_dim": 6}}
+# Small values of the arguments that mmgpt itself passes to every entry of a kind, so any entry
+# can be built with them: MultimodalGPT.build gives a projector in_dim/out_dim, and a recipe's
+# tokenizer section trains a tokenizer with files= (the run's text) and its vocab_size.
+DEFAULT_KWARGS: dict[str, dict[str, Any]] = {
+    "projector": {"in_dim": 8, "out_dim": 6},
+    "tokenizer": {"files": EXAMPLE_CORPUS, "vocab_size": 320},
+}
 
 
 def _checked_kind(kind: str) -> str:
@@ -446,26 +481,66 @@ def _checked_kind(kind: str) -> str:
 
 def conformance_params(kind: str) -> list[Any]:
     """Every registered name of ``kind`` as a ``pytest.param`` with id ``kind:name``."""
-    import pytest
+    import pytest  # deferred: a test-only dependency, needed by this helper alone
 
     return [pytest.param(name, id=f"{kind}:{name}") for name in names(_checked_kind(kind))]
 
 
+def example_kwargs(kind: str) -> dict[str, Any]:
+    """The small arguments :func:`build_example` gives an entry of ``kind`` that has no
+    ``conformance_example()`` (a fresh copy of :data:`DEFAULT_KWARGS`; ``{}`` for most kinds).
+    """
+    return copy.deepcopy(DEFAULT_KWARGS.get(_checked_kind(kind), {}))
+
+
 def build_example(kind: str, name: str) -> Any:
     """A small instance of an entry: its ``conformance_example()`` hook, else ``create()`` with
-    the kind's :data:`DEFAULT_KWARGS` (projectors: ``in_dim=8, out_dim=6``)."""
+    :func:`example_kwargs` (projectors: ``in_dim=8, out_dim=6``; tokenizers: trained on
+    :data:`EXAMPLE_CORPUS` with ``vocab_size=320``; objectives: no arguments)."""
     hook = getattr(get(_checked_kind(kind), name), "conformance_example", None)
     if hook is not None:
         return hook()
+    kwargs = example_kwargs(kind)
     try:
-        return create(kind, name, **DEFAULT_KWARGS.get(kind, {}))
+        return create(kind, name, **kwargs)
     except (TypeError, ValueError) as exc:
+        given = f"with {sorted(kwargs)}" if kwargs else "without arguments"
         raise ConformanceError(
-            f"{kind} {name!r} cannot be built without arguments ({exc}); give the registered "
-            "object a conformance_example() that returns a small instance"
+            f"{kind} {name!r} cannot be built {given} ({exc}); give the registered object a "
+            "conformance_example() that returns a small instance"
         ) from exc
 
 
+def check_rebuild(kind: str, name: str, component: Any) -> None:
+    """``create(kind, name, **config_dict())`` after a JSON round trip — how a model directory
+    rebuilds its components — gives the same class and config, and the component's state dict
+    loads into it strictly (same names and shapes)."""
+    what = f"{kind} {name!r} ({type(component).__name__})"
+    _check_config_dict(what, component)
+    config = json.loads(json.dumps(component.config_dict()))  # as config.json holds it
+    try:
+        rebuilt = create(kind, name, **config)
+    except (TypeError, ValueError) as exc:
+        raise _fail(what, f"cannot be rebuilt from its config_dict() {config} ({exc})") from exc
+    if type(rebuilt) is not type(component):
+        raise _fail(
+            what, f"rebuilt from its config_dict() as a {type(rebuilt).__name__}, not the same"
+        )
+    again = json.loads(json.dumps(rebuilt.config_dict()))
+    if again != config:
+        raise _fail(what, f"config_dict() changes when rebuilt from it: {config} → {again}")
+    try:
+        load_model_state(rebuilt, model_state_dict(component), Path(f"<{kind} {name}>"))
+    except ValueError as exc:
+        raise _fail(
+            what, f"its weights do not fit the component rebuilt from config_dict(): {exc}"
+        ) from None
+
+
 def check_entry(kind: str, name: str) -> None:
-    """Build the registry entry ``(kind, name)`` and run the conformance check of its kind."""
-    CHECKS[_checked_kind(kind)](build_example(kind, name))
+    """Build the registry entry ``(kind, name)``, run the conformance check of its kind, and
+    for a component with weights :func:`check_rebuild`."""
+    component = build_example(kind, name)
+    CHECKS[kind](component)
+    if isinstance(component, torch.nn.Module):
+        check_rebuild(kind, name, component)

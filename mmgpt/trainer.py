@@ -36,25 +36,34 @@ from torch import nn
 
 from mmgpt import distributed
 from mmgpt.checkpoint import (
-    CorruptCheckpointError,
     capture_rng_state,
     checkpoint_name,
     latest_valid_checkpoint,
     list_checkpoints,
-    load_model_state,
-    load_tensors,
-    model_state_dict,
     optimizer_state_from_files,
     optimizer_state_to_files,
     prune_checkpoints,
-    remove_stale_temp_dirs,
     restore_rng_state,
+    staging_dir,
     verify_checkpoint_dir,
     write_checkpoint_dir,
 )
 from mmgpt.config import from_dict
 from mmgpt.data.loader import ResumableLoader
 from mmgpt.distributed import STRATEGIES
+from mmgpt.files import (
+    CorruptCheckpointError,
+    atomic_write_bytes,
+    exclusive_lock,
+    load_tensors,
+    remove_stale_temp_dirs,
+    save_json,
+    save_tensors,
+)
+from mmgpt.interfaces import Tokenizer
+from mmgpt.pretrained import save_model
+from mmgpt.registry import create
+from mmgpt.weights import load_model_state, model_state_dict
 
 __all__ = [
     "TrainConfig",
@@ -67,6 +76,7 @@ __all__ = [
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 METRICS_NAME = "metrics.jsonl"
+SUPERSEDED_NAME = "metrics.superseded.jsonl"  # records past the step a run resumed from
 # Objective metrics that are counts (summed over micro-batches); all others are averaged,
 # weighted by each micro-batch's ObjectiveOutput.weight.
 SUM_METRICS = frozenset({"tokens", "samples", "pairs"})
@@ -283,12 +293,10 @@ class Trainer:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         out_dir: str | os.PathLike,
         save_model_fn: Callable[[nn.Module, Path], None] | None = None,
-        tokenizer: Any = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         self.config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
         if isinstance(objective, str):
-            from mmgpt.registry import create
-
             objective = create("objective", objective)
         if not callable(objective):
             raise TypeError(f"objective must be callable (model, batch), got {objective!r}")
@@ -634,6 +642,12 @@ class Trainer:
         Returns ``{"step", "train": last train metrics, "eval": last eval metrics,
         "model_dir"}``.
         """
+        # The lock comes first: a second run must not sweep this one's staging directories.
+        lock = exclusive_lock(self.out_dir) if self.is_main_process else contextlib.nullcontext()
+        with lock:
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         cfg = self.config
         resumed = self._start(resume)
         if self.is_main_process:
@@ -763,10 +777,8 @@ class Trainer:
         The staging directory must be visible to every rank: on several machines, ``out_dir``
         lives on a shared filesystem.
         """
-        from mmgpt.checkpoint import atomic_write_bytes, save_tensors
-
         final = self.checkpoint_dir / checkpoint_name(self.step)
-        staging = final.with_name(f".tmp-{final.name}.staging")  # swept by remove_stale_temp_dirs
+        staging = staging_dir(final)  # one name every rank knows
         if self.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
@@ -804,8 +816,7 @@ class Trainer:
             for name, tensor_dict in tensors.items():
                 save_tensors(tensor_dict, staging / name, metadata={"format": "pt"})
             for name, obj in json_files.items():
-                text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"
-                atomic_write_bytes(staging / name, text.encode())
+                save_json(obj, staging / name)
             path = distributed.finalize_checkpoint_dir(staging, final, self.step)
             prune_checkpoints(self.checkpoint_dir, self.config.keep_last)
         self._barrier()
@@ -993,40 +1004,7 @@ class Trainer:
         if not self.is_main_process:
             return None
         target = Path(directory) if directory is not None else self.model_dir
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".tmp-{target.name}.{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            self._write_model(tmp, model)
-            if target.exists():
-                old = target.with_name(f".tmp-{target.name}.old.{os.getpid()}")
-                os.replace(target, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
-
-    def _write_model(self, directory: Path, model: nn.Module | None = None) -> None:
-        model = self.model if model is None else model
-        if self.save_model_fn is not None:
-            self.save_model_fn(model, directory)
-            return
-        from mmgpt.model import GPT
-
-        if isinstance(model, GPT):
-            from mmgpt.checkpoint import save_gpt
-
-            extra = {"tokenizer": self.tokenizer.config_dict()} if self.tokenizer else None
-            save_gpt(model, directory, extra_config=extra)
-        elif hasattr(model, "save_pretrained"):
-            model.save_pretrained(directory)
-        else:
-            raise TypeError(f"{type(model).__name__} has no save_pretrained(); pass save_model_fn")
-        if self.tokenizer is not None:
-            self.tokenizer.save(directory)
+        return save_model(model, target, tokenizer=self.tokenizer, save_fn=self.save_model_fn)
 
     # -- logging ----------------------------------------------------------------------
     def _open_logs(self, keep_until: int | None) -> None:
@@ -1109,12 +1087,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _truncate_metrics(path: Path, keep_until: int) -> None:
-    """Keep the records with ``step <= keep_until`` (and drop a half-written last line)."""
-    from mmgpt.checkpoint import atomic_write_bytes
-
+    """Keep the records with ``step <= keep_until`` (and drop a half-written last line); the
+    records a resume recomputes are moved to ``metrics.superseded.jsonl``, never lost."""
     if not path.is_file():
         return
-    kept = []
+    kept, superseded = [], []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
@@ -1122,4 +1099,9 @@ def _truncate_metrics(path: Path, keep_until: int) -> None:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= keep_until:
             kept.append(line + "\n")
+        else:
+            superseded.append(line + "\n")
+    if superseded:
+        with open(path.with_name(SUPERSEDED_NAME), "a", encoding="utf-8") as f:
+            f.writelines(superseded)
     atomic_write_bytes(path, "".join(kept).encode())

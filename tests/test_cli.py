@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from mmgpt import cli
-from mmgpt.checkpoint import save_gpt
 from mmgpt.config import GPTConfig
 from mmgpt.model import GPT
 
@@ -262,8 +261,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GPT, obj
     )
     model = GPT(config).eval()
     model_dir = root / "model"
-    save_gpt(model, model_dir, extra_config={"tokenizer": tokenizer.config_dict()})
-    tokenizer.save(model_dir)
+    model.save_pretrained(model_dir, tokenizer=tokenizer)
     return model_dir, model, tokenizer
 
 

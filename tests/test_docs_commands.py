@@ -318,7 +318,8 @@ RECORDED = {"demo", "generate", "eval", "data check"}  # need artifacts: parsed 
 
 def validate_train(recipe: Any, data: Any, out: Any, resume: bool, overrides: list[str]) -> dict:
     """What ``mmgpt train`` checks before training: the recipe, every override, ``train``."""
-    from mmgpt.recipe import STAGE_KEYS, apply_overrides, load_recipe, trainable_parts
+    from mmgpt.recipe import apply_overrides, load_recipe, trainable_parts
+    from mmgpt.recipe.spec import STAGE_KEYS
     from mmgpt.recipe import validate_recipe as validate
     from mmgpt.trainer import TrainConfig
 
@@ -936,7 +937,7 @@ def test_cli_page_documents_every_option_of_every_subcommand() -> None:
 def test_train_keys_named_in_prose_exist() -> None:
     """``train.KEY`` in the prose of a page (outside code blocks) is a TrainConfig field or a
     stage key."""
-    from mmgpt.recipe import STAGE_KEYS
+    from mmgpt.recipe.spec import STAGE_KEYS
     from mmgpt.trainer import TrainConfig
 
     valid = {f.name for f in dataclasses.fields(TrainConfig)} | set(STAGE_KEYS)

@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("timm")
 pytest.importorskip("mmgpt_text")
 
-from mmgpt.checkpoint import load_tensors
 from mmgpt.data.shapes import ShapesWorld
+from mmgpt.files import load_tensors
 from mmgpt.recipe import (
     apply_overrides,
     load_recipe,

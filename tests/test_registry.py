@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mmgpt.registry import DISABLE_ENV, KINDS, Registry, RegistryError
+import mmgpt.registry
+from mmgpt.registry import DISABLE_ENV, KINDS, SKIP_ENV, PluginError, Registry, RegistryError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOOD, BROKEN = "mmgpt-fixture-good", "mmgpt-fixture-broken"
@@ -268,7 +269,8 @@ def test_disable_env_turns_discovery_off(plugin_site: str) -> None:
         }))
     """
     out = json.loads(run_python(code, plugin_site, env={DISABLE_ENV: "1"}).stdout)
-    assert out == {"encoders": [], "has_preset": True, "errors": 0, "imported": []}
+    # mmgpt's own plugins still load (the shipped models need them): "vit" is its encoder
+    assert out == {"encoders": ["vit"], "has_preset": True, "errors": 0, "imported": []}
 
 
 def test_plugins_list_shows_kind_name_and_distribution(plugin_site: str) -> None:
@@ -293,3 +295,139 @@ def test_plugins_list_shows_kind_name_and_distribution(plugin_site: str) -> None
         assert line.rindex(dist) == header.index("DISTRIBUTION")
     assert f"{BROKEN} (entry point 'fixture_broken'): ImportError" in failed
     assert "RuntimeWarning" not in result.stderr  # said once, in the listing
+
+
+def test_override_replacing_an_entry_logs_a_warning(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = object(), object()
+    registry.register("metric", "score", first)
+    with caplog.at_level("WARNING", logger="mmgpt.registry"):
+        registry.register("metric", "score", first, override=True)  # the same object: silent
+        assert caplog.records == []
+        registry.register("metric", "score", second, override=True)
+    [record] = caplog.records
+    assert record.levelname == "WARNING" and record.name == "mmgpt.registry"
+    assert "metric 'score'" in record.getMessage() and "replaces" in record.getMessage()
+    assert registry.get("metric", "score") is second
+
+
+# -- plugins that misbehave ------------------------------------------------------------------
+def fake_distribution(site: Path, dist: str, entry_points: dict[str, str], module: str, code: str):
+    """An installed distribution as importlib.metadata sees one: a dist-info folder with its
+    entry points, and the plugin's module next to it (no build, no pip)."""
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = "".join(f"{name} = {value}\n" for name, value in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[mmgpt.plugins]\n{lines}")
+    (site / f"{module}.py").write_text(textwrap.dedent(code))
+
+
+SHADOW, EXITER = "mmgpt-shadow", "mmgpt-exiter"
+
+
+@pytest.fixture(scope="module")
+def hostile_site(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Two plugins found before mmgpt's own (they come first on the path): one registers the
+    built-in tokenizer name "bpe", the other calls sys.exit at import."""
+    site = tmp_path_factory.mktemp("hostile")
+    shadow = """
+        from mmgpt.registry import register
+
+        register("metric", "shadow-metric", len)  # dropped when the plugin fails
+
+
+        @register("tokenizer", "bpe")
+        def fake_bpe(**kwargs):
+            raise RuntimeError("not mmgpt's tokenizer")
+    """
+    fake_distribution(
+        site, SHADOW, {"shadow": "mmgpt_shadow_plugin"}, "mmgpt_shadow_plugin", shadow
+    )
+    exiter = "import sys\n\nsys.exit(3)\n"
+    fake_distribution(
+        site, EXITER, {"exiter": "mmgpt_exiter_plugin"}, "mmgpt_exiter_plugin", exiter
+    )
+    return str(site)
+
+
+HOSTILE = """
+    import json, sys, warnings
+    import mmgpt.registry as r
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r.names("tokenizer")  # the first lookup loads the plugins
+    tokenizer = ""
+    if "--shipped-model" in sys.argv:
+        from mmgpt.demo import default_model_dir
+        from mmgpt.multimodal import MultimodalGPT
+
+        tokenizer = type(MultimodalGPT.from_pretrained(default_model_dir()).tokenizer).__module__
+    print(json.dumps({
+        "bpe": [r.REGISTRY.distribution_of("tokenizer", "bpe"), r.get("tokenizer", "bpe").__module__],
+        "tokenizer": tokenizer,
+        "metrics": r.names("metric"),
+        "errors": [[e.entry_point, e.distribution, e.error] for e in r.REGISTRY.plugin_errors],
+        "skipped": r.REGISTRY.skipped_plugins,
+        "warnings": [str(w.message) for w in caught],
+        "imported": sorted(m for m in sys.modules if m.startswith(("mmgpt_shadow", "mmgpt_exit"))),
+    }))
+"""
+
+
+def test_a_plugin_taking_a_builtin_name_fails_alone(hostile_site: str) -> None:
+    args = ["-c", textwrap.dedent(HOSTILE), "--shipped-model"]
+    out = json.loads(run_python("", hostile_site, args=args).stdout)
+    # mmgpt's own tokenizer kept its name, so the shipped model loads
+    assert out["bpe"][0] == "mmgpt" and out["bpe"][1].startswith("mmgpt_text")
+    assert out["tokenizer"].startswith("mmgpt_text")
+    assert "shadow-metric" not in out["metrics"]  # the newcomer is rolled back whole
+    errors = {e[0]: e for e in out["errors"]}
+    assert set(errors) == {"shadow", "exiter"}  # nothing of mmgpt's failed
+    _, dist, error = errors["shadow"]
+    assert dist == SHADOW and error.startswith("RegistryError: tokenizer 'bpe'")
+    # the message names both distributions: the holder and the newcomer
+    assert "registered by distribution 'mmgpt'" in error and f"distribution '{SHADOW}'" in error
+    # sys.exit at import is a plugin error like any other, not the end of the program
+    assert errors["exiter"] == ["exiter", EXITER, "SystemExit: 3"]
+    assert any(f"'{EXITER}' failed to load: SystemExit: 3" in w for w in out["warnings"])
+
+
+def test_a_plugin_calling_sys_exit_does_not_end_plugins_list(hostile_site: str) -> None:
+    result = run_python("", hostile_site, args=["-m", "mmgpt", "plugins", "list"])
+    table, _, failed = result.stdout.partition("\nplugins that failed to load:\n")
+    assert ("tokenizer", "bpe", "mmgpt") in [tuple(line.split()) for line in table.splitlines()]
+    assert f"{EXITER} (entry point 'exiter'): SystemExit: 3" in failed
+    assert f"{SHADOW} (entry point 'shadow'): RegistryError" in failed
+
+
+def test_skip_env_leaves_plugins_out_by_entry_point_or_distribution(hostile_site: str) -> None:
+    # "mmgpt_shadow" matches the distribution "mmgpt-shadow" as pip would; "text" names a
+    # built-in plugin, which is never skipped
+    env = {SKIP_ENV: "exiter, mmgpt_shadow,text"}
+    out = json.loads(run_python(HOSTILE, hostile_site, env=env).stdout)
+    assert out["errors"] == [] and out["imported"] == []
+    assert sorted(out["skipped"]) == [f"{EXITER}:exiter", f"{SHADOW}:shadow"]
+    assert out["bpe"][0] == "mmgpt" and out["bpe"][1].startswith("mmgpt_text")
+
+
+def test_keyboard_interrupt_in_a_plugin_is_not_swallowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from importlib.metadata import EntryPoint
+
+    (tmp_path / "mmgpt_ctrl_c_plugin.py").write_text("raise KeyboardInterrupt\n")
+    (tmp_path / "mmgpt_exit_plugin.py").write_text("raise SystemExit('bye')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    monkeypatch.delenv(SKIP_ENV, raising=False)
+    group = "mmgpt.plugins"
+    eps = [EntryPoint("exit", "mmgpt_exit_plugin", group)]
+    monkeypatch.setattr(mmgpt.registry, "_plugin_entry_points", lambda: eps)
+    registry = Registry()
+    with pytest.warns(RuntimeWarning, match="'exit' from distribution 'unknown'.*SystemExit: bye"):
+        assert registry.plugin_errors == [PluginError("exit", "unknown", "SystemExit: bye")]
+    eps[:] = [EntryPoint("ctrl-c", "mmgpt_ctrl_c_plugin", group)]
+    with pytest.raises(KeyboardInterrupt):
+        Registry().names("metric")  # Ctrl-C during discovery still stops the program

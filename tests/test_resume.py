@@ -21,8 +21,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from mmgpt.checkpoint import load_tensors
 from mmgpt.config import GPTConfig
+from mmgpt.files import load_tensors
 from mmgpt.model import GPT
 from mmgpt.objectives.lm import LMObjective
 from mmgpt.trainer import TrainConfig, Trainer

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from mmgpt.projectors import MLPProjector
 from mmgpt.registry import REGISTRY
 from mmgpt.testing import (
     ConformanceError,
@@ -16,6 +17,7 @@ from mmgpt.testing import (
     check_decoder,
     check_encoder,
     check_entry,
+    check_objective,
     check_projector,
     check_tokenizer,
     conformance_params,
@@ -180,14 +182,19 @@ def test_registered_projectors_conform(name: str) -> None:
     check_entry("projector", name)
 
 
+class LinearWithConfig(nn.Linear):
+    def config_dict(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+
 def test_check_projector_catches_a_wrong_width() -> None:
-    class Lying(nn.Linear):
+    class Lying(LinearWithConfig):
         in_dim, out_dim = 4, 5
 
     with pytest.raises(ConformanceError, match=r"expected output shape \(2, 3, 5\)"):
         check_projector(Lying(4, 3))
 
-    class NoInputGradient(nn.Linear):
+    class NoInputGradient(LinearWithConfig):
         in_dim, out_dim = 4, 3
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,6 +202,53 @@ def test_check_projector_catches_a_wrong_width() -> None:
 
     with pytest.raises(ConformanceError, match="no gradient flows back to the input"):
         check_projector(NoInputGradient(4, 3))
+
+
+def test_check_projector_needs_a_config_dict() -> None:
+    # MultimodalGPT.save_pretrained writes config_dict() into config.json
+    class Unsaveable(nn.Linear):
+        in_dim, out_dim = 4, 3
+
+    with pytest.raises(
+        ConformanceError, match=r"missing required attribute\(s\) \['config_dict'\]"
+    ):
+        check_projector(Unsaveable(4, 3))
+
+
+class ForgetsDepth(MLPProjector):
+    """Its config_dict() leaves out ``depth``: a saved model would rebuild it 2 layers deep."""
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"in_dim": self.in_dim, "out_dim": self.out_dim}
+
+    @classmethod
+    def conformance_example(cls) -> ForgetsDepth:
+        return cls(in_dim=8, out_dim=6, depth=3)
+
+
+class RenamesDepth(MLPProjector):
+    """Its config_dict() names an argument the constructor does not take."""
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"in_dim": self.in_dim, "out_dim": self.out_dim, "layers": self.depth}
+
+
+@pytest.mark.parametrize(
+    ("projector", "message"),
+    [
+        (ForgetsDepth, r"its weights do not fit the component rebuilt from config_dict\(\)"),
+        (RenamesDepth, r"cannot be rebuilt from its config_dict\(\).*'layers'"),
+    ],
+    ids=["forgets-depth", "renames-depth"],
+)
+def test_check_entry_rebuilds_from_config_dict(projector: type, message: str) -> None:
+    check_projector(projector(in_dim=8, out_dim=6, depth=3))  # fine on its own
+    REGISTRY.register("projector", "_test-rebuild", projector)
+    try:
+        with pytest.raises(ConformanceError, match=message):
+            check_entry("projector", "_test-rebuild")
+    finally:
+        REGISTRY.unregister("projector", "_test-rebuild")
 
 
 # -- tokenizers ----------------------------------------------------------------------------------
@@ -298,6 +352,47 @@ def test_check_decoder() -> None:
 
     with pytest.raises(ConformanceError, match="must return a scalar tensor"):
         check_decoder(MeanLoss())
+
+
+# -- objectives ----------------------------------------------------------------------------------
+class TrainsItself:
+    def __call__(self, model: Any, batch: Any) -> Any:
+        raise NotImplementedError
+
+    def build_trainer(
+        self,
+        model: Any,
+        train_data: Any,
+        config: Any,
+        *,
+        eval_data: Any = None,
+        out_dir: Any,
+        truncation: bool = False,
+    ) -> Any:
+        raise NotImplementedError
+
+
+def test_check_objective() -> None:
+    check_objective(TrainsItself())
+    check_objective(lambda model, batch: None)
+
+    class NoTruncation(TrainsItself):
+        def build_trainer(  # type: ignore[override]
+            self, model: Any, train_data: Any, config: Any, *, eval_data: Any = None, out_dir: Any
+        ) -> Any:
+            raise NotImplementedError
+
+    with pytest.raises(ConformanceError, match="build_trainer must accept .*'truncation'"):
+        check_objective(NoTruncation())
+
+    class BatchOnly:
+        def __call__(self, batch: Any) -> Any:
+            raise NotImplementedError
+
+    with pytest.raises(ConformanceError, match=r"cannot be called as objective\(model, batch\)"):
+        check_objective(BatchOnly())
+    with pytest.raises(ConformanceError, match=r"cannot be called as objective\(model, batch\)"):
+        check_objective(TrainsItself)  # the class, not an instance: its call builds one
 
 
 # -- over the registry -----------------------------------------------------------------------------

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from mmgpt.checkpoint import load_tensors, verify_checkpoint_dir
+from mmgpt.checkpoint import verify_checkpoint_dir
 from mmgpt.config import GPTConfig
 from mmgpt.data.text import TextDataset
+from mmgpt.files import load_tensors
 from mmgpt.model import GPT
 from mmgpt.objectives.lm import LMObjective
 from mmgpt.trainer import TrainConfig, Trainer, learning_rate

@@ -1,11 +1,11 @@
-"""Parameter-efficient adapters (LoRA, DoRA) over peft, and adapters in model directories."""
+"""Parameter-efficient adapters (LoRA, DoRA) over peft, and adapters in model directories.
 
-from mmgpt.adapters.directory import (
-    adapter_dirs,
-    load_adapters,
-    load_model_dir,
-    merge_and_save,
-)
+Adapters work on any ``nn.Module`` and know nothing of mmgpt's model classes; loading a whole
+model directory with its adapters, and merging one for deployment, is
+:mod:`mmgpt.pretrained`'s job (``load_model``, ``merge_and_save``).
+"""
+
+from mmgpt.adapters.directory import adapter_dirs, has_adapters, load_adapters
 from mmgpt.adapters.lora import (  # importing lora registers "lora" and "dora"
     AdapterConfig,
     adapter_names,
@@ -29,11 +29,10 @@ __all__ = [
     "add_adapter",
     "base_state_dict",
     "fold_adapters",
+    "has_adapters",
     "load_adapter",
     "load_adapters",
-    "load_model_dir",
     "merge_adapters",
-    "merge_and_save",
     "save_adapter",
     "set_active_adapter",
     "trainable_summary",

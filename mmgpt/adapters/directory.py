@@ -12,14 +12,13 @@ The ``"adapters"`` record lists the adapters saved WITH the model: ``from_pretra
 loads those by default (``adapter="auto"``) and activates the recorded one, so a LoRA
 fine-tune evaluates, generates and serves as the fine-tuned model. Adapters dropped into
 ``adapters/`` by other means are found by :func:`adapter_dirs` and loaded on request
-(``adapter="all"`` or by name). :func:`merge_and_save` writes a plain directory with one
-adapter folded into the weights.
+(``adapter="all"`` or by name). :func:`mmgpt.pretrained.merge_and_save` writes a plain
+directory with one adapter folded into the weights.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from mmgpt.adapters.lora import (
     save_adapter,
     set_active_adapter,
 )
+from mmgpt.config import read_model_config
 
 __all__ = [
     "ADAPTERS_DIR",
@@ -41,7 +41,6 @@ __all__ = [
     "adapter_dirs",
     "has_adapters",
     "load_adapters",
-    "merge_and_save",
     "save_model_adapters",
 ]
 
@@ -72,7 +71,7 @@ def save_model_adapters(model: nn.Module, model_dir: str | os.PathLike) -> dict[
     config.json record (``None`` when the model has no adapters).
 
     The caller writes the base weights (:func:`mmgpt.adapters.base_state_dict`) and the
-    record; ``GPT.save_pretrained`` and ``MultimodalGPT.save_pretrained`` do both.
+    record; :func:`mmgpt.weights.save_model_files` does both.
     """
     if not has_adapters(model):
         return None
@@ -102,8 +101,6 @@ def load_adapters(
         return []
     model_dir = Path(model_dir)
     if record is None:
-        from mmgpt.checkpoint import read_model_config
-
         record = read_model_config(model_dir).get(CONFIG_KEY)
     record = record or {}
     found = adapter_dirs(model_dir)
@@ -129,87 +126,3 @@ def load_adapters(
     if names:
         set_active_adapter(model, active or names[0])
     return names
-
-
-def merge_and_save(
-    model_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    adapter: str | None = None,
-) -> Path:
-    """Write ``out_dir``: the model of ``model_dir`` with ``adapter`` (default: the active one
-    its config.json records, else its only adapter) folded into the weights: a plain model
-    directory, no ``adapters/``, for deployment (faster: no adapter matmuls at inference).
-    """
-    from mmgpt.adapters.lora import fold_adapters
-    from mmgpt.checkpoint import read_model_config
-
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    config = read_model_config(model_dir)
-    if adapter is None:
-        record = config.get(CONFIG_KEY) or {}
-        found = adapter_dirs(model_dir)
-        adapter = record.get("active") or (next(iter(found)) if len(found) == 1 else None)
-        if adapter is None:
-            raise ValueError(
-                f"{model_dir}: name the adapter to merge (adapters: {', '.join(found) or 'none'})"
-            )
-    model = load_model_dir(model_dir, adapter=adapter, config=config)
-    fold_adapters(model, [adapter])
-    if out_dir.resolve() == model_dir.resolve():
-        raise ValueError(f"{out_dir}: write the merged model to another directory")
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_model_dir(model, tmp, model_dir=model_dir, config=config)
-        if out_dir.exists():
-            old = out_dir.with_name(f".tmp-{out_dir.name}.old.{os.getpid()}")
-            os.replace(out_dir, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def load_model_dir(
-    model_dir: str | os.PathLike,
-    *,
-    adapter: AdapterChoice = AUTO,
-    config: dict[str, Any] | None = None,
-    map_location: str = "cpu",
-) -> nn.Module:
-    """A GPT or MultimodalGPT (by config.json's ``architecture``) with ``adapter`` loaded."""
-    from mmgpt.checkpoint import load_gpt, read_model_config
-
-    model_dir = Path(model_dir)
-    config = read_model_config(model_dir) if config is None else config
-    if config.get("architecture") == "multimodal":
-        from mmgpt.multimodal import MultimodalGPT
-
-        return MultimodalGPT.from_pretrained(model_dir, map_location=map_location, adapter=adapter)
-    return load_gpt(model_dir, map_location=map_location, adapter=adapter)
-
-
-def save_model_dir(
-    model: nn.Module,
-    directory: str | os.PathLike,
-    *,
-    model_dir: str | os.PathLike | None = None,
-    config: dict[str, Any] | None = None,
-) -> None:
-    """Save ``model`` like its class does; a text GPT keeps the tokenizer of ``model_dir``."""
-    from mmgpt.checkpoint import save_gpt
-    from mmgpt.model import GPT
-
-    directory = Path(directory)
-    if not isinstance(model, GPT):
-        model.save_pretrained(directory)
-        return
-    section = (config or {}).get("tokenizer")
-    save_gpt(model, directory, extra_config={"tokenizer": section} if section else None)
-    if section and model_dir is not None:
-        from mmgpt.registry import create
-
-        args = {k: v for k, v in section.items() if k != "name"}
-        create("tokenizer", section["name"], path=str(model_dir), **args).save(directory)

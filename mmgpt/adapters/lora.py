@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmgpt.checkpoint import atomic_write_bytes, load_tensors, save_tensors
+from mmgpt.adapters.int8 import is_quantized
+from mmgpt.files import atomic_write_bytes, load_tensors, save_tensors
 from mmgpt.registry import register
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -92,7 +93,7 @@ def _peft():
     return peft
 
 
-def _tuner_layers(model: nn.Module) -> list[nn.Module]:
+def tuner_layers(model: nn.Module) -> list[nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
@@ -125,7 +126,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default") 
     peft = _peft()
     if name in adapter_names(model):
         raise ValueError(f"adapter {name!r} already exists on this model; pick another name")
-    if any(getattr(m, "merged", False) for m in _tuner_layers(model)):
+    if any(getattr(m, "merged", False) for m in tuner_layers(model)):
         raise ValueError("unmerge adapters before adding another one")
     modules = resolve_targets(model, config.targets)
     lora_config = peft.LoraConfig(
@@ -150,7 +151,7 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
     names = adapter_names(model)
     if name not in names:
         raise ValueError(f"no adapter {name!r} on this model; adapters: {names or '(none)'}")
-    for layer in _tuner_layers(model):
+    for layer in tuner_layers(model):
         layer.set_adapter(name)
         layer.enable_adapters(True)
     mark_trainable(model, name)
@@ -175,7 +176,7 @@ def _under(pname: str, prefixes: tuple[str, ...]) -> bool:
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: the RLHF reference policy without a second copy in memory."""
-    layers = _tuner_layers(model)
+    layers = tuner_layers(model)
     if any(getattr(m, "merged", False) for m in layers):
         raise ValueError("cannot disable merged adapters; unmerge them first")
     for layer in layers:
@@ -191,13 +192,11 @@ def merge_adapters(model: nn.Module, names: Sequence[str] | None = None) -> None
     """Fold adapters into the base weights (faster inference); ``unmerge_adapters`` undoes it."""
     _refuse_quantized(model, "merge adapters into")
     names = list(names) if names is not None else [active_adapter(model)]
-    for layer in _tuner_layers(model):
+    for layer in tuner_layers(model):
         layer.merge(adapter_names=names)
 
 
 def _refuse_quantized(model: nn.Module, action: str) -> None:
-    from mmgpt.adapters.quantize import is_quantized
-
     if is_quantized(model):
         raise ValueError(
             f"cannot {action} a quantised base; load the adapter onto the float base model"
@@ -205,7 +204,7 @@ def _refuse_quantized(model: nn.Module, action: str) -> None:
 
 
 def unmerge_adapters(model: nn.Module) -> None:
-    for layer in _tuner_layers(model):
+    for layer in tuner_layers(model):
         layer.unmerge()
 
 
@@ -247,7 +246,7 @@ def _is_tuner_layer(module: nn.Module) -> bool:
 
 
 def active_adapter(model: nn.Module) -> str:
-    layers = _tuner_layers(model)
+    layers = tuner_layers(model)
     if not layers:
         raise ValueError("this model has no adapters")
     return layers[0].active_adapters[0]
@@ -258,7 +257,7 @@ def active_adapter(model: nn.Module) -> str:
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's weights under their original names (adapters stripped, unmerged)."""
-    if any(getattr(m, "merged", False) for m in _tuner_layers(model)):
+    if any(getattr(m, "merged", False) for m in tuner_layers(model)):
         raise ValueError("unmerge adapters before saving the base weights")
     _refuse_quantized(model, "save the weights of")
     tied = set(getattr(model, "tied_weight_keys", []))

@@ -19,10 +19,14 @@ and freezes everything else, then the Trainer optimises what still requires grad
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
+
+from mmgpt.adapters.directory import has_adapters
+from mmgpt.adapters.lora import AdapterConfig, add_adapter, fold_adapters
 
 __all__ = ["ADAPTER_KEYS", "adapter_section", "apply_adapter", "fold_loaded_adapters"]
 
@@ -44,8 +48,6 @@ def adapter_section(value: Any) -> dict[str, Any]:
         )
     unknown = sorted(set(value) - set(ADAPTER_KEYS))
     if unknown:
-        import difflib
-
         close = difflib.get_close_matches(str(unknown[0]), ADAPTER_KEYS, n=1)
         hint = f" (did you mean adapter.{close[0]}?)" if close else ""
         raise ValueError(
@@ -60,8 +62,6 @@ def apply_adapter(model: nn.Module, section: Any) -> str | None:
 
     Only the adapter's weights and ``train_extra`` modules require gradients afterwards.
     """
-    from mmgpt.adapters.lora import AdapterConfig, add_adapter
-
     section = adapter_section(section)
     method = section.get("method")
     if method is None or method in NO_ADAPTER:
@@ -95,10 +95,6 @@ def apply_adapter(model: nn.Module, section: Any) -> str | None:
 def fold_loaded_adapters(model: nn.Module) -> nn.Module:
     """A model loaded from a directory with adapters (``model.from`` of a LoRA run), with its
     active adapter folded into the weights: the base the new run starts from."""
-    from mmgpt.adapters.directory import has_adapters
-
     if has_adapters(model):
-        from mmgpt.adapters.lora import fold_adapters
-
         fold_adapters(model)
     return model

@@ -6,9 +6,10 @@ line (bad JSON, missing fields, missing/corrupt images, ``"<image>"`` placeholde
 match the images), warnings, and length statistics — tokens with a tokenizer, else
 characters.
 
-Problems are entries the datasets would skip. Warnings are suspicious but usable (an image
-no metadata row mentions, an empty text file, a repeated id); with ``strict=True`` they count
-as problems too.
+Problems are entries the datasets would skip; any problem fails the check (exit status 1).
+Warnings are suspicious but usable (an image no metadata row mentions, an empty text file, a
+repeated id, an image path that leaves the dataset root, which training refuses unless
+``allow_outside_root``); with ``strict=True`` they fail the check too.
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ class CheckReport:
 
     @property
     def exit_code(self) -> int:
-        """What ``mmgpt data check`` exits with: 1 under ``strict`` when anything is wrong."""
-        return 1 if self.strict and not self.ok else 0
+        """What ``mmgpt data check`` exits with: 1 when there are problems (under ``strict``,
+        warnings too), else 0."""
+        return 0 if self.ok else 1
 
     @property
     def counts(self) -> dict[str, int]:
@@ -129,7 +131,9 @@ class CheckReport:
             lines.append("result:   OK")
         else:
             lines.append(f"result:   {len(self.issues)} issue(s)")
-        return "\n".join(lines)
+        # Paths and values from the data may hold lone surrogates (a "\ud800" JSON escape),
+        # which a UTF-8 stdout refuses to print.
+        return "\n".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # -- format detection -----------------------------------------------------------------------
@@ -214,7 +218,7 @@ def check_dataset(
             or text files (a ``.txt`` or a directory of them).
         tokenizer: anything with ``encode(text) -> list[int]``; lengths are in tokens with it
             (``"<image>"`` counts as its one token), in characters without.
-        strict: count warnings as problems (``report.ok``, ``report.exit_code``).
+        strict: count warnings as problems too (``report.ok``, ``report.exit_code``).
         format: one of ``FORMATS`` to skip detection.
         image_root: image directory of LLaVA/preference data (default: the file's directory).
         max_pixels: images above this are problems (``too_large``).
@@ -302,6 +306,12 @@ def _check_records(
     report.num_records = len({(r.file, r.line) for r in records})
     report.num_images = sum(error is None for error in outcome.values())
 
+    leaving: set[tuple[str, int, str]] = set()
+    for record in records:
+        for message in record.outside_root:
+            if (record.file, record.line, message) not in leaving:  # pairs share a line
+                leaving.add((record.file, record.line, message))
+                report.warnings.append(record.problem("outside_root", message))
     if format == "llava":
         first_line: dict[str, int] = {}
         for record in records:

@@ -19,8 +19,9 @@ data/
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from mmgpt.data.records import (
     RecordDataset,
     RecordError,
     iter_jsonl,
+    outside_root,
+    parse_json,
 )
 from mmgpt.data.sample import DEFAULT_CAPTION_PROMPT, IMAGE_PLACEHOLDER, Sample, Turn
 from mmgpt.registry import register
@@ -72,30 +75,42 @@ def find_metadata_files(root: str | os.PathLike) -> list[Path]:
     return files
 
 
+# What bytes that are not UTF-8 decode to with errors="surrogateescape".
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
 def _iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        start = 2  # line 1 is the header
+    # Bytes that are not UTF-8 spoil only the rows that hold them, as in a JSONL file.
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    start = 2  # line 1 is the header
+    try:
         for row in reader:
             line, start = start, reader.line_num + 1
             if None in row:  # more cells than header columns
                 yield line, RecordError("bad_value", "row has more cells than the header")
                 continue
+            if any(_UNDECODED.search(f"{key}{value}") for key, value in row.items()):
+                yield line, RecordError("bad_encoding", "row (or the header) is not UTF-8")
+                continue
             conversations = row.get("conversations")
             if conversations:
                 try:
-                    row["conversations"] = json.loads(conversations)
-                except json.JSONDecodeError as exc:
-                    yield (
-                        line,
-                        RecordError(
-                            "bad_json", f"'conversations' cell is not valid JSON: {exc.msg}"
-                        ),
-                    )
+                    row["conversations"] = parse_json(conversations)
+                except RecordError as exc:
+                    yield line, RecordError("bad_json", f"'conversations' cell: {exc}")
                     continue
             else:
                 row.pop("conversations", None)
             yield line, row
+    except csv.Error as exc:  # e.g. a cell above the csv module's size limit
+        # The reader cannot resynchronize after this; nothing below it can be located.
+        raise DataError(
+            f"{path}:{reader.line_num}: invalid CSV: {exc}",
+            file=str(path),
+            line=reader.line_num,
+            reason="bad_csv",
+        ) from None
 
 
 def read_imagefolder(
@@ -104,7 +119,12 @@ def read_imagefolder(
     caption_prompt: str = DEFAULT_CAPTION_PROMPT,
     split: str | None = None,
 ) -> tuple[list[Record], list[Problem]]:
-    """Parse every metadata file of an imagefolder into records and problems."""
+    """Parse every metadata file of an imagefolder into records and problems.
+
+    Image paths are checked against ``root`` (not the split's directory): images that a
+    split's metadata shares from the dataset directory stay inside it.
+    """
+    base = Path(root).resolve()
     root = Path(root) if split is None else Path(root) / split
     records: list[Record] = []
     problems: list[Problem] = []
@@ -114,13 +134,13 @@ def read_imagefolder(
             try:
                 if isinstance(row, RecordError):
                     raise row
-                records.append(_parse_row(row, meta_file, line, caption_prompt))
+                records.append(_parse_row(row, meta_file, line, caption_prompt, base))
             except RecordError as exc:
                 problems.append(Problem(str(meta_file), line, exc.reason, str(exc)))
     return records, problems
 
 
-def _parse_row(row: Any, meta_file: Path, line: int, caption_prompt: str) -> Record:
+def _parse_row(row: Any, meta_file: Path, line: int, caption_prompt: str, base: Path) -> Record:
     if not isinstance(row, dict):
         raise RecordError("bad_type", f"a metadata row must be an object, got {type(row).__name__}")
     name = row.get("file_name")
@@ -142,7 +162,7 @@ def _parse_row(row: Any, meta_file: Path, line: int, caption_prompt: str) -> Rec
     path = meta_file.parent / name
     check_images_exist([path])
     meta = {k: v for k, v in row.items() if k not in ("conversations",)}
-    return Record(str(meta_file), line, None, [path], turns, meta)
+    return Record(str(meta_file), line, None, [path], turns, meta, outside_root(base, [path]))
 
 
 @register("dataset", "imagefolder")
@@ -156,6 +176,8 @@ class ImageFolderDataset(RecordDataset):
         strict: raise on the first problem (naming file and line) instead of skipping it.
         max_pixels: refuse larger images (see ``load_image``).
         verify_images: decode every image now, so ``skipped`` is complete before training.
+        allow_outside_root: accept ``file_name``s that leave ``path`` (``..``, absolute
+            paths, symlinks out); refused with a ``DataError`` otherwise.
     """
 
     format_name = "imagefolder"
@@ -169,6 +191,7 @@ class ImageFolderDataset(RecordDataset):
         strict: bool = False,
         max_pixels: int | None = None,
         verify_images: bool = False,
+        allow_outside_root: bool = False,
     ) -> None:
         records, problems = read_imagefolder(path, caption_prompt=caption_prompt, split=split)
         super().__init__(
@@ -178,6 +201,7 @@ class ImageFolderDataset(RecordDataset):
             strict=strict,
             max_pixels=max_pixels,
             verify_images=verify_images,
+            allow_outside_root=allow_outside_root,
         )
 
     def build(self, record: Record, images: list[Any]) -> Sample:

@@ -31,6 +31,7 @@ from mmgpt.data.records import (
     RecordError,
     iter_json_array,
     iter_jsonl,
+    outside_root,
     record_meta,
 )
 from mmgpt.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
@@ -178,13 +179,14 @@ def read_llava(
     if not path.is_file():
         raise DataError(f"{path}: LLaVA data file not found")
     root = Path(image_root) if image_root is not None else path.parent
+    base = root.resolve()
     rows = iter_jsonl(path) if path.suffix == ".jsonl" else iter_json_array(path)
     return collect_records(
-        path, rows, lambda obj, line: [_parse_record(obj, root, str(path), line)]
+        path, rows, lambda obj, line: [_parse_record(obj, root, base, str(path), line)]
     )
 
 
-def _parse_record(obj: Any, root: Path, file: str, line: int) -> Record:
+def _parse_record(obj: Any, root: Path, base: Path, file: str, line: int) -> Record:
     if not isinstance(obj, dict):
         raise RecordError("bad_type", f"a record must be an object, got {type(obj).__name__}")
     names = parse_image_field(obj.get("image"))
@@ -193,7 +195,7 @@ def _parse_record(obj: Any, root: Path, file: str, line: int) -> Record:
     paths = [resolve_image(root, name) for name in names]
     check_images_exist(paths)
     meta = {k: v for k, v in obj.items() if k not in ("image", "conversations")}
-    return Record(file, line, record_id(obj), paths, turns, meta)
+    return Record(file, line, record_id(obj), paths, turns, meta, outside_root(base, paths))
 
 
 @register("dataset", "llava")
@@ -206,6 +208,8 @@ class LlavaDataset(FileRecordDataset):
         strict: raise on the first problem instead of skipping it.
         max_pixels: refuse larger images (see ``load_image``).
         verify_images: decode every image now, so ``skipped`` is complete before training.
+        allow_outside_root: accept image paths that leave ``image_root`` (``..``, absolute
+            paths, symlinks out); refused with a ``DataError`` otherwise.
     """
 
     format_name = "llava"

@@ -38,6 +38,7 @@ from mmgpt.data.records import (
     Record,
     RecordError,
     iter_jsonl,
+    outside_root,
     record_meta,
 )
 from mmgpt.data.sample import Sample, Turn
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
 __all__ = ["PreferenceDataset", "PreferencePair", "ranked_pairs", "read_preference"]
 
 _KNOWN_KEYS = ("prompt", "image", "chosen", "rejected", "responses", "ranking")
+# A ranked list of k responses makes k(k-1)/2 pairs: without a bound, one 40 KB line of
+# 10,000 responses would make 50 million records.
+MAX_RANKED_RESPONSES = 100
 
 
 @dataclass
@@ -101,8 +105,9 @@ def read_preference(
     if not path.is_file():
         raise DataError(f"{path}: preference file not found")
     root = Path(image_root) if image_root is not None else path.parent
+    base = root.resolve()
     return collect_records(
-        path, iter_jsonl(path), lambda obj, line: _parse_line(obj, root, str(path), line)
+        path, iter_jsonl(path), lambda obj, line: _parse_line(obj, root, base, str(path), line)
     )
 
 
@@ -115,7 +120,7 @@ def _string(obj: dict[str, Any], key: str) -> str:
     return value
 
 
-def _parse_line(obj: Any, root: Path, file: str, line: int) -> list[Record]:
+def _parse_line(obj: Any, root: Path, base: Path, file: str, line: int) -> list[Record]:
     if not isinstance(obj, dict):
         raise RecordError("bad_type", f"a line must be a JSON object, got {type(obj).__name__}")
     prompt = _string(obj, "prompt")
@@ -140,6 +145,7 @@ def _parse_line(obj: Any, root: Path, file: str, line: int) -> list[Record]:
     check_images_exist(paths)
     meta = {k: v for k, v in obj.items() if k not in _KNOWN_KEYS}
     ident = record_id(obj)
+    outside = outside_root(base, paths)
     return [
         Record(
             file,
@@ -148,6 +154,7 @@ def _parse_line(obj: Any, root: Path, file: str, line: int) -> list[Record]:
             paths,
             (prompt, chosen, rejected),
             {**meta, "pair_index": i, "num_pairs": len(pairs)},
+            outside,
         )
         for i, (chosen, rejected) in enumerate(pairs)
     ]
@@ -160,6 +167,12 @@ def _ranked(obj: dict[str, Any]) -> list[tuple[str, str]]:
     if len(responses) < 2:
         raise RecordError(
             "bad_value", f"'responses' needs at least 2 entries, got {len(responses)}"
+        )
+    if len(responses) > MAX_RANKED_RESPONSES:
+        raise RecordError(
+            "bad_value",
+            f"'responses' has {len(responses)} entries, more than the {MAX_RANKED_RESPONSES} "
+            "a ranked list may have (it makes every ordered pair); split it into several lines",
         )
     ranking = obj.get("ranking")
     if ranking is not None:
@@ -183,7 +196,8 @@ class PreferenceDataset(FileRecordDataset):
     """:class:`PreferencePair` items from a preference JSONL file (see the module docstring).
 
     ``len`` counts pairs, so a ranked list of ``k`` responses contributes ``k(k-1)/2``.
-    Problems, ``skipped`` and ``strict`` work as for the other file datasets.
+    Problems, ``skipped``, ``strict`` and ``allow_outside_root`` work as for the other file
+    datasets.
     """
 
     format_name = "preference"

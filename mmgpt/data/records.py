@@ -20,6 +20,9 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from mmgpt.data.errors import DataError
+from mmgpt.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+
 __all__ = [
     "DataError",
     "Problem",
@@ -28,26 +31,10 @@ __all__ = [
     "RecordError",
     "iter_json_array",
     "iter_jsonl",
+    "outside_root",
+    "parse_json",
     "summarize_problems",
 ]
-
-
-class DataError(ValueError):
-    """Unusable dataset input; the message names the file (and line) to fix.
-
-    ``file``, ``line`` and ``reason`` repeat the location and category when known.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        file: str | None = None,
-        line: int | None = None,
-        reason: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.file, self.line, self.reason = file, line, reason
 
 
 class RecordError(ValueError):
@@ -64,7 +51,8 @@ class Problem:
 
     ``reason`` is a category such as ``bad_json``, ``missing_field``, ``bad_type``,
     ``bad_value``, ``placeholder_mismatch``, ``missing_image``, ``not_an_image``,
-    ``truncated_image``, ``corrupt_image``, ``too_large``.
+    ``unsupported_format``, ``truncated_image``, ``corrupt_image``, ``too_large``; as a
+    warning of ``mmgpt data check``, also ``outside_root``.
     """
 
     file: str
@@ -87,7 +75,11 @@ class Problem:
 
 @dataclass
 class Record:
-    """One usable entry: where it came from, the image files it needs, its parsed content."""
+    """One usable entry: where it came from, the image files it needs, its parsed content.
+
+    ``outside_root`` says, for each image path that leaves the dataset root (``..``, an
+    absolute path, a symlink out), where it leads (see :func:`outside_root`).
+    """
 
     file: str
     line: int
@@ -95,9 +87,30 @@ class Record:
     image_paths: list[Path]
     data: Any
     meta: dict[str, Any] = field(default_factory=dict)
+    outside_root: list[str] = field(default_factory=list)
 
     def problem(self, reason: str, message: str) -> Problem:
         return Problem(self.file, self.line, reason, message, self.id)
+
+
+def outside_root(root: Path, paths: Sequence[Path]) -> list[str]:
+    """For each of ``paths`` that leads outside the directory ``root`` once ``..`` and
+    symlinks are resolved, a sentence saying where it leads; ``[]`` when all stay inside.
+
+    ``root`` must be resolved already (``Path.resolve()``): readers resolve it once per file.
+    """
+    found = []
+    for path in paths:
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+            found.append(f"image path {str(path)!r} cannot be resolved ({exc})")
+            continue
+        if not resolved.is_relative_to(root):
+            found.append(
+                f"image path {str(path)!r} resolves to {resolved}, outside the dataset root {root}"
+            )
+    return found
 
 
 def summarize_problems(problems: Sequence[Problem]) -> str:
@@ -106,6 +119,18 @@ def summarize_problems(problems: Sequence[Problem]) -> str:
 
 
 # -- JSON with line numbers -----------------------------------------------------------------
+def parse_json(text: str) -> Any:
+    """``json.loads``; every way untrusted text can fail it is a ``RecordError("bad_json")``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError("bad_json", f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise RecordError("bad_json", "invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # an integer of more digits than Python converts from text
+        raise RecordError("bad_json", f"invalid JSON: {exc}") from None
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """``(line_number, value)`` for each non-blank line; a line that is not valid JSON (or not
     UTF-8) yields ``(line_number, RecordError)`` instead, so the caller can go on."""
@@ -119,12 +144,10 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             if not text.strip():
                 continue
             try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield (
-                    number,
-                    RecordError("bad_json", f"invalid JSON: {exc.msg} (column {exc.colno})"),
-                )
+                value = parse_json(text)
+            except RecordError as exc:
+                value = exc
+            yield number, value
 
 
 _WHITESPACE = " \t\n\r"
@@ -137,12 +160,15 @@ def iter_json_array(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     can be located reliably), so it raises ``DataError`` with its line and column.
     """
     path = Path(path)
+    raw = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        number = raw.count(b"\n", 0, exc.start) + 1
         raise DataError(
-            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
+            f"{path}:{number}: not UTF-8 text ({exc.reason} at byte {exc.start})",
             file=str(path),
+            line=number,
             reason="bad_encoding",
         ) from None
     decoder = json.JSONDecoder()
@@ -180,6 +206,10 @@ def iter_json_array(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             value, end = decoder.raw_decode(text, index)
         except json.JSONDecodeError as exc:
             raise fail(exc.pos, exc.msg) from None
+        except RecursionError:
+            raise fail(index, "a list element nested too deeply") from None
+        except ValueError as exc:  # an integer of more digits than Python converts from text
+            raise fail(index, str(exc)) from None
         yield line_at(index), value
         index = skip_ws(end)
         if index < len(text) and text[index] == ",":
@@ -195,6 +225,10 @@ def iter_json_array(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
 # -- the dataset ----------------------------------------------------------------------------
 class RecordDataset(Dataset):
     """Map-style dataset over records whose images are loaded on access.
+
+    A record whose image paths leave the dataset root (``../x.png``, an absolute path, a
+    symlink out) is refused with a ``DataError`` naming its file, line and path, unless
+    ``allow_outside_root=True``: a dataset file must not make training read arbitrary files.
 
     Unusable records found while reading the metadata are left out, counted in ``skipped``
     and summarized in one warning. An image that fails to load at access time is counted and
@@ -218,9 +252,10 @@ class RecordDataset(Dataset):
         strict: bool = False,
         max_pixels: int | None = None,
         verify_images: bool = False,
+        allow_outside_root: bool = False,
     ) -> None:
-        from mmgpt.data.images import DEFAULT_MAX_PIXELS
-
+        if not allow_outside_root:
+            _refuse_outside_root(records, self.format_name, source)
         self.records = records
         self.problems: list[Problem] = []
         self.skipped: dict[str, int] = {}
@@ -273,8 +308,6 @@ class RecordDataset(Dataset):
         raise NotImplementedError
 
     def _load_images(self, index: int, *, warn: bool) -> list[Any] | None:
-        from mmgpt.data.images import ImageLoadError, load_image
-
         if index in self._bad_indices:
             return None
         record = self.records[index]
@@ -309,6 +342,22 @@ class RecordDataset(Dataset):
         self.skipped[problem.reason] = self.skipped.get(problem.reason, 0) + 1
 
 
+def _refuse_outside_root(records: Sequence[Record], format_name: str, source: str) -> None:
+    leaving = [r for r in records if r.outside_root]
+    if not leaving:
+        return
+    first = leaving[0]
+    more = f" ({len(leaving) - 1} more records do too)" if len(leaving) > 1 else ""
+    raise DataError(
+        f"{format_name} {source}: {first.file}:{first.line}: {first.outside_root[0]}{more}; "
+        "pass allow_outside_root=True (in a recipe: data.allow_outside_root=true) to use "
+        "images outside the dataset root",
+        file=first.file,
+        line=first.line,
+        reason="outside_root",
+    )
+
+
 class FileRecordDataset(RecordDataset):
     """A :class:`RecordDataset` of one file whose entries name images relative to
     ``image_root`` (default: the file's directory). Subclasses set ``read``, a function
@@ -324,6 +373,7 @@ class FileRecordDataset(RecordDataset):
         strict: bool = False,
         max_pixels: int | None = None,
         verify_images: bool = False,
+        allow_outside_root: bool = False,
     ) -> None:
         records, problems = type(self).read(path, image_root=image_root)
         super().__init__(
@@ -333,6 +383,7 @@ class FileRecordDataset(RecordDataset):
             strict=strict,
             max_pixels=max_pixels,
             verify_images=verify_images,
+            allow_outside_root=allow_outside_root,
         )
 
 

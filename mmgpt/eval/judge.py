@@ -23,11 +23,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
+from mmgpt.config import from_dict as config_from_dict
 from mmgpt.data.shapes import COLORS, KINDS, POSITIONS, SIZES, Shape, render_scene
+from mmgpt.files import atomic_write_bytes, load_tensors, save_tensors
 
 __all__ = [
     "ATTRIBUTES",
@@ -96,9 +100,9 @@ class JudgeConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JudgeConfig:
-        from mmgpt.config import from_dict
-
-        return from_dict(cls, {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return config_from_dict(
+            cls, {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        )
 
     def hash(self) -> str:
         """Identifies the trained judge: every field plus the judge format version."""
@@ -166,9 +170,6 @@ class ShapeJudge(nn.Module):
 
 def images_to_tensor(images: Sequence[Any], image_size: int) -> Tensor:
     """PIL images → ``(N, 3, S, S)`` float in [0, 1] (resized when needed)."""
-    import numpy as np
-    from PIL import Image
-
     arrays = []
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
@@ -301,8 +302,6 @@ def load_or_train_judge(
     verbose: bool = False,
 ) -> tuple[ShapeJudge, dict[str, float]]:
     """The cached judge of ``config`` (trained and saved on first use) and its held-out accuracy."""
-    from mmgpt.checkpoint import atomic_write_bytes, load_tensors, save_tensors
-
     config = config if config is not None else JudgeConfig()
     directory = judge_dir(config, cache_dir)
     weights, meta = directory / WEIGHTS_NAME, directory / CONFIG_NAME

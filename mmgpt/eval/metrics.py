@@ -48,7 +48,7 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU (0–100) of sacrebleu with its defaults (13a tokenisation, case-sensitive)."""
     _check_pairs(predictions, references)
-    try:
+    try:  # deferred: an optional extra ("eval"), imported by the one metric that needs it
         import sacrebleu
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError('BLEU needs sacrebleu: pip install "mmgpt[eval]"') from exc

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmgpt.data.text import resolve_text_files, tokenize_files
+from mmgpt.interfaces import Tokenizer
 from mmgpt.registry import register
 
 __all__ = ["perplexity", "token_nll"]
@@ -61,7 +63,7 @@ def token_nll(model: Any, tokens: Sequence[int], *, batch_size: int = 8) -> tupl
 @register("metric", "perplexity")
 def perplexity(
     model: Any,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     batch_size: int = 8,
@@ -70,8 +72,6 @@ def perplexity(
 
     Returns ``{"perplexity", "nll" (mean per token, nats), "tokens" (number scored)}``.
     """
-    from mmgpt.data.text import resolve_text_files, tokenize_files
-
     files = resolve_text_files(paths)
     tokens = tokenize_files(files, tokenizer)
     total, count = token_nll(model, tokens, batch_size=batch_size)

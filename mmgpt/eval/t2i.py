@@ -36,7 +36,19 @@ from typing import Any
 
 import torch
 
-from mmgpt.eval.judge import ATTRIBUTES, JudgeConfig, ShapeJudge, images_to_tensor
+from mmgpt.data.shapes import parse_caption
+from mmgpt.eval.data import SHAPES_DEFAULTS, eval_items, load_eval_data, parse_shapes_spec
+from mmgpt.eval.judge import (
+    ATTRIBUTES,
+    JudgeConfig,
+    ShapeJudge,
+    images_to_tensor,
+    load_or_train_judge,
+)
+from mmgpt.imagegen import ImageGenerationConfig, generate_images, require_image_generation
+from mmgpt.multimodal import ARCHITECTURE, MultimodalGPT
+from mmgpt.pretrained import require_architecture
+from mmgpt.registry import create
 
 __all__ = [
     "T2IPrompt",
@@ -46,7 +58,6 @@ __all__ = [
     "score_images",
 ]
 
-SHAPES_DEFAULTS: dict[str, Any] = {"seed": 1, "size": 200}
 DRAW_PREFIX = "draw "
 
 
@@ -66,8 +77,6 @@ def _target_from_scene(scene: Sequence[Mapping[str, Any]]) -> dict[str, str] | N
 
 
 def _target_from_text(text: str) -> dict[str, str] | None:
-    from mmgpt.data.shapes import parse_caption
-
     body = text.strip()
     if body.lower().startswith(DRAW_PREFIX):
         body = body[len(DRAW_PREFIX) :]
@@ -82,8 +91,6 @@ def load_t2i_prompts(
 ) -> tuple[list[T2IPrompt], int]:
     """The one-shape drawing prompts behind ``data`` (module docstring) and how many
     multi-shape ones were skipped."""
-    from mmgpt.eval.run import parse_shapes_spec
-
     path = Path(data)
     spec = None if path.exists() else parse_shapes_spec(str(data))
     rows: list[tuple[str, dict[str, str] | None, str]] = []
@@ -92,8 +99,6 @@ def load_t2i_prompts(
     elif path.is_file() and path.suffix in (".txt", ".jsonl"):
         rows = _file_rows(path)
     elif path.exists():
-        from mmgpt.eval.run import eval_items, load_eval_data
-
         for item in eval_items(load_eval_data(path, "caption"), limit):
             scene = item.meta.get("scene")
             prompt = DRAW_PREFIX + item.reference.strip()
@@ -119,8 +124,6 @@ def load_t2i_prompts(
 def _shapes_rows(
     spec_text: str, spec: dict[str, Any], image_size: int | None, limit: int | None
 ) -> list[tuple[str, dict[str, str] | None, str]]:
-    from mmgpt.registry import create
-
     if "task" in spec:
         raise ValueError(f"data spec {spec_text!r}: the task is t2i, not {spec['task']!r}")
     options = {**SHAPES_DEFAULTS, "max_shapes": 1, **spec, "task": "t2i"}
@@ -224,14 +227,14 @@ def _diversity(judge: ShapeJudge, groups: Sequence[Sequence[Any]], image_size: i
 
 
 def evaluate_t2i(
-    model: Any,
+    model: MultimodalGPT,
     prompts: Sequence[T2IPrompt],
     *,
     judge: ShapeJudge | None = None,
     judge_accuracy: Mapping[str, float] | None = None,
     judge_config: JudgeConfig | None = None,
     cache_dir: str | os.PathLike | None = None,
-    image_config: Any = None,
+    image_config: ImageGenerationConfig | None = None,
     batch_size: int = 32,
     diversity_prompts: int = 8,
     diversity_seeds: int = 4,
@@ -240,9 +243,6 @@ def evaluate_t2i(
 ) -> dict[str, Any]:
     """Generate, judge and summarise (module docstring). ``judge`` defaults to the cached judge
     of ``judge_config`` (default: the whole shapes world at the decoder's image size)."""
-    from mmgpt.eval.judge import load_or_train_judge
-    from mmgpt.imagegen import ImageGenerationConfig, generate_images, require_image_generation
-
     require_image_generation(model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -317,16 +317,7 @@ def run_t2i_eval(
     """``mmgpt eval --task t2i``: load the model in ``model_dir`` and :func:`evaluate_t2i` it
     on ``data``. Returns a JSON-ready dict (``task``, ``data``, ``model``, ``skipped`` + the
     metrics); ``options`` go to :func:`evaluate_t2i`."""
-    from mmgpt.checkpoint import read_model_config
-    from mmgpt.imagegen import ImageGenerationConfig
-    from mmgpt.multimodal import ARCHITECTURE, MultimodalGPT
-
-    architecture = read_model_config(Path(model_dir)).get("architecture", "gpt")
-    if architecture != ARCHITECTURE:
-        raise ValueError(
-            f"{model_dir}: --task t2i needs a multimodal model with an image decoder, this one "
-            f"is {architecture!r}"
-        )
+    require_architecture(model_dir, ARCHITECTURE, "--task t2i")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = MultimodalGPT.from_pretrained(model_dir, map_location=device).eval()

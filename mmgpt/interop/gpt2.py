@@ -1,10 +1,14 @@
 """Hugging Face GPT-2 checkpoints ⇄ mmgpt's GPT decoder.
 
-``load_hf_gpt2`` reads a local Hugging Face GPT-2 directory (``config.json`` with
+``read_hf_gpt2`` reads a local Hugging Face GPT-2 directory (``config.json`` with
 ``model_type: "gpt2"`` plus ``model.safetensors``, a sharded safetensors set with its
-``model.safetensors.index.json``, or a legacy ``pytorch_model.bin``) into a :class:`GPT` whose
-logits match ``transformers.GPT2LMHeadModel``. ``save_hf_gpt2`` writes the reverse: a directory
-that ``GPT2LMHeadModel.from_pretrained`` loads. Neither needs ``transformers`` installed.
+``model.safetensors.index.json``, or a legacy ``pytorch_model.bin``) as a :class:`GPTConfig`
+and a state dict in mmgpt's layout; a :class:`~mmgpt.model.GPT` built from them has the logits
+of ``transformers.GPT2LMHeadModel``. ``write_hf_gpt2`` writes the reverse: a directory that
+``GPT2LMHeadModel.from_pretrained`` loads. Neither needs ``transformers`` installed.
+
+This module converts configs and tensors only; it builds no model (``GPT.from_pretrained`` and
+:func:`mmgpt.pretrained.save_hf_gpt2` do), so it sits below the model in the layers.
 
 The module layout is the same on both sides (``transformer.h.0.attn.c_attn`` …); the one
 difference is that GPT-2 stores its projections as ``Conv1D`` with weights of shape
@@ -18,19 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmgpt.checkpoint import (
-    CONFIG_NAME,
-    load_model_state,
-    load_tensors,
-    load_torch_file,
-    save_tensors,
-)
-from mmgpt.config import GPTConfig, load_json, save_json
+from mmgpt.config import CONFIG_NAME, GPTConfig
+from mmgpt.files import load_json, load_tensors, load_torch_file, save_json, save_tensors
 
 if TYPE_CHECKING:
     import torch
-
-    from mmgpt.model import GPT
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
@@ -254,10 +250,11 @@ def hf_state_to_gpt(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[s
     return out
 
 
-def gpt_state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+def gpt_state_to_hf(
+    state: dict[str, torch.Tensor], config: GPTConfig
+) -> dict[str, torch.Tensor]:
     """Our state dict in GPT-2's layout: Conv1D weights transposed, zero biases where we have none."""
-    config = model.config
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state = {k: v.detach() for k, v in state.items()}
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if name == "lm_head.weight" and config.tie_embeddings:
@@ -287,50 +284,54 @@ def gpt_state_to_hf(model: GPT) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------
 
 
-def load_hf_gpt2(path: str | Path, map_location: str | torch.device = "cpu") -> GPT:
-    """Load a local Hugging Face GPT-2 directory into a :class:`GPT` (returned in eval mode).
+def read_hf_gpt2(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Path]:
+    """The config and the weights (in mmgpt's layout) of a local Hugging Face GPT-2 directory,
+    and the file the weights came from.
 
     Weights are read from safetensors (single or sharded) or, failing that, from
     ``pytorch_model.bin`` with ``torch.load(weights_only=True)``; nothing is unpickled.
     """
-    from mmgpt.model import GPT
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a model directory")
     config = gpt_config_from_hf(load_json(path / CONFIG_NAME), path / CONFIG_NAME)
     raw, source = _read_hf_weights(path)
-    model = GPT(config)
-    load_model_state(model, hf_state_to_gpt(raw, config), source)
-    return model.to(map_location).eval()
+    return config, hf_state_to_gpt(raw, config), source
 
 
-def save_hf_gpt2(
-    model: GPT,
+def write_hf_gpt2(
+    state: dict[str, torch.Tensor],
+    config: GPTConfig,
     path: str | Path,
     *,
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
 ) -> None:
-    """Write ``model`` as a Hugging Face GPT-2 directory (``config.json`` + ``model.safetensors``).
+    """Write a GPT's ``state`` and ``config`` as a Hugging Face GPT-2 directory
+    (``config.json`` + ``model.safetensors``).
 
     Needs learned positions, LayerNorm and gelu/gelu_tanh; a model without biases is written
     with zero biases, which computes the same function.
     """
     path = Path(path)
     hf_config = hf_config_from_gpt(
-        model.config,
+        config,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
-    state = gpt_state_to_hf(model)
+    hf_state = gpt_state_to_hf(state, config)
     # transformers reads the stored dtype to pick the one it loads into
-    hf_config["dtype"] = str(state["transformer.wte.weight"].dtype).removeprefix("torch.")
+    hf_config["dtype"] = str(hf_state["transformer.wte.weight"].dtype).removeprefix("torch.")
     path.mkdir(parents=True, exist_ok=True)
-    save_tensors(state, path / SAFETENSORS_NAME, metadata={"format": "pt"})
+    save_tensors(hf_state, path / SAFETENSORS_NAME, metadata={"format": "pt"})
     save_json(hf_config, path / CONFIG_NAME)
+
+
+def is_hf_gpt2_config(config: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` is a Hugging Face GPT-2 one."""
+    return config.get("model_type") == "gpt2"
 
 
 __all__ = [
@@ -338,6 +339,7 @@ __all__ = [
     "gpt_state_to_hf",
     "hf_config_from_gpt",
     "hf_state_to_gpt",
-    "load_hf_gpt2",
-    "save_hf_gpt2",
+    "is_hf_gpt2_config",
+    "read_hf_gpt2",
+    "write_hf_gpt2",
 ]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,7 +35,18 @@ from mmgpt.processor import IGNORE_INDEX
 from mmgpt.registry import register
 from mmgpt.rlhf.data import PreferenceBatch, PreferenceCollator
 from mmgpt.rlhf.losses import dpo_loss
-from mmgpt.rlhf.policy import ReferencePolicy, sequence_logps
+from mmgpt.rlhf.policy import ReferencePolicy, save_policy, sequence_logps
+from mmgpt.rlhf.reference import (
+    WithReferenceLogps,
+    cached_reference_logps,
+    compute_reference_logps,
+)
+from mmgpt.trainer import TrainConfig, Trainer
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from mmgpt.multimodal import MultimodalGPT
 
 __all__ = ["REFERENCE_LOGPS", "DPOObjective"]
 
@@ -174,12 +185,6 @@ class DPOObjective:
         ``cache_dir`` they are read from / written to ``reference_logps[_<split>].safetensors``
         there, so a resumed run does not recompute them.
         """
-        from mmgpt.rlhf.reference import (
-            WithReferenceLogps,
-            cached_reference_logps,
-            compute_reference_logps,
-        )
-
         reference = ReferencePolicy(model, copy=False)  # nothing has changed the policy yet
         out = {}
         for split, dataset in datasets.items():
@@ -201,19 +206,16 @@ class DPOObjective:
 
     def build_trainer(
         self,
-        model: Any,
-        train_data: Any,
-        config: Any,
+        model: MultimodalGPT,
+        train_data: Dataset,
+        config: TrainConfig | dict[str, Any],
         *,
-        eval_data: Any = None,
+        eval_data: Dataset | None = None,
         out_dir: str | os.PathLike,
         truncation: bool = False,
-    ) -> Any:
+    ) -> Trainer:
         """A Trainer for DPO from ``model`` (which is also the reference), reference
         log-probabilities cached in ``out_dir``."""
-        from mmgpt.rlhf.policy import save_policy
-        from mmgpt.trainer import TrainConfig, Trainer
-
         config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
         device = config.device
         if device == "auto":

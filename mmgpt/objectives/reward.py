@@ -15,12 +15,20 @@ records the mean and std of its scores over the training answers (for PPO's norm
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmgpt.interfaces import ObjectiveOutput
 from mmgpt.registry import register
 from mmgpt.rlhf.data import PreferenceBatch, PreferenceCollator
 from mmgpt.rlhf.losses import bradley_terry_loss
+from mmgpt.rlhf.reward_model import RewardModel, reward_statistics
+from mmgpt.trainer import Trainer
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from mmgpt.multimodal import MultimodalGPT
+    from mmgpt.trainer import TrainConfig
 
 __all__ = ["RewardObjective"]
 
@@ -71,18 +79,15 @@ class RewardObjective:
 
     def build_trainer(
         self,
-        model: Any,
-        train_data: Any,
-        config: Any,
+        model: MultimodalGPT | RewardModel,
+        train_data: Dataset,
+        config: TrainConfig | dict[str, Any],
         *,
-        eval_data: Any = None,
+        eval_data: Dataset | None = None,
         out_dir: str | os.PathLike,
         truncation: bool = False,
-    ) -> Any:
+    ) -> Trainer:
         """A Trainer for a reward model started from ``model`` (a MultimodalGPT or RewardModel)."""
-        from mmgpt.rlhf.reward_model import RewardModel, reward_statistics
-        from mmgpt.trainer import Trainer
-
         reward_model = model if isinstance(model, RewardModel) else RewardModel(model)
         collate = PreferenceCollator(reward_model.processor(truncation=truncation))
 

@@ -10,12 +10,12 @@ images and text through MultimodalGPT, so the objectives work on our own log-pro
 - :mod:`mmgpt.rlhf.reward_model` — :class:`RewardModel`.
 - :mod:`mmgpt.rlhf.policy` — answer log-probabilities and the reference policy.
 - :mod:`mmgpt.rlhf.reference` — DPO's cached reference log-probabilities.
-- :mod:`mmgpt.rlhf.rollout` / :mod:`mmgpt.rlhf.ppo_trainer` — PPO (:class:`PPOTrainer`).
+- :mod:`mmgpt.rlhf.ppo` — PPO's settings and minibatch loss (:class:`PPOConfig`,
+  :class:`PPOLoss`); :mod:`mmgpt.rlhf.rollout` / :mod:`mmgpt.rlhf.ppo_trainer` — its loop
+  (:class:`PPOTrainer`).
 - :mod:`mmgpt.rlhf.prompts` — the ``"prompts"`` dataset; :mod:`mmgpt.rlhf.shapes` — shapes-world
   preference pairs.
 """
-
-from typing import Any
 
 from mmgpt.rlhf.data import ImageOutputPair, PreferenceBatch, PreferenceCollator, as_prompt
 from mmgpt.rlhf.losses import (
@@ -32,11 +32,15 @@ from mmgpt.rlhf.losses import (
     token_logprobs,
 )
 from mmgpt.rlhf.policy import ReferencePolicy, save_policy, sequence_logps
+from mmgpt.rlhf.ppo import PPOConfig, PPOLoss
+from mmgpt.rlhf.ppo_trainer import PPOTrainer
 from mmgpt.rlhf.reward_model import RewardModel, reward_statistics
 
 __all__ = [
     "AdaptiveKLController",
     "ImageOutputPair",
+    "PPOConfig",
+    "PPOLoss",
     "PPOTrainer",
     "PreferenceBatch",
     "PreferenceCollator",
@@ -57,11 +61,3 @@ __all__ = [
     "sequence_logps",
     "token_logprobs",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "PPOTrainer":  # imported on use: it pulls in the trainer and the objectives
-        from mmgpt.rlhf.ppo_trainer import PPOTrainer
-
-        return PPOTrainer
-    raise AttributeError(f"module 'mmgpt.rlhf' has no attribute {name!r}")

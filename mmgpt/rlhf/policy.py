@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmgpt.adapters import adapters_disabled
 from mmgpt.adapters.directory import has_adapters
+from mmgpt.files import save_tensors
 from mmgpt.processor import MultimodalBatch
 from mmgpt.rlhf.losses import sequence_logprobs
 
@@ -94,8 +96,6 @@ class ReferencePolicy:
             with torch.no_grad():
                 yield self.copy
             return
-        from mmgpt.adapters import adapters_disabled
-
         was_training = self.policy.training
         self.policy.eval()
         try:
@@ -117,8 +117,6 @@ def save_policy(model: nn.Module, directory: str | Path) -> None:
     the base weights (the reference policy) and the adapters under ``adapters/<name>/``
     (``MultimodalGPT.save_pretrained``), and loads back as the tuned policy.
     """
-    from mmgpt.checkpoint import save_tensors
-
     directory = Path(directory)
     getattr(model, "policy", model).save_pretrained(directory)
     value_head = getattr(model, "value_head", None)

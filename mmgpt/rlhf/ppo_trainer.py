@@ -40,10 +40,10 @@ from torch import nn
 
 from mmgpt.data.sample import Sample
 from mmgpt.generation import GenerationConfig
-from mmgpt.objectives.ppo import PPOConfig, PPOObjective
 from mmgpt.rlhf.data import collate_prompts
 from mmgpt.rlhf.losses import AdaptiveKLController, gae, masked_mean, masked_whiten
 from mmgpt.rlhf.policy import ReferencePolicy, save_policy
+from mmgpt.rlhf.ppo import PPOConfig, PPOLoss
 from mmgpt.rlhf.reward_model import RewardModel
 from mmgpt.rlhf.rollout import (
     PolicyWithValueHead,
@@ -69,7 +69,8 @@ class PPOTrainer(Trainer):
             preference pairs (their prompt) or strings; see :func:`~mmgpt.rlhf.data.as_prompt`.
         config: :class:`~mmgpt.trainer.TrainConfig`; ``max_steps`` counts rollouts,
             ``batch_size × grad_accum_steps`` prompts make one.
-        objective: the ``"ppo"`` objective, a :class:`PPOConfig` or a dict of its fields.
+        objective: the ``"ppo"`` objective (a :class:`~mmgpt.rlhf.ppo.PPOLoss`), a
+            :class:`~mmgpt.rlhf.ppo.PPOConfig` or a dict of its fields.
         eval_prompts: held-out prompts; ``evaluate`` answers them greedily and reports the mean
             reward (and ``eval_fn``'s metrics).
         value_head: a trained ``Linear(n_embd, 1)`` to start from (default: zeros).
@@ -82,7 +83,7 @@ class PPOTrainer(Trainer):
         reward_model: RewardModel,
         prompts: Any,
         config: TrainConfig | dict[str, Any],
-        objective: PPOObjective | PPOConfig | dict[str, Any] | None = None,
+        objective: PPOLoss | PPOConfig | dict[str, Any] | None = None,
         *,
         eval_prompts: Any = None,
         out_dir: str | os.PathLike,
@@ -90,10 +91,10 @@ class PPOTrainer(Trainer):
         eval_fn: EvalFn | None = None,
     ) -> None:
         if isinstance(objective, PPOConfig):
-            objective = PPOObjective(**objective.to_dict())
+            objective = PPOLoss(**objective.to_dict())
         elif objective is None or isinstance(objective, dict):
-            objective = PPOObjective(**(objective or {}))
-        if not isinstance(objective, PPOObjective):
+            objective = PPOLoss(**(objective or {}))
+        if not isinstance(objective, PPOLoss):
             raise TypeError(f"objective: expected the ppo objective, got {objective!r}")
         self.ppo: PPOConfig = objective.config
         # the reference is taken from the starting weights, before any step (or resume) changes them

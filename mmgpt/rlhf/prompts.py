@@ -32,6 +32,7 @@ from mmgpt.data.records import (
     Record,
     RecordError,
     iter_jsonl,
+    outside_root,
     record_meta,
 )
 from mmgpt.data.sample import Sample, Turn
@@ -48,12 +49,13 @@ def read_prompts(
     if not path.is_file():
         raise DataError(f"{path}: prompt file not found")
     root = Path(image_root) if image_root is not None else path.parent
+    base = root.resolve()
     return collect_records(
-        path, iter_jsonl(path), lambda obj, line: [_parse_prompt(obj, root, str(path), line)]
+        path, iter_jsonl(path), lambda obj, line: [_parse_prompt(obj, root, base, str(path), line)]
     )
 
 
-def _parse_prompt(obj: Any, root: Path, file: str, line: int) -> Record:
+def _parse_prompt(obj: Any, root: Path, base: Path, file: str, line: int) -> Record:
     if not isinstance(obj, dict):
         raise RecordError("bad_type", f"a line must be a JSON object, got {type(obj).__name__}")
     prompt = obj.get("prompt")
@@ -66,13 +68,14 @@ def _parse_prompt(obj: Any, root: Path, file: str, line: int) -> Record:
     paths = [resolve_image(root, name) for name in names]
     check_images_exist(paths)
     meta = {k: v for k, v in obj.items() if k not in ("prompt", "image")}
-    return Record(file, line, record_id(obj), paths, turn.text, meta)
+    return Record(file, line, record_id(obj), paths, turn.text, meta, outside_root(base, paths))
 
 
 @register("dataset", "prompts")
 class PromptDataset(FileRecordDataset):
     """Prompts (Samples with one user turn and its images) from a JSONL file; see the module
-    docstring. Problems, ``skipped`` and ``strict`` work as for the other file datasets."""
+    docstring. Problems, ``skipped``, ``strict`` and ``allow_outside_root`` work as for the
+    other file datasets."""
 
     format_name = "prompts"
 

@@ -23,16 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
+from tqdm.auto import tqdm
 
 from mmgpt.adapters.directory import has_adapters
-from mmgpt.checkpoint import (
-    CorruptCheckpointError,
-    atomic_write_bytes,
-    load_tensors,
-    model_state_dict,
-    save_tensors,
-)
+from mmgpt.adapters.lora import base_fingerprint
+from mmgpt.files import CorruptCheckpointError, atomic_write_bytes, load_tensors, save_tensors
 from mmgpt.rlhf.policy import ReferencePolicy, sequence_logps
+from mmgpt.weights import model_state_dict
 
 __all__ = [
     "WithReferenceLogps",
@@ -68,8 +65,6 @@ def data_fingerprint(dataset: Any) -> str:
 def _model_fingerprint(model: nn.Module) -> str:
     """A digest of the reference weights (the base weights under LoRA adapters)."""
     if has_adapters(model):
-        from mmgpt.adapters.lora import base_fingerprint
-
         return base_fingerprint(model)
     digest = hashlib.sha256()
     for key, value in sorted(model_state_dict(model).items()):
@@ -92,8 +87,6 @@ def compute_reference_logps(
     out = []
     starts = range(0, len(dataset), batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc="reference log-probs", leave=False)
     with reference.active() as ref:
         for start in starts:

@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmgpt.checkpoint import atomic_write_bytes, load_tensors, save_tensors
 from mmgpt.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from mmgpt.files import atomic_write_bytes, load_tensors, save_tensors
+from mmgpt.multimodal import MultimodalGPT
 from mmgpt.processor import MultimodalBatch
 
 __all__ = ["REWARD_CONFIG", "REWARD_HEAD", "RewardModel", "last_token_index", "reward_statistics"]
@@ -173,8 +174,6 @@ class RewardModel(nn.Module):
         cls, path: str | Path, *, map_location: str | torch.device = "cpu"
     ) -> RewardModel:
         """Load a directory written by :meth:`save_pretrained`."""
-        from mmgpt.multimodal import MultimodalGPT
-
         path = Path(path)
         config_path = path / REWARD_CONFIG
         if not config_path.is_file():

@@ -13,6 +13,7 @@ preference JSONL format (``prompt``, ``image``, ``chosen``, ``rejected``; ``corr
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -142,8 +143,6 @@ def write_shapes_preferences(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m mmgpt.rlhf.shapes DIR --n 1000``: write shapes-world preference pairs."""
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="python -m mmgpt.rlhf.shapes", description=main.__doc__.split(": ", 1)[1]
     )

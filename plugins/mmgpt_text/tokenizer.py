@@ -27,7 +27,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from mmgpt.checkpoint import atomic_write_bytes
+from mmgpt.files import atomic_write_bytes
 from mmgpt.registry import register
 
 TOKENIZER_FILE = "tokenizer.json"

@@ -366,9 +366,11 @@ def to_rgb(item: Any, *, index: int = 0) -> Any:
     from PIL import Image
 
     if isinstance(item, (str, os.PathLike)):
-        with Image.open(item) as opened:
-            opened.load()
-            item = opened.copy()
+        # The safe loader: raster formats only (no Ghostscript for a disguised EPS), pixel and
+        # memory budgets. Imported here like PIL, which the vision extra brings.
+        from mmgpt.data.images import load_image
+
+        return load_image(item)
     elif not isinstance(item, Image.Image):
         try:
             import numpy as np
@@ -407,7 +409,8 @@ def _load_custom_weights(model: nn.Module, path: Path) -> None:
     """Load a timm-format state dict into a custom VisionTransformer (strict, head dropped)."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    from mmgpt.checkpoint import load_model_state, load_tensors, load_torch_file
+    from mmgpt.files import load_tensors, load_torch_file
+    from mmgpt.weights import load_model_state
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: ViT weights file not found")

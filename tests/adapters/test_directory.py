@@ -16,12 +16,12 @@ from mmgpt.adapters import (
     fold_adapters,
     load_adapter,
     load_adapters,
-    merge_and_save,
     trainable_summary,
 )
-from mmgpt.checkpoint import load_gpt, load_tensors
 from mmgpt.config import gpt_config
+from mmgpt.files import load_tensors
 from mmgpt.model import GPT
+from mmgpt.pretrained import merge_and_save
 
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
 
@@ -64,8 +64,8 @@ def test_model_dir_holds_the_base_and_the_adapter_and_loads_both_ways(tmp_path):
         weights["transformer.h.0.attn.c_attn.weight"], base.transformer.h[0].attn.c_attn.weight
     )
 
-    torch.testing.assert_close(load_gpt(tmp_path).eval()(IDS).logits, expected)  # auto
-    plain = load_gpt(tmp_path, adapter=None).eval()
+    torch.testing.assert_close(GPT.from_pretrained(tmp_path).eval()(IDS).logits, expected)  # auto
+    plain = GPT.from_pretrained(tmp_path, adapter=None).eval()
     assert not adapter_names(plain)
     torch.testing.assert_close(plain(IDS).logits, base(IDS).logits)
     theirs = PeftModel.from_pretrained(plain, tmp_path / "adapters" / "default").eval()
@@ -96,29 +96,29 @@ def test_choosing_adapters_when_loading(tmp_path):
     model.save_pretrained(tmp_path)  # "b" is active
     assert json.loads((tmp_path / "config.json").read_text())["adapters"]["active"] == "b"
 
-    auto = load_gpt(tmp_path).eval()
+    auto = GPT.from_pretrained(tmp_path).eval()
     assert adapter_names(auto) == ["default", "b"]
     torch.testing.assert_close(auto(IDS).logits, out_b)
-    only_a = load_gpt(tmp_path, adapter="default").eval()
+    only_a = GPT.from_pretrained(tmp_path, adapter="default").eval()
     assert adapter_names(only_a) == ["default"]
     torch.testing.assert_close(only_a(IDS).logits, out_a)
-    listed = load_gpt(tmp_path, adapter=["default", "b"]).eval()
+    listed = GPT.from_pretrained(tmp_path, adapter=["default", "b"]).eval()
     torch.testing.assert_close(listed(IDS).logits, out_a)  # the first named is active
     with pytest.raises(FileNotFoundError, match="no such adapter.*b, default"):
-        load_gpt(tmp_path, adapter="c")
+        GPT.from_pretrained(tmp_path, adapter="c")
     # a directory whose config records no adapters loads none by default, all on request
     config = json.loads((tmp_path / "config.json").read_text())
     del config["adapters"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert not adapter_names(load_gpt(tmp_path))
-    assert adapter_names(load_gpt(tmp_path, adapter="all")) == ["b", "default"]
+    assert not adapter_names(GPT.from_pretrained(tmp_path))
+    assert adapter_names(GPT.from_pretrained(tmp_path, adapter="all")) == ["b", "default"]
 
 
 def test_reloading_the_same_adapter_is_a_no_op_and_another_is_an_error(tmp_path):
     model = adapted()
     model.save_pretrained(tmp_path / "one")
     adapted(seed=5).save_pretrained(tmp_path / "two")
-    loaded = load_gpt(tmp_path / "one")
+    loaded = GPT.from_pretrained(tmp_path / "one")
     # e.g. a demo that loads every adapter of a directory from_pretrained already loaded
     assert load_adapter(loaded, tmp_path / "one" / "adapters" / "default") == "default"
     assert load_adapters(loaded, tmp_path / "one", "all") == ["default"]
@@ -132,7 +132,7 @@ def test_an_adapter_of_another_base_is_refused_from_a_model_dir(tmp_path):
     other.save_pretrained(tmp_path / "other")
     (tmp_path / "other" / "adapters").symlink_to(tmp_path / "run" / "adapters")
     with pytest.raises(ValueError, match="different base model"):
-        load_gpt(tmp_path / "other", adapter="default")
+        GPT.from_pretrained(tmp_path / "other", adapter="default")
 
 
 def test_fold_gives_a_plain_trainable_model():

@@ -11,8 +11,10 @@ import torch
 
 pytest.importorskip("mmgpt_text")
 
-from mmgpt.adapters import adapter_names, merge_and_save
-from mmgpt.checkpoint import load_gpt, load_tensors
+from mmgpt.adapters import adapter_names
+from mmgpt.files import load_tensors
+from mmgpt.model import GPT
+from mmgpt.pretrained import merge_and_save
 from mmgpt.recipe import apply_overrides, load_recipe, run_training, validate_recipe
 
 TINY = [
@@ -96,8 +98,8 @@ def test_cli_trains_an_adapter_that_peft_loads_onto_the_base(corpus, base, tmp_p
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
-    tuned = load_gpt(model_dir).eval()
-    plain = load_gpt(model_dir, adapter=None).eval()
+    tuned = GPT.from_pretrained(model_dir).eval()
+    plain = GPT.from_pretrained(model_dir, adapter=None).eval()
     expected = tuned(IDS).logits
     assert not torch.allclose(expected, plain(IDS).logits, atol=1e-4)  # the adapter learned
     peft_model = PeftModel.from_pretrained(plain, model_dir / "adapters" / "default").eval()
@@ -110,7 +112,9 @@ def test_cli_trains_an_adapter_that_peft_loads_onto_the_base(corpus, base, tmp_p
     assert "no such adapter (adapters in" in capsys.readouterr().err
 
     merged = merge_and_save(model_dir, tmp_path / "merged")
-    torch.testing.assert_close(load_gpt(merged)(IDS).logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        GPT.from_pretrained(merged)(IDS).logits, expected, atol=1e-5, rtol=1e-5
+    )
 
     # a run from this LoRA model starts from it with the adapter folded in
     again = finetune(
@@ -121,9 +125,9 @@ def test_cli_trains_an_adapter_that_peft_loads_onto_the_base(corpus, base, tmp_p
         "adapter=dora",
         "adapter.name=second",
     )
-    second = load_gpt(again["model_dir"], adapter=None).eval()
+    second = GPT.from_pretrained(again["model_dir"], adapter=None).eval()
     torch.testing.assert_close(second(IDS).logits, expected, atol=1e-5, rtol=1e-5)
-    assert adapter_names(load_gpt(again["model_dir"])) == ["second"]
+    assert adapter_names(GPT.from_pretrained(again["model_dir"])) == ["second"]
 
 
 @pytest.mark.parametrize("save_frozen", [True, False])

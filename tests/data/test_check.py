@@ -87,7 +87,7 @@ def test_check_imagefolder_reports_every_problem(imagefolder):
     )
     assert (report.lengths.unit, report.lengths.min, report.lengths.max) == ("chars", *expected)
     assert report.lengths.mean == sum(expected) / 2
-    assert not report.ok and report.exit_code == 0
+    assert not report.ok and report.exit_code == 1  # problems fail the check without --strict
     assert check_dataset(imagefolder, strict=True).exit_code == 1
 
     text = report.to_text()
@@ -203,3 +203,24 @@ def test_detect_format(tmp_path, imagefolder):
     with pytest.raises(DataError, match="cannot tell"):
         check_dataset(empty)
     assert isinstance(check_dataset(imagefolder, format="imagefolder"), CheckReport)
+
+
+def test_cli_exit_status_problems_fail_and_strict_adds_warnings(tmp_path, capsys):
+    from mmgpt.cli import main
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "stray.png")  # a warning: no row names it
+    meta = tmp_path / "metadata.jsonl"
+    meta.write_text(json.dumps({"file_name": "a.png", "text": "a square"}) + "\n")
+    assert main(["data", "check", str(tmp_path)]) == 0  # warnings alone pass
+    assert "result:   OK" in capsys.readouterr().out
+    assert main(["data", "check", str(tmp_path), "--strict"]) == 1
+    assert "1 issue(s)" in capsys.readouterr().out
+
+    with meta.open("a") as handle:
+        handle.write(json.dumps({"file_name": "gone.png", "text": "x"}) + "\n")
+    assert main(["data", "check", str(tmp_path)]) == 1  # a problem fails without --strict
+    out = capsys.readouterr().out
+    assert "metadata.jsonl:2: missing_image" in out and "result:   1 issue(s)" in out
+    assert main(["data", "check", str(tmp_path), "--strict", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["ok"] is False

@@ -125,7 +125,7 @@ def test_api_history_reaches_the_model(client, demo_model, tiny) -> None:
     [
         ("empty", "The message is empty: type a question or attach an image."),
         ("text file", "'notes.txt' is not an image. Upload a PNG, JPEG, WebP, GIF, BMP or TIFF"),
-        ("huge", "'huge.png' is 8000×6000 pixels, above this demo's limit of 40 megapixels."),
+        ("huge", "'huge.png' is 8000×6000 pixels, above this demo's limit of 16 megapixels."),
         ("too long", "The message is too long for this model: it needs"),
         ("bad setting", "Value 9.0 is greater than maximum value 2.0."),
         ("adapter", "Value: nope is not in the list of choices: ['none', 'noisy']"),

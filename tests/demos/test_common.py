@@ -36,7 +36,7 @@ def test_wrong_file_types_and_unreadable_images_are_named(tmp_path: Path) -> Non
 def test_huge_images_are_refused_and_large_ones_downscaled(tmp_path: Path) -> None:
     huge = tmp_path / "huge.png"
     Image.new("1", (8000, 6000)).save(huge)  # 48 MP, a few KB
-    with pytest.raises(UserInputError, match=r"8000×6000 pixels, above this demo's limit of 40"):
+    with pytest.raises(UserInputError, match=r"8000×6000 pixels, above this demo's limit of 16"):
         load_user_image(huge)
     large = tmp_path / "large.png"
     Image.new("RGB", (3000, 1500), (200, 10, 10)).save(large)

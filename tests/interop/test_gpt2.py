@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmgpt.checkpoint import model_state_dict
 from mmgpt.config import GPTConfig
 from mmgpt.generation import GenerationConfig, generate
-from mmgpt.interop.gpt2 import load_hf_gpt2, save_hf_gpt2
 from mmgpt.model import GPT, KVCache
+from mmgpt.pretrained import load_hf_gpt2, save_hf_gpt2
+from mmgpt.weights import model_state_dict
 
 transformers = pytest.importorskip("transformers")
 

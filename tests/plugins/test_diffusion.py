@@ -14,10 +14,11 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from mmgpt.checkpoint import load_model_state, load_tensors, model_state_dict, save_tensors
+from mmgpt.files import load_tensors, save_tensors
 from mmgpt.interfaces import ModalityDecoder, Projector
 from mmgpt.registry import REGISTRY, create
 from mmgpt.testing import check_entry
+from mmgpt.weights import load_model_state, model_state_dict
 from mmgpt_diffusion import DiffusionDecoder, SignalMLP, SignalResampler
 
 D, K, SIZE = 16, 2, 16  # condition_dim, num_condition_tokens, image side: CPU-sized

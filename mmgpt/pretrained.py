@@ -1,0 +1,205 @@
+"""Model directories of every kind: the one place that decides which model class a directory
+holds and that saves, loads, merges and converts whole directories.
+
+Kinds it reads (``config.json`` decides): an mmgpt text model (``"architecture": "gpt"``), an
+mmgpt multimodal model (``"multimodal"``), and a Hugging Face GPT-2 directory
+(``"model_type": "gpt2"``), each with the adapters saved beside it. The model classes load
+their own layout (``GPT.from_pretrained``, ``MultimodalGPT.from_pretrained``); callers that
+do not know which class they face (the CLI, recipes, evaluation, demos) come here.
+
+Every loader returns the model in eval mode; a trainer switches it to train mode.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mmgpt.adapters.directory import CONFIG_KEY, AdapterChoice, adapter_dirs
+from mmgpt.adapters.lora import fold_adapters
+from mmgpt.config import CONFIG_NAME, read_model_config
+from mmgpt.files import atomic_directory
+from mmgpt.interfaces import Tokenizer
+from mmgpt.interop.gpt2 import is_hf_gpt2_config, write_hf_gpt2
+from mmgpt.model import ARCHITECTURE as GPT_ARCHITECTURE
+from mmgpt.model import GPT
+from mmgpt.multimodal import ARCHITECTURE as MULTIMODAL_ARCHITECTURE
+from mmgpt.multimodal import MultimodalGPT
+from mmgpt.registry import create
+
+__all__ = [
+    "ARCHITECTURES",
+    "architecture",
+    "load_hf_gpt2",
+    "load_model",
+    "load_tokenizer",
+    "merge_and_save",
+    "model_config",
+    "require_architecture",
+    "save_hf_gpt2",
+    "save_model",
+]
+
+ARCHITECTURES = (GPT_ARCHITECTURE, MULTIMODAL_ARCHITECTURE)
+_CLASSES: dict[str, type[nn.Module]] = {
+    GPT_ARCHITECTURE: GPT,
+    MULTIMODAL_ARCHITECTURE: MultimodalGPT,
+}
+
+
+def architecture(config: Mapping[str, Any], source: str | os.PathLike = CONFIG_NAME) -> str:
+    """The architecture a ``config.json`` describes: ``"gpt"`` (mmgpt text models and Hugging
+    Face GPT-2 directories) or ``"multimodal"``; anything else is an error naming ``source``."""
+    if is_hf_gpt2_config(config):
+        return GPT_ARCHITECTURE
+    arch = config.get("architecture", GPT_ARCHITECTURE if "gpt" in config else None)
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"{source}: not an mmgpt model directory (architecture {arch!r}; expected one of "
+            f"{', '.join(ARCHITECTURES)}, or a Hugging Face GPT-2 config with model_type 'gpt2')"
+        )
+    return arch
+
+
+def require_architecture(model_dir: str | os.PathLike, expected: str, purpose: str) -> None:
+    """Raise, naming ``purpose`` (e.g. ``"--task caption"``), when ``model_dir`` holds another
+    architecture than ``expected``."""
+    model_dir = Path(model_dir)
+    found = architecture(read_model_config(model_dir), model_dir / CONFIG_NAME)
+    if found != expected:
+        article = "an" if expected[0] in "aeiou" else "a"
+        raise ValueError(
+            f"{model_dir}: {purpose} needs {article} {expected} model, this one is {found!r}"
+        )
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    adapter: AdapterChoice = "auto",
+    map_location: str = "cpu",
+) -> GPT | MultimodalGPT:
+    """The model of any directory mmgpt reads (see the module docstring), in eval mode."""
+    path = Path(path)
+    arch = architecture(read_model_config(path), path / CONFIG_NAME)
+    return _CLASSES[arch].from_pretrained(path, map_location=map_location, adapter=adapter)
+
+
+def load_tokenizer(model_dir: str | os.PathLike, config: Mapping[str, Any] | None = None) -> Any:
+    """The tokenizer of a model directory, built by the registry entry its config names."""
+    model_dir = Path(model_dir)
+    config = read_model_config(model_dir) if config is None else config
+    section = config.get("tokenizer")
+    if section is None:
+        # A Hugging Face directory has no mmgpt section; its tokenizer.json loads as "bpe".
+        if not (model_dir / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"{model_dir}: no tokenizer (config.json has no 'tokenizer' section and there "
+                "is no tokenizer.json)"
+            )
+        section = {"name": "bpe"}
+    if not isinstance(section, dict) or not isinstance(section.get("name"), str):
+        raise ValueError(
+            f"{model_dir / CONFIG_NAME}: 'tokenizer' must be an object with a 'name', "
+            f"got {section!r}"
+        )
+    args = {k: v for k, v in section.items() if k != "name"}
+    return create("tokenizer", section["name"], path=model_dir, **args)
+
+
+def model_config(model: nn.Module, tokenizer: Tokenizer | None = None) -> dict[str, Any] | None:
+    """The ``config.json`` of ``model`` (a text GPT's names ``tokenizer``), or ``None`` for a
+    model mmgpt cannot describe."""
+    if isinstance(model, GPT):
+        return model.config_dict(tokenizer)
+    if hasattr(model, "config_dict"):
+        return model.config_dict()
+    return None
+
+
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tokenizer: Tokenizer | None = None,
+    save_fn: Callable[[nn.Module, Path], None] | None = None,
+) -> Path:
+    """Write the model directory ``path`` atomically: it is assembled beside ``path`` and
+    swapped in, so ``path`` is always either the previous complete directory or the new one.
+
+    A text GPT records ``tokenizer`` (its config section and files); a multimodal model saves
+    its own. ``save_fn(model, staging_dir)`` replaces the default writer (models mmgpt cannot
+    describe).
+    """
+    path = Path(path)
+    with atomic_directory(path) as staging:
+        if save_fn is not None:
+            save_fn(model, staging)
+        elif isinstance(model, GPT):
+            model.save_pretrained(staging, tokenizer=tokenizer)
+        elif hasattr(model, "save_pretrained"):
+            model.save_pretrained(staging)
+        else:
+            raise TypeError(f"{type(model).__name__} has no save_pretrained(); pass save_fn")
+        if tokenizer is not None and not isinstance(model, GPT):
+            tokenizer.save(staging)
+    return path
+
+
+def merge_and_save(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    adapter: str | None = None,
+) -> Path:
+    """Write ``out_dir``: the model of ``model_dir`` with ``adapter`` (default: the active one
+    its config.json records, else its only adapter) folded into the weights: a plain model
+    directory, no ``adapters/``, for deployment (faster: no adapter matmuls at inference).
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = read_model_config(model_dir)
+    if adapter is None:
+        record = config.get(CONFIG_KEY) or {}
+        found = adapter_dirs(model_dir)
+        adapter = record.get("active") or (next(iter(found)) if len(found) == 1 else None)
+        if adapter is None:
+            raise ValueError(
+                f"{model_dir}: name the adapter to merge (adapters: {', '.join(found) or 'none'})"
+            )
+    if out_dir.resolve() == model_dir.resolve():
+        raise ValueError(f"{out_dir}: write the merged model to another directory")
+    model = load_model(model_dir, adapter=adapter)
+    fold_adapters(model, [adapter])
+    # a text GPT keeps the tokenizer of the directory it came from
+    tokenizer = load_tokenizer(model_dir, config) if config.get("tokenizer") else None
+    return save_model(model, out_dir, tokenizer=tokenizer if isinstance(model, GPT) else None)
+
+
+def load_hf_gpt2(path: str | os.PathLike, map_location: str = "cpu") -> GPT:
+    """Load a local Hugging Face GPT-2 directory into a :class:`GPT` (in eval mode)."""
+    path = Path(path)
+    if not is_hf_gpt2_config(read_model_config(path)):
+        raise ValueError(f"{path / CONFIG_NAME}: not a Hugging Face GPT-2 config (model_type)")
+    return GPT.from_pretrained(path, map_location=map_location, adapter=None)
+
+
+def save_hf_gpt2(
+    model: GPT,
+    path: str | os.PathLike,
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> None:
+    """Write ``model`` as a Hugging Face GPT-2 directory that ``GPT2LMHeadModel`` loads."""
+    write_hf_gpt2(
+        model.state_dict(),
+        model.config,
+        path,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )

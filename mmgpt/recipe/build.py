@@ -1,0 +1,361 @@
+"""The parts a recipe names, built: tokenizer, model (text or multimodal), datasets."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Subset
+
+from mmgpt.adapters.training import fold_loaded_adapters
+from mmgpt.config import GPTConfig, gpt_config, read_model_config
+from mmgpt.data.check import detect_format
+from mmgpt.data.sample import IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER
+from mmgpt.data.text import is_heldout, resolve_text_files
+from mmgpt.files import atomic_write_bytes
+from mmgpt.interfaces import Tokenizer
+from mmgpt.model import GPT
+from mmgpt.multimodal import MultimodalGPT
+from mmgpt.pretrained import architecture
+from mmgpt.processor import DEFAULT_TEMPLATE
+from mmgpt.recipe.spec import (
+    COMPONENTS,
+    DATA_PATH_ARGS,
+    STAGES,
+    factory_parameters,
+)
+from mmgpt.registry import create, get
+from mmgpt.weights import load_model_state, model_state_dict
+
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_CORPUS = "tokenizer_corpus.txt"
+MULTIMODAL_FORMATS = ("imagefolder", "llava")
+# file datasets of the RLHF recipes (reward, dpo, ppo): --data is their file, whatever it holds
+RLHF_DATASETS = ("preference", "prompts")
+_REQUIRED = object()
+
+
+def default_corpus() -> Path:
+    """The example corpus shipped in ``mmgpt/assets/corpus``."""
+    return Path(__file__).resolve().parent.parent / "assets" / "corpus"
+
+
+def build_tokenizer(
+    section: dict[str, Any],
+    *,
+    data_paths: Any = None,
+    model_from: str | os.PathLike | None = None,
+) -> Any:
+    """Load (``from``), take the model's (``model.from``), or train on the text at ``data_paths``.
+
+    ``data_paths`` is what the text dataset takes: a glob, a directory, a file or a list.
+    """
+    args = {k: v for k, v in section.items() if k not in ("name", "from")}
+    if section.get("from"):
+        return create("tokenizer", section.get("name", "bpe"), path=str(section["from"]), **args)
+    if model_from is not None:
+        # A model loaded from a directory keeps its own tokenizer: training a new one would
+        # give ids that do not match its embeddings.
+
+        config = read_model_config(Path(model_from)).get("tokenizer") or {}
+        name = config.get("name")
+        if not name:
+            raise ValueError(
+                f"{model_from}: config.json has no 'tokenizer' section; give recipe "
+                "tokenizer.name and tokenizer.from"
+            )
+        return create("tokenizer", name, path=str(model_from))
+    if not section.get("name"):
+        raise ValueError("recipe section 'tokenizer' needs a 'name' (e.g. bpe)")
+    if data_paths is None:
+        raise ValueError(
+            "training a tokenizer needs text files: the data section has no paths; "
+            "set tokenizer.from to an existing tokenizer"
+        )
+
+    files = [str(p) for p in resolve_text_files(data_paths)]
+    return create("tokenizer", section["name"], files=files, **args)
+
+
+def build_model(section: dict[str, Any], tokenizer: Tokenizer | None = None) -> GPT:
+    """A GPT from ``preset`` + overrides (vocab_size follows the tokenizer) or ``from: DIR``."""
+
+    overrides = {k: v for k, v in section.items() if k not in ("preset", "from")}
+    if section.get("from"):
+        # a LoRA run's directory: its adapter folded in, the base this run starts from
+        model = fold_loaded_adapters(GPT.from_pretrained(section["from"]))
+        if overrides:  # e.g. a different dropout for fine-tuning; shapes must stay
+            config = dataclasses.replace(model.config, **overrides)
+            tuned = GPT(config)
+            load_model_state(tuned, model_state_dict(model), Path(section["from"]))
+            model = tuned
+    else:
+        if not section.get("preset"):
+            raise ValueError("recipe section 'model' needs 'preset' (e.g. gpt-nano) or 'from'")
+        if tokenizer is not None:
+            needed = tokenizer.vocab_size
+            given = overrides.get("vocab_size")
+            if given is not None and given < needed:
+                raise ValueError(
+                    f"model.vocab_size={given} is smaller than the tokenizer's vocabulary "
+                    f"({needed})"
+                )
+            overrides.setdefault("vocab_size", needed)
+        model = GPT(gpt_config(section["preset"], **overrides))
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
+            f"{model.config.vocab_size} embeddings"
+        )
+    return model
+
+
+def dataset_kwargs(factory: Any, args: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    params = factory_parameters(factory)
+    supplied = {k: v for k, v in context.items() if params is None or k in params}
+    if "tokenizer" in supplied and supplied["tokenizer"] is None:
+        if params is not None and factory_default(factory, "tokenizer", _REQUIRED) is _REQUIRED:
+            raise ValueError("this dataset needs a tokenizer: give the recipe a tokenizer section")
+        del supplied["tokenizer"]
+    return {**supplied, **args}
+
+
+def data_path_arg(factory: Any) -> str:
+    params = factory_parameters(factory)
+    for name in DATA_PATH_ARGS:
+        if params is None or name in params:
+            return name
+    raise ValueError(f"this dataset takes no path argument ({', '.join(DATA_PATH_ARGS)}): --data")
+
+
+def factory_default(factory: Any, name: str, fallback: Any) -> Any:
+    try:
+        param = inspect.signature(factory).parameters.get(name)
+    except (TypeError, ValueError):
+        return fallback
+    if param is None or param.default is inspect.Parameter.empty:
+        return fallback
+    return param.default
+
+
+def trainable_parts(stage: str | None = "full", train_encoder: bool | None = None) -> str:
+    """The parts of a :class:`~mmgpt.multimodal.MultimodalGPT` a training stage updates.
+
+    ``full``: everything (the encoder unless ``train_encoder`` is false); ``align`` (LLaVA
+    stage 1): the projector only; ``finetune`` (LLaVA stage 2): projector + GPT, plus the
+    encoder when ``train_encoder`` is true.
+    """
+    stage = "full" if stage is None else stage
+    if stage not in STAGES:
+        raise ValueError(
+            f"recipe key 'train.stage' must be one of {', '.join(STAGES)}, got {stage!r}"
+        )
+    if train_encoder is not None and not isinstance(train_encoder, bool):
+        raise ValueError(
+            f"recipe key 'train.train_encoder' must be true or false, got {train_encoder!r}"
+        )
+    if stage == "align":
+        if train_encoder:
+            raise ValueError(
+                "train.stage=align trains the projector only; train.train_encoder=true needs "
+                "train.stage=finetune (or full)"
+            )
+        return "projector"
+    if stage == "finetune":
+        return "projector+gpt" + ("+encoder" if train_encoder else "")
+    if train_encoder is False:
+        return "gpt+projector+image_decoder+output_projector"
+    return "all"
+
+
+def component_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
+    """``MultimodalGPT.build`` arguments from the model section's component mappings."""
+    kwargs: dict[str, Any] = {"encoder": None}
+    for component, kind in COMPONENTS.items():
+        body = section.get(component)
+        if body is None:
+            continue
+        body = dict(body)
+        type_name = body.pop("type", None)
+        if not type_name:
+            raise ValueError(
+                f"recipe key 'model.{component}' needs a 'type' (a registry {kind} entry)"
+            )
+        kwargs[component] = type_name
+        kwargs[f"{component}_kwargs"] = body
+    return kwargs
+
+
+def gpt_overrides(section: Mapping[str, Any]) -> dict[str, Any]:
+
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    return {k: v for k, v in section.items() if k in fields}
+
+
+def _override_gpt(gpt: GPT, overrides: Mapping[str, Any], source: Path) -> GPT:
+    """``gpt`` with config ``overrides`` (e.g. dropout for fine-tuning), weights kept."""
+
+    changed = {k: v for k, v in overrides.items() if getattr(gpt.config, k) != v}
+    if not changed:
+        return gpt
+    tuned = GPT(GPTConfig.from_dict({**gpt.config.to_dict(), **changed}))
+    try:
+        load_model_state(tuned, model_state_dict(gpt), source)
+    except ValueError as exc:
+        raise ValueError(
+            f"model.from={source}: the recipe's model settings {changed} change the shapes of "
+            f"its weights ({exc}); drop them or match the saved model"
+        ) from exc
+    return tuned
+
+
+def build_multimodal_model(
+    section: Mapping[str, Any], tokenizer: Tokenizer | None = None
+) -> MultimodalGPT:
+    """A :class:`~mmgpt.multimodal.MultimodalGPT` from a recipe's model section.
+
+    - ``from: DIR`` of a multimodal model: that model (its tokenizer, encoder and projector;
+      the section's components are not used), with GPT overrides such as ``dropout``.
+    - ``from: DIR`` of a text GPT: that GPT and its tokenizer, with the section's encoder and
+      projector built around it (LLaVA's start: a pretrained language model).
+    - ``preset``: a new GPT of that preset (``vocab_size`` follows ``tokenizer``) + components.
+    """
+    overrides = gpt_overrides(section)
+    components = component_kwargs(section)
+    if section.get("from"):
+        path = Path(section["from"])
+        config = read_model_config(path)
+        if architecture(config, path) == "multimodal":
+            model = fold_loaded_adapters(MultimodalGPT.from_pretrained(path))
+            model.gpt = _override_gpt(model.gpt, overrides, path)
+            return model
+        gpt = _override_gpt(fold_loaded_adapters(GPT.from_pretrained(path)), overrides, path)
+        tok_config = config.get("tokenizer") or {"name": "bpe"}
+        tokenizer = create("tokenizer", tok_config["name"], path=str(path))
+        return _build(MultimodalGPT, gpt, tokenizer, components, {})
+    if not section.get("preset"):
+        raise ValueError("recipe section 'model' needs 'preset' (e.g. gpt-nano) or 'from'")
+    if tokenizer is None:
+        raise ValueError("a multimodal model built from a preset needs a tokenizer")
+    return _build(MultimodalGPT, section["preset"], tokenizer, components, overrides)
+
+
+def _build(cls: Any, gpt: Any, tokenizer: Any, components: dict[str, Any], overrides: Any) -> Any:
+    try:
+        return cls.build(gpt, tokenizer, **components, **overrides)
+    except TypeError as exc:  # a component argument its registry entry does not take
+        names = ", ".join(f"model.{c}.type={components[c]}" for c in COMPONENTS if c in components)
+        raise ValueError(f"recipe section 'model' ({names}): {exc}") from exc
+
+
+def conversation_text(dataset: Any, limit: int = 5000) -> str:
+    """The text of a dataset's conversations, rendered like the chat template, for training a
+    tokenizer (file datasets: every record, read without loading images; others: the first
+    ``limit`` samples)."""
+    t = DEFAULT_TEMPLATE
+    records = getattr(dataset, "records", None)
+    if records is not None:
+        conversations = [record.data for record in records]
+    else:
+        conversations = [dataset[i].conversation for i in range(min(len(dataset), limit))]
+    lines = []
+    for turns in conversations:
+        for turn in turns:
+            text = turn.text.replace(IMAGE_PLACEHOLDER, "").replace(IMAGE_OUT_PLACEHOLDER, "")
+            text = text.strip()
+            if turn.role == "user":
+                lines.append(f"{t.user_prefix}{text}{t.user_suffix}")
+            else:
+                lines.append(
+                    f"{t.assistant_prefix}{t.assistant_separator}{text}{t.assistant_suffix}"
+                )
+    return "".join(lines)
+
+
+def multimodal_data_source(
+    section: dict[str, Any], data: str | os.PathLike | None
+) -> tuple[str, dict[str, Any]]:
+    """(dataset name, its arguments); ``--data`` switches to the detected file format, keeping
+    only the arguments that format takes."""
+
+    args = dict(section)
+    name = args.pop("name")
+    if data is None:
+        return name, args
+    if name in RLHF_DATASETS:  # a prompt dataset also reads preference files
+        return name, {**args, "path": str(data)}
+    fmt, target = detect_format(data)
+    if fmt not in MULTIMODAL_FORMATS:
+        raise ValueError(
+            f"{data}: detected a {fmt} dataset, but multimodal recipes train on image-text data: "
+            "an imagefolder directory (metadata.jsonl) or a LLaVA conversation JSON"
+        )
+    params = factory_parameters(get("dataset", fmt))
+    kept = {k: v for k, v in args.items() if params is None or k in params}
+    return fmt, {**kept, "path": str(target)}
+
+
+def make_dataset(name: str, args: Mapping[str, Any], image_size: int | None) -> Any:
+
+    args = dict(args)
+    if "image_size" in args and args["image_size"] is None:
+        # null follows the image encoder's input size; without one, the dataset's default
+        if image_size is None:
+            del args["image_size"]
+        else:
+            args["image_size"] = image_size
+    try:
+        dataset = get("dataset", name)(**args)
+    except TypeError as exc:  # an argument the dataset does not take
+        raise ValueError(f"recipe section 'data' (dataset {name!r}): {exc}") from exc
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise ValueError(
+            f"dataset {name!r} with {args} is not map-style (endless?); give it a size "
+            "(e.g. data.size=20000)"
+        )
+    return dataset
+
+
+def split_dataset(dataset: Any, fraction: Any) -> tuple[Any, Any]:
+    """(train, held-out) subsets; sample ``i`` is held out when ``is_heldout(i, fraction)``."""
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 <= fraction < 1
+    ):
+        raise ValueError(f"recipe key 'data.eval_fraction' must be in [0, 1), got {fraction!r}")
+    held = [i for i in range(len(dataset)) if is_heldout(i, fraction)]
+    if not held:
+        return dataset, None
+    kept = set(held)
+    return Subset(dataset, [i for i in range(len(dataset)) if i not in kept]), Subset(dataset, held)
+
+
+def multimodal_tokenizer(
+    section: Mapping[str, Any], text_dataset: Any, out_dir: Path, resume: bool
+) -> Any:
+    """Load ``tokenizer.from``, reuse the run's own on resume, or train one on the data's text."""
+
+    args = {k: v for k, v in section.items() if k not in ("name", "from")}
+    name = section.get("name") or "bpe"
+    if section.get("from"):
+        # training arguments (vocab_size, min_frequency) do not apply to a loaded tokenizer
+        loading = {k: v for k, v in args.items() if k not in ("vocab_size", "min_frequency")}
+        return create("tokenizer", name, path=str(section["from"]), **loading)
+    if not section.get("name"):
+        raise ValueError("recipe section 'tokenizer' needs a 'name' (e.g. bpe) or 'from'")
+    saved = out_dir / TOKENIZER_DIR
+    if resume and (saved / "tokenizer.json").is_file():
+        return create("tokenizer", name, path=str(saved))
+    corpus = out_dir / TOKENIZER_CORPUS
+    text = conversation_text(text_dataset)
+    if not text.strip():
+        raise ValueError("the training data has no text to train a tokenizer on")
+    atomic_write_bytes(corpus, text.encode("utf-8"))
+    tokenizer = create("tokenizer", name, files=[str(corpus)], **args)
+    tokenizer.save(saved)
+    return tokenizer

@@ -1,0 +1,275 @@
+"""Running a recipe: one small runner per flavour over one trainer set-up.
+
+- :func:`run_text`: a text GPT (``lm`` and text fine-tuning);
+- :func:`run_multimodal`: a :class:`~mmgpt.multimodal.MultimodalGPT` (caption, vqa, t2i,
+  shapes-tiny) and, through the same runner, the RLHF recipes (reward, dpo, ppo), whose
+  objectives build their own trainer (:class:`~mmgpt.interfaces.BuildsTrainer`).
+
+Both share :func:`_prepare` (recipe, overrides, validation, the output folder) and
+:func:`_fit` (the trainer an objective asks for, then ``fit``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mmgpt import distributed
+from mmgpt.adapters.training import apply_adapter
+from mmgpt.interfaces import Tokenizer
+from mmgpt.recipe.build import (
+    TOKENIZER_DIR,
+    build_model,
+    build_multimodal_model,
+    build_tokenizer,
+    data_path_arg,
+    dataset_kwargs,
+    default_corpus,
+    factory_default,
+    make_dataset,
+    multimodal_data_source,
+    multimodal_tokenizer,
+    split_dataset,
+    trainable_parts,
+)
+from mmgpt.recipe.spec import (
+    DATA_PATH_ARGS,
+    MULTIMODAL_DATA_KEYS,
+    STAGE_KEYS,
+    apply_overrides,
+    factory_parameters,
+    load_recipe,
+    recipe_architecture,
+    recipe_names,
+    record_recipe,
+    validate_recipe,
+)
+from mmgpt.registry import create, get
+from mmgpt.trainer import TrainConfig, Trainer, check_no_checkpoints, seed_everything
+
+__all__ = ["main", "run_multimodal", "run_text", "run_training"]
+
+
+@dataclass
+class Run:
+    """A validated recipe and where its run goes."""
+
+    spec: dict[str, Any]
+    train_config: TrainConfig
+    stage: dict[str, Any]  # multimodal recipes: train.stage / train.train_encoder
+    out_dir: Path
+    resume: bool
+
+
+def run_training(
+    recipe: str | os.PathLike | Mapping[str, Any],
+    data: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+) -> dict[str, Any]:
+    """Train what ``recipe`` describes; the function behind ``mmgpt train``.
+
+    Args:
+        recipe: a shipped recipe name (``"lm"``), a YAML path, or a recipe mapping.
+        data: training data; sets the dataset's ``paths``/``path``/``root`` argument.
+        out: output directory (default ``runs/<recipe name>``).
+        resume: continue from the newest valid checkpoint in ``out``.
+        overrides: ``["train.lr=1e-3", ...]`` or ``{"train.lr": "1e-3"}``.
+
+    Returns ``{"out_dir", "model_dir", "step", "train", "eval"}`` (last metrics).
+    """
+    run = _prepare(recipe, out, resume, overrides)
+    if recipe_architecture(run.spec) == "multimodal":
+        return run_multimodal(run, data)
+    return run_text(run, data)
+
+
+def _prepare(
+    recipe: str | os.PathLike | Mapping[str, Any],
+    out: str | os.PathLike | None,
+    resume: bool,
+    overrides: Sequence[str] | Mapping[str, Any],
+) -> Run:
+    name = "recipe" if isinstance(recipe, Mapping) else Path(recipe).stem
+    spec = apply_overrides(load_recipe(recipe), overrides)
+    validate_recipe(spec)
+    train_section = dict(spec["train"])
+    stage = {k: train_section.pop(k) for k in STAGE_KEYS if k in train_section}
+    train_config = TrainConfig.from_dict(train_section)
+    # under torchrun: join the process group now, so that one rank alone trains the tokenizer
+    distributed.setup(train_config.strategy, train_config.device)
+    out_dir = Path(out) if out is not None else Path("runs") / name
+    if not resume:  # before anything is written there (recipe, tokenizer)
+        check_no_checkpoints(out_dir)
+    return Run(spec, train_config, stage, out_dir, resume)
+
+
+def _fit(
+    run: Run,
+    model: nn.Module,
+    train_data: Any,
+    eval_data: Any,
+    *,
+    collate_fn: Any = None,
+    tokenizer: Tokenizer | None = None,
+    truncation: bool = False,
+) -> dict[str, Any]:
+    """The one trainer set-up: the objective's own trainer when it builds one (reward, DPO,
+    PPO: a reward head, cached references, rollouts), else the plain :class:`Trainer`."""
+    section = dict(run.spec["objective"])
+    objective = create("objective", section.pop("name"), **section)
+    build_trainer = getattr(objective, "build_trainer", None)
+    if build_trainer is not None:
+        trainer = build_trainer(
+            model,
+            train_data,
+            run.train_config,
+            eval_data=eval_data,
+            out_dir=run.out_dir,
+            truncation=truncation,
+        )
+    else:
+        trainer = Trainer(
+            model,
+            objective,
+            train_data,
+            run.train_config,
+            eval_data=eval_data,
+            collate_fn=collate_fn,
+            out_dir=run.out_dir,
+            tokenizer=tokenizer,
+        )
+    result = trainer.fit(resume=run.resume)
+    return {"out_dir": str(run.out_dir), **result}
+
+
+def run_text(run: Run, data: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A text GPT: tokenizer (trained, loaded, or the model's own), model, text dataset."""
+    spec, out_dir = run.spec, run.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_section = dict(spec["data"])
+    dataset_name = data_section.pop("name")
+    factory = get("dataset", dataset_name)
+    if data is not None:
+        data_section[data_path_arg(factory)] = str(data)
+    path_arg = next((k for k in DATA_PATH_ARGS if data_section.get(k) is not None), None)
+    if path_arg is None and "paths" in (factory_parameters(factory) or {"paths"}):
+        corpus = default_corpus()
+        if not corpus.is_dir():
+            raise ValueError(f"no training data: pass --data PATH ({corpus} is not installed)")
+        data_section["paths"] = str(corpus)
+        path_arg = "paths"
+    spec["data"] = {"name": dataset_name, **data_section}
+    record_recipe(out_dir / "recipe.yaml", spec, run.resume)
+
+    # tokenizer: a resumed run reuses the one it trained, so ids cannot change under it
+    saved_tokenizer = out_dir / TOKENIZER_DIR
+    tok_section = dict(spec["tokenizer"])
+    model_from = spec["model"].get("from")
+    if run.resume and (saved_tokenizer / "tokenizer.json").is_file() and tok_section.get("name"):
+        tokenizer = create("tokenizer", tok_section["name"], path=str(saved_tokenizer))
+    elif tok_section or model_from:
+        data_paths = data_section[path_arg] if path_arg is not None else None
+
+        def make_tokenizer() -> Any:
+            made = build_tokenizer(tok_section, data_paths=data_paths, model_from=model_from)
+            made.save(saved_tokenizer)
+            return made
+
+        tokenizer = distributed.on_main_process(make_tokenizer)
+    else:
+        tokenizer = None
+
+    seed_everything(run.train_config.seed)  # model init is part of the reproducible run
+    model = build_model(dict(spec["model"]), tokenizer)
+    apply_adapter(model, spec.get("adapter"))  # then only the adapter (+ extras) trains
+
+    context = {"tokenizer": tokenizer, "block_size": model.config.block_size}
+    train_data = factory(**dataset_kwargs(factory, data_section, {**context, "split": "train"}))
+    eval_data = None
+    params = factory_parameters(factory)
+    wants_eval = data_section.get("eval_fraction", factory_default(factory, "eval_fraction", True))
+    if (params is None or "split" in params) and wants_eval:
+        eval_data = factory(**dataset_kwargs(factory, data_section, {**context, "split": "eval"}))
+    return _fit(
+        run,
+        model,
+        train_data,
+        eval_data,
+        collate_fn=getattr(train_data, "collate_fn", None),
+        tokenizer=tokenizer,
+    )
+
+
+def run_multimodal(run: Run, data: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A multimodal model (``model.architecture: multimodal``): image-text data, the stage's
+    trainable parts, and the RLHF objectives."""
+    spec, out_dir = run.spec, run.out_dir
+    parts = trainable_parts(run.stage.get("stage"), run.stage.get("train_encoder"))
+    data_section = dict(spec["data"])
+    own = {k: data_section.pop(k) for k in MULTIMODAL_DATA_KEYS if k in data_section}
+    dataset_name, dataset_args = multimodal_data_source(data_section, data)
+    spec["data"] = {"name": dataset_name, **dataset_args, **own}
+    dataset = make_dataset(dataset_name, dataset_args, None)  # bad data fails before any write
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record_recipe(out_dir / "recipe.yaml", spec, run.resume)
+
+    model_section = dict(spec["model"])
+    if model_section.get("from"):
+        if spec["tokenizer"].get("from"):
+            raise ValueError(
+                "model.from brings the model's own tokenizer; remove tokenizer.from "
+                f"(got {spec['tokenizer']['from']!r})"
+            )
+        tokenizer = None
+    else:
+        tokenizer = distributed.on_main_process(
+            multimodal_tokenizer, spec["tokenizer"], dataset, out_dir, run.resume
+        )
+    seed_everything(run.train_config.seed)  # model init is part of the reproducible run
+    model = build_multimodal_model(model_section, tokenizer)
+    model.trainable(parts)
+    apply_adapter(model, spec.get("adapter"))  # with an adapter, it decides what trains
+
+    encoder = dict(model.encoders.items()).get("image")
+    input_size = getattr(encoder, "input_size", None)
+    if input_size and "image_size" in dataset_args and dataset_args["image_size"] is None:
+        dataset = make_dataset(dataset_name, dataset_args, input_size[-1])
+    train_data, eval_data = split_dataset(dataset, own.get("eval_fraction", 0.02))
+    truncation = bool(own.get("truncation", False))
+    return _fit(
+        run,
+        model,
+        train_data,
+        eval_data,
+        collate_fn=model.processor(truncation=truncation),
+        truncation=truncation,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mmgpt.recipe RECIPE [--data PATH] [--out DIR] [--resume] [key=value ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mmgpt.recipe", description="Train what a recipe describes."
+    )
+    parser.add_argument(
+        "recipe", help=f"a shipped recipe ({', '.join(recipe_names())}) or a YAML file"
+    )
+    parser.add_argument("--data", help="training data (glob, directory or file)")
+    parser.add_argument("--out", help="output directory (default runs/RECIPE)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=1e-3")
+    args = parser.parse_intermixed_args(argv)
+    result = run_training(
+        args.recipe, data=args.data, out=args.out, resume=args.resume, overrides=args.overrides
+    )
+    print(json.dumps(result, indent=2, default=str))
+    return 0

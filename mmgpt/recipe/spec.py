@@ -1,0 +1,314 @@
+"""Recipes: YAML files that name registry entries and set their arguments.
+
+A recipe has the sections
+
+- ``model``: ``preset`` plus :class:`~mmgpt.config.GPTConfig` overrides, or ``from: DIR``;
+- ``tokenizer``: ``name`` plus training arguments (``vocab_size``, …) or ``from: PATH``;
+- ``data``: ``name`` of a dataset entry plus its arguments;
+- ``objective``: ``name`` of an objective entry plus its arguments;
+- ``train``: :class:`~mmgpt.trainer.TrainConfig` fields;
+- ``adapter`` (optional): a LoRA/DoRA adapter on the model (``method``, ``r``, ``alpha``,
+  ``targets``…; :mod:`mmgpt.adapters.training`); ``adapter=lora`` is ``adapter.method=lora``;
+
+and an optional ``description``. Shipped recipes live in ``mmgpt/recipes/NAME.yaml``.
+``key=value`` overrides address nested keys with dots (``train.lr=1e-3``); values are YAML
+scalars. Recipes hold no code: building things is the job of the registry entries they name.
+
+The package is split by job: :mod:`mmgpt.recipe.spec` (this format: loading, overrides,
+validation), :mod:`mmgpt.recipe.build` (the parts a recipe names) and
+:mod:`mmgpt.recipe.run` (one runner per flavour over one trainer set-up).
+
+``python -m mmgpt.recipe RECIPE [--data PATH] [--out DIR] [--resume] [key=value ...]`` runs one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import inspect
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmgpt.adapters.training import ADAPTER_KEYS
+from mmgpt.config import GPTConfig
+from mmgpt.files import atomic_write_bytes
+from mmgpt.registry import get
+from mmgpt.trainer import TrainConfig
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+SECTIONS = ("description", "model", "tokenizer", "data", "objective", "train", "adapter")
+# Arguments the recipe supplies to a dataset factory (when its signature accepts them).
+DATASET_CONTEXT = ("tokenizer", "block_size", "split")
+DATA_PATH_ARGS = ("paths", "path", "root")
+ARCHITECTURES = ("gpt", "multimodal")
+# Multimodal recipes: model components ({type: registry name, **its arguments}) by the registry
+# kind of their type, the recipe-level keys of `train` that choose what trains, and the keys
+# of `data` the recipe handles itself (not passed to the dataset).
+COMPONENTS = {
+    "encoder": "encoder",
+    "projector": "projector",
+    "image_decoder": "decoder",
+    "output_projector": "projector",
+}
+STAGES = ("full", "align", "finetune")
+STAGE_KEYS = ("stage", "train_encoder")
+MULTIMODAL_DATA_KEYS = ("eval_fraction", "truncation")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_scalar(text: str) -> Any:
+    """A YAML scalar (or flow list/map): ``"1e-3"`` → 0.001, ``"true"`` → True, ``"[1, 2]"``."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"cannot parse override value {text!r} as YAML ({exc})") from None
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped with mmgpt."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe as a dict from a shipped name, a YAML path, or a mapping (deep-copied)."""
+    if isinstance(recipe, Mapping):
+        data: Any = copy.deepcopy(dict(recipe))
+        source = "<recipe dict>"
+    else:
+        path = Path(recipe)
+        if not path.is_file():
+            shipped = RECIPE_DIR / f"{recipe}.yaml"
+            if not shipped.is_file():
+                raise FileNotFoundError(
+                    f"recipe {str(recipe)!r} is neither a file nor a shipped recipe; "
+                    f"shipped recipes: {', '.join(recipe_names()) or '(none)'}"
+                )
+            path = shipped
+        source = str(path)
+        try:
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: invalid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a recipe must be a mapping of sections, got {type(data)}")
+    if isinstance(data.get("adapter"), str):  # `adapter: lora`
+        data["adapter"] = {"method": data["adapter"]}
+    for section in SECTIONS[1:]:
+        if data.get(section) is None:
+            data[section] = {}
+        elif not isinstance(data[section], dict):
+            raise ValueError(f"{source}: section {section!r} must be a mapping")
+    return data
+
+
+def _as_pairs(overrides: Sequence[str] | Mapping[str, Any]) -> list[tuple[str, Any]]:
+    if isinstance(overrides, Mapping):
+        return [
+            (key, parse_scalar(value) if isinstance(value, str) else value)
+            for key, value in overrides.items()
+        ]
+    pairs = []
+    for item in overrides:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        pairs.append((key.strip(), parse_scalar(value)))
+    return pairs
+
+
+def apply_overrides(
+    recipe: dict[str, Any], overrides: Sequence[str] | Mapping[str, Any]
+) -> dict[str, Any]:
+    """Set dotted keys (``["train.lr=1e-3"]`` or ``{"train.lr": "1e-3"}``); validates them."""
+    recipe = copy.deepcopy(recipe)
+    for key, value in _as_pairs(overrides):
+        parts = ["adapter", "method"] if key == "adapter" else key.split(".")
+        if any(not p for p in parts):
+            raise ValueError(f"override key {key!r} is malformed")
+        if len(parts) == 1 and parts[0] != "description":
+            raise ValueError(
+                f"override {key!r} must name a key inside a section, e.g. '{key}.NAME=VALUE' "
+                f"or 'train.lr=1e-3'; sections: {', '.join(SECTIONS[1:])}"
+            )
+        _check_key(recipe, parts)
+        node = recipe
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"override {key!r}: {part!r} is not a section of mappings")
+            node = child
+        node[parts[-1]] = value
+    return recipe
+
+
+def section_keys(recipe: dict[str, Any], section: str) -> set[str] | None:
+    """Valid keys of a section, or None when any key is accepted."""
+
+    body = recipe.get(section) or {}
+    multimodal = recipe_architecture(recipe) == "multimodal"
+    if section == "adapter":
+        return set(ADAPTER_KEYS)
+    if section == "train":
+        return {f.name for f in dataclasses.fields(TrainConfig)} | (
+            set(STAGE_KEYS) if multimodal else set()
+        )
+    if section == "model":
+        keys = {"architecture", "preset", "from"} | {f.name for f in dataclasses.fields(GPTConfig)}
+        return keys | (set(COMPONENTS) if multimodal else set())
+    kind = {"tokenizer": "tokenizer", "data": "dataset", "objective": "objective"}[section]
+    extra = {"name", "from"} if section == "tokenizer" else {"name"}
+    if section == "data" and multimodal:
+        extra |= set(MULTIMODAL_DATA_KEYS)
+    name = body.get("name")
+    if name is None:
+        return None
+
+    params = factory_parameters(get(kind, name))
+    if params is None:
+        return None
+    hidden = set(DATASET_CONTEXT) if section == "data" else {"path", "files"}
+    return extra | (params - hidden)
+
+
+def factory_parameters(factory: Any) -> set[str] | None:
+    """Keyword parameters of a factory; None if it takes ``**kwargs`` or has no signature."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return {
+        n for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY)
+    }
+
+
+def _check_key(recipe: dict[str, Any], parts: list[str]) -> None:
+    dotted = ".".join(parts)
+    if parts[0] not in SECTIONS:
+        raise ValueError(f"unknown recipe key {dotted!r}: valid sections are {', '.join(SECTIONS)}")
+    if len(parts) < 2 or parts[0] == "description":
+        return
+    if parts[1] == "name":
+        return  # the registry names the known entries when it is looked up
+    if parts[0] == "model" and parts[1] in COMPONENTS and len(parts) > 2:
+        _check_component_key(recipe, parts)
+        return
+    valid = section_keys(recipe, parts[0])
+    if valid is not None and parts[1] not in valid:
+        close = difflib.get_close_matches(parts[1], sorted(valid), n=1)
+        hint = f" (did you mean {parts[0]}.{close[0]}?)" if close else ""
+        raise ValueError(
+            f"unknown recipe key {dotted!r}{hint}; valid keys of {parts[0]!r}: "
+            f"{', '.join(sorted(valid))}"
+        )
+
+
+def _check_component_key(recipe: dict[str, Any], parts: list[str]) -> None:
+    """``model.<component>.<key>``: ``type`` or an argument of the registry entry it names."""
+    dotted = ".".join(parts)
+    component, key = parts[1], parts[2]
+    if recipe_architecture(recipe) != "multimodal":
+        raise ValueError(
+            f"unknown recipe key {dotted!r}: model components need model.architecture=multimodal"
+        )
+    body = recipe.get("model", {}).get(component)
+    type_name = body.get("type") if isinstance(body, Mapping) else None
+    if key == "type" or type_name is None:
+        return
+
+    params = factory_parameters(get(COMPONENTS[component], type_name))
+    if params is None or key in params:
+        return
+
+    close = difflib.get_close_matches(key, sorted(params), n=1)
+    hint = f" (did you mean model.{component}.{close[0]}?)" if close else ""
+    raise ValueError(
+        f"unknown recipe key {dotted!r}{hint}; {COMPONENTS[component]} {type_name!r} takes: "
+        f"type, {', '.join(sorted(params))}"
+    )
+
+
+def validate_recipe(recipe: dict[str, Any]) -> None:
+    """Check every section and key; an unknown one is an error listing the valid ones."""
+    recipe_architecture(recipe)  # an unknown architecture is an error
+    for section, body in recipe.items():
+        _check_key(recipe, [section])
+        if section != "description" and isinstance(body, dict):
+            for key in body:
+                _check_key(recipe, [section, str(key)])
+    for component in COMPONENTS:
+        body = recipe.get("model", {}).get(component)
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ValueError(
+                f"recipe key 'model.{component}' must be a mapping with a 'type' (a registry "
+                f"entry) and its arguments, got {body!r}"
+            )
+        for key in body:
+            _check_key(recipe, ["model", component, str(key)])
+    for section in ("data", "objective"):
+        if not recipe.get(section, {}).get("name"):
+            raise ValueError(f"recipe section {section!r} needs a 'name' (a registry entry)")
+
+
+def recipe_architecture(recipe: Mapping[str, Any]) -> str:
+    """``model.architecture`` of a recipe: ``"gpt"`` (default) or ``"multimodal"``."""
+    model = recipe.get("model")
+    arch = model.get("architecture") if isinstance(model, Mapping) else None
+    arch = "gpt" if arch is None else arch
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"recipe key 'model.architecture' must be one of {', '.join(ARCHITECTURES)}, "
+            f"got {arch!r}"
+        )
+    return arch
+
+
+def record_recipe(path: Path, spec: dict[str, Any], resume: bool) -> None:
+    """Write the resolved recipe next to the run; on resume, warn if it changed."""
+    text = yaml.safe_dump(spec, sort_keys=False)
+    if resume and path.is_file():
+        before = _flatten(yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {})
+        now = _flatten(spec)
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if changed:
+            warnings.warn(
+                f"resuming {path.parent} with a changed recipe ({', '.join(changed)}); the run "
+                "will not match an uninterrupted one",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    atomic_write_bytes(path, text.encode())
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat or {prefix: {}}

@@ -1,0 +1,202 @@
+"""Every data reader, fed arbitrary bytes and arbitrary JSON, returns records and problems that
+name their file and line, or raises ``DataError`` naming the file: never another exception,
+never a hang. The same for the ``key=value`` recipe overrides, whose errors are ``ValueError``s.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from mmgpt.data.check import check_dataset
+from mmgpt.data.imagefolder import read_imagefolder
+from mmgpt.data.llava import read_llava
+from mmgpt.data.preference import read_preference
+from mmgpt.data.records import DataError, Problem, Record
+from mmgpt.recipe import apply_overrides, load_recipe, parse_scalar
+from mmgpt.rlhf.prompts import read_prompts
+
+# Fixed examples, no example database: the same run every time, nothing written to the tree.
+FUZZ = settings(max_examples=60, deadline=2000, derandomize=True, database=None)
+
+# Field names and values of the formats, so that generated records get past the first check.
+KEYS = [
+    "file_name",
+    "text",
+    "conversations",
+    "from",
+    "value",
+    "image",
+    "id",
+    "prompt",
+    "chosen",
+    "rejected",
+    "responses",
+    "ranking",
+]
+leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=12)
+    | st.sampled_from(["human", "gpt", "<image>", "a.png", "../a.png", "/", "", " "])
+)
+json_values = st.recursive(
+    leaves,
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=6), children, max_size=6),
+    max_leaves=25,
+)
+records = st.dictionaries(st.sampled_from(KEYS), json_values, max_size=7)
+rows = st.lists(records | json_values, max_size=5)
+
+# Inputs that once crashed a reader or could: deep nesting, huge numbers, bad bytes.
+NASTY = [
+    b"[" * 5000,
+    b'{"a": ' * 3000,
+    b"1" * 5000,
+    b'{"prompt": "x", "chosen": 1' + b"0" * 5000 + b"}",
+    b"\xff\xfe\x00bad",
+    b'"\xed\xa0\x80"',
+    b'{"file_name": "\\ud800.png", "text": "x"}',
+    b'{"file_name": "a\\u0000.png", "text": "x"}',
+    b"file_name,text\n" + b"x" * 200_000 + b",y\n",
+    b'file_name,text\n"a.png,"\n',
+    b"file_name,text,conversations\na.png,x,[[[[" + b"[" * 3000 + b"\n",
+    b"\x00\x00\n\r\r\n",
+]
+
+
+def check_outcome(read: Callable[[Path], tuple[list[Record], list[Problem]]], path: Path) -> None:
+    """The property every reader must have, on one file."""
+    try:
+        found, problems = read(path)
+    except DataError as exc:
+        assert exc.file is not None and Path(exc.file).name in str(exc), exc
+        str(exc).encode("utf-8", "backslashreplace")
+        return
+    for problem in problems:
+        assert Path(problem.file) == path or Path(problem.file).parent == path.parent
+        assert isinstance(problem.line, int) and problem.line >= 1, problem
+        assert f"{problem.file}:{problem.line}" in str(problem)
+    for record in found:
+        assert isinstance(record.line, int) and record.line >= 1
+
+
+def fuzz_file(name: str, content: bytes, read: Callable[[Path], Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(content)
+        check_outcome(read, path)
+
+
+def check_report(target: Path) -> None:
+    """``mmgpt data check`` on the same input: a report that prints, or a ``DataError``."""
+    try:
+        report = check_dataset(target)
+    except DataError:
+        return
+    report.to_text().encode("utf-8")  # stdout is strict UTF-8: no lone surrogates
+    json.loads(report.to_json())
+
+
+def imagefolder(metadata: str) -> Callable[[Path], Any]:
+    def read(path: Path) -> Any:
+        assert path.name == metadata
+        return read_imagefolder(path.parent)
+
+    return read
+
+
+READERS = {
+    "imagefolder jsonl": ("metadata.jsonl", imagefolder("metadata.jsonl")),
+    "imagefolder csv": ("metadata.csv", imagefolder("metadata.csv")),
+    "llava json": ("data.json", read_llava),
+    "llava jsonl": ("data.jsonl", read_llava),
+    "preference": ("prefs.jsonl", read_preference),
+    "prompts": ("prompts.jsonl", read_prompts),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+@FUZZ
+@given(content=st.binary(max_size=300))
+def test_readers_survive_arbitrary_bytes(reader: str, content: bytes) -> None:
+    name, read = READERS[reader]
+    fuzz_file(name, content, read)
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("content", NASTY, ids=range(len(NASTY)))
+def test_readers_survive_known_nasty_inputs(reader: str, content: bytes) -> None:
+    name, read = READERS[reader]
+    fuzz_file(name, content, read)
+
+
+@pytest.mark.parametrize("reader", READERS)
+@FUZZ
+@given(values=rows)
+def test_readers_survive_arbitrary_json(reader: str, values: list[Any]) -> None:
+    name, read = READERS[reader]
+    if name.endswith(".jsonl"):
+        content = "".join(json.dumps(v) + "\n" for v in values)
+    elif name.endswith(".json"):
+        content = json.dumps(values if len(values) != 1 else values[0])  # lists and not-lists
+    else:  # CSV: the records' values as cells, conversations as JSON text
+        keys = sorted({k for v in values if isinstance(v, dict) for k in v}) or ["file_name"]
+        lines = [",".join(keys)]
+        for v in values:
+            cells = v if isinstance(v, dict) else {}
+            lines.append(",".join(json.dumps(json.dumps(cells.get(k, ""))) for k in keys))
+        content = "\n".join(lines) + "\n"
+    fuzz_file(name, content.encode("utf-8", "surrogatepass"), read)
+
+
+@FUZZ
+@given(values=rows, raw=st.binary(max_size=100))
+def test_data_check_reports_on_any_imagefolder(values: list[Any], raw: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        lines = [json.dumps(v).encode("utf-8", "surrogatepass") for v in values]
+        (root / "metadata.jsonl").write_bytes(b"\n".join([*lines, raw]))
+        check_report(root)
+
+
+# -- key=value overrides --------------------------------------------------------------------
+@FUZZ
+@given(text=st.text(max_size=40))
+@example(text="1" * 5000)  # longer than Python's int-from-string limit
+@example(text="2001-13-45")  # a YAML timestamp that is no date
+@example(text="[" * 2000)
+@example(text="!!python/object:os.system x")
+def test_parse_scalar_returns_or_raises_value_error(text: str) -> None:
+    try:
+        parse_scalar(text)
+    except ValueError:
+        pass
+
+
+override_keys = st.lists(
+    st.sampled_from(["train", "data", "model", "lr", "name", "x", ""]), min_size=1, max_size=3
+).map(".".join)
+
+
+@FUZZ
+@given(key=override_keys, value=st.text(max_size=20))
+@example(key="train.lr", value="1" * 5000)
+@example(key="train.lr", value="2001-13-45")
+@example(key="train.lr", value="{a: [")
+def test_apply_overrides_errors_name_the_key(key: str, value: str) -> None:
+    recipe = load_recipe("lm")
+    try:
+        apply_overrides(recipe, [f"{key}={value}"])
+    except ValueError as exc:
+        assert key.strip() in str(exc) or f"{key}={value}" in str(exc), str(exc)
