@@ -121,8 +121,8 @@ def load_user_image(
             raise UserInputError(f"'{name}' did not arrive; upload it again.") from None
         if exc.reason == "unsupported_format":
             raise UserInputError(
-                f"'{name}' is a {exc.format} file, not an image this demo reads. Upload a "
-                f"{IMAGE_TYPES_TEXT} file."
+                f"'{name}' holds {exc.format} data, not an image format this demo reads. "
+                f"Upload a {IMAGE_TYPES_TEXT} file."
             ) from None
         raise UserInputError(
             f"'{name}' could not be read as an image ({exc.detail}). Upload a "
@@ -197,6 +197,8 @@ class ImageFolder:
     def save(self, image: Image.Image) -> str:
         """Write ``image`` as a new PNG file; returns its path."""
         path = self.directory / f"{uuid.uuid4().hex}.png"
+        # again each time: a temp cleaner may remove an idle server's folder
+        self.directory.mkdir(parents=True, exist_ok=True)
         image.save(path, format="PNG")
         size = path.stat().st_size
         with self._lock:

@@ -1,4 +1,4 @@
-"""Leaf I/O: atomic files and directories, JSON, and pickle-free tensor files.
+"""Leaf I/O: atomic files and directories, JSON and YAML, pickle-free tensor files, locks.
 
 Every writer in mmgpt goes through this module, so a killed process never leaves a
 half-written file or directory under its final name: a file is written to a temporary name in
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 if TYPE_CHECKING:
     import torch
@@ -203,11 +206,37 @@ def load_torch_file(path: str | os.PathLike) -> Any:
         ) from exc
 
 
-class DirectoryLockedError(RuntimeError):
-    """Another process holds the lock of a directory (e.g. a training run's output folder)."""
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_scalar(text: str) -> Any:
+    """A YAML scalar (or flow list/map): ``"1e-3"`` → 0.001, ``"true"`` → True, ``"[1, 2]"``;
+    how every ``key=value`` option of mmgpt reads its value."""
+    try:
+        return yaml.load(text, Loader=YamlLoader)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"cannot parse override value {text!r} as YAML ({exc})") from None
+
+
+class DirectoryLockedError(OSError):
+    """Another process holds the lock of a directory (e.g. a training run's output folder).
+
+    An ``OSError``, so the command line reports it in one line like other file errors."""
 
 
 LOCK_NAME = ".lock"
+_HELD: dict[Path, int] = {}  # locks this process holds → depth (a lock is re-entrant)
 
 
 @contextmanager
@@ -216,13 +245,22 @@ def exclusive_lock(directory: str | os.PathLike, purpose: str = "a training run"
 
     The lock is an OS file lock (``flock``): the kernel releases it when the holder exits,
     even when killed, so a crash never leaves a stale lock. The lock file records the
-    holder's pid for the error message.
+    holder's pid for the error message. Re-entrant within one process (a recipe runner and
+    the trainer it starts both take it).
     """
     import fcntl  # POSIX only; deferred so that importing this module works everywhere
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
+    key = path.resolve()
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield path
+        finally:
+            _HELD[key] -= 1
+        return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -235,9 +273,11 @@ def exclusive_lock(directory: str | os.PathLike, purpose: str = "a training run"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[key] = 1
         try:
             yield path
         finally:
+            del _HELD[key]
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

@@ -275,7 +275,7 @@ def sample_next_token(
 # --------------------------------------------------------------------------------------
 
 
-class _RowText:
+class IncrementalText:
     """One row's text, decoded incrementally, with stop-string search.
 
     Text grows only by complete characters: a token whose bytes end mid UTF-8 character
@@ -524,7 +524,9 @@ class _Decoding:
         self.stop_ids = frozenset(config.stop_token_ids)
         self.hook = token_hook
         self.return_hidden_states = return_hidden_states
-        self.texts = [_RowText(decode, config.stop_strings) for _ in range(B)] if decode else None
+        self.texts = (
+            [IncrementalText(decode, config.stop_strings) for _ in range(B)] if decode else None
+        )
         # Host bookkeeping (one .tolist() per step) is needed for anything that can stop a row
         # early or look at the tokens; otherwise the loop never waits for the device.
         self.host_sync = bool(host_sync or self.stop_ids or self.texts or token_hook)

@@ -34,7 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from mmgpt import generation
-from mmgpt.generation import ForceAfter, GenerationConfig, StepState, TokenHook
+from mmgpt.generation import (
+    ForceAfter,
+    GenerationConfig,
+    IncrementalText,
+    StepState,
+    TokenHook,
+)
 from mmgpt.registry import register
 
 if TYPE_CHECKING:
@@ -420,8 +426,6 @@ def stream(
     once started). ``inputs``: the prompt's items of non-image modalities. A model without an
     image decoder streams its text only.
     """
-    from mmgpt.generation import _RowText
-
     tokenizer = model.tokenizer
     can_draw = model.image_decoder is not None and model.output_projector is not None
     if image_config is not None or can_draw:
@@ -451,7 +455,7 @@ def stream(
         token_hook=collector if collector is not None else token_hook,
     )
     tokens: list[int] = []
-    segment = _RowText(decode, stop_strings)
+    segment = IncrementalText(decode, stop_strings)
     span_start: int | None = None  # index of the [IMG0] of the span being written
     pending: int | None = None  # start of a complete span waiting for its last state
     n_images = 0
@@ -492,7 +496,7 @@ def stream(
                     out = text_event(segment.finish())
                     if out is not None:
                         yield out
-                    segment = _RowText(decode, stop_strings)
+                    segment = IncrementalText(decode, stop_strings)
                     span_start = index
                 if span_start is not None and index - span_start == k - 1:
                     if tokens[span_start:] == signal_ids and can_draw:

@@ -51,6 +51,7 @@ from mmgpt.config import (
 )
 from mmgpt.generation import GenerationConfig, GenerationOutput
 from mmgpt.imagegen import ImageEvent, ImageGenerationConfig, MultimodalOutput, TextEvent
+from mmgpt.interfaces import Tokenizer
 from mmgpt.model import GPT, GPTOutput, KVCache
 from mmgpt.processor import MultimodalBatch, MultimodalProcessor
 from mmgpt.weights import check_weights_file, load_model_files, save_model_files
@@ -89,7 +90,7 @@ class MultimodalGPT(nn.Module):
     def __init__(
         self,
         gpt: GPT,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         encoders: Mapping[str, nn.Module] | None = None,
         projectors: Mapping[str, nn.Module] | None = None,
         *,
@@ -142,7 +143,7 @@ class MultimodalGPT(nn.Module):
     def build(
         cls,
         gpt: str | GPTConfig | GPT | Mapping[str, Any],
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         *,
         encoder: str | None = "vit",
         encoder_kwargs: Mapping[str, Any] | None = None,

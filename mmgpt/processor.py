@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from mmgpt.data.sample import IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER
+from mmgpt.interfaces import Tokenizer
 
 IGNORE_INDEX = -100
 PADDING_SIDES = ("left", "right")
@@ -261,7 +262,7 @@ class MultimodalProcessor:
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         encoders: Any = None,
         *,
         num_image_tokens: int | None = None,

@@ -736,20 +736,24 @@ class Trainer:
             return None
         opt_tensors, opt_meta = optimizer_state_to_files(self.optimizer.state_dict())
         rng_tensors, rng_meta = capture_rng_state()
-        path = write_checkpoint_dir(
-            self.checkpoint_dir / checkpoint_name(self.step),
-            tensors={
-                "model.safetensors": self._model_state_dict(),
-                "optimizer.safetensors": opt_tensors,
-                "rng.safetensors": rng_tensors,
-            },
-            json_files={
-                "optimizer.json": opt_meta,
-                "scheduler.json": self._scheduler_state(),
-                "trainer_state.json": self._trainer_state(rng_meta, sharded=False),
-            },
-            step=self.step,
-        )
+        target = self.checkpoint_dir / checkpoint_name(self.step)
+        try:
+            path = write_checkpoint_dir(
+                target,
+                tensors={
+                    "model.safetensors": self._model_state_dict(),
+                    "optimizer.safetensors": opt_tensors,
+                    "rng.safetensors": rng_tensors,
+                },
+                json_files={
+                    "optimizer.json": opt_meta,
+                    "scheduler.json": self._scheduler_state(),
+                    "trainer_state.json": self._trainer_state(rng_meta, sharded=False),
+                },
+                step=self.step,
+            )
+        except OSError as exc:  # e.g. a full disk: say what survived
+            raise OSError(exc.errno, _write_failure(target, self.checkpoint_dir, exc)) from exc
         prune_checkpoints(self.checkpoint_dir, self.config.keep_last)
         return path
 
@@ -1084,6 +1088,18 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CorruptCheckpointError(f"{path}: unreadable ({exc})") from exc
+
+
+def _write_failure(target: Path, checkpoint_dir: Path, exc: OSError) -> str:
+    """The message of a checkpoint that could not be written: nothing was half-written, and
+    the newest complete checkpoint (if any) is what a resume will use."""
+    done = [p for _, p in list_checkpoints(checkpoint_dir) if p != target]
+    kept = (
+        f"the previous checkpoint {done[-1]} is intact; resume from it with --resume"
+        if done
+        else "no earlier checkpoint exists"
+    )
+    return f"{target}: could not write the checkpoint ({exc.strerror or exc}); {kept}"
 
 
 def _truncate_metrics(path: Path, keep_until: int) -> None:

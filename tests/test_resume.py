@@ -6,6 +6,7 @@ matters), gradient accumulation and epoch boundaries inside steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmgpt.config import GPTConfig
-from mmgpt.files import load_tensors
+from mmgpt.files import CorruptCheckpointError, load_tensors
 from mmgpt.model import GPT
 from mmgpt.objectives.lm import LMObjective
 from mmgpt.trainer import TrainConfig, Trainer
@@ -35,6 +36,18 @@ from mmgpt.objectives.lm import LMObjective
 from mmgpt.registry import register
 
 DELAY = float(os.environ.get("STEP_DELAY", "0"))
+SAVE_DELAY = float(os.environ.get("SAVE_DELAY", "0"))
+
+if SAVE_DELAY:  # slow checkpoint writes down, so that a test can kill the process inside one
+    import mmgpt.checkpoint as checkpoint
+
+    _save_tensors = checkpoint.save_tensors
+
+    def slow_save_tensors(*args, **kwargs):
+        time.sleep(SAVE_DELAY)
+        return _save_tensors(*args, **kwargs)
+
+    checkpoint.save_tensors = slow_save_tensors
 
 
 @register("objective", "lm-paced")
@@ -97,12 +110,15 @@ def setup(tmp_path_factory) -> Path:
     return root
 
 
-def start(root: Path, out: Path, *, resume: bool = False, delay: float = 0.0) -> subprocess.Popen:
+def start(
+    root: Path, out: Path, *, resume: bool = False, delay: float = 0.0, save_delay: float = 0.0
+) -> subprocess.Popen:
     cmd = [sys.executable, str(root / "run.py"), str(root / "recipe.yaml")]
     cmd += ["--data", str(root / "corpus"), "--out", str(out)]
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STEP_DELAY": str(delay)}
+    env["SAVE_DELAY"] = str(save_delay)
     env["MMGPT_DISABLE_PLUGIN_AUTOLOAD"] = "0"
     return subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root
@@ -168,6 +184,79 @@ def test_sigkill_then_resume_is_bit_identical(setup: Path) -> None:
     assert config["tokenizer"]["name"] == "bpe" and (out / "model" / "tokenizer.json").is_file()
 
 
+def last_step(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):  # a line being written
+            steps.append(json.loads(line)["step"])
+    return steps[-1] if steps else 0
+
+
+def kill_when(proc: subprocess.Popen, condition, what: str) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if condition():
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=30)
+            assert proc.returncode == -signal.SIGKILL
+            return
+        time.sleep(0.005)
+    _, err = proc.communicate(timeout=30)
+    pytest.fail(f"the run ended before it could be killed {what}:\n{err}")
+
+
+def test_sigkill_at_several_points_each_resume_exact(setup: Path) -> None:
+    """Killed three times — mid-step twice at random steps, then inside a checkpoint write —
+    and resumed each time, the run still ends bit-identical to an uninterrupted one."""
+    rng = random.Random(1234)
+    reference, out = setup / "reference-chain", setup / "chain"
+    ref_proc = start(setup, reference)
+    checkpoints = out / "checkpoints"
+    for resume, at in ((False, rng.randint(11, 19)), (True, rng.randint(21, 28))):
+        proc = start(setup, out, resume=resume, delay=0.03)
+        kill_when(proc, lambda at=at: last_step(out) >= at, f"at step {at}")
+    proc = start(setup, out, resume=True, delay=0.03, save_delay=0.3)
+    final = f"step_{MAX_STEPS:08d}"
+    kill_when(
+        proc,
+        lambda: any(p.name.startswith(f".tmp-{final}") for p in checkpoints.iterdir()),
+        f"while writing {final}",
+    )
+    assert not (checkpoints / final).exists() and not (out / "model").exists()
+
+    stdout, _ = finish(start(setup, out, resume=True))
+    finish(ref_proc)
+    assert f"resuming at step {2 * SAVE_EVERY}" in stdout
+    assert_same_weights(reference / "model", out / "model")
+    assert metrics(out) == metrics(reference)
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".tmp-")]
+    # what the resumes recomputed is kept aside, not lost
+    superseded = (out / "metrics.superseded.jsonl").read_text().splitlines()
+    assert {json.loads(x)["step"] for x in superseded} >= {SAVE_EVERY + 1, 2 * SAVE_EVERY + 1}
+
+
+def test_a_second_run_into_the_same_folder_is_refused(setup: Path) -> None:
+    out = setup / "locked"
+    first = start(setup, out, delay=0.25)  # slow enough to outlive the second's start
+    deadline = time.monotonic() + 60
+    while last_step(out) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    recipe = (out / "recipe.yaml").read_bytes()
+    second = start(setup, out, resume=True)  # a resume too must wait for the run to end
+    _, err = second.communicate(timeout=60)
+    assert first.poll() is None, "the first run ended before the second could collide"
+    assert second.returncode != 0 and "DirectoryLockedError" in err
+    assert "in use by a training run" in err and str(out) in err
+    assert (out / "recipe.yaml").read_bytes() == recipe  # the second wrote nothing there
+    first.kill()
+    first.communicate(timeout=30)
+    steps = [r["step"] for r in metrics(out) if r["split"] == "train"]
+    assert steps == list(range(1, len(steps) + 1))  # one run's log, in order
+
+
 # -- the same guarantees in process (fast, no subprocess) ------------------------------------
 
 
@@ -224,6 +313,59 @@ def test_in_process_crash_and_resume(tmp_path: Path) -> None:
     for a, b in zip(ref.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
     assert metrics(tmp_path / "run") == metrics(tmp_path / "ref")
+    lines = (tmp_path / "run" / "metrics.superseded.jsonl").read_text().splitlines()
+    superseded = [json.loads(x) for x in lines]  # the records the resume recomputed
+    assert [r["step"] for r in superseded if r["split"] == "train"] == [5, 6]
+
+
+def test_resume_with_only_damaged_checkpoints_stops_and_keeps_everything(tmp_path: Path) -> None:
+    run = trainer(tmp_path / "run")
+    run.config.keep_last = 2
+    run.fit()
+    log = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    for step in (8, 9):
+        weights = tmp_path / "run" / "checkpoints" / f"step_{step:08d}" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:64])
+    for attempt in range(2):  # the second attempt finds only the quarantined ones
+        resumed = trainer(tmp_path / "run")
+        damaged = r"every one is damaged.*step_0000000"
+        with pytest.raises(CorruptCheckpointError, match=damaged), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            resumed.fit(resume=True)
+        assert resumed.step == 0, f"attempt {attempt} trained"
+        assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == log
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step_00000008.corrupt",
+        "step_00000009.corrupt",
+    ]
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
+    import errno
+
+    import mmgpt.checkpoint as checkpoint
+
+    real = checkpoint.save_tensors
+
+    def fill_disk(tensors, path, metadata=None):
+        if "step_00000008" in str(path):
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(checkpoint, "save_tensors", fill_disk)
+    run = trainer(tmp_path / "run")
+    with pytest.raises(
+        OSError, match=r"step_00000008: could not write.*No space.*step_00000004 is intact"
+    ):
+        run.fit()
+    monkeypatch.setattr(checkpoint, "save_tensors", real)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000004"]
+    checkpoint.verify_checkpoint_dir(root / "step_00000004")
+    resumed = trainer(tmp_path / "run")
+    resumed.fit(resume=True)  # once there is space again
+    assert resumed.step == 9
 
 
 def test_corrupt_newest_checkpoint_falls_back_and_stays_identical(tmp_path: Path) -> None:

@@ -105,11 +105,9 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
             yield line, row
     except csv.Error as exc:  # e.g. a cell above the csv module's size limit
         # The reader cannot resynchronize after this; nothing below it can be located.
+        # ``start`` is where the failing row begins (the reader's own count lags behind).
         raise DataError(
-            f"{path}:{reader.line_num}: invalid CSV: {exc}",
-            file=str(path),
-            line=reader.line_num,
-            reason="bad_csv",
+            f"{path}:{start}: invalid CSV: {exc}", file=str(path), line=start, reason="bad_csv"
         ) from None
 
 

@@ -278,7 +278,7 @@ def _open_allowed(path: Path, handle: IO[bytes]) -> Image.Image:
     raise ImageLoadError(
         path,
         "unsupported_format",
-        f"is a {detected} file, not one of the image formats accepted ({allowed}); "
+        f"detected format {detected}, not one of the image formats accepted ({allowed}); "
         "it was not decoded",
         format=detected,
     )

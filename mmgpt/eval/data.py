@@ -21,7 +21,7 @@ from typing import Any
 
 from mmgpt.data.check import detect_format
 from mmgpt.data.sample import IMAGE_PLACEHOLDER
-from mmgpt.recipe.spec import parse_scalar
+from mmgpt.files import parse_scalar
 from mmgpt.registry import create
 
 __all__ = [

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from torch import nn
 
 from mmgpt import distributed
 from mmgpt.adapters.training import apply_adapter
-from mmgpt.interfaces import Tokenizer
+from mmgpt.files import exclusive_lock
+from mmgpt.interfaces import BuildsTrainer, Tokenizer
 from mmgpt.recipe.build import (
     TOKENIZER_DIR,
     build_model,
@@ -87,9 +89,12 @@ def run_training(
     Returns ``{"out_dir", "model_dir", "step", "train", "eval"}`` (last metrics).
     """
     run = _prepare(recipe, out, resume, overrides)
-    if recipe_architecture(run.spec) == "multimodal":
-        return run_multimodal(run, data)
-    return run_text(run, data)
+    # one run per folder: taken before the recipe and tokenizer are written there
+    lock = exclusive_lock(run.out_dir) if distributed.env_world().rank == 0 else nullcontext()
+    with lock:
+        if recipe_architecture(run.spec) == "multimodal":
+            return run_multimodal(run, data)
+        return run_text(run, data)
 
 
 def _prepare(
@@ -126,9 +131,8 @@ def _fit(
     PPO: a reward head, cached references, rollouts), else the plain :class:`Trainer`."""
     section = dict(run.spec["objective"])
     objective = create("objective", section.pop("name"), **section)
-    build_trainer = getattr(objective, "build_trainer", None)
-    if build_trainer is not None:
-        trainer = build_trainer(
+    if isinstance(objective, BuildsTrainer):
+        trainer = objective.build_trainer(
             model,
             train_data,
             run.train_config,

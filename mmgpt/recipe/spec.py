@@ -28,7 +28,6 @@ import dataclasses
 import difflib
 import inspect
 import os
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,7 +37,7 @@ import yaml
 
 from mmgpt.adapters.training import ADAPTER_KEYS
 from mmgpt.config import GPTConfig
-from mmgpt.files import atomic_write_bytes
+from mmgpt.files import YamlLoader, atomic_write_bytes, parse_scalar
 from mmgpt.registry import get
 from mmgpt.trainer import TrainConfig
 
@@ -60,28 +59,6 @@ COMPONENTS = {
 STAGES = ("full", "align", "finetune")
 STAGE_KEYS = ("stage", "train_encoder")
 MULTIMODAL_DATA_KEYS = ("eval_fraction", "truncation")
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
-        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
-def parse_scalar(text: str) -> Any:
-    """A YAML scalar (or flow list/map): ``"1e-3"`` → 0.001, ``"true"`` → True, ``"[1, 2]"``."""
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"cannot parse override value {text!r} as YAML ({exc})") from None
 
 
 def recipe_names() -> list[str]:
@@ -106,7 +83,7 @@ def load_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]
             path = shipped
         source = str(path)
         try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader)
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: invalid YAML ({exc})") from None
     if not isinstance(data, dict):
@@ -292,7 +269,7 @@ def record_recipe(path: Path, spec: dict[str, Any], resume: bool) -> None:
     """Write the resolved recipe next to the run; on resume, warn if it changed."""
     text = yaml.safe_dump(spec, sort_keys=False)
     if resume and path.is_file():
-        before = _flatten(yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {})
+        before = _flatten(yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader) or {})
         now = _flatten(spec)
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if changed:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from mmgpt.data.imagefolder import ImageFolderDataset
+from mmgpt.data.imagefolder import ImageFolderDataset, read_imagefolder
 from mmgpt.data.images import ImageLoadError, load_image
 from mmgpt.data.records import DataError
 from mmgpt.data.sample import DEFAULT_CAPTION_PROMPT, IMAGE_PLACEHOLDER
@@ -204,6 +204,20 @@ def test_imagefolder_csv_and_caption_prompt_and_registry(tmp_path):
     assert [t.text for t in data[0].conversation] == ["<image>\nCaption:", "a dark, bluish picture"]
     assert [t.text for t in data[1].conversation] == ["<image> hue?", "dark"]
     assert data.problems[0].line == 4
+
+
+def test_imagefolder_csv_bad_bytes_spoil_only_their_row_and_huge_cells_name_the_line(tmp_path):
+    solid((10, 20, 30)).save(tmp_path / "a.png")
+    meta = tmp_path / "metadata.csv"
+    meta.write_bytes(b"file_name,text\na.png,caf\xe9 latin-1\na.png,fine\n")
+    records, problems = read_imagefolder(tmp_path)
+    assert [r.line for r in records] == [3]
+    assert [(p.line, p.reason) for p in problems] == [(2, "bad_encoding")]
+
+    meta.write_bytes(b"file_name,text\na.png,ok\na.png," + b"x" * 200_000 + b"\n")
+    with pytest.raises(DataError, match=r"metadata\.csv:3: invalid CSV: field larger") as info:
+        read_imagefolder(tmp_path)
+    assert (info.value.line, info.value.reason) == (3, "bad_csv")
 
 
 def test_imagefolder_placeholder_mismatch_and_wrong_types(tmp_path):

@@ -65,9 +65,21 @@ def test_eps_named_png_never_reaches_ghostscript(tmp_path, fake_gs) -> None:
         load_image(path)
     assert info.value.reason == "unsupported_format" and info.value.format == "EPS"
     assert str(path) in str(info.value) and "EPS" in str(info.value)
-    with pytest.raises(ImageLoadError, match="is a EPS file"), open_image(path):
+    with pytest.raises(ImageLoadError, match="detected format EPS"), open_image(path):
         pass
     assert not marker.exists()
+
+
+def test_vit_encoder_opens_paths_with_the_safe_loader(tmp_path, fake_gs) -> None:
+    vit = pytest.importorskip("mmgpt_vit.encoder")
+    marker, _ = fake_gs
+    (tmp_path / "x.png").write_bytes(EPS)
+    with pytest.raises(ImageLoadError, match="detected format EPS"):
+        vit.to_rgb(tmp_path / "x.png")
+    assert not marker.exists()
+    Image.new("L", (3, 2), 70).save(tmp_path / "g.png")
+    image = vit.to_rgb(str(tmp_path / "g.png"))
+    assert (image.mode, image.size, image.getpixel((0, 0))) == ("RGB", (3, 2), (70, 70, 70))
 
 
 def test_data_check_reports_eps_without_running_ghostscript(tmp_path, fake_gs) -> None:
@@ -88,7 +100,7 @@ def test_data_check_reports_eps_without_running_ghostscript(tmp_path, fake_gs) -
     )
     assert result.returncode == 1, result.stderr  # a problem fails the check
     assert "metadata.jsonl:1: unsupported_format" in result.stdout
-    assert "x.png: is a EPS file" in result.stdout and "1 usable samples" in result.stdout
+    assert "x.png: detected format EPS" in result.stdout and "1 usable samples" in result.stdout
     assert not marker.exists()
 
 
@@ -96,7 +108,7 @@ def test_other_formats_are_refused_by_name(tmp_path) -> None:
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png", format="PCX")
     (tmp_path / "b.png").write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
     for name, detected in (("a.png", "PCX"), ("b.png", "PDF")):
-        with pytest.raises(ImageLoadError, match=f"{name}: is a {detected} file") as info:
+        with pytest.raises(ImageLoadError, match=f"{name}: detected format {detected}") as info:
             load_image(tmp_path / name)
         assert info.value.reason == "unsupported_format"
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from mmgpt.data.preference import PreferenceDataset, PreferencePair, ranked_pairs
+from mmgpt.data.preference import PreferenceDataset, PreferencePair, ranked_pairs, read_preference
 from mmgpt.data.records import DataError
 from mmgpt.registry import create
 
@@ -128,3 +128,19 @@ def test_preference_bad_image_skips_to_next_pair(tmp_path):
         assert data[0].chosen == "good"
     assert data[1].chosen == "good" and data[2].chosen == "good"
     assert data.skipped == {"not_an_image": 1}  # one bad file, counted once
+
+
+def test_ranked_list_size_is_bounded(tmp_path):
+    from mmgpt.data.preference import MAX_RANKED_RESPONSES
+
+    many = [f"answer {i}" for i in range(MAX_RANKED_RESPONSES + 1)]
+    lines = [
+        {"prompt": "Rank", "responses": many[:MAX_RANKED_RESPONSES]},
+        {"prompt": "Rank", "responses": many},  # would be 5050 pairs from one short line
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records, problems = read_preference(path)
+    assert len(records) == MAX_RANKED_RESPONSES * (MAX_RANKED_RESPONSES - 1) // 2
+    assert [(p.line, p.reason) for p in problems] == [(2, "bad_value")]
+    assert f"more than the {MAX_RANKED_RESPONSES}" in problems[0].message

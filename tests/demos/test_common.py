@@ -33,6 +33,21 @@ def test_wrong_file_types_and_unreadable_images_are_named(tmp_path: Path) -> Non
         load_user_image(fake)
 
 
+def test_other_formats_are_refused_unparsed_whatever_their_name(tmp_path: Path) -> None:
+    eps = tmp_path / "drawing.png"  # PostScript: never handed to PIL's EPS plugin
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(UserInputError, match=r"^'drawing.png' holds EPS data, not an image format"):
+        load_user_image(eps)
+
+
+def test_images_too_costly_to_decode_are_refused_from_their_header(tmp_path: Path) -> None:
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (400, 400)).save(rgba)  # 8 bytes a pixel to decode: 1.2 MB
+    with pytest.raises(UserInputError, match=r"'rgba.png' \(400×400, mode RGBA\) would take more"):
+        load_user_image(rgba, ImageLimits(max_decoded_bytes=2**20))
+    assert load_user_image(rgba).size == (400, 400)  # the demo's default budget takes it
+
+
 def test_huge_images_are_refused_and_large_ones_downscaled(tmp_path: Path) -> None:
     huge = tmp_path / "huge.png"
     Image.new("1", (8000, 6000)).save(huge)  # 48 MP, a few KB
@@ -145,3 +160,20 @@ def test_replies_carry_drawn_images(demo_model, tiny) -> None:
     assert drawn.tobytes() == again.tobytes()  # a seed redraws the same image
     with pytest.raises(UserInputError, match="The prompt is empty"):
         demo_model.draw("  ", Settings(steps=2), 5)
+
+
+def test_a_broken_adapter_is_left_out_with_a_warning(tiny, tmp_path, caplog) -> None:
+    import shutil
+
+    from demos.common import DemoModel
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny.dir, model_dir)
+    broken = model_dir / "adapters" / "broken"
+    shutil.copytree(model_dir / "adapters" / tiny.adapter, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with caplog.at_level("WARNING", logger="mmgpt.demo"):
+        model = DemoModel.load(model_dir)
+    assert model.adapter_choices() == [NO_ADAPTER, tiny.adapter]  # the base model still serves
+    [record] = caplog.records
+    assert record.getMessage().startswith(f"adapter {broken} not loaded: ")

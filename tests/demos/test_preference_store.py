@@ -123,3 +123,36 @@ def test_identical_answers_can_only_be_skipped(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="identical"):
         store.judge(same.id, "A")
     assert store.judge(same.id, "skip") == 0
+
+
+def test_each_session_has_its_own_pending_pair(tmp_path: Path, monkeypatch) -> None:
+    from dataclasses import asdict
+
+    import demos.preference_store as preference_store
+
+    store = PreferenceStore(tmp_path)
+    mine, theirs = pair("mine"), pair("theirs")
+    store.set_pending(mine, "browser:1")
+    store.set_pending(theirs, "browser:2")  # leaves browser 1's pair waiting
+    assert store.snapshot("browser:1")[2] == mine and store.snapshot("browser:2")[2] == theirs
+    assert store.pending is None  # the default session has none
+    newer = pair("mine, again")
+    store.set_pending(newer, "browser:1")  # replaces only browser 1's own pair
+    with pytest.raises(StaleChoiceError):
+        store.judge(mine.id, "A")
+    assert store.judge(theirs.id, "A") == 1  # judged by id, whoever asks
+    assert PreferenceStore(tmp_path).waiting() == [newer]  # survives a restart
+
+    monkeypatch.setattr(preference_store, "MAX_PENDING", 3)
+    for i in range(5):
+        store.set_pending(pair(f"p{i}"), f"api:{i}")
+    assert [p.prompt for p in store.waiting()] == ["p2", "p3", "p4"]  # the oldest dropped
+
+    # a version-1 state file (one pending pair) is the default session's
+    old = tmp_path / "old"
+    old.mkdir()
+    waiting = pair("from version 1")
+    state = {"version": 1, "pending": asdict(waiting), "skipped": 2}
+    (old / "state.json").write_text(json.dumps(state))
+    reopened = PreferenceStore(old)
+    assert (reopened.pending, reopened.skipped) == (waiting, 2)
