@@ -175,8 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     elif args.image:
         raise ValueError(
-            f"{model_dir}: --image needs a multimodal model; this one is a text-only "
-            f"{arch!r} model"
+            f"{model_dir}: --image needs a multimodal model; this one is a text-only {arch!r} model"
         )
     else:
         from mmgpt.generation import stream_text

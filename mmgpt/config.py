@@ -21,7 +21,12 @@ FORMAT_VERSION = 1
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rotary", "none")
 NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "gelu_tanh")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
+# rope_scaling["rope_type"] → the keys it needs (transformers' names and formulas).
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 T = TypeVar("T")
 
@@ -32,7 +37,12 @@ def _config_error(cls_name: str, field_name: str, message: str) -> ValueError:
 
 @dataclass
 class GPTConfig:
-    """The decoder's shape and options (GPT-2 naming: n_layer, n_head, n_embd)."""
+    """The decoder's shape and options (GPT-2 naming: n_layer, n_head, n_embd).
+
+    The defaults are GPT-2's; Llama-family models set ``pos_encoding="rotary"``,
+    ``norm="rmsnorm"``, ``activation="silu"``, ``gated_mlp=True``, ``bias=False`` and usually
+    ``n_kv_head``, ``intermediate_size`` and ``tie_embeddings=False`` (Qwen2: ``qkv_bias=True``).
+    """
 
     vocab_size: int = 50304
     block_size: int = 1024  # maximum context length
@@ -49,6 +59,13 @@ class GPTConfig:
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    n_kv_head: int | None = None  # grouped-query attention: key/value heads (None: n_head)
+    intermediate_size: int | None = None  # MLP width, overriding mlp_ratio * n_embd
+    gated_mlp: bool = False  # c_proj(act(gate) * up), gate and up fused in c_fc (SwiGLU)
+    qkv_bias: bool | None = None  # bias of c_attn (None: follows bias; Qwen2: q/k/v only)
+    # RoPE frequency scaling: {"rope_type": "linear", "factor": f} or "llama3" (Llama 3.1's
+    # factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -78,13 +95,80 @@ class GPTConfig:
             raise _config_error(name, "dropout", f"expected 0 <= dropout < 1, got {self.dropout}")
         if self.mlp_ratio <= 0:
             raise _config_error(name, "mlp_ratio", f"expected > 0, got {self.mlp_ratio}")
+        for f in ("n_kv_head", "intermediate_size"):
+            value = getattr(self, f)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value <= 0
+            ):
+                raise _config_error(name, f, f"expected a positive integer or None, got {value!r}")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise _config_error(
+                name, "n_kv_head", f"{self.n_kv_head} does not divide n_head={self.n_head}"
+            )
+        if not isinstance(self.gated_mlp, bool):
+            raise _config_error(name, "gated_mlp", f"expected a bool, got {self.gated_mlp!r}")
+        if self.qkv_bias is not None and not isinstance(self.qkv_bias, bool):
+            raise _config_error(name, "qkv_bias", f"expected a bool or None, got {self.qkv_bias!r}")
+        if self.rope_scaling is not None:
+            self._check_rope_scaling(name)
+
+    def _check_rope_scaling(self, name: str) -> None:
+        scaling = self.rope_scaling
+        if not isinstance(scaling, dict):
+            raise _config_error(name, "rope_scaling", f"expected a dict or None, got {scaling!r}")
+        self.rope_scaling = scaling = dict(scaling)  # the caller's dict may change later
+        if self.pos_encoding != "rotary":
+            raise _config_error(
+                name, "rope_scaling", f"needs pos_encoding='rotary', got {self.pos_encoding!r}"
+            )
+        rope_type = scaling.get("rope_type")
+        if rope_type not in ROPE_SCALING_KEYS:
+            raise _config_error(
+                name,
+                "rope_scaling",
+                f"rope_type {rope_type!r} is not supported; expected one of "
+                f"{sorted(ROPE_SCALING_KEYS)}",
+            )
+        needed = ROPE_SCALING_KEYS[rope_type]
+        missing = sorted(set(needed) - set(scaling))
+        unknown = sorted(set(scaling) - set(needed) - {"rope_type"})
+        if missing or unknown:
+            raise _config_error(
+                name,
+                "rope_scaling",
+                f"rope_type {rope_type!r} takes exactly {list(needed)}; "
+                f"missing {missing}, unknown {unknown}",
+            )
+        for key in needed:
+            value = scaling[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise _config_error(
+                    name, "rope_scaling", f"{key} must be a positive number, got {value!r}"
+                )
+        if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+            raise _config_error(
+                name, "rope_scaling", "llama3 needs high_freq_factor > low_freq_factor"
+            )
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_head``, or ``n_head`` (plain multi-head attention)."""
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
+    @property
+    def attn_bias(self) -> bool:
+        """Whether c_attn (q, k, v) has a bias."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
     def mlp_hidden(self) -> int:
+        """The MLP's inner width (of each of gate and up when ``gated_mlp``)."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
         return int(self.mlp_ratio * self.n_embd)
 
     def to_dict(self) -> dict[str, Any]:

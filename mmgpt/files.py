@@ -222,11 +222,16 @@ YamlLoader.add_implicit_resolver(
 
 def parse_scalar(text: str) -> Any:
     """A YAML scalar (or flow list/map): ``"1e-3"`` → 0.001, ``"true"`` → True, ``"[1, 2]"``;
-    how every ``key=value`` option of mmgpt reads its value."""
+    how every ``key=value`` option of mmgpt reads its value. Anything that is not such a value
+    (a broken flow list, a date that does not exist, a number too long to convert, nesting too
+    deep for the parser) is a ``ValueError``."""
     try:
         return yaml.load(text, Loader=YamlLoader)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"cannot parse override value {text!r} as YAML ({exc})") from None
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, RecursionError):
+            detail = "nested too deeply"
+        raise ValueError(f"cannot parse value {text[:60]!r} as YAML ({detail})") from None
 
 
 class DirectoryLockedError(OSError):
@@ -251,6 +256,7 @@ def exclusive_lock(directory: str | os.PathLike, purpose: str = "a training run"
     import fcntl  # POSIX only; deferred so that importing this module works everywhere
 
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
     key = path.resolve()
@@ -278,6 +284,10 @@ def exclusive_lock(directory: str | os.PathLike, purpose: str = "a training run"
             yield path
         finally:
             del _HELD[key]
+            if created and [p.name for p in directory.iterdir()] == [LOCK_NAME]:
+                # a run that failed before writing anything leaves no folder behind
+                path.unlink()
+                directory.rmdir()
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

@@ -356,6 +356,33 @@ def test_optimizer_state_round_trip_through_checkpoint(tmp_path: Path) -> None:
     )
 
 
+def test_optimizer_state_non_tensor_values_round_trip(tmp_path: Path) -> None:
+    # Optimizers may keep plain numbers (older torch: AdamW's "step") or None in their state.
+    state_dict = {
+        "state": {
+            0: {"step": 3, "exp_avg": torch.ones(2), "extra": None},
+            5: {"step": 4, "history": (1.5, [2, 3])},
+        },
+        "param_groups": [{"params": [0, 5], "lr": 0.1, "betas": (0.9, 0.99), "foreach": None}],
+    }
+    tensors, meta = optimizer_state_to_files(state_dict)
+    assert list(tensors) == ["state.0.exp_avg"]
+    save_json(meta, tmp_path / "optimizer.json")
+    restored = optimizer_state_from_files(tensors, load_json(tmp_path / "optimizer.json"))
+    assert restored["state"][0]["step"] == 3 and restored["state"][0]["extra"] is None
+    assert torch.equal(restored["state"][0]["exp_avg"], torch.ones(2))
+    assert restored["state"][5] == {"step": 4, "history": [1.5, [2, 3]]}
+    assert restored["param_groups"] == [
+        {"params": [0, 5], "lr": 0.1, "betas": (0.9, 0.99), "foreach": None}
+    ]
+
+
+def test_optimizer_state_refuses_values_json_cannot_hold() -> None:
+    state_dict = {"state": {0: {"odd": {1, 2}}}, "param_groups": []}
+    with pytest.raises(TypeError, match="set"):
+        optimizer_state_to_files(state_dict)
+
+
 @pytest.fixture
 def _keep_global_rng() -> Iterator[None]:
     state = (random.getstate(), np.random.get_state(), torch.get_rng_state())

@@ -160,13 +160,17 @@ def test_data_check_reports_and_exits_by_strictness(
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     code, out, err = run(["data", "check", str(tmp_path)], capsys)
-    assert (code, err) == (0, "")  # problems are rows a dataset skips; not fatal unless --strict
+    assert (code, err) == (1, "")  # problems (a missing image) fail; --strict adds warnings
     assert "format:   imagefolder" in out and "gone.png" in out and "stray.png" in out
     code, out, _ = run(["data", "check", str(tmp_path), "--strict", "--json"], capsys)
     report = json.loads(out)
     assert code == 1 and report["ok"] is False and report["num_samples"] == 1
     code, _, err = run(["data", "check", str(tmp_path / "nothing-here")], capsys)
     assert code == 2 and err.startswith("mmgpt: error: ") and "nothing-here" in err
+    # warnings only (the stray image): fine unless --strict
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert run(["data", "check", str(tmp_path)], capsys)[0] == 0
+    assert run(["data", "check", str(tmp_path), "--strict"], capsys)[0] == 1
 
 
 def test_missing_command_module_is_a_one_line_error(

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+import mmgpt.config
 from mmgpt.config import (
     CONFIG_NAME,
     GPT_PRESETS,
@@ -22,7 +23,8 @@ from mmgpt.config import (
 )
 from mmgpt.files import load_json, save_json
 
-REPO = Path(__file__).resolve().parents[1]
+# Subprocesses import the same mmgpt as this test does.
+SRC = Path(mmgpt.config.__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -205,10 +207,10 @@ def test_read_model_config_invalid_json(tmp_path: Path) -> None:
 
 
 def test_import_config_does_not_import_torch() -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     out = subprocess.run(
         [sys.executable, "-c", "import sys, mmgpt.config; print('torch' in sys.modules)"],
-        cwd=REPO,
+        cwd=SRC,
         env=env,
         capture_output=True,
         text=True,

@@ -319,8 +319,8 @@ RECORDED = {"demo", "generate", "eval", "data check"}  # need artifacts: parsed 
 def validate_train(recipe: Any, data: Any, out: Any, resume: bool, overrides: list[str]) -> dict:
     """What ``mmgpt train`` checks before training: the recipe, every override, ``train``."""
     from mmgpt.recipe import apply_overrides, load_recipe, trainable_parts
-    from mmgpt.recipe.spec import STAGE_KEYS
     from mmgpt.recipe import validate_recipe as validate
+    from mmgpt.recipe.spec import STAGE_KEYS
     from mmgpt.trainer import TrainConfig
 
     spec = apply_overrides(load_recipe(recipe), overrides)

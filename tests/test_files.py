@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import mmgpt.files
 from mmgpt.files import (
     LOCK_NAME,
     TMP_PREFIX,
@@ -34,7 +35,8 @@ from mmgpt.files import (
     save_tensors,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+# Subprocesses import the same mmgpt as this test does.
+SRC = Path(mmgpt.files.__file__).resolve().parents[1]
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -407,10 +409,10 @@ _TRY = textwrap.dedent(
 
 
 def _python(code: str, *args: str, **kwargs: object) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
-        cwd=REPO,
+        cwd=SRC,
         env=env,
         text=True,
         stdin=subprocess.PIPE,

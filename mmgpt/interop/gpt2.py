@@ -18,20 +18,14 @@ difference is that GPT-2 stores its projections as ``Conv1D`` with weights of sh
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmgpt.config import CONFIG_NAME, GPTConfig
-from mmgpt.files import load_json, load_tensors, load_torch_file, save_json, save_tensors
+from mmgpt.interop.hf_files import read_hf_config, read_hf_weights, write_hf_checkpoint
 
 if TYPE_CHECKING:
     import torch
-
-SAFETENSORS_NAME = "model.safetensors"
-SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
-PYTORCH_NAME = "pytorch_model.bin"
-PYTORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 
 # HF activation names → ours. "gelu_new" (GPT-2's own) and "gelu_pytorch_tanh" are the same
 # tanh approximation; "gelu"/"gelu_python" are the exact erf form.
@@ -142,6 +136,12 @@ def hf_config_from_gpt(
         problems.append(f"norm={config.norm!r} (GPT-2 needs 'layernorm')")
     if config.activation not in _ACTIVATIONS_OUT:
         problems.append(f"activation={config.activation!r} (GPT-2 needs gelu or gelu_tanh)")
+    if config.gated_mlp:
+        problems.append("gated_mlp=True (GPT-2's MLP has no gate)")
+    if config.kv_heads != config.n_head:
+        problems.append(f"n_kv_head={config.n_kv_head} (GPT-2 has one key/value head per head)")
+    if config.attn_bias != config.bias:
+        problems.append(f"qkv_bias={config.qkv_bias} with bias={config.bias}")
     if problems:
         raise ValueError("cannot export to Hugging Face GPT-2: " + "; ".join(problems))
     return {
@@ -176,65 +176,6 @@ def hf_config_from_gpt(
 # --------------------------------------------------------------------------------------
 
 
-def _load_bin(file: Path) -> dict[str, torch.Tensor]:
-    return _check_state(load_torch_file(file), file)
-
-
-def _read_hf_weights(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """All tensors of a HF checkpoint directory and the file (or index) they came from.
-
-    Preference order as in transformers: safetensors (single, then sharded), then pickle-free
-    ``torch.load(weights_only=True)`` of ``pytorch_model.bin`` (single, then sharded).
-    """
-    single = path / SAFETENSORS_NAME
-    if single.is_file():
-        return load_tensors(single), single
-    index = path / SAFETENSORS_INDEX_NAME
-    if index.is_file():
-        return _read_sharded(index, load_tensors), index
-    single = path / PYTORCH_NAME
-    if single.is_file():
-        return _load_bin(single), single
-    index = path / PYTORCH_INDEX_NAME
-    if index.is_file():
-        return _read_sharded(index, _load_bin), index
-    raise FileNotFoundError(
-        f"{path}: no GPT-2 weights found; expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
-        f"{PYTORCH_NAME} or {PYTORCH_INDEX_NAME}"
-    )
-
-
-def _read_sharded(
-    index_path: Path, load: Callable[[Path], dict[str, torch.Tensor]]
-) -> dict[str, torch.Tensor]:
-    index = load_json(index_path)
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{index_path}: expected a non-empty 'weight_map' object")
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = index_path.parent / shard
-        if not shard_path.is_file():
-            raise FileNotFoundError(
-                f"{index_path}: shard {shard!r} not found in {index_path.parent}"
-            )
-        state.update(load(shard_path))
-    missing = sorted(set(weight_map) - set(state))
-    if missing:
-        raise ValueError(
-            f"{index_path}: tensors listed in the index are absent from their shards: {missing[:8]}"
-        )
-    return state
-
-
-def _check_state(obj: Any, source: Path) -> dict[str, torch.Tensor]:
-    import torch
-
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{source}: expected a state dict of tensors, got {type(obj).__name__}")
-    return obj
-
-
 def hf_state_to_gpt(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Rename/transpose a GPT-2 state dict (with or without the ``transformer.`` prefix)."""
     out = {}
@@ -250,9 +191,7 @@ def hf_state_to_gpt(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[s
     return out
 
 
-def gpt_state_to_hf(
-    state: dict[str, torch.Tensor], config: GPTConfig
-) -> dict[str, torch.Tensor]:
+def gpt_state_to_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Our state dict in GPT-2's layout: Conv1D weights transposed, zero biases where we have none."""
     state = {k: v.detach() for k, v in state.items()}
     out: dict[str, torch.Tensor] = {}
@@ -292,10 +231,8 @@ def read_hf_gpt2(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], 
     ``pytorch_model.bin`` with ``torch.load(weights_only=True)``; nothing is unpickled.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a model directory")
-    config = gpt_config_from_hf(load_json(path / CONFIG_NAME), path / CONFIG_NAME)
-    raw, source = _read_hf_weights(path)
+    config = gpt_config_from_hf(read_hf_config(path), path / CONFIG_NAME)
+    raw, source = read_hf_weights(path)
     return config, hf_state_to_gpt(raw, config), source
 
 
@@ -314,19 +251,13 @@ def write_hf_gpt2(
     Needs learned positions, LayerNorm and gelu/gelu_tanh; a model without biases is written
     with zero biases, which computes the same function.
     """
-    path = Path(path)
     hf_config = hf_config_from_gpt(
         config,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
-    hf_state = gpt_state_to_hf(state, config)
-    # transformers reads the stored dtype to pick the one it loads into
-    hf_config["dtype"] = str(hf_state["transformer.wte.weight"].dtype).removeprefix("torch.")
-    path.mkdir(parents=True, exist_ok=True)
-    save_tensors(hf_state, path / SAFETENSORS_NAME, metadata={"format": "pt"})
-    save_json(hf_config, path / CONFIG_NAME)
+    write_hf_checkpoint(hf_config, gpt_state_to_hf(state, config), path)
 
 
 def is_hf_gpt2_config(config: dict[str, Any]) -> bool:

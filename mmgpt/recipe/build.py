@@ -25,6 +25,7 @@ from mmgpt.processor import DEFAULT_TEMPLATE
 from mmgpt.recipe.spec import (
     COMPONENTS,
     DATA_PATH_ARGS,
+    MULTIMODAL_FORMATS,
     STAGES,
     factory_parameters,
 )
@@ -33,7 +34,6 @@ from mmgpt.weights import load_model_state, model_state_dict
 
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_CORPUS = "tokenizer_corpus.txt"
-MULTIMODAL_FORMATS = ("imagefolder", "llava")
 # file datasets of the RLHF recipes (reward, dpo, ppo): --data is their file, whatever it holds
 RLHF_DATASETS = ("preference", "prompts")
 _REQUIRED = object()

@@ -59,6 +59,8 @@ COMPONENTS = {
 STAGES = ("full", "align", "finetune")
 STAGE_KEYS = ("stage", "train_encoder")
 MULTIMODAL_DATA_KEYS = ("eval_fraction", "truncation")
+# the file formats `--data` selects for a multimodal recipe (detected from the path)
+MULTIMODAL_FORMATS = ("imagefolder", "llava")
 
 
 def recipe_names() -> list[str]:
@@ -100,16 +102,22 @@ def load_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]
 
 def _as_pairs(overrides: Sequence[str] | Mapping[str, Any]) -> list[tuple[str, Any]]:
     if isinstance(overrides, Mapping):
-        return [
-            (key, parse_scalar(value) if isinstance(value, str) else value)
-            for key, value in overrides.items()
-        ]
+        items = [(str(key), value) for key, value in overrides.items()]
+    else:
+        items = []
+        for item in overrides:
+            key, sep, value = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"override {item!r} is not of the form key=value")
+            items.append((key.strip(), value))
     pairs = []
-    for item in overrides:
-        key, sep, value = str(item).partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        pairs.append((key.strip(), parse_scalar(value)))
+    for key, value in items:
+        if isinstance(value, str):
+            try:
+                value = parse_scalar(value)
+            except ValueError as exc:
+                raise ValueError(f"override {key!r}: {exc}") from None
+        pairs.append((key, value))
     return pairs
 
 
@@ -142,7 +150,6 @@ def apply_overrides(
 
 def section_keys(recipe: dict[str, Any], section: str) -> set[str] | None:
     """Valid keys of a section, or None when any key is accepted."""
-
     body = recipe.get(section) or {}
     multimodal = recipe_architecture(recipe) == "multimodal"
     if section == "adapter":
@@ -165,6 +172,10 @@ def section_keys(recipe: dict[str, Any], section: str) -> set[str] | None:
     params = factory_parameters(get(kind, name))
     if params is None:
         return None
+    if section == "data" and multimodal:
+        # --data may switch a multimodal recipe to a file format: its options are valid too
+        for fmt in MULTIMODAL_FORMATS:
+            params |= factory_parameters(get("dataset", fmt)) or set()
     hidden = set(DATASET_CONTEXT) if section == "data" else {"path", "files"}
     return extra | (params - hidden)
 

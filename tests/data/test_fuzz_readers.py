@@ -25,7 +25,8 @@ from mmgpt.recipe import apply_overrides, load_recipe, parse_scalar
 from mmgpt.rlhf.prompts import read_prompts
 
 # Fixed examples, no example database: the same run every time, nothing written to the tree.
-FUZZ = settings(max_examples=60, deadline=2000, derandomize=True, database=None)
+# The deadline catches hangs, not a busy machine (an example takes milliseconds).
+FUZZ = settings(max_examples=60, deadline=10_000, derandomize=True, database=None)
 
 # Field names and values of the formats, so that generated records get past the first check.
 KEYS = [
@@ -196,10 +197,6 @@ def test_apply_overrides_returns_or_raises_value_error(key: str, value: str) -> 
         apply_overrides(load_recipe("lm"), [f"{key}={value}"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mmgpt/recipe.py: a value error does not name its key; deep nesting is a RecursionError",
-)
 @pytest.mark.parametrize("value", ["{a: [", "1" * 5000, "2001-13-45", "[" * 2000])
 def test_override_value_errors_name_the_key(value: str) -> None:
     with pytest.raises(ValueError, match=r"train\.lr"):

@@ -128,10 +128,9 @@ def test_the_data_folder_is_neither_served_nor_named(browser, tiny, tmp_path) ->
         # the same URL serves what is meant to be served: the examples
         example = next(p for p in examples_dir().iterdir() if p.suffix == ".png")
         assert httpx.get(f"{app.local_url}gradio_api/file={example}").status_code == 200
-        config = httpx.get(f"{app.local_url}config")
-        assert config.status_code == 200 and "mmgpt preferences" in config.text
-        config = config.text
-        for text in (html, src, config, str(sampled), str(state)):
+        response = httpx.get(f"{app.local_url}config")
+        assert response.status_code == 200 and "mmgpt preferences" in response.text
+        for text in (html, src, response.text, str(sampled), str(state)):
             assert str(data) not in text and str(tmp_path) not in text
 
 
