@@ -242,12 +242,3 @@ def test_data_check_and_eval_through_the_cli(trained, folder, capsys) -> None:
     assert main(["data", "check", str(folder), "--strict", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["problem_counts"] == {"missing_image": 1} and report["num_samples"] == 48
-
-
-def test_file_format_options_are_valid_before_data_selects_the_format() -> None:
-    """``--data`` switches a shapes recipe to imagefolder/llava after the overrides are
-    checked, so those formats' options are valid keys from the start."""
-    recipe = apply_overrides(load_recipe("caption"), ["data.allow_outside_root=true"])
-    validate_recipe(recipe)
-    with pytest.raises(ValueError, match=r"did you mean data\.allow_outside_root\?"):
-        apply_overrides(load_recipe("caption"), ["data.allow_outside_rot=true"])
