@@ -16,8 +16,9 @@ with ``message = {"text": prompt, "files": [handle_file(image)]}`` (the image is
 → ``(answer A, answer B, pair id, progress)``; ``/judge(pair_id, choice)`` with
 choice ``"A"``, ``"B"`` or ``"skip"`` → progress; ``/progress()`` → ``{"count", "skipped",
 "pending": {"id", "prompt", "answers", "seeds", "image", "created"} | None, "waiting",
-"jsonl"}``: the caller's pending pair, or when it has none the newest pair waiting for anyone
-(e.g. one left in a browser), and how many pairs wait in all.
+"jsonl"}``: the caller's own pending pair (never another person's prompt) and how many pairs
+wait in all. A pair left waiting in a browser is judged from that browser (its id survives a
+reload and a restart), or through ``/judge`` by whoever holds its id.
 """
 
 from __future__ import annotations
@@ -93,8 +94,6 @@ class PreferenceApp:
         "jsonl"}`` (see the module docstring)."""
         count, skipped, pending = self.store.snapshot(api_owner(request))
         waiting = self.store.waiting()
-        if pending is None and waiting:
-            pending = waiting[-1]
         return {
             "count": count,
             "skipped": skipped,

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -116,22 +117,25 @@ def verify_checkpoint_dir(directory: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = manifest["files"]
+        entries = [
+            (str(name), int(info["size"]), str(info["sha256"])) for name, info in files.items()
+        ]
     except FileNotFoundError:
         raise CorruptCheckpointError(
             f"{manifest_path}: missing (the checkpoint was never completed)"
         ) from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptCheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    for name, info in files.items():
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # also a wrong shape
+        raise CorruptCheckpointError(f"{manifest_path}: unreadable manifest ({exc!r})") from None
+    for name, expected_size, expected_sha in entries:
         path = directory / name
         if not path.is_file():
             raise CorruptCheckpointError(f"{path}: listed in the manifest but missing")
         size = path.stat().st_size
-        if size != info["size"]:
+        if size != expected_size:
             raise CorruptCheckpointError(
-                f"{path}: {size} bytes, the manifest says {info['size']} (truncated or damaged)"
+                f"{path}: {size} bytes, the manifest says {expected_size} (truncated or damaged)"
             )
-        if _sha256(path) != info["sha256"]:
+        if _sha256(path) != expected_sha:
             raise CorruptCheckpointError(f"{path}: sha256 differs from the manifest (damaged)")
     return manifest
 
@@ -144,7 +148,7 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         suffix = p.name[len(CHECKPOINT_PREFIX) :]
-        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit():
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and re.fullmatch("[0-9]+", suffix):
             found.append((int(suffix), p))
     return sorted(found)
 
@@ -183,15 +187,18 @@ def latest_valid_checkpoint(root: str | Path, *, quarantine: bool = True) -> Pat
     if damaged or quarantined:
         listed = "; ".join(damaged) if damaged else ", ".join(quarantined)
         raise CorruptCheckpointError(
-            f"{root}: no checkpoint to resume from, every one is damaged: {listed}. Nothing was "
-            "changed. To start over explicitly, move the checkpoints folder aside (the damaged "
-            "ones are kept as step_N.corrupt for inspection) or train into another --out"
+            f"{root}: no checkpoint to resume from, every one is damaged: {listed}. No training "
+            "was done and nothing was deleted: the damaged checkpoints are kept as "
+            "step_N.corrupt for inspection. To start over explicitly, move the checkpoints "
+            "folder aside or train into another --out"
         )
     return None
 
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` checkpoints; return the deleted."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1 (the newest checkpoint), got {keep_last}")
     root = Path(root)
     removed = []
     checkpoints = list_checkpoints(root)

@@ -315,6 +315,8 @@ def cmd_plugins_list(args: argparse.Namespace) -> int:
         print("\nplugins that failed to load:")
         for e in errors:
             print(f"  {e.distribution} (entry point {e.entry_point!r}): {e.error}")
+    if REGISTRY.skipped_plugins:
+        print(f"\nplugins skipped (MMGPT_SKIP_PLUGINS): {', '.join(REGISTRY.skipped_plugins)}")
     return 0
 
 

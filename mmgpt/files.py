@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 # Staging directories start with this; remove_stale_temp_dirs sweeps them after a crash.
 TMP_PREFIX = ".tmp-"
+OLD_SUFFIX = ".old."  # a replaced directory, set aside until its successor is in place
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -32,12 +33,10 @@ class CorruptCheckpointError(RuntimeError):
 
 
 def _current_umask() -> int:
+    # read per call (setting it back at once): a program may change its umask after import
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-_UMASK = _current_umask()
 
 
 def fsync_dir(path: Path) -> None:
@@ -57,7 +56,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give what open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -75,13 +74,18 @@ def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
     old complete directory or the new one.
     """
     staging, target = Path(staging), Path(target)
+    old = None
     if target.exists():
-        old = target.with_name(f"{TMP_PREFIX}{target.name}.old.{os.getpid()}")
+        # aside first, the new one in, and only then delete the old: a process killed between
+        # the two renames leaves the old directory under the ``.old`` name, which
+        # remove_stale_temp_dirs puts back instead of deleting
+        old = target.with_name(f"{TMP_PREFIX}{target.name}{OLD_SUFFIX}{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
-        shutil.rmtree(old, ignore_errors=True)
     os.replace(staging, target)
     fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -97,6 +101,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TMP_PREFIX}{target.name}."))
+    os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes 0700; give what mkdir would
     try:
         yield staging
         replace_dir(staging, target)
@@ -106,12 +111,20 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
 
 
 def remove_stale_temp_dirs(root: str | os.PathLike) -> None:
-    """Remove staging directories that a killed process left under ``root``."""
+    """Clean up after a process killed while writing under ``root``: a directory it had set
+    aside while replacing it (``.tmp-NAME.old.PID``) goes back to ``NAME`` when ``NAME`` is
+    missing; every other staging directory is removed."""
     root = Path(root)
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.is_dir() and p.name.startswith(TMP_PREFIX):
-                shutil.rmtree(p, ignore_errors=True)
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and p.name.startswith(TMP_PREFIX) and OLD_SUFFIX in p.name:
+            name = p.name[len(TMP_PREFIX) :].rpartition(OLD_SUFFIX)[0]
+            if name and not (root / name).exists():
+                os.replace(p, root / name)
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(TMP_PREFIX):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:
@@ -197,6 +210,8 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     """Read a ``.bin``/``.pt`` file without unpickling arbitrary objects."""
     import torch  # deferred: `import mmgpt` stays free of torch
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

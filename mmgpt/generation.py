@@ -985,6 +985,13 @@ def _text_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int] | None, add_b
     return tokenizer.encode(prompt, add_bos=add_bos)
 
 
+def tokenizer_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The ids that end a reply: the tokenizer's ``stop_ids`` (a chat model's end-of-turn
+    tokens, e.g. ``<|eot_id|>``, ``<|im_end|>``) when it has them, and its eos."""
+    stops = [*(getattr(tokenizer, "stop_ids", None) or ()), tokenizer.eos_id]
+    return tuple(dict.fromkeys(int(t) for t in stops))
+
+
 def stream_text(
     model: nn.Module,
     tokenizer: Tokenizer,
@@ -1003,14 +1010,16 @@ def stream_text(
     text that could still become a stop string is held back; the output stops just before
     a stop string. ``prompt`` is text (encoded with a BOS if ``add_bos``) or token ids; or
     pass ``inputs_embeds`` (1, T, C) with ``prompt=None``. Generation also stops at the
-    tokenizer's eos unless ``stop_at_eos=False``.
+    tokenizer's eos and stop ids (:func:`tokenizer_stop_ids`) unless ``stop_at_eos=False``.
     """
     _check_single_embeds("stream_text", inputs_embeds)
     config = config if config is not None else GenerationConfig()
-    if stop_at_eos and tokenizer.eos_id not in config.stop_token_ids:
+    stops = tokenizer_stop_ids(tokenizer) if stop_at_eos else ()
+    if any(t not in config.stop_token_ids for t in stops):
         from dataclasses import replace
 
-        config = replace(config, stop_token_ids=(*config.stop_token_ids, tokenizer.eos_id))
+        extra = tuple(t for t in stops if t not in config.stop_token_ids)
+        config = replace(config, stop_token_ids=(*config.stop_token_ids, *extra))
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -1063,6 +1072,7 @@ __all__ = [
     "stream",
     "stream_batch",
     "stream_text",
+    "tokenizer_stop_ids",
     "top_k_filter",
     "top_p_filter",
 ]

@@ -4,11 +4,24 @@ The decoder knows nothing about modalities: it maps token ids *or* ready-made em
 (multimodal fusion feeds those) to hidden states and logits, with an optional KV cache.
 Module names follow GPT-2 (``transformer.h.0.attn.c_attn`` …) so Hugging Face checkpoints and
 adapter target patterns map one to one.
+
+One layout serves GPT-2 and the Llama family (Llama, Mistral, Qwen2), so an adapter that
+targets ``c_attn``/``c_fc``/``c_proj`` covers every projection of either:
+
+- ``attn.c_attn`` computes q, k and v in one matmul, ``(n_head + 2 * n_kv_head) * head_dim``
+  outputs (grouped-query attention when ``n_kv_head < n_head``; the KV cache holds only the
+  ``n_kv_head`` heads); ``attn.c_proj`` is the output projection (Llama's ``o_proj``).
+- ``mlp.c_fc`` is the up projection; with ``gated_mlp`` it computes gate and up in one matmul
+  (gate first, then up: ``2 * mlp_hidden`` outputs) and the MLP is
+  ``c_proj(act(gate) * up)`` (SwiGLU with ``activation="silu"``); ``mlp.c_proj`` is the down
+  projection.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +38,7 @@ from mmgpt.config import (
     gpt_config,
     read_model_config,
 )
-from mmgpt.interop.gpt2 import is_hf_gpt2_config, read_hf_gpt2
+from mmgpt.interop import HF_MODEL_TYPES, is_hf_config, read_hf
 from mmgpt.weights import (
     check_weights_file,
     load_model_files,
@@ -71,13 +84,33 @@ def sinusoidal_table(length: int, dim: int) -> Tensor:
     return table.float()
 
 
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> Tensor:
+    """RoPE's inverse frequencies theta^(-2i/d), (D/2,); ``scaling`` applies transformers'
+    "linear" or "llama3" formula, in the same float32 operations."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor  # positions divided by factor
+    # llama3: wavelengths longer than the original context / low_freq_factor are stretched by
+    # factor, those shorter than context / high_freq_factor are kept, and in between blended.
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    stretched = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    medium = ~(wavelen < context / high) & ~(wavelen > context / low)
+    return torch.where(medium, blended, stretched)
+
+
 class Rotary(nn.Module):
     """Rotary position embedding (RoPE), rotate-half convention, applied to q and k."""
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
 
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         freqs = position_ids.float()[..., None] * self.inv_freq  # (B, T, D/2)
@@ -97,7 +130,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Per-layer key/value buffers of shape (B, H, capacity, D), written in place.
+    """Per-layer key/value buffers of shape (B, H_kv, capacity, D), written in place.
 
     Preallocating avoids a concatenation per generated token; the buffers grow (doubling)
     if a caller writes past the capacity it asked for.
@@ -115,7 +148,7 @@ class KVCache:
         return cls(config.n_layer, capacity or config.block_size)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, H, T, D) after the cached positions; return all keys and values."""
+        """Store k, v (B, H_kv, T, D) after the cached positions; return all keys and values."""
         start, end = self.length, self.length + k.size(2)
         buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or buf_k.size(2) < end or buf_k.size(0) != k.size(0):
@@ -157,9 +190,14 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads
         self.head_dim = config.head_dim
+        self.kv_dim = self.n_kv_head * self.head_dim
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # q, k and v in one matmul; n_kv_head < n_head: each k/v head serves a group of q heads
+        self.c_attn = nn.Linear(
+            config.n_embd, config.n_embd + 2 * self.kv_dim, bias=config.attn_bias
+        )
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = make_dropout(config.dropout)
 
@@ -173,15 +211,16 @@ class CausalSelfAttention(nn.Module):
         layer: int,
     ) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = self.c_attn(x).split((C, self.kv_dim, self.kv_dim), dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H, S, D), S = cached + T
-        # softmax(q kᵀ / sqrt(d_k)) v with the causal (and padding) mask
+            k, v = cache.update(layer, k, v)  # (B, H_kv, S, D), S = cached + T
+        # softmax(q kᵀ / sqrt(d_k)) v with the causal (and padding) mask; enable_gqa lets
+        # query head h read k/v head h // (H / H_kv) without materialising the repeats
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -189,6 +228,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
+            enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -199,16 +239,37 @@ class CausalSelfAttention(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": gelu_tanh,
+    "silu": F.silu,
+}
+
+
 class MLP(nn.Module):
+    """c_proj(act(c_fc(x))); gated: c_fc yields [gate, up] and the MLP is c_proj(act(gate) * up)."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
-        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
-        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        self.gated = config.gated_mlp
+        hidden = config.mlp_hidden
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.act = ACTIVATION_FNS[config.activation]
         self.dropout = make_dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, T, C)
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        h = self.c_fc(x)  # (B, T, H), gated: (B, T, 2H)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)  # (B, T, H) each
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -264,7 +325,9 @@ class GPT(nn.Module):
             table = sinusoidal_table(config.block_size, config.n_embd)
             self.register_buffer("sinusoidal", table, persistent=False)
         self.rotary = (
-            Rotary(config.head_dim, config.rope_theta) if config.pos_encoding == "rotary" else None
+            Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
+            if config.pos_encoding == "rotary"
+            else None
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -294,6 +357,42 @@ class GPT(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def resize_token_embeddings(self, new_vocab_size: int) -> None:
+        """Grow the vocabulary to ``new_vocab_size`` (e.g. for added special tokens): the
+        embedding and an untied head get new rows, each the mean of the existing rows (as
+        LLaVA does: new tokens start as an average token rather than as noise that dominates
+        the softmax); ``config.vocab_size`` follows and a tied head stays tied."""
+        old = self.config.vocab_size
+        if isinstance(new_vocab_size, bool) or not isinstance(new_vocab_size, int):
+            raise TypeError(f"resize_token_embeddings: expected an int, got {new_vocab_size!r}")
+        if new_vocab_size < old:
+            raise ValueError(
+                f"resize_token_embeddings: cannot shrink the vocabulary from {old} to "
+                f"{new_vocab_size}; ids {new_vocab_size}..{old - 1} would lose their embeddings"
+            )
+        if new_vocab_size == old:
+            return
+        wte = self.transformer.wte
+        new_wte = nn.Embedding(
+            new_vocab_size, wte.embedding_dim, device=wte.weight.device, dtype=wte.weight.dtype
+        )
+        _copy_and_mean_fill(new_wte.weight, wte.weight)
+        self.transformer.wte = new_wte
+        head = self.lm_head
+        new_head = nn.Linear(
+            head.in_features,
+            new_vocab_size,
+            bias=False,
+            device=head.weight.device,
+            dtype=head.weight.dtype,
+        )
+        if self.config.tie_embeddings:
+            new_head.weight = new_wte.weight
+        else:
+            _copy_and_mean_fill(new_head.weight, head.weight)
+        self.lm_head = new_head
+        self.config = dataclasses.replace(self.config, vocab_size=new_vocab_size)
 
     # -- forward ---------------------------------------------------------------------
     def forward(
@@ -411,15 +510,17 @@ class GPT(nn.Module):
         map_location: str | torch.device = "cpu",
         adapter: str | list[str] | None = "auto",
     ) -> GPT:
-        """Load an mmgpt GPT directory or a Hugging Face GPT-2 directory, in eval mode.
+        """Load an mmgpt GPT directory or a Hugging Face directory (model_type gpt2, llama,
+        mistral or qwen2: :mod:`mmgpt.interop`), in eval mode.
 
         ``adapter``: "auto" loads the adapters recorded in the directory's config.json and
         activates the recorded one; "all", a name, a list of names, or None (base only).
         """
         path = Path(path)
         config = read_model_config(path)
-        if is_hf_gpt2_config(config):
-            gpt, state, source = read_hf_gpt2(path)
+        if is_hf_config(config):
+            gpt, state, source = read_hf(path)
+            # before the model is allocated: a config that does not fit the weights is named
             _check_shapes(cls.parameter_shapes(gpt), state, source, path / CONFIG_NAME)
             model = cls(gpt)
             load_model_state(model, state, source)
@@ -427,7 +528,8 @@ class GPT(nn.Module):
         if "gpt" not in config:
             raise ValueError(
                 f"{path / CONFIG_NAME}: expected an mmgpt model (a 'gpt' section) or a Hugging "
-                f"Face GPT-2 config (model_type 'gpt2'); found keys {sorted(config)}"
+                f"Face config (model_type one of {', '.join(HF_MODEL_TYPES)}); "
+                f"found keys {sorted(config)}"
             )
         gpt = GPTConfig.from_dict(config["gpt"])
         check_weights_file(cls.parameter_shapes(gpt), path / WEIGHTS_NAME, path / CONFIG_NAME)
@@ -451,6 +553,14 @@ class GPT(nn.Module):
         save_model_files(self, path, self.config_dict(tokenizer))
         if tokenizer is not None:
             tokenizer.save(Path(path))
+
+
+def _copy_and_mean_fill(new: Tensor, old: Tensor) -> None:
+    """new[:n] = old; the rows after, the mean of old's rows."""
+    with torch.no_grad():
+        new[: old.size(0)] = old
+        new[old.size(0) :] = old.mean(dim=0, dtype=torch.float32).to(old.dtype)
+    new.requires_grad_(old.requires_grad)
 
 
 def _check_shapes(

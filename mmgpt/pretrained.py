@@ -2,8 +2,9 @@
 holds and that saves, loads, merges and converts whole directories.
 
 Kinds it reads (``config.json`` decides): an mmgpt text model (``"architecture": "gpt"``), an
-mmgpt multimodal model (``"multimodal"``), and a Hugging Face GPT-2 directory
-(``"model_type": "gpt2"``), each with the adapters saved beside it. The model classes load
+mmgpt multimodal model (``"multimodal"``), and a Hugging Face directory whose ``model_type`` is
+one of :data:`mmgpt.interop.HF_MODEL_TYPES` (gpt2, llama, mistral, qwen2), each with the
+adapters saved beside it. The model classes load
 their own layout (``GPT.from_pretrained``, ``MultimodalGPT.from_pretrained``); callers that
 do not know which class they face (the CLI, recipes, evaluation, demos) come here.
 
@@ -24,6 +25,7 @@ from mmgpt.adapters.lora import fold_adapters
 from mmgpt.config import CONFIG_NAME, read_model_config
 from mmgpt.files import atomic_directory
 from mmgpt.interfaces import Tokenizer
+from mmgpt.interop import hf_model_type, is_hf_config, write_hf
 from mmgpt.interop.gpt2 import is_hf_gpt2_config, write_hf_gpt2
 from mmgpt.model import ARCHITECTURE as GPT_ARCHITECTURE
 from mmgpt.model import GPT
@@ -40,6 +42,7 @@ __all__ = [
     "merge_and_save",
     "model_config",
     "require_architecture",
+    "save_hf",
     "save_hf_gpt2",
     "save_model",
 ]
@@ -53,14 +56,16 @@ _CLASSES: dict[str, type[nn.Module]] = {
 
 def architecture(config: Mapping[str, Any], source: str | os.PathLike = CONFIG_NAME) -> str:
     """The architecture a ``config.json`` describes: ``"gpt"`` (mmgpt text models and Hugging
-    Face GPT-2 directories) or ``"multimodal"``; anything else is an error naming ``source``."""
-    if is_hf_gpt2_config(config):
+    Face directories of a supported ``model_type``) or ``"multimodal"``; anything else is an
+    error naming ``source`` (for a Hugging Face config, its model_type and the supported ones)."""
+    if is_hf_config(config):
+        hf_model_type(config, source)
         return GPT_ARCHITECTURE
     arch = config.get("architecture", GPT_ARCHITECTURE if "gpt" in config else None)
     if arch not in ARCHITECTURES:
         raise ValueError(
             f"{source}: not an mmgpt model directory (architecture {arch!r}; expected one of "
-            f"{', '.join(ARCHITECTURES)}, or a Hugging Face GPT-2 config with model_type 'gpt2')"
+            f"{', '.join(ARCHITECTURES)}, or a Hugging Face config with a model_type)"
         )
     return arch
 
@@ -199,6 +204,29 @@ def save_hf_gpt2(
         model.state_dict(),
         model.config,
         path,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+def save_hf(
+    model: GPT,
+    path: str | os.PathLike,
+    *,
+    family: str | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> str:
+    """Write ``model`` as a Hugging Face directory that ``AutoModelForCausalLM`` loads, of
+    ``family`` (gpt2, llama, mistral, qwen2; default: the one its features call for, see
+    :func:`mmgpt.interop.hf_family`); return the family written."""
+    return write_hf(
+        model.state_dict(),
+        model.config,
+        path,
+        family=family,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,

@@ -1,6 +1,7 @@
 """Samples → :class:`MultimodalBatch`: chat template, placeholder expansion, labels, padding.
 
-The chat template (:class:`ChatTemplate`) renders a conversation as::
+Without a chat template of its own, a tokenizer's conversations are rendered by mmgpt's
+:class:`ChatTemplate` as::
 
     <bos>User: {user text}\\n
     Assistant: {assistant text}<eos>\\n
@@ -11,6 +12,17 @@ are ``-100`` on the ``<bos>``, every user turn, each ``"Assistant:"`` prefix, th
 ``<eos>``, image slots and padding. A generation prompt (:meth:`MultimodalProcessor.encode_prompt`)
 is the same rendering of the turns so far followed by ``"Assistant:"``, so training and
 inference tokenize identically.
+
+A tokenizer with a chat template (a pretrained chat model's Jinja template: the tokenizer has
+``chat_template`` and ``render_chat``) is used with its own template
+(:class:`TokenizerChatTemplate`): the conversation is rendered exactly as the model was trained
+(``<|start_header_id|>user<|end_header_id|>\\n\\n…<|eot_id|>``, ``<|im_start|>user\\n…<|im_end|>``),
+turns may also have the role ``"system"``, and a generation prompt is the rendering with
+``add_generation_prompt=True``. The labels cover each assistant reply and its end-of-turn token
+(the first of the tokenizer's ``stop_ids`` after the reply), nothing else: the reply of turn
+``i`` is what the rendering of ``turns[:i + 1]`` adds to the rendering of ``turns[:i]`` with a
+generation prompt. A template that does not render a conversation prefix by prefix (one that
+rewrites earlier turns) cannot be trained on this way, and is an error.
 
 Placeholders in any turn's text, any number, at any position:
 
@@ -41,7 +53,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -132,6 +144,8 @@ class ChatTemplate:
     ``" word …"`` like running text); a generation prompt stops just before it.
     """
 
+    roles: ClassVar[tuple[str, ...]] = ("user", "assistant")
+
     user_prefix: str = "User: "
     user_suffix: str = "\n"
     assistant_prefix: str = "Assistant:"
@@ -158,21 +172,63 @@ class ChatTemplate:
 DEFAULT_TEMPLATE = ChatTemplate()
 
 
-def _turns(conversation: Sequence[Any]) -> list[tuple[str, str]]:
-    """(role, text) pairs from Turns (or anything with ``role``/``text``, or such dicts)."""
+class TokenizerChatTemplate:
+    """The tokenizer's own chat template (a pretrained chat model's Jinja template).
+
+    The tokenizer renders (``tokenizer.render_chat(messages, add_generation_prompt=...)``, with
+    ``messages`` as ``[{"role": ..., "content": ...}]``), so the text is exactly what the model
+    was trained on, its special tokens written out and its bos included where the template
+    writes one. A reply starts right after the generation prompt (``assistant_separator`` is
+    empty); a raw-string prompt starts with bos iff the tokenizer's ``add_bos_token``.
+    """
+
+    roles: ClassVar[tuple[str, ...]] = ("system", "user", "assistant")
+    assistant_separator = ""
+
+    def __init__(self, tokenizer: Any) -> None:
+        if not getattr(tokenizer, "chat_template", None) or not callable(
+            getattr(tokenizer, "render_chat", None)
+        ):
+            raise TypeError(
+                f"{type(tokenizer).__name__} has no chat template to use (it needs a "
+                "chat_template and render_chat(messages, add_generation_prompt=...))"
+            )
+        self.tokenizer = tokenizer
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(getattr(self.tokenizer, "add_bos_token", False))
+
+    def render(self, conversation: Sequence[Any], *, add_generation_prompt: bool = False) -> str:
+        """The conversation as the model reads it (special tokens written out)."""
+        messages = [
+            {"role": role, "content": text} for role, text in _turns(conversation, self.roles)
+        ]
+        return self.tokenizer.render_chat(messages, add_generation_prompt=add_generation_prompt)
+
+    def __repr__(self) -> str:
+        return f"TokenizerChatTemplate({type(self.tokenizer).__name__})"
+
+
+def _turns(
+    conversation: Sequence[Any], roles: Sequence[str] = ChatTemplate.roles
+) -> list[tuple[str, str]]:
+    """(role, text) pairs from Turns (or anything with ``role``/``text``, or such dicts; a
+    dict's text may also be under ``content``, as in Hugging Face messages)."""
     if isinstance(conversation, (str, bytes)) or not isinstance(conversation, Sequence):
         raise TypeError(
             f"a conversation must be a list of turns, got {type(conversation).__name__}"
         )
     out = []
+    expected = " or ".join(repr(r) for r in roles)
     for i, turn in enumerate(conversation):
         if isinstance(turn, Mapping):
-            role, text = turn.get("role"), turn.get("text")
+            role, text = turn.get("role"), turn.get("text", turn.get("content"))
         else:
             role, text = getattr(turn, "role", None), getattr(turn, "text", None)
-        if role not in ("user", "assistant") or not isinstance(text, str):
+        if role not in roles or not isinstance(text, str):
             raise ValueError(
-                f"conversation[{i}]: expected a turn with role 'user' or 'assistant' and a str "
+                f"conversation[{i}]: expected a turn with role {expected} and a str "
                 f"text, got role={role!r}, text of type {type(text).__name__}"
             )
         out.append((role, text))
@@ -254,7 +310,8 @@ class MultimodalProcessor:
         image_transform: list of images → ``(N, 3, H, W)``; default ``encoder.preprocess``.
         output_image_transform: list of output images → tensor (e.g. a decoder's
             ``preprocess``); without it ``batch.output_images`` holds the PIL images.
-        template: the :class:`ChatTemplate`.
+        template: a :class:`ChatTemplate`, or a :class:`TokenizerChatTemplate`; default: the
+            tokenizer's own chat template when it has one, else :data:`DEFAULT_TEMPLATE`.
         max_length: longest sequence allowed (e.g. the decoder's ``block_size``).
         padding_side: ``"right"`` for training, ``"left"`` for batched generation.
         truncation: cut long sequences at ``max_length`` instead of raising.
@@ -268,7 +325,7 @@ class MultimodalProcessor:
         num_image_tokens: int | None = None,
         image_transform: Callable[[list[Any]], Tensor] | None = None,
         output_image_transform: Callable[[list[Any]], Tensor] | None = None,
-        template: ChatTemplate = DEFAULT_TEMPLATE,
+        template: ChatTemplate | TokenizerChatTemplate | None = None,
         max_length: int | None = None,
         padding_side: str = "right",
         truncation: bool = False,
@@ -310,6 +367,14 @@ class MultimodalProcessor:
         # longest first, so a placeholder that extends another one wins
         alternatives = sorted(placeholders, key=len, reverse=True)
         self._placeholder_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+        if template is None:
+            has_own = getattr(tokenizer, "chat_template", None)
+            template = TokenizerChatTemplate(tokenizer) if has_own else DEFAULT_TEMPLATE
+        elif not isinstance(template, (ChatTemplate, TokenizerChatTemplate)):
+            raise TypeError(
+                "template must be a ChatTemplate or a TokenizerChatTemplate, got "
+                f"{type(template).__name__}"
+            )
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.image_transform = image_transform
@@ -334,7 +399,7 @@ class MultimodalProcessor:
         meta = dict(getattr(sample, "meta", None) or {})
         where = describe_sample(meta, index)
         try:
-            turns = _turns(sample.conversation)
+            turns = _turns(sample.conversation, self.template.roles)
         except (TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{where}: {exc}") from exc
         images = list(getattr(sample, "images", None) or [])
@@ -357,7 +422,8 @@ class MultimodalProcessor:
         index: int | None = None,
     ) -> EncodedSample:
         """A generation prompt: a conversation (rendered with the template and ending with
-        ``"Assistant:"``) or a raw string (used verbatim after ``<bos>``; placeholders expanded).
+        ``"Assistant:"``, or a chat template's generation prompt) or a raw string (used verbatim
+        after ``<bos>``, if the template adds one; placeholders expanded).
         ``inputs``: items of non-image modalities, ``{modality: [item, …]}``.
         """
         where = f"prompt {index}" if index is not None else "the prompt"
@@ -371,16 +437,27 @@ class MultimodalProcessor:
             spans: dict[str, list[tuple[int, int]]] = {}
             self._append_text(prompt, False, ids, labels, image_spans, signal_spans, where, spans)
         else:
-            turns = _turns(prompt)
+            turns = _turns(prompt, self.template.roles)
             if turns and turns[-1][0] != "user":
                 raise ValueError(
                     f"{where}: a generation prompt must end with a user turn, "
                     f"the last turn is {turns[-1][0]!r}"
                 )
-            ids, labels, image_spans, signal_spans, spans = self._encode_turns(turns, where)
-            self._append_text(
-                self.template.assistant_prefix, False, ids, labels, image_spans, signal_spans, where
-            )
+            if isinstance(self.template, TokenizerChatTemplate):
+                ids, labels, image_spans, signal_spans, spans = self._encode_chat(
+                    turns, where, add_generation_prompt=True
+                )
+            else:
+                ids, labels, image_spans, signal_spans, spans = self._encode_turns(turns, where)
+                self._append_text(
+                    self.template.assistant_prefix,
+                    False,
+                    ids,
+                    labels,
+                    image_spans,
+                    signal_spans,
+                    where,
+                )
         self._check_counts(where, len(image_spans), len(images), 0, [])
         self._check_modality_counts(where, spans, items)
         enc = EncodedSample(
@@ -394,7 +471,8 @@ class MultimodalProcessor:
         return enc
 
     def build_prompt(self, conversation: Sequence[Any]) -> str:
-        """The generation prompt as text (``<bos>`` literal; ends with ``"Assistant:"``)."""
+        """The generation prompt as text (``<bos>`` literal; ends with ``"Assistant:"`` or the
+        chat template's generation prompt)."""
         return self.template.render(conversation, add_generation_prompt=True)
 
     def prompt_batch(
@@ -482,6 +560,8 @@ class MultimodalProcessor:
         dict[str, list[tuple[int, int]]],
     ]:
         t = self.template
+        if isinstance(t, TokenizerChatTemplate):
+            return self._encode_chat(turns, where, add_generation_prompt=False)
         ids: list[int] = [self.tokenizer.bos_id] if t.add_bos else []
         labels = [IGNORE_INDEX] * len(ids)
         image_spans: list[tuple[int, int]] = []
@@ -514,6 +594,73 @@ class MultimodalProcessor:
                 labels.append(self.tokenizer.eos_id)
                 self._append_text(t.assistant_suffix, False, ids, labels, *spans, where)
         return ids, labels, image_spans, signal_spans, modality_spans
+
+    def _encode_chat(
+        self, turns: list[tuple[str, str]], where: str, *, add_generation_prompt: bool
+    ) -> tuple[
+        list[int],
+        list[int],
+        list[tuple[int, int]],
+        list[tuple[int, int]],
+        dict[str, list[tuple[int, int]]],
+    ]:
+        """Turns rendered by the tokenizer's chat template; labels on the assistant replies.
+
+        The text is tokenized in pieces cut where a reply starts (the end of the generation
+        prompt, so a prompt is tokenized as at inference) and after its end-of-turn token."""
+
+        def render(upto: int, generation_prompt: bool) -> str:
+            messages = [{"role": role, "text": text} for role, text in turns[:upto]]
+            try:
+                return self.template.render(messages, add_generation_prompt=generation_prompt)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from exc
+
+        text = render(len(turns), add_generation_prompt)
+        pieces: list[tuple[str, bool]] = []  # (text, learned)
+        done = 0
+        for i, (role, reply) in enumerate(turns):
+            if role != "assistant" or add_generation_prompt:
+                continue
+            before, through = render(i, True), render(i + 1, False)
+            if not (through.startswith(before) and text.startswith(through)):
+                raise ValueError(
+                    f"{where}: the chat template does not render this conversation prefix by "
+                    f"prefix (turn {i}: the text of the turns before it, with a generation "
+                    "prompt, does not start the text of the turns through it, or that does not "
+                    "start the whole), so the assistant's reply cannot be told apart from the "
+                    "template's own text"
+                )
+            start, end = len(before), self._reply_end(through, len(before), reply)
+            pieces += [(text[done:start], False), (text[start:end], True)]
+            done = end
+        pieces.append((text[done:], False))
+
+        ids: list[int] = []
+        labels: list[int] = []
+        image_spans: list[tuple[int, int]] = []
+        signal_spans: list[tuple[int, int]] = []
+        modality_spans: dict[str, list[tuple[int, int]]] = {}
+        for piece, learn in pieces:
+            self._append_text(
+                piece, learn, ids, labels, image_spans, signal_spans, where, modality_spans
+            )
+        return ids, labels, image_spans, signal_spans, modality_spans
+
+    def _reply_end(self, through: str, start: int, reply: str) -> int:
+        """Where the learned part of a rendered reply ends: just after the first stop token
+        (end of turn) that follows the reply's text, else at the end of the rendering."""
+        tail = through[start:]
+        content = reply.strip()  # templates may trim the reply (Llama-3's does)
+        at = tail.find(content) if content else 0
+        after = at + len(content) if at >= 0 else 0
+        stop_ids = list(getattr(self.tokenizer, "stop_ids", None) or [self.tokenizer.eos_id])
+        ends = [
+            found + len(token)
+            for token in (self.tokenizer.decode([i]) for i in stop_ids)
+            if token and (found := tail.find(token, after)) >= 0
+        ]
+        return start + min(ends) if ends else len(through)
 
     def _append_text(
         self,
@@ -681,5 +828,6 @@ __all__ = [
     "ModalitySlots",
     "MultimodalBatch",
     "MultimodalProcessor",
+    "TokenizerChatTemplate",
     "describe_sample",
 ]

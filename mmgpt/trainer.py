@@ -704,6 +704,7 @@ class Trainer:
         """Prepare out_dir, restore or seed state, open the logs. True if resumed."""
         if self.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_dirs(self.out_dir)  # e.g. a final model/ being replaced
             remove_stale_temp_dirs(self.checkpoint_dir)
             if not resume:
                 check_no_checkpoints(self.out_dir)

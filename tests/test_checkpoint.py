@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import random
 import warnings
 from collections.abc import Iterator
@@ -428,21 +429,37 @@ def test_rng_state_round_trip_through_files(tmp_path: Path) -> None:
 # --- a full disk while writing -------------------------------------------------------------
 
 
+def _disk_full(path: Path, data: bytes, written: list[Path]) -> None:
+    path.write_bytes(data[: len(data) // 2])  # part of it fits, then the disk is full
+    written.append(path)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 @pytest.mark.parametrize("step", [2, 1], ids=["new-step", "over-existing-step"])
+@pytest.mark.parametrize("writer", ["save_tensors", "save_json", "atomic_write_bytes"])
 def test_full_disk_while_writing_keeps_previous_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int, writer: str
 ) -> None:
     first = _write(tmp_path, 1)
     before = {p.name: p.read_bytes() for p in first.iterdir()}
-    written = []
+    written: list[Path] = []
 
-    def save_tensors_then_disk_full(tensors, path, metadata=None):
+    def fake_save_tensors(tensors, path, metadata=None):
         data = safetensors_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-        Path(path).write_bytes(data[: len(data) // 2])
-        written.append(Path(path))
-        raise OSError(errno.ENOSPC, "No space left on device")
+        _disk_full(Path(path), data, written)
 
-    monkeypatch.setattr(checkpoint_module, "save_tensors", save_tensors_then_disk_full)
+    def fake_save_json(obj, path):
+        _disk_full(Path(path), json.dumps(obj).encode(), written)
+
+    def fake_atomic_write_bytes(path, data):  # the manifest, written last
+        _disk_full(Path(path), data, written)
+
+    fakes = {
+        "save_tensors": fake_save_tensors,
+        "save_json": fake_save_json,
+        "atomic_write_bytes": fake_atomic_write_bytes,
+    }
+    monkeypatch.setattr(checkpoint_module, writer, fakes[writer])
     with pytest.raises(OSError, match="No space left on device") as info:
         _write(tmp_path, step)
     assert info.value.errno == errno.ENOSPC
@@ -455,3 +472,21 @@ def test_full_disk_while_writing_keeps_previous_checkpoint(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert latest_valid_checkpoint(tmp_path) == first
+
+
+@pytest.mark.parametrize("manifest", ['{"files": []}', '{"files": {"x": {}}}', '{"files": 3}'])
+def test_a_manifest_of_the_wrong_shape_is_damage_not_a_crash(tmp_path: Path, manifest) -> None:
+    directory = tmp_path / "step_00000001"
+    directory.mkdir()
+    (directory / "manifest.json").write_text(manifest)
+    with pytest.raises(CorruptCheckpointError, match="manifest.json: unreadable manifest"):
+        verify_checkpoint_dir(directory)
+
+
+def test_odd_names_and_bad_keep_last(tmp_path: Path) -> None:
+    for name in ("step_00000003", "step_\u00b2", "step_", "step_12a"):
+        (tmp_path / name).mkdir()
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [3]
+    with pytest.raises(ValueError, match="keep_last must be at least 1"):
+        prune_checkpoints(tmp_path, -1)
+    assert (tmp_path / "step_00000003").is_dir()

@@ -165,17 +165,41 @@ def test_replace_dir(tmp_path: Path) -> None:
 
 def test_remove_stale_temp_dirs_removes_only_tmp_dirs(tmp_path: Path) -> None:
     _make_dir(tmp_path / f"{TMP_PREFIX}step_00000002.abc", {"model.safetensors": b"half"})
-    _make_dir(tmp_path / f"{TMP_PREFIX}out.old.123", {"deep/file": b"x"})
+    _make_dir(tmp_path / f"{TMP_PREFIX}step_00000001.old.77", {"stale": b"x"})  # has a successor
+    _make_dir(tmp_path / f"{TMP_PREFIX}out.old.123", {"deep/file": b"x"})  # lost its successor
     _make_dir(tmp_path / "step_00000001", {"manifest.json": b"{}"})
     _make_dir(tmp_path / "keep.tmp-", {"f": b"x"})
     (tmp_path / f"{TMP_PREFIX}a-file").write_bytes(b"a file, not a staging dir")
     (tmp_path / "plain.txt").write_bytes(b"p")
     remove_stale_temp_dirs(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["step_00000001", "keep.tmp-", f"{TMP_PREFIX}a-file", "plain.txt"]
+        ["step_00000001", "out", "keep.tmp-", f"{TMP_PREFIX}a-file", "plain.txt"]
     )
     assert (tmp_path / "step_00000001" / "manifest.json").read_bytes() == b"{}"
+    assert (tmp_path / "out" / "deep" / "file").read_bytes() == b"x"  # put back, not deleted
     remove_stale_temp_dirs(tmp_path / "missing")  # a missing root is not an error
+
+
+def test_a_kill_between_the_two_renames_of_a_replacement_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _make_dir(tmp_path / "model", {"weights": b"old"})
+    real_replace, calls = os.replace, []
+
+    def killed_after_the_first(src, dst):  # the process dies once the old one is set aside
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt), atomic_directory(tmp_path / "model") as staging:
+        (staging / "weights").write_bytes(b"new")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not (tmp_path / "model").exists()  # the moment the kill left behind
+    remove_stale_temp_dirs(tmp_path)  # what the next run does first
+    assert (tmp_path / "model" / "weights").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 # --- JSON ----------------------------------------------------------------------------------
@@ -483,3 +507,21 @@ def test_exclusive_lock_released_when_holder_is_killed(tmp_path: Path) -> None:
     with exclusive_lock(directory):
         assert (directory / LOCK_NAME).read_text().strip() == str(os.getpid())
     assert _try_lock_in_subprocess(directory) == "acquired"
+
+
+def test_directories_and_files_follow_the_umask_of_the_moment(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "shared") as staging:
+            (staging / "f").write_bytes(b"x")
+        assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755  # as mkdir gives
+        os.umask(0o077)  # changed after import: a private file stays private
+        atomic_write_bytes(tmp_path / "private", b"secret")
+        assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_load_torch_file_on_a_missing_file_is_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing.bin"):
+        load_torch_file(tmp_path / "nothing.bin")

@@ -44,8 +44,11 @@ def test_architecture_of_each_kind_and_a_clear_error_otherwise() -> None:
     assert architecture({"gpt": {}}) == "gpt"  # early directories had no architecture key
     assert architecture({"architecture": "multimodal"}) == "multimodal"
     assert architecture({"model_type": "gpt2"}) == "gpt"  # Hugging Face GPT-2
-    with pytest.raises(ValueError, match=r"dir/config\.json.*'llama'.*gpt, multimodal"):
-        architecture({"model_type": "llama", "architecture": "llama"}, "dir/config.json")
+    assert architecture({"model_type": "qwen2"}) == "gpt"  # and the Llama family
+    with pytest.raises(ValueError, match=r"dir/config\.json.*'gemma'.*gpt2, llama, mistral"):
+        architecture({"model_type": "gemma"}, "dir/config.json")
+    with pytest.raises(ValueError, match=r"dir/config\.json.*'llava'.*gpt, multimodal"):
+        architecture({"architecture": "llava"}, "dir/config.json")
 
 
 def test_every_loader_returns_eval_mode(tmp_path: Path, tok) -> None:

@@ -28,9 +28,7 @@ def _jinja() -> Any:
     try:
         import jinja2
     except ImportError as exc:
-        raise ImportError(
-            'chat templates need Jinja2: pip install "jinja2>=3.1.6"'
-        ) from exc
+        raise ImportError('chat templates need Jinja2: pip install "jinja2>=3.1.6"') from exc
     version = tuple(int(p) for p in jinja2.__version__.split(".")[:3] if p.isdigit())
     if version < MIN_JINJA:
         raise ImportError(

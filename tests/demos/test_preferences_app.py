@@ -3,6 +3,7 @@ pair survive a page reload and a server restart; the API samples, judges and rep
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -57,8 +58,11 @@ def test_judging_in_the_browser_survives_reload_and_restart(browser, tiny, tmp_p
     with tiny.launched(tiny.dir, "preferences", data_dir=data) as app:  # a new server
         client = Client(app.local_url, verbose=False)
         state = client.predict(api_name="/progress")
-        assert state["count"] == 1 and state["pending"]["answers"][1] == pending_b
-        progress = client.predict(state["pending"]["id"], "B", api_name="/judge")
+        # the browser's pair survived the restart, and another client cannot read it
+        assert state["count"] == 1 and state["waiting"] == 1 and state["pending"] is None
+        (waiting,) = json.loads((data / "state.json").read_text())["sessions"].values()
+        assert waiting["answers"][1] == pending_b
+        progress = client.predict(waiting["id"], "B", api_name="/judge")
         assert re.match(r"\*\*2\*\* pairs recorded · 0 skipped", progress)
     pairs = PreferenceDataset(data / "preferences.jsonl", strict=True)
     assert (pairs[0].prompt, pairs[0].chosen) == ("tell me a story", answer_a)

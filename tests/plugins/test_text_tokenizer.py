@@ -213,7 +213,11 @@ def test_training_is_deterministic(corpus: list[Path], tok: TextTokenizer) -> No
 # -- persistence --------------------------------------------------------------------------
 def test_save_load_round_trip(tok: TextTokenizer, tmp_path: Path) -> None:
     tok.save(tmp_path / "tk")
-    assert sorted(p.name for p in (tmp_path / "tk").iterdir()) == [METADATA_FILE, "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "tk").iterdir()) == [
+        METADATA_FILE,
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     meta = json.loads((tmp_path / "tk" / METADATA_FILE).read_text())
     assert meta["image_token"] == "<image>" and meta["signal_tokens"][0] == "[IMG0]"
     texts = ["Draw a red circle. <image> Here it is [IMG0][IMG7]", "日本語 😀 \x00\t", ""]
