@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from mmgpt import generation
+from mmgpt import generation, registry
 from mmgpt.generation import (
     ForceAfter,
     GenerationConfig,
@@ -291,9 +291,7 @@ class StandardizedSignalProjector(nn.Module):
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        from mmgpt.registry import create
-
-        self.inner = create(
+        self.inner = registry.create(
             "projector",
             inner,
             in_dim=in_dim,

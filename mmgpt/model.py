@@ -219,8 +219,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, D), S = cached + T
-        # softmax(q kᵀ / sqrt(d_k)) v with the causal (and padding) mask; enable_gqa lets
-        # query head h read k/v head h // (H / H_kv) without materialising the repeats
+        # softmax(q kᵀ / sqrt(d_k)) v with the causal (and padding) mask; with enable_gqa,
+        # query head h reads k/v head h // (H / H_kv), as Llama's repeat_kv arranges them
         y = F.scaled_dot_product_attention(
             q,
             k,

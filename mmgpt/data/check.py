@@ -23,8 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmgpt.data.imagefolder import read_imagefolder
 from mmgpt.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, load_image
-from mmgpt.data.records import DataError, Problem, Record
+from mmgpt.data.llava import read_llava
+from mmgpt.data.preference import read_preference
+from mmgpt.data.records import DataError, Problem, Record, iter_jsonl
+from mmgpt.data.text import read_utf8, resolve_text_files
 
 __all__ = ["FORMATS", "CheckReport", "LengthStats", "check_dataset", "detect_format"]
 
@@ -181,8 +185,6 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
 
 
 def _sniff_jsonl(path: Path) -> str:
-    from mmgpt.data.records import iter_jsonl
-
     for _, obj in iter_jsonl(path):
         if not isinstance(obj, dict):
             continue
@@ -255,10 +257,6 @@ def _check_records(
     image_root: str | os.PathLike | None,
     max_pixels: int | None,
 ) -> list[int]:
-    from mmgpt.data.imagefolder import read_imagefolder
-    from mmgpt.data.llava import read_llava
-    from mmgpt.data.preference import read_preference
-
     records: list[Record] = []
     try:
         if format == "imagefolder":
@@ -343,8 +341,6 @@ def _check_records(
 
 
 def _check_text(target: Path, report: CheckReport, measure: Callable[[str], int]) -> list[int]:
-    from mmgpt.data.text import read_utf8, resolve_text_files
-
     try:
         files = resolve_text_files(target)
     except (FileNotFoundError, ValueError) as exc:

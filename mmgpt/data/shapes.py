@@ -35,6 +35,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from mmgpt.data.llava import turns_to_llava
 from mmgpt.data.sample import (
     DEFAULT_CAPTION_PROMPT,
     IMAGE_OUT_PLACEHOLDER,
@@ -545,8 +546,6 @@ class _ShapesGenerator:
         ``conversations`` for VQA samples; every row also carries the ``scene``. Text-to-image
         samples are written as captions of their target image. Returns the metadata path.
         """
-        from mmgpt.data.llava import turns_to_llava
-
         rows = []
         for name, sample in self._export(directory, n, start):
             row: dict[str, Any] = {"file_name": name}
@@ -566,8 +565,6 @@ class _ShapesGenerator:
         VQA samples keep their exchange, the others become caption exchanges; each record has
         ``id``, ``image``, ``conversations`` and ``scene``. Returns the JSON path.
         """
-        from mmgpt.data.llava import turns_to_llava
-
         records = [
             {
                 "id": f"{sample.meta['index']:06d}",

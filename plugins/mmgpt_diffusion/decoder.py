@@ -35,6 +35,7 @@ from torch import nn
 
 from mmgpt.registry import register
 from mmgpt_diffusion._deps import require_diffusers
+from mmgpt_diffusion.pipeline_dir import DEFAULT_TEXT_TOKENS, load_pipeline_parts
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -225,8 +226,6 @@ class DiffusionDecoder(nn.Module):
         num_condition_tokens: int | None,
         image_size: int | None,
     ) -> dict[str, Any]:
-        from mmgpt_diffusion.pipeline_dir import DEFAULT_TEXT_TOKENS, load_pipeline_parts
-
         parts = load_pipeline_parts(pipeline_dir)
         self.unet = parts.unet
         self.unet_config = None

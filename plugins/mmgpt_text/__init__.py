@@ -1,14 +1,16 @@
 """mmgpt_text: the text modality of mmgpt — byte-level BPE over Hugging Face ``tokenizers``.
 
 Importing this package registers the tokenizer ``"bpe"``:
-``create("tokenizer", "bpe", path=DIR)`` loads one, and
-``create("tokenizer", "bpe", files=[...], vocab_size=N)`` trains one.
+``create("tokenizer", "bpe", path=DIR)`` loads one (an mmgpt tokenizer, or a pretrained
+model's Hugging Face tokenizer directory with its special tokens, chat template and stop ids),
+and ``create("tokenizer", "bpe", files=[...], vocab_size=N)`` trains one.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from mmgpt_text.chat_template import ChatTemplateError, render_chat_template
 from mmgpt_text.tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -33,8 +35,10 @@ __all__ = [
     "EOS_TOKEN",
     "IMAGE_TOKEN",
     "PAD_TOKEN",
+    "ChatTemplateError",
     "TextTokenizer",
     "create_bpe_tokenizer",
     "example_corpus_files",
+    "render_chat_template",
     "signal_token_names",
 ]

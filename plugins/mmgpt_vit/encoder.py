@@ -39,7 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmgpt.data.images import load_image
+from mmgpt.files import load_tensors, load_torch_file
 from mmgpt.registry import register
+from mmgpt.weights import load_model_state
 
 # Small configurations built directly as timm ``VisionTransformer``s (no timm model name).
 CUSTOM_VITS: dict[str, dict[str, Any]] = {
@@ -367,9 +370,7 @@ def to_rgb(item: Any, *, index: int = 0) -> Any:
 
     if isinstance(item, (str, os.PathLike)):
         # The safe loader: raster formats only (no Ghostscript for a disguised EPS), pixel and
-        # memory budgets. Imported here like PIL, which the vision extra brings.
-        from mmgpt.data.images import load_image
-
+        # memory budgets.
         return load_image(item)
     elif not isinstance(item, Image.Image):
         try:
@@ -408,9 +409,6 @@ def to_rgb(item: Any, *, index: int = 0) -> Any:
 def _load_custom_weights(model: nn.Module, path: Path) -> None:
     """Load a timm-format state dict into a custom VisionTransformer (strict, head dropped)."""
     from timm.models.vision_transformer import checkpoint_filter_fn
-
-    from mmgpt.files import load_tensors, load_torch_file
-    from mmgpt.weights import load_model_state
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: ViT weights file not found")

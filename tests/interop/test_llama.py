@@ -118,7 +118,12 @@ def test_config_is_mapped(pair):
     c, hf = ours.config, theirs.config
     assert (c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.vocab_size) == (2, 4, 2, 64, V)
     assert (c.block_size, c.mlp_hidden, c.head_dim) == (128, 96, 16)
-    assert (c.pos_encoding, c.norm, c.activation, c.gated_mlp) == ("rotary", "rmsnorm", "silu", True)
+    assert (c.pos_encoding, c.norm, c.activation, c.gated_mlp) == (
+        "rotary",
+        "rmsnorm",
+        "silu",
+        True,
+    )
     assert not c.bias and c.attn_bias == (case == "qwen2")
     assert c.tie_embeddings == hf.tie_word_embeddings
     assert (ours.lm_head.weight is ours.transformer.wte.weight) == hf.tie_word_embeddings
