@@ -8,9 +8,14 @@ the same steps (each step streams every weight matrix once), which bounds what a
 implementation can reach. transformers runs with "gelu_new" (GPT-2's own config) and
 "gelu_pytorch_tanh" (mmgpt's kernel); both compute the same function.
 
+``--family llama`` decodes with the Llama-family benchmark model (grouped-query attention,
+SwiGLU, RMSNorm, rotary positions, untied head, vocab 8192) against transformers'
+LlamaForCausalLM on the directory ``mmgpt.pretrained.save_hf`` writes.
+
     python benchmarks/bench_decode.py                  # batch 1 and 8, 200 new tokens
     python benchmarks/bench_decode.py --batch 1 --new-tokens 100 --repeats 9
     python benchmarks/bench_decode.py --n-embd 12      # per-step overhead only
+    python benchmarks/bench_decode.py --family llama   # (--n-embd 12: MLP 32 wide)
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     HF_TANH_GELUS,
     add_common_args,
+    add_family_arg,
     alternate,
     bench_config,
     decode_floor,
+    hf_contenders,
     machine_line,
     ours_and_hf,
     print_table,
@@ -89,6 +96,7 @@ def contenders(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
+    add_family_arg(parser)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=200)
@@ -102,21 +110,25 @@ def main(argv: list[str] | None = None) -> None:
         "--hf-activation",
         nargs="+",
         choices=HF_TANH_GELUS,
-        default=list(HF_TANH_GELUS),
-        help="transformers' name(s) for the tanh GELU; one contender per name",
+        default=None,
+        help="transformers' name(s) for the tanh GELU; one contender per name (GPT-2 only; "
+        "default: both)",
     )
     args = parser.parse_args(argv)
     setup(args)
 
-    config = bench_config(n_embd=args.n_embd)
-    ours, theirs = ours_and_hf(config, seed=args.seed, hf_activations=args.hf_activation)
+    config = bench_config(args.family, n_embd=args.n_embd)
+    hf_labels = hf_contenders(args.family, args.hf_activation)
+    ours, theirs = ours_and_hf(config, seed=args.seed, hf_activations=hf_labels, family=args.family)
     ours.eval()
     for model in theirs.values():
         model.eval()
     print(f"machine: {machine_line(args.clock)}")
     print(
-        f"model: {ours.num_parameters() / 1e6:.3g}M parameters, {config.n_layer}×{config.n_embd}; "
-        f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy\n"
+        f"model ({args.family}): {ours.num_parameters() / 1e6:.3g}M parameters, "
+        f"{config.n_layer}×{config.n_embd}, {config.n_head} heads ({config.kv_heads} key/value), "
+        f"vocab {config.vocab_size}; prompt {args.prompt_len} tokens, {args.new_tokens} new "
+        "tokens, greedy\n"
     )
     rows, ratios = [], []
     g = torch.Generator().manual_seed(args.seed)
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             ratios.append(
                 (batch, name, hf_t / timings["mmgpt generate"].median, hf_t / timings[FLOOR].median)
             )
-    first_hf = args.hf_activation[0]
+    first_hf = hf_labels[0]
     print_table(
         ["batch", "", "ms/step", "tokens/s", f"vs transformers ({first_hf})", "spread"], rows
     )

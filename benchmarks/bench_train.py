@@ -8,8 +8,13 @@ kernel mmgpt calls); both compute the same function. A "floor" row times only th
 weight matmuls and attention, the work any implementation must do. Also prints the model
 FLOP utilisation (MFU) against the machine's measured fp32 matmul peak.
 
+``--family llama`` runs the Llama-family benchmark model (grouped-query attention, SwiGLU,
+RMSNorm, rotary positions, untied head, vocab 8192) against transformers' LlamaForCausalLM,
+which loads the directory ``mmgpt.pretrained.save_hf`` writes.
+
     python benchmarks/bench_train.py                   # 6×384, context 256, batch 8
     python benchmarks/bench_train.py --repeats 9 --steps 3
+    python benchmarks/bench_train.py --family llama
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     HF_TANH_GELUS,
     add_common_args,
+    add_family_arg,
     alternate,
     bench_config,
+    hf_contenders,
     machine_line,
     matmul_flops_per_s,
     ours_and_hf,
@@ -64,6 +71,7 @@ def make_step(model: torch.nn.Module, batch: torch.Tensor, is_hf: bool, optimize
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
+    add_family_arg(parser)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2, help="training steps per timed round")
@@ -73,15 +81,20 @@ def main(argv: list[str] | None = None) -> None:
         "--hf-activation",
         nargs="+",
         choices=HF_TANH_GELUS,
-        default=list(HF_TANH_GELUS),
-        help="transformers' name(s) for the tanh GELU; one contender per name",
+        default=None,
+        help="transformers' name(s) for the tanh GELU; one contender per name (GPT-2 only; "
+        "default: both)",
     )
     args = parser.parse_args(argv)
     setup(args)
 
-    config = bench_config(block_size=args.context)
+    config = bench_config(args.family, block_size=args.context)
     ours, theirs = ours_and_hf(
-        config, seed=args.seed, hf_attn=args.hf_attn, hf_activations=args.hf_activation
+        config,
+        seed=args.seed,
+        hf_attn=args.hf_attn,
+        hf_activations=hf_contenders(args.family, args.hf_activation),
+        family=args.family,
     )
     g = torch.Generator().manual_seed(args.seed)
     batch = torch.randint(0, config.vocab_size, (args.batch, args.context + 1), generator=g)
@@ -108,9 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     flops_per_token = training_flops_per_token(config, args.context)
     print(f"machine: {machine_line(args.clock)}")
     print(
-        f"model: {ours.num_parameters() / 1e6:.2f}M parameters, {config.n_layer}×{config.n_embd}, "
-        f"{config.n_head} heads, context {args.context}, batch {args.batch}, vocab "
-        f"{config.vocab_size}; AdamW ({args.optimizer}); first-step loss {first['mmgpt']:.4f}"
+        f"model ({args.family}): {ours.num_parameters() / 1e6:.2f}M parameters, "
+        f"{config.n_layer}×{config.n_embd}, {config.n_head} heads ({config.kv_heads} key/value), "
+        f"MLP {config.mlp_hidden}{' gated' if config.gated_mlp else ''}, context {args.context}, "
+        f"batch {args.batch}, vocab {config.vocab_size}; AdamW ({args.optimizer}); first-step "
+        f"loss {first['mmgpt']:.4f}"
     )
     print(f"fp32 matmul peak (2048²): {peak / 1e9:.1f} GFLOP/s")
     print(f"model FLOPs per token: {flops_per_token / 1e6:.1f} MFLOP (6·N + 12·L·C·T)\n")

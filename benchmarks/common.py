@@ -1,7 +1,8 @@
 """Shared pieces of the side-by-side benchmarks: fair timing, the benchmark model, tables.
 
-Fairness rules every script follows: the two contenders run the same weights (ours exported
-with ``save_hf_gpt2`` and loaded by transformers), alternate inside one process (A B A B …, the
+Fairness rules every script follows: the contenders run the same weights (ours exported with
+``save_hf_gpt2``, or ``save_hf`` for the Llama family, and loaded by transformers), alternate
+inside one process (A B A B …, the
 order flipped every round so neither always runs on a warmer cache), warm up first, and report
 the median of the repeats. Nothing here is a test; these are scripts to be read by a human.
 """
@@ -26,7 +27,7 @@ from torch import nn
 
 from mmgpt.config import GPTConfig
 from mmgpt.model import GPT
-from mmgpt.pretrained import save_hf_gpt2
+from mmgpt.pretrained import save_hf, save_hf_gpt2
 
 # The model the targets are stated for: 6 layers, 384 wide, 6 heads, 256 context, vocab 512,
 # learned positions and the tanh GELU, i.e. exactly what GPT-2 computes.
@@ -44,8 +45,50 @@ BENCH_CONFIG = dict(
 )
 
 
-def bench_config(**overrides) -> GPTConfig:
-    return GPTConfig(**{**BENCH_CONFIG, **overrides})
+# The Llama-family benchmark model (``--family llama``): as deep and wide as the GPT-2 one,
+# with grouped-query attention (6 query heads share 3 key/value heads), SwiGLU (intermediate
+# 1024 = 8/3 · 384), RMSNorm, rotary positions, no biases, an untied LM head and an 8k
+# vocabulary (16.0M parameters; the two 8192×384 tables are 6.3M of them).
+LLAMA_BENCH_CONFIG = dict(
+    n_layer=6,
+    n_head=6,
+    n_kv_head=3,
+    n_embd=384,
+    intermediate_size=1024,
+    block_size=256,
+    vocab_size=8192,
+    pos_encoding="rotary",
+    rope_theta=10000.0,
+    norm="rmsnorm",
+    norm_eps=1e-5,
+    activation="silu",
+    gated_mlp=True,
+    bias=False,
+    dropout=0.0,
+    tie_embeddings=False,
+)
+
+BENCH_CONFIGS = {"gpt2": BENCH_CONFIG, "llama": LLAMA_BENCH_CONFIG}
+FAMILIES = tuple(BENCH_CONFIGS)
+
+
+def bench_config(family: str = "gpt2", **overrides) -> GPTConfig:
+    """The benchmark model of ``family``; a Llama model given another ``n_embd`` keeps its
+    MLP at 8/3 of the width unless ``intermediate_size`` is given too."""
+    base = BENCH_CONFIGS[family]
+    if "intermediate_size" in base and "n_embd" in overrides:
+        overrides.setdefault("intermediate_size", overrides["n_embd"] * 8 // 3)
+    return GPTConfig(**{**base, **overrides})
+
+
+def add_family_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="gpt2",
+        help="benchmark model: gpt2 (vs GPT2LMHeadModel) or llama (GQA, SwiGLU, RMSNorm, "
+        "RoPE, untied head; vs LlamaForCausalLM)",
+    )
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -74,17 +117,31 @@ def setup(args: argparse.Namespace) -> None:
 HF_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
 
+def hf_contenders(family: str, hf_activations: Sequence[str] | None) -> list[str]:
+    """The transformers contenders of ``family``, by the label of their rows: GPT-2 has one
+    per name of its tanh GELU (default: both); Llama has one (SiLU has a single name)."""
+    if family == "gpt2":
+        return list(hf_activations or HF_TANH_GELUS)
+    if hf_activations:
+        raise SystemExit("--hf-activation names GPT-2's GELU; it does not apply to --family llama")
+    return ["LlamaForCausalLM"]
+
+
 def ours_and_hf(
     config: GPTConfig,
     seed: int = 0,
     hf_attn: str = "sdpa",
     hf_activations: Sequence[str] = ("gelu_new",),
+    family: str = "gpt2",
 ) -> tuple[GPT, dict[str, torch.nn.Module]]:
-    """Our GPT and, per activation name, transformers' GPT2LMHeadModel with identical weights."""
-    from transformers import GPT2LMHeadModel
-
+    """Our GPT and transformers' model with identical weights: for GPT-2, one
+    GPT2LMHeadModel per activation name; for Llama, {"LlamaForCausalLM": model}."""
     torch.manual_seed(seed)
     ours = GPT(config)
+    if family == "llama":
+        return ours, {"LlamaForCausalLM": _hf_llama(ours, hf_attn)}
+    from transformers import GPT2LMHeadModel
+
     theirs = {}
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_gpt2(ours, tmp)
@@ -96,6 +153,17 @@ def ours_and_hf(
             config_path.write_text(json.dumps({**hf_config, "activation_function": act}))
             theirs[act] = GPT2LMHeadModel.from_pretrained(tmp, attn_implementation=hf_attn).float()
     return ours, theirs
+
+
+def _hf_llama(ours: GPT, hf_attn: str) -> torch.nn.Module:
+    """transformers' LlamaForCausalLM loading the directory ``save_hf`` writes for ``ours``."""
+    from transformers import LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        family = save_hf(ours, tmp)
+        if family != "llama":
+            raise ValueError(f"the benchmark model exports as {family!r}, not llama")
+        return LlamaForCausalLM.from_pretrained(tmp, attn_implementation=hf_attn).float()
 
 
 @dataclass
@@ -204,11 +272,14 @@ def matmul_flops_per_s(
 def training_flops_per_token(config: GPTConfig, seq_len: int) -> float:
     """Model FLOPs per trained token (PaLM appendix B / nanoGPT's estimate_mfu):
     6·N for the weight matmuls (forward 2N + backward 4N) plus 12·L·C·T for attention
-    scores and weighted values. N excludes the position table (a lookup, not a matmul) and
-    counts the tied embedding once, as the LM head's matmul."""
+    scores and weighted values. N excludes the position table and the input embedding
+    (lookups, not matmuls) and counts the LM head once (tied or not). With grouped-query
+    attention, k and v have n_kv_head · head_dim outputs; a gated MLP has three matrices."""
     c = config
-    per_layer = 3 * c.n_embd * c.n_embd + c.n_embd * c.n_embd + 2 * c.n_embd * c.mlp_hidden
-    n_matmul = c.n_layer * per_layer + c.vocab_size * c.n_embd
+    kv_dim = c.kv_heads * c.head_dim
+    attn = c.n_embd * (c.n_embd + 2 * kv_dim) + c.n_embd * c.n_embd
+    mlp = (3 if c.gated_mlp else 2) * c.n_embd * c.mlp_hidden
+    n_matmul = c.n_layer * (attn + mlp) + c.vocab_size * c.n_embd
     return 6 * n_matmul + 12 * c.n_layer * c.n_embd * seq_len
 
 
@@ -238,7 +309,8 @@ def decode_floor(model: GPT, batch: int, new_tokens: int) -> Callable[[], None]:
 
 def training_floor(model: GPT, batch: int, context: int) -> Callable[[], None]:
     """One training step's weight matmuls (forward, input grad, weight grad) and attention
-    (forward + backward, causal), with nothing in between."""
+    (forward + backward, causal; grouped-query as the model has it), with nothing in
+    between."""
     c = model.config
     tokens = batch * context
     gemms = []
@@ -255,9 +327,12 @@ def training_floor(model: GPT, batch: int, context: int) -> Callable[[], None]:
                 torch.empty(out_f, in_f),
             )
         )
-    shape = (batch, c.n_head, context, c.head_dim)
-    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-    grad = torch.randn(shape)
+    q = torch.randn(batch, c.n_head, context, c.head_dim, requires_grad=True)
+    k, v = (
+        torch.randn(batch, c.kv_heads, context, c.head_dim, requires_grad=True) for _ in range(2)
+    )
+    grad = torch.randn(q.shape)
+    gqa = c.kv_heads != c.n_head
 
     def run() -> None:
         for x, w, gy, y, gx, gw in gemms:
@@ -265,6 +340,7 @@ def training_floor(model: GPT, batch: int, context: int) -> Callable[[], None]:
             torch.mm(gy, w, out=gx)  # grad wrt the input
             torch.mm(gy.t(), x, out=gw)  # grad wrt the weight
         for _ in range(c.n_layer):
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out.backward(grad)
 
     return run

@@ -1,5 +1,7 @@
 """Multimodal chat: attach images (drag and drop, paste, upload), ask; the answer streams in,
-and images the model draws appear inline.
+and images the model draws appear inline. A text-only model (an mmgpt GPT, or a Hugging Face
+gpt2 / llama / qwen2 / mistral directory) gets the same chat without image upload or drawing
+options; its prompts use the tokenizer's chat template when it has one.
 
 The conversation lives in the ``Chatbot`` (messages format) and is re-read at each turn, so
 retry, undo and clear are edits of that list; stop cancels the answer being streamed. API (``gradio_client``)::
@@ -284,6 +286,7 @@ def build_app(model: DemoModel, *, image_dir: str | Path | None = None) -> gr.Bl
     """The chat app for ``model`` (not launched; see :func:`mmgpt.demo.launch_demo`)."""
     app = ChatApp(model, image_dir)
     sees, draws = model.can_see, model.can_draw
+    title = ui.title(TITLE, model)
     hint = " · ".join(
         p
         for p in (
@@ -292,8 +295,8 @@ def build_app(model: DemoModel, *, image_dir: str | Path | None = None) -> gr.Bl
         )
         if p
     )
-    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=ui.DELETE_CACHE) as demo:
-        gr.Markdown(f"## {TITLE}\n{ui.model_note(model)}")
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=ui.DELETE_CACHE) as demo:
+        gr.Markdown(f"## {title}\n{ui.model_note(model)}")
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(
@@ -318,12 +321,14 @@ def build_app(model: DemoModel, *, image_dir: str | Path | None = None) -> gr.Bl
                     retry_btn = gr.Button("Retry", size="sm", elem_id="retry")
                     undo_btn = gr.Button("Undo", size="sm", elem_id="undo")
                     clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
+                # shapes-world prompts: for the models mmgpt trains on images, not a text model
                 examples = [e for e in chat_examples() if sees or not e["files"]]
-                gr.Examples(
-                    examples=[[e] for e in examples],
-                    inputs=[box],
-                    label="Examples (shapes world)",
-                )
+                if examples and not model.is_text_model:
+                    gr.Examples(
+                        examples=[[e] for e in examples],
+                        inputs=[box],
+                        label="Examples (shapes world)",
+                    )
             with gr.Column(scale=1, min_width=240):
                 with gr.Accordion("Settings", open=True):
                     temperature, top_p, max_new = ui.text_controls(model)
@@ -336,7 +341,8 @@ def build_app(model: DemoModel, *, image_dir: str | Path | None = None) -> gr.Bl
                         info="off: each message is answered on its own, best for models "
                         "trained on single exchanges such as shapes-tiny",
                     )
-                gr.Markdown(f"Images: {model.limits.describe()}.", elem_classes=["mmgpt-note"])
+                if sees:
+                    gr.Markdown(f"Images: {model.limits.describe()}.", elem_classes=["mmgpt-note"])
         settings = [temperature, top_p, max_new, guidance, steps, seed, adapter, remember]
         unlock = {"fn": lambda: gr.MultimodalTextbox(interactive=True), "outputs": [box]}
         private: dict[str, Any] = {"api_visibility": "private"}

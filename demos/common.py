@@ -1,6 +1,13 @@
 """What the demo apps share, without Gradio: the model wrapper, input checks and settings.
 
-:class:`DemoModel` wraps a :class:`~mmgpt.multimodal.MultimodalGPT` for serving:
+:class:`DemoModel` wraps a model of any directory mmgpt reads for serving: a
+:class:`~mmgpt.multimodal.MultimodalGPT`, or a text-only :class:`~mmgpt.model.GPT` (an mmgpt
+GPT directory, or a Hugging Face gpt2 / llama / qwen2 / mistral one) with its tokenizer:
+
+* **Prompts** are built by the processor (:class:`~mmgpt.processor.MultimodalProcessor`), as
+  in training: with the tokenizer's own chat template when it has one, else with mmgpt's
+  (``User: …\nAssistant:``, what mmgpt's SFT teaches). A text model's reply stops at the
+  tokenizer's end-of-turn ids (:func:`mmgpt.generation.stream_text`).
 
 * **Inputs are checked here** and every problem is a :class:`UserInputError` whose message is
   meant for the person at the keyboard (the apps show it as a ``gr.Error``): an empty prompt,
@@ -15,6 +22,7 @@
 * **Context**: a conversation that does not fit ``block_size`` together with the answer's
   ``max_new_tokens`` loses its oldest exchanges (whole turns, with their images) and the app
   says so; if the last message alone does not fit, that is an error naming the numbers.
+  An image sent to a model without an image encoder (a text model) is refused.
 * **Concurrency**: requests run in Gradio's worker threads; every decoding step takes one
   lock, with the request's adapter switched on for that step. Concurrent requests thus
   interleave step by step, each computing exactly what it would alone.
@@ -49,9 +57,9 @@ from mmgpt.data.sample import DEFAULT_CAPTION_PROMPT, IMAGE_OUT_PLACEHOLDER, IMA
 
 if TYPE_CHECKING:
     from PIL import Image
+    from torch import nn
 
     from mmgpt.generation import GenerationConfig
-    from mmgpt.multimodal import MultimodalGPT
 
 logger = logging.getLogger("mmgpt.demo")
 
@@ -330,52 +338,87 @@ def user_message(text: str | None, image_paths: Sequence[str] = ()) -> Message:
 
 
 class DemoModel:
-    """A multimodal model ready to serve (see the module docstring).
+    """A model ready to serve (see the module docstring).
 
     Args:
-        model: the model (put in eval mode here).
+        model: a :class:`~mmgpt.multimodal.MultimodalGPT`, or a text-only
+            :class:`~mmgpt.model.GPT` (put in eval mode here).
+        tokenizer: a text model's tokenizer (a multimodal model carries its own).
         name: shown in the apps (the model directory's name).
         adapters: names of loaded adapters the user may pick from.
         limits: image limits.
+        directory: the model directory, named in errors about the model.
     """
 
     def __init__(
         self,
-        model: MultimodalGPT,
+        model: nn.Module,
         *,
+        tokenizer: Any = None,
         name: str = "model",
         adapters: Sequence[str] = (),
         limits: ImageLimits = ImageLimits(),
+        directory: str | Path | None = None,
     ) -> None:
+        from mmgpt.multimodal import MultimodalGPT
+        from mmgpt.processor import MultimodalProcessor
+
         self.model = model.eval()
+        self.is_text_model = not isinstance(model, MultimodalGPT)
+        if self.is_text_model:
+            if tokenizer is None:
+                raise TypeError(
+                    f"DemoModel: a text model ({type(model).__name__}) needs its tokenizer "
+                    "(tokenizer=...)"
+                )
+            # no encoders: the processor renders turns with the tokenizer's chat template,
+            # or mmgpt's, exactly as MultimodalGPT would
+            self._processor = MultimodalProcessor(tokenizer)
+        else:
+            self._processor = model.processor(max_length=None)
+        self.tokenizer = self._processor.tokenizer
         self.name = name
+        self.directory = Path(directory) if directory is not None else None
         self.adapters = list(adapters)
         self.limits = limits
         self._lock = threading.Lock()
-        self._processor = model.processor(max_length=None)
         # decoded user images by path: a conversation re-reads its images at every turn
         self._image_cache: OrderedDict[str, Image.Image] = OrderedDict()
         self._image_cache_lock = threading.Lock()
 
     @classmethod
     def load(cls, model_dir: str | Path, *, limits: ImageLimits = ImageLimits()) -> DemoModel:
-        """Load a model directory and the adapters under ``model_dir/adapters/<name>/``.
+        """Load a model directory (multimodal or text-only, see
+        :func:`mmgpt.pretrained.load_model`) and the adapters under
+        ``model_dir/adapters/<name>/``.
 
         An adapter that fails to load is left out with a logged warning, not fatal: the demo
         still serves the base model.
         """
         from mmgpt.adapters import adapter_dirs, load_adapter
-        from mmgpt.multimodal import MultimodalGPT
+        from mmgpt.config import CONFIG_NAME, read_model_config
+        from mmgpt.pretrained import architecture, load_model, load_tokenizer
 
         model_dir = Path(model_dir)
-        model = MultimodalGPT.from_pretrained(model_dir)
+        config = read_model_config(model_dir)
+        text_only = architecture(config, model_dir / CONFIG_NAME) != "multimodal"
+        # before the weights: a directory without a tokenizer fails at once
+        tokenizer = load_tokenizer(model_dir, config) if text_only else None
+        model = load_model(model_dir)
         adapters = []
         for name, directory in adapter_dirs(model_dir).items():
             try:
                 adapters.append(load_adapter(model, directory, name))
             except Exception as exc:
                 logger.warning("adapter %s not loaded: %s", directory, exc)
-        return cls(model, name=model_dir.resolve().name, adapters=adapters, limits=limits)
+        return cls(
+            model,
+            tokenizer=tokenizer,
+            name=model_dir.resolve().name,
+            adapters=adapters,
+            limits=limits,
+            directory=model_dir,
+        )
 
     # -- what the model can do ------------------------------------------------------------
     @property
@@ -383,17 +426,27 @@ class DemoModel:
         return int(self.model.config.block_size)
 
     @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @property
     def can_see(self) -> bool:
-        return "image" in self.model.encoders
+        return "image" in getattr(self.model, "encoders", {})
 
     @property
     def can_draw(self) -> bool:
-        tok = self.model.tokenizer
         return (
-            self.model.image_decoder is not None
-            and self.model.output_projector is not None
-            and bool(getattr(tok, "signal_token_ids", None))
+            getattr(self.model, "image_decoder", None) is not None
+            and getattr(self.model, "output_projector", None) is not None
+            and bool(getattr(self.tokenizer, "signal_token_ids", None))
         )
+
+    @property
+    def uses_own_chat_template(self) -> bool:
+        """Whether prompts are rendered with the tokenizer's chat template (else mmgpt's)."""
+        from mmgpt.processor import TokenizerChatTemplate
+
+        return isinstance(self._processor.template, TokenizerChatTemplate)
 
     @property
     def image_tokens(self) -> int:
@@ -406,6 +459,10 @@ class DemoModel:
         if not self.can_see:
             return None
         return int(self.model.encoders["image"].input_size[-1])
+
+    def describe(self) -> str:
+        """The model in errors: its directory when known, else its name."""
+        return str(self.directory) if self.directory is not None else f"'{self.name}'"
 
     def adapter_choices(self) -> list[str]:
         return [NO_ADAPTER, *self.adapters]
@@ -429,12 +486,24 @@ class DemoModel:
                 self._image_cache.popitem(last=False)
         return image
 
-    def prompt_length(self, turns: Sequence[dict[str, str]], images: Sequence[Any]) -> int:
-        """Tokens of the generation prompt for ``turns`` (image slots included)."""
+    def prompt_ids(self, turns: Sequence[dict[str, str]], images: Sequence[Any] = ()) -> list[int]:
+        """The generation prompt for ``turns`` as token ids (image slots included)."""
         try:
-            return len(self._processor.encode_prompt(turns, images).input_ids)
+            ids = self._processor.encode_prompt(turns, images).input_ids
         except ValueError as exc:
             raise UserInputError(str(exc)) from None
+        unknown = sorted({i for i in ids if not 0 <= i < self.vocab_size})
+        if unknown:
+            # e.g. mmgpt's own tokens ("[IMG0]") typed to a model whose vocabulary lacks them
+            names = ", ".join(repr(self.tokenizer.decode([i])) for i in unknown[:3])
+            raise UserInputError(
+                f"The message holds tokens this model does not know ({names}); leave them out."
+            )
+        return ids
+
+    def prompt_length(self, turns: Sequence[dict[str, str]], images: Sequence[Any]) -> int:
+        """Tokens of the generation prompt for ``turns`` (image slots included)."""
+        return len(self.prompt_ids(turns, images))
 
     def fit(
         self, messages: Sequence[Message], max_new_tokens: int, warn: Warn = _log_warning
@@ -445,9 +514,9 @@ class DemoModel:
             raise UserInputError("There is no question to answer: send a message first.")
         for message in messages:
             if message.images and not self.can_see:
+                what = "is a text model" if self.is_text_model else "has no image encoder"
                 raise UserInputError(
-                    f"The model '{self.name}' cannot see images (it has no image encoder); "
-                    "send text only."
+                    f"The model '{self.name}' cannot see images (it {what}); send text only."
                 )
         if max_new_tokens >= self.block_size:
             raise UserInputError(
@@ -542,6 +611,18 @@ class DemoModel:
         """The assistant's reply to ``turns``: text chunks (``str``) as they are sampled and
         images (PIL) where the model draws one (with ``seed``, ``seed + 1``… in order)."""
         config = settings.generation_config(seed)
+        if self.is_text_model:
+            if images:
+                raise UserInputError(f"The model '{self.name}' is a text model: send text only.")
+            from mmgpt.generation import stream_text
+
+            ids = self.prompt_ids(turns)
+            chunks = self.locked(
+                lambda: stream_text(self.model, self.tokenizer, ids, config), adapter
+            )
+            # mmgpt's template puts a space before the reply, as MultimodalGPT.stream_text drops
+            yield from _strip_leading_space(chunks)
+            return
         if not self.can_draw:
             yield from self.locked(
                 lambda: self.model.stream_text(list(turns), list(images), config), adapter
@@ -569,7 +650,8 @@ class DemoModel:
         """One image for a drawing prompt with ``seed``; the model is made to start its
         reply with the signal tokens, so it always draws."""
         if not self.can_draw:
-            raise UserInputError(f"The model '{self.name}' cannot draw (it has no image decoder).")
+            what = "is a text model" if self.is_text_model else "has no image decoder"
+            raise UserInputError(f"The model '{self.name}' cannot draw (it {what}).")
         text = (prompt or "").strip()
         if not text:
             raise UserInputError("The prompt is empty: describe what to draw.")
@@ -607,6 +689,19 @@ class DemoModel:
                 drawn.append(event)
                 text.append(IMAGE_OUT_PLACEHOLDER)
         return "".join(text).strip(), drawn
+
+
+def _strip_leading_space(chunks: Iterator[str]) -> Iterator[str]:
+    """``chunks`` without the whitespace that starts the first of them (closing ``chunks``
+    when closed early, e.g. by Stop)."""
+    with contextlib.closing(chunks):
+        started = False
+        for chunk in chunks:
+            if not started:
+                chunk = chunk.lstrip()
+                started = bool(chunk)
+            if chunk:
+                yield chunk
 
 
 __all__ = [

@@ -1,5 +1,5 @@
 """Collect preferences: a prompt (and optional image) gets two sampled answers (two seeds); the
-person picks the better one or skips. Each judged pair is appended to ``preferences.jsonl``
+person picks the better one or skips. A text-only model takes prompts without images. Each judged pair is appended to ``preferences.jsonl``
 in the data directory — the preference format the reward-model and DPO recipes read — with
 the prompt's image saved next to it. The count and the pairs waiting for a judgement live on
 disk (:class:`~demos.preference_store.PreferenceStore`), so a page reload or a server restart
@@ -249,10 +249,11 @@ class PreferenceApp:
 def build_app(model: DemoModel, *, data_dir: str | os.PathLike = "preferences") -> gr.Blocks:
     """The preferences app writing to ``data_dir`` (not launched)."""
     app = PreferenceApp(model, PreferenceStore(data_dir, model_name=model.name))
-    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=ui.DELETE_CACHE) as demo:
+    title = ui.title(TITLE, model)
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=ui.DELETE_CACHE) as demo:
         browser_id = gr.BrowserState("", storage_key=BROWSER_KEY, secret=BROWSER_SECRET)
         gr.Markdown(
-            f"## {TITLE}\n{ui.model_note(model)} · pick the better answer; each choice is "
+            f"## {title}\n{ui.model_note(model)} · pick the better answer; each choice is "
             "one line of preference data for reward-model / DPO training."
         )
         progress = gr.Markdown(elem_id="progress")
@@ -260,7 +261,8 @@ def build_app(model: DemoModel, *, data_dir: str | os.PathLike = "preferences") 
             with gr.Column(scale=2):
                 prompt = gr.MultimodalTextbox(
                     label="Prompt" + (" (attaching an image is optional)" if model.can_see else ""),
-                    placeholder="Type a prompt; drop, paste or upload an image…",
+                    placeholder="Type a prompt"
+                    + ("; drop, paste or upload an image…" if model.can_see else "…"),
                     file_count="single",
                     sources=["upload"] if model.can_see else [],
                     submit_btn=False,
@@ -292,7 +294,8 @@ def build_app(model: DemoModel, *, data_dir: str | os.PathLike = "preferences") 
             for text, name in PREFERENCE_EXAMPLES
             if model.can_see or name is None
         ]
-        gr.Examples(examples=examples, inputs=[prompt], label="Examples")
+        if examples and not model.is_text_model:  # shapes-world prompts
+            gr.Examples(examples=examples, inputs=[prompt], label="Examples")
         pair_id = gr.Textbox(visible=False, label="pair id")
         view = [
             progress,

@@ -57,13 +57,32 @@ class TextToImageApp:
             yield gallery
 
 
+def cannot_draw(where: str, why: str) -> ValueError:
+    """The error for a model this app cannot serve: ``where`` it is, ``why`` it cannot draw."""
+    return ValueError(
+        f"{where}: the text_to_image app needs a model that draws; this one {why}. Serve it "
+        "with the chat or preferences app instead."
+    )
+
+
+def check_model(model: DemoModel) -> None:
+    """Refuse a model that cannot draw, naming its directory (there is nothing to serve)."""
+    if not model.can_draw:
+        raise cannot_draw(
+            model.describe(),
+            "is a text model (no image decoder)"
+            if model.is_text_model
+            else "has no image decoder (and signal tokens) to draw with",
+        )
+
+
 def build_app(model: DemoModel) -> gr.Blocks:
-    """The text-to-image app for ``model`` (not launched)."""
+    """The text-to-image app for ``model`` (not launched); a model that cannot draw is an
+    error (:func:`check_model`)."""
+    check_model(model)
     app = TextToImageApp(model)
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=ui.DELETE_CACHE) as demo:
         gr.Markdown(f"## {TITLE}\n{ui.model_note(model)}")
-        if not model.can_draw:
-            gr.Markdown("**This model has no image decoder: it cannot draw.**")
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(
@@ -94,7 +113,7 @@ def build_app(model: DemoModel) -> gr.Blocks:
     return demo
 
 
-__all__ = ["TextToImageApp", "build_app"]
+__all__ = ["TextToImageApp", "build_app", "cannot_draw", "check_model"]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,6 +29,11 @@ footer {visibility: hidden}
 """
 
 
+def title(app_title: str, model: DemoModel) -> str:
+    """An app's title for ``model``: it says when the model is a text model."""
+    return f"{app_title} (text model)" if model.is_text_model else app_title
+
+
 def theme() -> gr.themes.Base:
     """The default theme with system fonts only: the page loads nothing from the network."""
     return gr.themes.Default(
@@ -155,7 +160,11 @@ def closers(blocks: gr.Blocks) -> list[Callable[[], None]]:
 
 def model_note(model: DemoModel) -> str:
     """One line describing the model, for the page header."""
-    parts = [f"model **{model.name}**", f"context {model.block_size} tokens"]
+    parts = [f"model **{model.name}**"]
+    if model.is_text_model:
+        template = "its own chat template" if model.uses_own_chat_template else "mmgpt's template"
+        parts += ["a text model: text in, text out", f"prompts use {template}"]
+    parts.append(f"context {model.block_size} tokens")
     if model.can_see:
         parts.append(f"sees {model.input_size}×{model.input_size} images")
     if model.can_draw:
@@ -176,5 +185,6 @@ __all__ = [
     "seed_control",
     "text_controls",
     "theme",
+    "title",
     "warn",
 ]

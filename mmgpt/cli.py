@@ -320,6 +320,22 @@ def cmd_plugins_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmgpt.pretrained import export_hf
+
+    report = export_hf(
+        args.model, args.out, family=args.family, adapter=_adapter_choice(args.adapter)
+    )
+    print(json.dumps(report, indent=2))
+    if report["not_exported"]:
+        print(
+            f"note: {', '.join(report['not_exported'])} of {args.model} have no place in a "
+            "causal language model and were not exported; they stay in the mmgpt directory",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     plan = _target("plan")
     extra: dict[str, Any] = {"flops": args.flops} if args.flops is not None else {}
@@ -471,6 +487,23 @@ def build_parser() -> argparse.ArgumentParser:
         "list", parents=[debug], help="every entry: kind, name, distribution"
     )
     q.set_defaults(func=cmd_plugins_list)
+
+    p = sub.add_parser(
+        "export", parents=[debug], help="write a model's language model in Hugging Face format"
+    )
+    p.add_argument("--model", metavar="DIR", required=True, help="model directory")
+    p.add_argument("--out", metavar="DIR", required=True, help="the directory to write")
+    p.add_argument(
+        "--family",
+        choices=("gpt2", "llama", "mistral", "qwen2"),
+        help="Hugging Face family (default: the one the model's features call for)",
+    )
+    p.add_argument(
+        "--adapter",
+        metavar="NAME",
+        help="the adapter to merge before exporting (default: the saved ones; none: the base)",
+    )
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plan", parents=[debug], help="plan a training run over GPUs")
     p.add_argument("recipe", metavar="RECIPE", help="a shipped recipe name or a YAML file")

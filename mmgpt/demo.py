@@ -4,6 +4,9 @@ With no arguments this serves the multimodal chat on the model shipped inside th
 (``mmgpt/assets/shapes-tiny``), on ``127.0.0.1``, offline: Gradio's analytics are off, the
 page uses system fonts, and nothing is shared unless ``share=True``. The apps live in the
 ``demos`` package (installed with mmgpt); Gradio comes with ``pip install "mmgpt[demo]"``.
+Any model directory mmgpt reads serves: a multimodal one, or a text-only language model (an
+mmgpt GPT, or a Hugging Face gpt2 / llama / qwen2 / mistral directory), which gets the chat
+and preferences apps without images.
 """
 
 from __future__ import annotations
@@ -66,6 +69,19 @@ def _resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
     return path
 
 
+def _check_app(model_dir: Path, app: str) -> None:
+    """Refuse, before any weight is read, an app the directory's architecture cannot serve."""
+    if app != "text_to_image":
+        return
+    from demos.text_to_image import cannot_draw
+    from mmgpt.config import CONFIG_NAME, read_model_config
+    from mmgpt.pretrained import architecture
+
+    arch = architecture(read_model_config(model_dir), model_dir / CONFIG_NAME)
+    if arch != "multimodal":
+        raise cannot_draw(str(model_dir), f"is a text model ({arch!r}, no image decoder)")
+
+
 def build_demo(
     model_dir: str | os.PathLike | None = None,
     app: str = "chat",
@@ -78,7 +94,9 @@ def build_demo(
     _gradio()
     from demos.common import DemoModel
 
-    model = DemoModel.load(_resolve_model_dir(model_dir))
+    path = _resolve_model_dir(model_dir)
+    _check_app(path, app)
+    model = DemoModel.load(path)
     module = importlib.import_module(APPS[app])
     if app == "preferences":
         return module.build_app(model, data_dir=data_dir or DEFAULT_PREFERENCE_DIR)
@@ -99,7 +117,8 @@ def launch_demo(
     """Serve a demo app and return its ``gr.Blocks`` (``.local_url`` is its address).
 
     Args:
-        model_dir: a multimodal model directory; default: the shipped ``shapes-tiny``.
+        model_dir: a model directory, multimodal or text-only (``text_to_image`` needs one
+            that draws); default: the shipped ``shapes-tiny``.
         port: the port; default: Gradio's (7860, or the next free one).
         share: also open a public ``*.gradio.live`` link (needs a network).
         app: ``"chat"``, ``"text_to_image"`` or ``"preferences"``.

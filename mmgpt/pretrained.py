@@ -20,10 +20,10 @@ from typing import Any
 
 from torch import nn
 
-from mmgpt.adapters.directory import CONFIG_KEY, AdapterChoice, adapter_dirs
+from mmgpt.adapters.directory import CONFIG_KEY, AdapterChoice, adapter_dirs, has_adapters
 from mmgpt.adapters.lora import fold_adapters
 from mmgpt.config import CONFIG_NAME, read_model_config
-from mmgpt.files import atomic_directory
+from mmgpt.files import atomic_directory, save_json
 from mmgpt.interfaces import Tokenizer
 from mmgpt.interop import hf_model_type, is_hf_config, write_hf
 from mmgpt.interop.gpt2 import is_hf_gpt2_config, write_hf_gpt2
@@ -36,6 +36,7 @@ from mmgpt.registry import create
 __all__ = [
     "ARCHITECTURES",
     "architecture",
+    "export_hf",
     "load_hf_gpt2",
     "load_model",
     "load_tokenizer",
@@ -231,3 +232,64 @@ def save_hf(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
+
+
+def export_hf(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    family: str | None = None,
+    adapter: AdapterChoice = "auto",
+) -> dict[str, Any]:
+    """Write ``out_dir``: the language model of ``model_dir`` as a Hugging Face directory that
+    transformers' ``AutoModelForCausalLM`` and ``AutoTokenizer`` load (the function behind
+    ``mmgpt export``). Adapters (``adapter``: the saved ones by default) are merged first.
+
+    Any mmgpt language model exports — trained from scratch or from a Hugging Face start — in
+    the family its features call for (``family`` names one explicitly). Of a multimodal model,
+    the language model and tokenizer are exported; the report lists the components that have
+    no place in a causal language model (they stay in ``model_dir``). Returns the report:
+    ``{"out", "family", "files", "not_exported"}``.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.resolve() == model_dir.resolve():
+        raise ValueError(f"{out_dir}: export to another directory than the model's")
+    config = read_model_config(model_dir)
+    model = load_model(model_dir, adapter=adapter)
+    if has_adapters(model):
+        fold_adapters(model)  # the active adapter, merged into the weights
+    if isinstance(model, MultimodalGPT):
+        language_model, tokenizer = model.gpt, model.tokenizer
+        left = [key for key, _ in model.named_children() if key not in ("gpt",)]
+        left = [key for key in left if any(True for _ in getattr(model, key).parameters())]
+    else:
+        language_model, left = model, []
+        has_tokenizer = config.get("tokenizer") or (model_dir / "tokenizer.json").is_file()
+        tokenizer = load_tokenizer(model_dir, config) if has_tokenizer else None
+    ids = _special_ids(tokenizer)
+    with atomic_directory(out_dir) as staging:
+        written = save_hf(language_model, staging, family=family, **ids)
+        if tokenizer is not None:
+            tokenizer.save(staging)
+        generation = {k: v for k, v in ids.items() if v is not None}
+        stops = list(getattr(tokenizer, "stop_ids", None) or [])
+        if stops:  # chat models end a turn with their own token(s)
+            generation["eos_token_id"] = stops if len(stops) > 1 else stops[0]
+        save_json({**generation, "_from_model_config": False}, staging / "generation_config.json")
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    return {
+        "out": str(out_dir),
+        "family": written,
+        "files": files,
+        "not_exported": left,
+    }
+
+
+def _special_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:
+    if tokenizer is None:
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    return {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+    }

@@ -20,7 +20,7 @@ from mmgpt.files import atomic_write_bytes
 from mmgpt.interfaces import Tokenizer
 from mmgpt.model import GPT
 from mmgpt.multimodal import MultimodalGPT
-from mmgpt.pretrained import architecture
+from mmgpt.pretrained import architecture, load_tokenizer
 from mmgpt.processor import DEFAULT_TEMPLATE
 from mmgpt.recipe.spec import (
     COMPONENTS,
@@ -49,26 +49,19 @@ def build_tokenizer(
     *,
     data_paths: Any = None,
     model_from: str | os.PathLike | None = None,
-) -> Any:
+) -> Tokenizer:
     """Load (``from``), take the model's (``model.from``), or train on the text at ``data_paths``.
 
     ``data_paths`` is what the text dataset takes: a glob, a directory, a file or a list.
     """
-    args = {k: v for k, v in section.items() if k not in ("name", "from")}
     if section.get("from"):
+        # training arguments (vocab_size, min_frequency) do not apply to a loaded tokenizer
+        args = {k: v for k, v in section.items() if k not in ("name", "from", *TRAINING_ONLY)}
         return create("tokenizer", section.get("name", "bpe"), path=str(section["from"]), **args)
     if model_from is not None:
         # A model loaded from a directory keeps its own tokenizer: training a new one would
         # give ids that do not match its embeddings.
-
-        config = read_model_config(Path(model_from)).get("tokenizer") or {}
-        name = config.get("name")
-        if not name:
-            raise ValueError(
-                f"{model_from}: config.json has no 'tokenizer' section; give recipe "
-                "tokenizer.name and tokenizer.from"
-            )
-        return create("tokenizer", name, path=str(model_from))
+        return pretrained_tokenizer(model_from, section)
     if not section.get("name"):
         raise ValueError("recipe section 'tokenizer' needs a 'name' (e.g. bpe)")
     if data_paths is None:
@@ -76,42 +69,70 @@ def build_tokenizer(
             "training a tokenizer needs text files: the data section has no paths; "
             "set tokenizer.from to an existing tokenizer"
         )
-
+    args = {k: v for k, v in section.items() if k not in ("name", "from")}
     files = [str(p) for p in resolve_text_files(data_paths)]
     return create("tokenizer", section["name"], files=files, **args)
 
 
-def build_model(section: dict[str, Any], tokenizer: Tokenizer | None = None) -> GPT:
-    """A GPT from ``preset`` + overrides (vocab_size follows the tokenizer) or ``from: DIR``."""
+def pretrained_tokenizer(model_dir: str | os.PathLike, section: Mapping[str, Any]) -> Tokenizer:
+    """The tokenizer of a model directory a run starts from: an mmgpt directory's own, or a
+    Hugging Face directory's ``tokenizer.json`` (its special tokens and chat template) with
+    the tokens mmgpt adds (``<image>``, the signal tokens) appended."""
+    model_dir = Path(model_dir)
+    config = read_model_config(model_dir)
+    if config.get("tokenizer"):
+        return load_tokenizer(model_dir, config)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir}: no tokenizer.json beside the model; copy the model's tokenizer files "
+            "there (tokenizer.json, tokenizer_config.json) or give tokenizer.from=DIR"
+        )
+    args = {k: v for k, v in section.items() if k == "num_signal_tokens"}
+    return create("tokenizer", section.get("name") or "bpe", path=str(model_dir), **args)
 
+
+def fit_vocabulary(gpt: GPT, tokenizer: Tokenizer, source: str | os.PathLike) -> GPT:
+    """Grow ``gpt``'s embedding (and an untied head) to cover ``tokenizer``: the tokens mmgpt
+    adds to a pretrained vocabulary start at the mean of the existing rows."""
+    have, need = gpt.config.vocab_size, tokenizer.vocab_size
+    if need > have:
+        gpt.resize_token_embeddings(need)
+        print(
+            f"{source}: the embedding grew from {have} to {need} rows for the tokens mmgpt adds",
+            flush=True,
+        )
+    return gpt
+
+
+def build_model(section: dict[str, Any], tokenizer: Tokenizer | None = None) -> GPT:
+    """A GPT from ``preset`` + overrides (vocab_size follows the tokenizer) or ``from: DIR``
+    (any directory :meth:`GPT.from_pretrained` reads, Hugging Face ones included)."""
     overrides = {k: v for k, v in section.items() if k not in ("preset", "from")}
     if section.get("from"):
+        source = Path(section["from"])
         # a LoRA run's directory: its adapter folded in, the base this run starts from
-        model = fold_loaded_adapters(GPT.from_pretrained(section["from"]))
-        if overrides:  # e.g. a different dropout for fine-tuning; shapes must stay
-            config = dataclasses.replace(model.config, **overrides)
-            tuned = GPT(config)
-            load_model_state(tuned, model_state_dict(model), Path(section["from"]))
-            model = tuned
-    else:
-        if not section.get("preset"):
-            raise ValueError("recipe section 'model' needs 'preset' (e.g. gpt-nano) or 'from'")
+        model = _override_gpt(fold_loaded_adapters(GPT.from_pretrained(source)), overrides, source)
         if tokenizer is not None:
-            needed = tokenizer.vocab_size
-            given = overrides.get("vocab_size")
-            if given is not None and given < needed:
-                raise ValueError(
-                    f"model.vocab_size={given} is smaller than the tokenizer's vocabulary "
-                    f"({needed})"
-                )
-            overrides.setdefault("vocab_size", needed)
-        model = GPT(gpt_config(section["preset"], **overrides))
-    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens, the model only "
-            f"{model.config.vocab_size} embeddings"
-        )
-    return model
+            model = fit_vocabulary(model, tokenizer, source)
+        return model
+    if not section.get("preset"):
+        raise ValueError("recipe section 'model' needs 'preset' (e.g. gpt-nano) or 'from'")
+    if tokenizer is not None:
+        needed = tokenizer.vocab_size
+        given = overrides.get("vocab_size")
+        if given is not None and given < needed:
+            raise ValueError(
+                f"model.vocab_size={given} is smaller than the tokenizer's vocabulary ({needed})"
+            )
+        overrides.setdefault("vocab_size", needed)
+    return GPT(gpt_config(section["preset"], **overrides))
+
+
+def context_length(section: Mapping[str, Any], gpt: GPT) -> int:
+    """The sequence length a run trains on: the recipe's ``block_size``, capped by the model's
+    context (a model it starts from keeps its own context; the recipe's is the window)."""
+    wanted = section.get("block_size")
+    return gpt.config.block_size if wanted is None else min(int(wanted), gpt.config.block_size)
 
 
 def dataset_kwargs(factory: Any, args: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
@@ -196,32 +217,43 @@ def gpt_overrides(section: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k in fields}
 
 
-def _override_gpt(gpt: GPT, overrides: Mapping[str, Any], source: Path) -> GPT:
-    """``gpt`` with config ``overrides`` (e.g. dropout for fine-tuning), weights kept."""
+# What a recipe may change on a model it starts from (``model.from``): nothing that changes
+# its architecture. ``block_size`` is the training window there (see context_length).
+_PRETRAINED_SETTINGS = ("dropout", "block_size")
+TRAINING_ONLY = ("vocab_size", "min_frequency")  # tokenizer arguments of training only
 
+
+def _override_gpt(gpt: GPT, overrides: Mapping[str, Any], source: Path) -> GPT:
+    """``gpt`` (loaded from ``source``) with the recipe's ``dropout``; weights kept."""
     changed = {k: v for k, v in overrides.items() if getattr(gpt.config, k) != v}
-    if not changed:
-        return gpt
-    tuned = GPT(GPTConfig.from_dict({**gpt.config.to_dict(), **changed}))
-    try:
-        load_model_state(tuned, model_state_dict(gpt), source)
-    except ValueError as exc:
+    refused = sorted(k for k in changed if k not in _PRETRAINED_SETTINGS)
+    if refused:
+        listed = ", ".join(f"model.{k}={changed[k]!r}" for k in refused)
         raise ValueError(
-            f"model.from={source}: the recipe's model settings {changed} change the shapes of "
-            f"its weights ({exc}); drop them or match the saved model"
-        ) from exc
-    return tuned
+            f"model.from={source}: {listed} would change the architecture of the model this run "
+            f"starts from (it has {', '.join(f'{k}={getattr(gpt.config, k)!r}' for k in refused)}"
+            "); only model.dropout and model.block_size (the training window) apply to it"
+        )
+    if "dropout" not in changed:
+        return gpt
+    tuned = GPT(GPTConfig.from_dict({**gpt.config.to_dict(), "dropout": changed["dropout"]}))
+    load_model_state(tuned, model_state_dict(gpt), source)
+    return tuned.train(gpt.training)
 
 
 def build_multimodal_model(
-    section: Mapping[str, Any], tokenizer: Tokenizer | None = None
+    section: Mapping[str, Any],
+    tokenizer: Tokenizer | None = None,
+    *,
+    tokenizer_section: Mapping[str, Any] | None = None,
 ) -> MultimodalGPT:
     """A :class:`~mmgpt.multimodal.MultimodalGPT` from a recipe's model section.
 
     - ``from: DIR`` of a multimodal model: that model (its tokenizer, encoder and projector;
       the section's components are not used), with GPT overrides such as ``dropout``.
-    - ``from: DIR`` of a text GPT: that GPT and its tokenizer, with the section's encoder and
-      projector built around it (LLaVA's start: a pretrained language model).
+    - ``from: DIR`` of a text GPT (mmgpt's or a Hugging Face one): that GPT and its
+      tokenizer, grown by the tokens mmgpt adds, with the section's encoder and projector
+      built around it (LLaVA's start: a pretrained language model).
     - ``preset``: a new GPT of that preset (``vocab_size`` follows ``tokenizer``) + components.
     """
     overrides = gpt_overrides(section)
@@ -234,9 +266,10 @@ def build_multimodal_model(
             model.gpt = _override_gpt(model.gpt, overrides, path)
             return model
         gpt = _override_gpt(fold_loaded_adapters(GPT.from_pretrained(path)), overrides, path)
-        tok_config = config.get("tokenizer") or {"name": "bpe"}
-        tokenizer = create("tokenizer", tok_config["name"], path=str(path))
-        return _build(MultimodalGPT, gpt, tokenizer, components, {})
+        tokenizer = pretrained_tokenizer(path, tokenizer_section or {})
+        return _build(
+            MultimodalGPT, fit_vocabulary(gpt, tokenizer, path), tokenizer, components, {}
+        )
     if not section.get("preset"):
         raise ValueError("recipe section 'model' needs 'preset' (e.g. gpt-nano) or 'from'")
     if tokenizer is None:
@@ -344,7 +377,7 @@ def multimodal_tokenizer(
     name = section.get("name") or "bpe"
     if section.get("from"):
         # training arguments (vocab_size, min_frequency) do not apply to a loaded tokenizer
-        loading = {k: v for k, v in args.items() if k not in ("vocab_size", "min_frequency")}
+        loading = {k: v for k, v in args.items() if k not in TRAINING_ONLY}
         return create("tokenizer", name, path=str(section["from"]), **loading)
     if not section.get("name"):
         raise ValueError("recipe section 'tokenizer' needs a 'name' (e.g. bpe) or 'from'")

@@ -31,10 +31,12 @@ from mmgpt.recipe.build import (
     build_model,
     build_multimodal_model,
     build_tokenizer,
+    context_length,
     data_path_arg,
     dataset_kwargs,
     default_corpus,
     factory_default,
+    fit_vocabulary,
     make_dataset,
     multimodal_data_source,
     multimodal_tokenizer,
@@ -158,6 +160,9 @@ def _fit(
 def run_text(run: Run, data: str | os.PathLike | None = None) -> dict[str, Any]:
     """A text GPT: tokenizer (trained, loaded, or the model's own), model, text dataset."""
     spec, out_dir = run.spec, run.out_dir
+    model_from = spec["model"].get("from")
+    # a model the run starts from loads first: settings it cannot take fail before any write
+    pretrained = build_model(dict(spec["model"])) if model_from else None
     out_dir.mkdir(parents=True, exist_ok=True)
     data_section = dict(spec["data"])
     dataset_name = data_section.pop("name")
@@ -177,7 +182,6 @@ def run_text(run: Run, data: str | os.PathLike | None = None) -> dict[str, Any]:
     # tokenizer: a resumed run reuses the one it trained, so ids cannot change under it
     saved_tokenizer = out_dir / TOKENIZER_DIR
     tok_section = dict(spec["tokenizer"])
-    model_from = spec["model"].get("from")
     if run.resume and (saved_tokenizer / "tokenizer.json").is_file() and tok_section.get("name"):
         tokenizer = create("tokenizer", tok_section["name"], path=str(saved_tokenizer))
     elif tok_section or model_from:
@@ -193,10 +197,15 @@ def run_text(run: Run, data: str | os.PathLike | None = None) -> dict[str, Any]:
         tokenizer = None
 
     seed_everything(run.train_config.seed)  # model init is part of the reproducible run
-    model = build_model(dict(spec["model"]), tokenizer)
+    if pretrained is not None:
+        model = (
+            pretrained if tokenizer is None else fit_vocabulary(pretrained, tokenizer, model_from)
+        )
+    else:
+        model = build_model(dict(spec["model"]), tokenizer)
     apply_adapter(model, spec.get("adapter"))  # then only the adapter (+ extras) trains
 
-    context = {"tokenizer": tokenizer, "block_size": model.config.block_size}
+    context = {"tokenizer": tokenizer, "block_size": context_length(spec["model"], model)}
     train_data = factory(**dataset_kwargs(factory, data_section, {**context, "split": "train"}))
     eval_data = None
     params = factory_parameters(factory)
@@ -239,7 +248,7 @@ def run_multimodal(run: Run, data: str | os.PathLike | None = None) -> dict[str,
             multimodal_tokenizer, spec["tokenizer"], dataset, out_dir, run.resume
         )
     seed_everything(run.train_config.seed)  # model init is part of the reproducible run
-    model = build_multimodal_model(model_section, tokenizer)
+    model = build_multimodal_model(model_section, tokenizer, tokenizer_section=spec["tokenizer"])
     model.trainable(parts)
     apply_adapter(model, spec.get("adapter"))  # with an adapter, it decides what trains
 
@@ -254,7 +263,9 @@ def run_multimodal(run: Run, data: str | os.PathLike | None = None) -> dict[str,
         model,
         train_data,
         eval_data,
-        collate_fn=model.processor(truncation=truncation),
+        collate_fn=model.processor(
+            truncation=truncation, max_length=context_length(model_section, model.gpt)
+        ),
         truncation=truncation,
     )
 

@@ -295,8 +295,8 @@ def record_recipe(path: Path, spec: dict[str, Any], resume: bool) -> None:
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
-        return {prefix: tree}
+        return {prefix.removesuffix("."): tree}
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         flat.update(_flatten(value, f"{prefix}{key}."))
-    return flat or {prefix: {}}
+    return flat or {prefix.removesuffix("."): {}}

@@ -9,147 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tokenizers import (
-    AddedToken,
-    Regex,
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    processors,
-)
-from tokenizers import trainers as tk_trainers
 
+from mmgpt.hf_fixtures import (
+    CHATML_TEMPLATE,
+    CONVERSATION,
+    LINES,
+    LLAMA3_TEMPLATE,
+    STRINGS,
+    TOOL_TEMPLATE,
+    build_hf_dir,
+)
 from mmgpt.registry import create
 from mmgpt_text import TextTokenizer
 from mmgpt_text.chat_template import ChatTemplateError, render_chat_template
 from mmgpt_text.tokenizer import METADATA_FILE
-
-LINES = [
-    "Hello there, how are you today?",
-    "The red circle is on the left of the blue square.",
-    "I am fine, thank you! 123 4567",
-    "naïve café 日本語",
-    "What colour is the circle?",
-] * 3
-# the pre-tokenizer regexes of Llama-3 and Qwen2 (numbers: up to 3 digits / one digit)
-SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-SPLIT_QWEN2 = SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    " + message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{% endif %}"
-)
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-TOOL_TEMPLATE = "{{ raise_exception('tools are not supported here') }}"
-LLAMA3_SPECIALS = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-]
-QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-STRINGS = [
-    "Hello there, how are you?",
-    " the red circle\n\nis on the left",
-    "<|begin_of_text|>x<|eot_id|> y <|im_start|>z<|im_end|>\n",
-    "naïve café 日本語 😀 123456",
-    "",
-]
-CONVERSATION = [
-    {"role": "user", "content": "What colour is the circle?"},
-    {"role": "assistant", "content": "The circle is red."},
-    {"role": "user", "content": "And the square?"},
-]
-
-
-def _added(token_ids: dict[str, int]) -> dict[str, Any]:
-    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    return {str(i): {"content": t, **flags, "special": True} for t, i in token_ids.items()}
-
-
-def build_hf_dir(
-    path: Path,
-    style: str,
-    *,
-    config: dict[str, Any] | None = None,
-    generation_config: dict[str, Any] | None = None,
-) -> Path:
-    """A tiny byte-level BPE tokenizer in the layout of a Llama-3 or a Qwen2 model repository."""
-    tok = Tokenizer(models.BPE())
-    if style == "qwen2":
-        tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(
-                Regex(SPLIT if style == "llama3" else SPLIT_QWEN2), behavior="isolated"
-            ),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = tk_trainers.BpeTrainer(
-        vocab_size=300,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(LINES, trainer)
-    specials = LLAMA3_SPECIALS if style == "llama3" else QWEN2_SPECIALS
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    ids = {s: tok.token_to_id(s) for s in specials}
-    if style == "llama3":
-        bos = "<|begin_of_text|>"
-        tok.post_processor = processors.Sequence(
-            [
-                processors.ByteLevel(trim_offsets=False),
-                processors.TemplateProcessing(
-                    single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids[bos])]
-                ),
-            ]
-        )
-        base = {
-            "bos_token": bos,
-            "eos_token": {"__type": "AddedToken", "content": "<|eot_id|>", "special": True},
-            "chat_template": LLAMA3_TEMPLATE,
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": 8192,
-        }
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        base = {
-            "bos_token": None,
-            "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>",
-            "chat_template": [
-                {"name": "default", "template": CHATML_TEMPLATE},
-                {"name": "tool_use", "template": TOOL_TEMPLATE},
-            ],
-            "tokenizer_class": "Qwen2Tokenizer",
-            "add_prefix_space": False,
-        }
-    base["added_tokens_decoder"] = _added(ids)
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({**base, **(config or {})}))
-    if generation_config is not None:
-        (path / "generation_config.json").write_text(json.dumps(generation_config))
-    return path
 
 
 @pytest.fixture(scope="module")

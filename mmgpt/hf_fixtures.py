@@ -1,0 +1,203 @@
+"""Tiny Hugging Face directories built offline: byte-level BPE tokenizers in the layout of a
+Llama-3 or a Qwen2 repository (special tokens, chat template), and small random causal language
+models of the families mmgpt reads. For tests — mmgpt's own and a plugin's — that must not
+download anything. Needs ``tokenizers`` (always installed) and, for models, ``transformers``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
+from tokenizers import trainers as tk_trainers
+
+__all__ = [
+    "CHATML_TEMPLATE",
+    "CONVERSATION",
+    "LLAMA3_TEMPLATE",
+    "STRINGS",
+    "build_hf_dir",
+    "build_hf_model_dir",
+]
+
+LINES = [
+    "Hello there, how are you today?",
+    "The red circle is on the left of the blue square.",
+    "I am fine, thank you! 123 4567",
+    "naïve café 日本語",
+    "What colour is the circle?",
+] * 3
+# the pre-tokenizer regexes of Llama-3 and Qwen2 (numbers: up to 3 digits / one digit)
+SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPLIT_QWEN2 = SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TOOL_TEMPLATE = "{{ raise_exception('tools are not supported here') }}"
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+STRINGS = [
+    "Hello there, how are you?",
+    " the red circle\n\nis on the left",
+    "<|begin_of_text|>x<|eot_id|> y <|im_start|>z<|im_end|>\n",
+    "naïve café 日本語 😀 123456",
+    "",
+]
+CONVERSATION = [
+    {"role": "user", "content": "What colour is the circle?"},
+    {"role": "assistant", "content": "The circle is red."},
+    {"role": "user", "content": "And the square?"},
+]
+
+
+def _added(token_ids: dict[str, int]) -> dict[str, Any]:
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    return {str(i): {"content": t, **flags, "special": True} for t, i in token_ids.items()}
+
+
+def build_hf_dir(
+    path: Path,
+    style: str,
+    *,
+    config: dict[str, Any] | None = None,
+    generation_config: dict[str, Any] | None = None,
+) -> Path:
+    """A tiny byte-level BPE tokenizer in the layout of a Llama-3 or a Qwen2 model repository."""
+    tok = Tokenizer(models.BPE())
+    if style == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(SPLIT if style == "llama3" else SPLIT_QWEN2), behavior="isolated"
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = tk_trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(LINES, trainer)
+    specials = LLAMA3_SPECIALS if style == "llama3" else QWEN2_SPECIALS
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    ids = {s: tok.token_to_id(s) for s in specials}
+    if style == "llama3":
+        bos = "<|begin_of_text|>"
+        tok.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids[bos])]
+                ),
+            ]
+        )
+        base = {
+            "bos_token": bos,
+            "eos_token": {"__type": "AddedToken", "content": "<|eot_id|>", "special": True},
+            "chat_template": LLAMA3_TEMPLATE,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": 8192,
+        }
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        base = {
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "chat_template": [
+                {"name": "default", "template": CHATML_TEMPLATE},
+                {"name": "tool_use", "template": TOOL_TEMPLATE},
+            ],
+            "tokenizer_class": "Qwen2Tokenizer",
+            "add_prefix_space": False,
+        }
+    base["added_tokens_decoder"] = _added(ids)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({**base, **(config or {})}))
+    if generation_config is not None:
+        (path / "generation_config.json").write_text(json.dumps(generation_config))
+    return path
+
+
+def build_hf_model_dir(
+    path: Path,
+    family: str = "llama",
+    *,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    **config: Any,
+) -> Path:
+    """A tiny random causal LM of ``family`` (``llama``, ``qwen2``, ``mistral`` or ``gpt2``)
+    saved by transformers into ``path`` with a matching tokenizer directory (Llama-3 style for
+    llama/mistral/gpt2, Qwen2 style for qwen2), its vocabulary sized to the tokenizer."""
+    import torch
+    import transformers  # deferred: an optional extra (interop)
+
+    style = "qwen2" if family == "qwen2" else "llama3"
+    build_hf_dir(path, style)
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    vocab = len(tokenizer.get_vocab())
+    roles = (
+        {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>"}
+        if style == "qwen2"
+        else {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": None}
+    )
+    ids = {f"{k}_token_id": tokenizer.token_to_id(v) if v else None for k, v in roles.items()}
+    if family == "gpt2":
+        cls, cfg = transformers.GPT2LMHeadModel, transformers.GPT2Config
+        base = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}
+    else:
+        names = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+        cls = getattr(transformers, f"{names[family]}ForCausalLM")
+        cfg = getattr(transformers, f"{names[family]}Config")
+        base = {
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+        }
+    torch.manual_seed(seed)
+    settings = {**base, **ids, **config}
+    model = cls(cfg(vocab_size=vocab, tie_word_embeddings=tie_word_embeddings, **settings))
+    model.save_pretrained(path)
+    return path
