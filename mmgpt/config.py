@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,10 @@ ROPE_SCALING_KEYS = {
 }
 
 T = TypeVar("T")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _config_error(cls_name: str, field_name: str, message: str) -> ValueError:
@@ -91,10 +96,16 @@ class GPTConfig:
             raise _config_error(
                 name, "activation", f"expected one of {ACTIVATIONS}, got {self.activation!r}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise _config_error(name, "dropout", f"expected 0 <= dropout < 1, got {self.dropout}")
-        if self.mlp_ratio <= 0:
-            raise _config_error(name, "mlp_ratio", f"expected > 0, got {self.mlp_ratio}")
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise _config_error(name, "dropout", f"expected 0 <= dropout < 1, got {self.dropout!r}")
+        # positive and finite (nan and inf pass a plain `> 0`, then fail far from here)
+        for f in ("mlp_ratio", "norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, f)
+            if not _is_real(value) or not 0 < value < math.inf:
+                raise _config_error(name, f, f"expected a finite number > 0, got {value!r}")
+        for f in ("bias", "tie_embeddings"):
+            if not isinstance(getattr(self, f), bool):
+                raise _config_error(name, f, f"expected true or false, got {getattr(self, f)!r}")
         for f in ("n_kv_head", "intermediate_size"):
             value = getattr(self, f)
             if value is not None and (

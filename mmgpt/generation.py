@@ -979,9 +979,11 @@ def stream(
             yield event.token_id
 
 
-def _text_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int] | None, add_bos: bool):
+def _text_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int] | None, add_bos: bool | None):
     if prompt is None or not isinstance(prompt, str):
         return prompt
+    if add_bos is None:  # as the tokenizer frames text (Llama: a bos; Qwen2, GPT-2: none)
+        add_bos = getattr(tokenizer, "add_bos_token", None) is not False
     return tokenizer.encode(prompt, add_bos=add_bos)
 
 
@@ -999,7 +1001,7 @@ def stream_text(
     config: GenerationConfig | None = None,
     *,
     inputs_embeds: Tensor | None = None,
-    add_bos: bool = True,
+    add_bos: bool | None = None,
     stop_at_eos: bool = True,
     skip_special_tokens: bool = True,
     token_hook: TokenHook | None = None,
@@ -1008,8 +1010,9 @@ def stream_text(
 
     A chunk never ends inside a UTF-8 character (byte-level BPE tokens may split one), and
     text that could still become a stop string is held back; the output stops just before
-    a stop string. ``prompt`` is text (encoded with a BOS if ``add_bos``) or token ids; or
-    pass ``inputs_embeds`` (1, T, C) with ``prompt=None``. Generation also stops at the
+    a stop string. ``prompt`` is text (encoded with a BOS if ``add_bos``; by default as the
+    tokenizer frames text) or token ids; or pass ``inputs_embeds`` (1, T, C) with
+    ``prompt=None``. Generation also stops at the
     tokenizer's eos and stop ids (:func:`tokenizer_stop_ids`) unless ``stop_at_eos=False``.
     """
     _check_single_embeds("stream_text", inputs_embeds)

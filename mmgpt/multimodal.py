@@ -407,8 +407,11 @@ class MultimodalGPT(nn.Module):
 
     def _generation_config(self, config: GenerationConfig | None, stop_at_eos: bool):
         config = config if config is not None else GenerationConfig()
-        if stop_at_eos and self.tokenizer.eos_id not in config.stop_token_ids:
-            config = replace(config, stop_token_ids=(*config.stop_token_ids, self.tokenizer.eos_id))
+        if stop_at_eos:  # eos, and a chat model's end-of-turn tokens
+            stops = generation.tokenizer_stop_ids(self.tokenizer)
+            missing = tuple(t for t in stops if t not in config.stop_token_ids)
+            if missing:
+                config = replace(config, stop_token_ids=(*config.stop_token_ids, *missing))
         return config
 
     def generate(

@@ -218,3 +218,21 @@ def test_import_config_does_not_import_torch() -> None:
         check=True,
     )
     assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("mlp_ratio", float("nan")),
+        ("mlp_ratio", float("inf")),
+        ("norm_eps", -1.0),
+        ("rope_theta", 0.0),
+        ("init_std", float("nan")),
+        ("bias", "yes"),
+        ("tie_embeddings", 1),
+        ("dropout", "0.1"),
+    ],
+)
+def test_non_finite_non_positive_and_mistyped_values_name_their_field(field, value) -> None:
+    with pytest.raises(ValueError, match=rf"^GPTConfig\.{field}: "):
+        GPTConfig(**{field: value})

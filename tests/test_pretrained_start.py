@@ -199,3 +199,25 @@ def test_caption_model_on_a_hugging_face_llama_reads_the_images(llama, tmp_path,
     report = json.loads(stdout)
     assert report["family"] == "llama" and {"encoders", "projectors"} <= set(report["not_exported"])
     assert "not exported" in err
+
+
+def test_a_recipe_written_for_scratch_training_runs_on_a_pretrained_model(
+    gpt2, corpus, tmp_path, capsys
+) -> None:
+    """Architecture settings in the recipe file describe a model built from a preset: on a
+    model the run starts from they are left out, with a note; the user's own are errors."""
+    from mmgpt.recipe import load_recipe
+
+    recipe = load_recipe("lm")
+    recipe["model"].update(pos_encoding="rotary", init_std=0.2, n_layer=7)
+    result = run_training(
+        recipe,
+        data=corpus,
+        out=tmp_path / "run",
+        overrides=[f"model.from={gpt2}", "train.max_steps=1", *FAST],
+    )
+    assert result["step"] == 1
+    out = capsys.readouterr().out
+    assert "keeps its own architecture" in out and "pos_encoding='rotary'" in out
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["gpt"]["pos_encoding"] == "learned" and config["gpt"]["n_layer"] == 2

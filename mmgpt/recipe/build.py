@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,14 +104,21 @@ def fit_vocabulary(gpt: GPT, tokenizer: Tokenizer, source: str | os.PathLike) ->
     return gpt
 
 
-def build_model(section: dict[str, Any], tokenizer: Tokenizer | None = None) -> GPT:
+def build_model(
+    section: dict[str, Any],
+    tokenizer: Tokenizer | None = None,
+    *,
+    explicit: Collection[str] = (),
+) -> GPT:
     """A GPT from ``preset`` + overrides (vocab_size follows the tokenizer) or ``from: DIR``
-    (any directory :meth:`GPT.from_pretrained` reads, Hugging Face ones included)."""
+    (any directory :meth:`GPT.from_pretrained` reads, Hugging Face ones included);
+    ``explicit``: the dotted keys the user set (see ``_override_gpt``)."""
     overrides = {k: v for k, v in section.items() if k not in ("preset", "from")}
     if section.get("from"):
         source = Path(section["from"])
         # a LoRA run's directory: its adapter folded in, the base this run starts from
-        model = _override_gpt(fold_loaded_adapters(GPT.from_pretrained(source)), overrides, source)
+        loaded = fold_loaded_adapters(GPT.from_pretrained(source))
+        model = _override_gpt(loaded, overrides, source, explicit)
         if tokenizer is not None:
             model = fit_vocabulary(model, tokenizer, source)
         return model
@@ -129,8 +136,9 @@ def build_model(section: dict[str, Any], tokenizer: Tokenizer | None = None) -> 
 
 
 def context_length(section: Mapping[str, Any], gpt: GPT) -> int:
-    """The sequence length a run trains on: the recipe's ``block_size``, capped by the model's
-    context (a model it starts from keeps its own context; the recipe's is the window)."""
+    """The length of the text windows a language-model run trains on: the recipe's
+    ``block_size``, capped by the model's context (a model the run starts from keeps its own
+    context; the recipe's is the window)."""
     wanted = section.get("block_size")
     return gpt.config.block_size if wanted is None else min(int(wanted), gpt.config.block_size)
 
@@ -223,17 +231,29 @@ _PRETRAINED_SETTINGS = ("dropout", "block_size")
 TRAINING_ONLY = ("vocab_size", "min_frequency")  # tokenizer arguments of training only
 
 
-def _override_gpt(gpt: GPT, overrides: Mapping[str, Any], source: Path) -> GPT:
-    """``gpt`` (loaded from ``source``) with the recipe's ``dropout``; weights kept."""
+def _override_gpt(
+    gpt: GPT, overrides: Mapping[str, Any], source: Path, explicit: Collection[str] = ()
+) -> GPT:
+    """``gpt`` (loaded from ``source``) with the recipe's ``dropout``; weights kept.
+
+    Other architecture settings describe a model built from a preset: those the recipe file
+    carries are left out with a note (the loaded model keeps its own), and those the user set
+    explicitly (``explicit``: dotted override keys) are an error.
+    """
     changed = {k: v for k, v in overrides.items() if getattr(gpt.config, k) != v}
-    refused = sorted(k for k in changed if k not in _PRETRAINED_SETTINGS)
+    others = sorted(k for k in changed if k not in _PRETRAINED_SETTINGS)
+    refused = [k for k in others if f"model.{k}" in explicit]
     if refused:
         listed = ", ".join(f"model.{k}={changed[k]!r}" for k in refused)
+        have = ", ".join(f"{k}={getattr(gpt.config, k)!r}" for k in refused)
         raise ValueError(
             f"model.from={source}: {listed} would change the architecture of the model this run "
-            f"starts from (it has {', '.join(f'{k}={getattr(gpt.config, k)!r}' for k in refused)}"
-            "); only model.dropout and model.block_size (the training window) apply to it"
+            f"starts from (it has {have}); only model.dropout and model.block_size (the "
+            "training window) apply to it"
         )
+    if others:
+        listed = ", ".join(f"{k}={changed[k]!r}" for k in others)
+        print(f"{source}: keeps its own architecture; the recipe's {listed} not used", flush=True)
     if "dropout" not in changed:
         return gpt
     tuned = GPT(GPTConfig.from_dict({**gpt.config.to_dict(), "dropout": changed["dropout"]}))
@@ -246,6 +266,7 @@ def build_multimodal_model(
     tokenizer: Tokenizer | None = None,
     *,
     tokenizer_section: Mapping[str, Any] | None = None,
+    explicit: Collection[str] = (),
 ) -> MultimodalGPT:
     """A :class:`~mmgpt.multimodal.MultimodalGPT` from a recipe's model section.
 
@@ -263,9 +284,10 @@ def build_multimodal_model(
         config = read_model_config(path)
         if architecture(config, path) == "multimodal":
             model = fold_loaded_adapters(MultimodalGPT.from_pretrained(path))
-            model.gpt = _override_gpt(model.gpt, overrides, path)
+            model.gpt = _override_gpt(model.gpt, overrides, path, explicit)
             return model
-        gpt = _override_gpt(fold_loaded_adapters(GPT.from_pretrained(path)), overrides, path)
+        gpt = fold_loaded_adapters(GPT.from_pretrained(path))
+        gpt = _override_gpt(gpt, overrides, path, explicit)
         tokenizer = pretrained_tokenizer(path, tokenizer_section or {})
         return _build(
             MultimodalGPT, fit_vocabulary(gpt, tokenizer, path), tokenizer, components, {}

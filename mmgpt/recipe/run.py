@@ -50,6 +50,7 @@ from mmgpt.recipe.spec import (
     apply_overrides,
     factory_parameters,
     load_recipe,
+    override_keys,
     recipe_architecture,
     recipe_names,
     record_recipe,
@@ -70,6 +71,7 @@ class Run:
     stage: dict[str, Any]  # multimodal recipes: train.stage / train.train_encoder
     out_dir: Path
     resume: bool
+    explicit: frozenset[str]  # the dotted keys the user set (overrides, --model, ...)
 
 
 def run_training(
@@ -116,7 +118,7 @@ def _prepare(
     out_dir = Path(out) if out is not None else Path("runs") / name
     if not resume:  # before anything is written there (recipe, tokenizer)
         check_no_checkpoints(out_dir)
-    return Run(spec, train_config, stage, out_dir, resume)
+    return Run(spec, train_config, stage, out_dir, resume, override_keys(overrides))
 
 
 def _fit(
@@ -162,7 +164,7 @@ def run_text(run: Run, data: str | os.PathLike | None = None) -> dict[str, Any]:
     spec, out_dir = run.spec, run.out_dir
     model_from = spec["model"].get("from")
     # a model the run starts from loads first: settings it cannot take fail before any write
-    pretrained = build_model(dict(spec["model"])) if model_from else None
+    pretrained = build_model(dict(spec["model"]), explicit=run.explicit) if model_from else None
     out_dir.mkdir(parents=True, exist_ok=True)
     data_section = dict(spec["data"])
     dataset_name = data_section.pop("name")
@@ -248,7 +250,9 @@ def run_multimodal(run: Run, data: str | os.PathLike | None = None) -> dict[str,
             multimodal_tokenizer, spec["tokenizer"], dataset, out_dir, run.resume
         )
     seed_everything(run.train_config.seed)  # model init is part of the reproducible run
-    model = build_multimodal_model(model_section, tokenizer, tokenizer_section=spec["tokenizer"])
+    model = build_multimodal_model(
+        model_section, tokenizer, tokenizer_section=spec["tokenizer"], explicit=run.explicit
+    )
     model.trainable(parts)
     apply_adapter(model, spec.get("adapter"))  # with an adapter, it decides what trains
 
@@ -263,9 +267,8 @@ def run_multimodal(run: Run, data: str | os.PathLike | None = None) -> dict[str,
         model,
         train_data,
         eval_data,
-        collate_fn=model.processor(
-            truncation=truncation, max_length=context_length(model_section, model.gpt)
-        ),
+        # the model's whole context: a pretrained model's chat template adds to every sample
+        collate_fn=model.processor(truncation=truncation),
         truncation=truncation,
     )
 

@@ -121,6 +121,16 @@ def _as_pairs(overrides: Sequence[str] | Mapping[str, Any]) -> list[tuple[str, A
     return pairs
 
 
+def override_keys(overrides: Sequence[str] | Mapping[str, Any]) -> frozenset[str]:
+    """The dotted keys ``overrides`` set (``adapter=lora`` sets ``adapter.method``)."""
+    keys = (
+        overrides
+        if isinstance(overrides, Mapping)
+        else [str(o).partition("=")[0] for o in overrides]
+    )
+    return frozenset("adapter.method" if k.strip() == "adapter" else k.strip() for k in keys)
+
+
 def apply_overrides(
     recipe: dict[str, Any], overrides: Sequence[str] | Mapping[str, Any]
 ) -> dict[str, Any]:

@@ -169,9 +169,20 @@ def save_screenshot(page: Any, name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny(tiny_model_dir: Path) -> SimpleNamespace:
-    """What the tests need to know about the tiny model, and the helpers (test modules
-    cannot import this conftest under ``--import-mode=importlib``)."""
+def demo_helpers() -> SimpleNamespace:
+    """The helpers alone, for tests that bring their own model (test modules cannot import
+    this conftest under ``--import-mode=importlib``)."""
+    return SimpleNamespace(
+        circle_image=circle_image,
+        launched=launched,
+        page_of=page_of,
+        save_screenshot=save_screenshot,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir: Path, demo_helpers: SimpleNamespace) -> SimpleNamespace:
+    """What the tests need to know about the tiny model, and the helpers."""
     return SimpleNamespace(
         dir=tiny_model_dir,
         image_question=IMAGE_QUESTION,
@@ -179,8 +190,5 @@ def tiny(tiny_model_dir: Path) -> SimpleNamespace:
         answer=ANSWER,
         draw_prompt=DRAW_PROMPT,
         adapter=ADAPTER,
-        circle_image=circle_image,
-        launched=launched,
-        page_of=page_of,
-        save_screenshot=save_screenshot,
+        **vars(demo_helpers),
     )

@@ -47,7 +47,9 @@ def _overfit(forward: Any, parameters: Any, ids: torch.Tensor, labels: torch.Ten
     for _ in range(150):
         logits = forward(ids)  # (B, T, V)
         loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100
+            logits[:, :-1].reshape(-1, logits.size(-1)),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
         )
         optimizer.zero_grad()
         loss.backward()
@@ -99,7 +101,7 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mmgpt.hf_fixtures import build_hf_dir
 
     directory = build_hf_dir(tmp_path_factory.mktemp("text-llama") / "tiny-llama", "qwen2")
-    tok = load_tokenizer(directory)
+    tok = load_tokenizer(directory, {})  # no config.json yet: the tokenizer files alone
     assert tok.chat_template is not None and tok.stop_tokens == ["<|im_end|>"]
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(
@@ -162,8 +164,8 @@ def text_model(request: pytest.FixtureRequest) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def served(text_model: SimpleNamespace, tiny: SimpleNamespace) -> Any:
-    with tiny.launched(text_model.dir, "chat") as app:
+def served(text_model: SimpleNamespace, demo_helpers: SimpleNamespace) -> Any:
+    with demo_helpers.launched(text_model.dir, "chat") as app:
         yield app
 
 
@@ -176,9 +178,7 @@ def test_a_text_model_is_served_with_its_template_and_adapters(text_model) -> No
     model = DemoModel.load(text_model.dir)
     assert model.is_text_model and not model.can_see and not model.can_draw
     assert model.uses_own_chat_template == (text_model.kind == "llama")
-    assert model.adapter_choices() == (
-        ["none", ADAPTER] if text_model.kind == "gpt" else ["none"]
-    )
+    assert model.adapter_choices() == (["none", ADAPTER] if text_model.kind == "gpt" else ["none"])
     messages = [{"role": "user", "content": QUESTION}]
     turns, images = model.fit([user_message(QUESTION)], MAX_NEW)
     assert images == [] and model.prompt_ids(turns) == _prompt_ids(
@@ -206,14 +206,14 @@ def _set(page: Any, label: str, value: str) -> None:
     field.press("Tab")
 
 
-def test_chat_in_the_browser(served, text_model, browser, tiny) -> None:
+def test_chat_in_the_browser(served, text_model, browser, demo_helpers) -> None:
     from playwright.sync_api import expect
 
     expected = _greedy(
         text_model.dir,
         _prompt_ids(text_model.kind, text_model.tok, [{"role": "user", "content": QUESTION}]),
     )
-    with tiny.page_of(browser, served.local_url) as page:
+    with demo_helpers.page_of(browser, served.local_url) as page:
         expect(page).to_have_title("mmgpt chat (text model)")
         expect(page.locator("body")).to_contain_text("a text model: text in, text out")
         expect(page.locator("body")).to_contain_text(text_model.name)
@@ -240,7 +240,7 @@ def test_chat_in_the_browser(served, text_model, browser, tiny) -> None:
         page.click("#undo")
         expect(bot).to_have_count(0)
         expect(box).to_have_value(QUESTION)
-        tiny.save_screenshot(page, f"chat-text-{text_model.kind}")
+        demo_helpers.save_screenshot(page, f"chat-text-{text_model.kind}")
         assert page.external == []
 
 
@@ -296,9 +296,9 @@ def test_api_refuses_images_and_picks_adapters(served, text_model, tmp_path) -> 
 # --------------------------------------------------------------------------------------
 
 
-def test_preferences_app_takes_text_prompts(gpt_dir, tiny, tmp_path) -> None:
+def test_preferences_app_takes_text_prompts(gpt_dir, demo_helpers, tmp_path) -> None:
     data = tmp_path / "prefs"
-    with tiny.launched(gpt_dir, "preferences", data_dir=data) as app:
+    with demo_helpers.launched(gpt_dir, "preferences", data_dir=data) as app:
         client = Client(app.local_url, verbose=False)
         hot = {"temperature": 2.0, "top_p": 1.0, "max_new_tokens": 8}
         a, b, pair_id, _ = client.predict(
@@ -307,14 +307,14 @@ def test_preferences_app_takes_text_prompts(gpt_dir, tiny, tmp_path) -> None:
         assert a != b
         client.predict(pair_id, "A", api_name="/judge")
         image = tmp_path / "circle.png"
-        tiny.circle_image(16).save(image)
+        demo_helpers.circle_image(16).save(image)
         with pytest.raises(AppError, match=r"cannot see images \(it is a text model\)"):
             message = {"text": QUESTION, "files": [handle_file(str(image))]}
             client.predict(message, api_name="/sample_pair", **hot)
     [pair] = PreferenceDataset(data / "preferences.jsonl", strict=True)
     assert (pair.prompt, pair.chosen, pair.rejected, pair.images) == (QUESTION, a, b, [])
     line = json.loads((data / "preferences.jsonl").read_text())
-    assert line["model"] == gpt_dir.name and line["image"] is None
+    assert line["model"] == gpt_dir.name and line.get("image") is None
 
 
 def test_text_to_image_refuses_a_text_model(gpt_dir, llama_dir, capsys) -> None:
@@ -325,12 +325,12 @@ def test_text_to_image_refuses_a_text_model(gpt_dir, llama_dir, capsys) -> None:
         with pytest.raises(ValueError) as raised:
             build_demo(directory, "text_to_image")
         assert str(raised.value).startswith(
-            f"{directory}: the text_to_image app needs a model that draws; this one is a text "
-            "model"
+            f"{directory}: the text_to_image app needs a model that draws; this one is a text model"
         )
     # the app itself refuses a loaded model that cannot draw, naming its directory
-    with pytest.raises(ValueError, match=f"^{gpt_dir}: the text_to_image app needs a model"):
+    with pytest.raises(ValueError) as raised:
         text_to_image.build_app(DemoModel.load(gpt_dir))
+    assert str(raised.value).startswith(f"{gpt_dir}: the text_to_image app needs a model that")
     assert cli.main(["demo", "--app", "text_to_image", "--model", str(gpt_dir)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mmgpt: error: ") and f"{gpt_dir}: the text_to_image app" in err
