@@ -1,6 +1,7 @@
 """Gradio demos of mmgpt: inference only, no training code.
 
-- :mod:`demos.chat` — multimodal chat: images in, text and images out, streamed.
+- :mod:`demos.chat` — multimodal chat: images in, text and images out, streamed (a text-only
+  language model gets the same chat, text only).
 - :mod:`demos.text_to_image` — a prompt → a gallery of images with their seeds.
 - :mod:`demos.preferences` — pick the better of two sampled answers; pairs go to a
   preference JSONL that the RLHF recipes read.

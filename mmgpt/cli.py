@@ -105,9 +105,16 @@ def _print_result(result: Any) -> None:
 
 
 # -- commands ------------------------------------------------------------------------------
+def _model_dir(name: str | None) -> Path | None:
+    """``--model``: a local directory, or a Hugging Face Hub id (downloaded when named)."""
+    from mmgpt.pretrained import resolve_model_dir
+
+    return None if name is None else resolve_model_dir(name)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _target("demo")(
-        model_dir=args.model,
+        model_dir=_model_dir(args.model),
         port=args.port,
         share=args.share,
         app=args.app,
@@ -124,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.reward_model is not None:
         overrides.insert(0, f"objective.reward_model={args.reward_model}")
     if args.model is not None:
-        overrides.insert(0, f"model.from={args.model}")
+        overrides.insert(0, f"model.from={args.model}")  # a Hub id resolves when it loads
     result = _target("train")(
         args.recipe, data=args.data, out=args.out, resume=args.resume, overrides=overrides
     )
@@ -159,7 +166,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from mmgpt.config import CONFIG_NAME, read_model_config
     from mmgpt.pretrained import architecture
 
-    model_dir = Path(args.model)
+    model_dir = _model_dir(args.model)
     config = read_model_config(model_dir)
     arch = architecture(config, model_dir / CONFIG_NAME)
     gen_config = _generation_config(args)
@@ -262,7 +269,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmgpt.config import CONFIG_NAME, read_model_config
     from mmgpt.pretrained import architecture
 
-    model_dir = Path(args.model)
+    model_dir = _model_dir(args.model)
     config = read_model_config(model_dir)
     arch = architecture(config, model_dir / CONFIG_NAME)
     task = args.task or ("caption" if arch == "multimodal" else "lm")
@@ -324,7 +331,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mmgpt.pretrained import export_hf
 
     report = export_hf(
-        args.model, args.out, family=args.family, adapter=_adapter_choice(args.adapter)
+        _model_dir(args.model), args.out, family=args.family, adapter=_adapter_choice(args.adapter)
     )
     print(json.dumps(report, indent=2))
     if report["not_exported"]:
@@ -384,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mmgpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", parents=[debug], help="open the Gradio multimodal chat demo")
+    p = sub.add_parser("demo", parents=[debug], help="open a Gradio demo (multimodal or text chat, drawing, preferences)")
     p.add_argument("--model", metavar="DIR", help="model directory (default: the shipped model)")
     p.add_argument("--port", type=_positive_int, help="port to serve on")
     p.add_argument("--share", action="store_true", help="create a public Gradio link")

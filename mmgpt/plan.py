@@ -55,7 +55,7 @@ from mmgpt.config import CONFIG_NAME, GPT_PRESETS, GPTConfig, gpt_config, read_m
 from mmgpt.distributed import transformer_blocks
 from mmgpt.model import GPT
 from mmgpt.multimodal import MultimodalGPT
-from mmgpt.pretrained import architecture
+from mmgpt.pretrained import architecture, resolve_model_dir
 from mmgpt.recipe.build import component_kwargs, gpt_overrides, trainable_parts
 from mmgpt.recipe.spec import STAGE_KEYS, apply_overrides, load_recipe, recipe_architecture
 from mmgpt.trainer import TrainConfig
@@ -343,11 +343,11 @@ def _meta_model(spec: dict[str, Any]) -> tuple[nn.Module, Any, int]:
     overrides = gpt_overrides(section)
     with torch.device("meta"):
         if section.get("from"):
-            saved = read_model_config(section["from"])
+            saved = read_model_config(resolve_model_dir(section["from"]))
             if "gpt" not in saved:
                 raise ValueError(f"{section['from']}: config.json has no 'gpt' section to plan")
             config = GPTConfig.from_dict({**saved["gpt"], **overrides})
-            where = Path(section["from"]) / CONFIG_NAME
+            where = resolve_model_dir(section["from"]) / CONFIG_NAME
             if architecture(saved, where) == "multimodal":
                 parts = nn.ModuleDict({"gpt": GPT(config)})
                 for group, kind in (("encoders", "encoder"), ("projectors", "projector")):

@@ -14,6 +14,7 @@ Every loader returns the model in eval mode; a trainer switches it to train mode
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = [
     "merge_and_save",
     "model_config",
     "require_architecture",
+    "resolve_model_dir",
     "save_hf",
     "save_hf_gpt2",
     "save_model",
@@ -53,6 +55,39 @@ _CLASSES: dict[str, type[nn.Module]] = {
     GPT_ARCHITECTURE: GPT,
     MULTIMODAL_ARCHITECTURE: MultimodalGPT,
 }
+
+
+# A Hugging Face Hub id ("org/name"): downloaded only when named and no such local path exists.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# What a model directory needs: configs, weights, tokenizer files, chat templates.
+HUB_FILES = ("*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt")
+
+
+def resolve_model_dir(name: str | os.PathLike) -> Path:
+    """The local directory of a model: ``name`` itself when it exists (mmgpt never downloads
+    what is on disk), else, when ``name`` is a Hugging Face Hub id (``org/model``) and
+    ``huggingface_hub`` is installed, the snapshot it downloads (configs, safetensors weights
+    and tokenizer files only; never pickled weights)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    text = str(name)
+    if not _HUB_ID.fullmatch(text):
+        raise FileNotFoundError(f"{text}: no such model directory")
+    try:
+        from huggingface_hub import snapshot_download  # deferred: optional, needs a network
+    except ImportError:
+        raise FileNotFoundError(
+            f"{text}: no such model directory; to download it from the Hugging Face Hub, "
+            "install huggingface_hub (pip install huggingface_hub) or pass a local directory"
+        ) from None
+    try:
+        return Path(snapshot_download(repo_id=text, allow_patterns=list(HUB_FILES)))
+    except Exception as exc:  # offline, unknown repo, gated model: all say why in their text
+        raise OSError(
+            f"{text}: not a local directory, and downloading it from the Hugging Face Hub "
+            f"failed ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def architecture(config: Mapping[str, Any], source: str | os.PathLike = CONFIG_NAME) -> str:

@@ -313,7 +313,7 @@ class Result:
 
 
 REAL = {"plan", "plugins list"}  # cheap: they run for real
-RECORDED = {"demo", "generate", "eval", "data check"}  # need artifacts: parsed only
+RECORDED = {"demo", "generate", "eval", "data check", "export"}  # need artifacts: parsed only
 
 
 def validate_train(recipe: Any, data: Any, out: Any, resume: bool, overrides: list[str]) -> dict:
@@ -362,6 +362,7 @@ def run_cli(argv: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> Result:
         ("data check", "cmd_data_check"),
         ("plugins list", "cmd_plugins_list"),
         ("plan", "cmd_plan"),
+        ("export", "cmd_export"),
     ]:
         real = None if name in RECORDED else getattr(cli, attr)
         monkeypatch.setattr(cli, attr, recorder(name, real))
@@ -470,6 +471,13 @@ def _stage(inv: Invocation) -> bool:
     )
 
 
+def _hf_start(inv: Invocation) -> bool:
+    """A run that starts from a model directory the docs call a Hugging Face one."""
+    source = str(((inv.recipe or {}).get("model") or {}).get("from") or "")
+    return any(word in source.lower() for word in ("llama", "smollm", "qwen", "gpt2", "hf"))
+
+
+PRETRAINED = "tests/test_pretrained_start.py"
 CLI_TESTS = "tests/test_cli.py"
 MM_RECIPES = "tests/test_recipes_multimodal.py"
 EXERCISED_BY: tuple[Rule, ...] = (
@@ -587,6 +595,23 @@ EXERCISED_BY: tuple[Rule, ...] = (
         "mmgpt train, objective ppo",
         lambda i: _train("ppo")(i) or _train("ppo", adapter=True)(i),
         ("tests/rlhf/test_ppo.py::test_ppo_raises_a_toy_reward",),
+    ),
+    Rule(
+        "mmgpt train --model DIR of a Hugging Face model (lm, full or LoRA; caption)",
+        lambda i: i.command == "train" and _hf_start(i),
+        (
+            f"{PRETRAINED}::test_fine_tune_export_and_transformers_continue_the_same",
+            f"{PRETRAINED}::test_caption_model_on_a_hugging_face_llama_reads_the_images",
+            f"{PRETRAINED}::test_training_from_a_pretrained_model_resumes_exactly",
+        ),
+    ),
+    Rule(
+        "mmgpt export",
+        lambda i: i.command == "export",
+        (
+            f"{PRETRAINED}::test_fine_tune_export_and_transformers_continue_the_same",
+            f"{PRETRAINED}::test_caption_model_on_a_hugging_face_llama_reads_the_images",
+        ),
     ),
     Rule(
         "mmgpt train --resume",

@@ -122,3 +122,26 @@ def test_save_model_replaces_a_directory_atomically(tmp_path: Path, tok) -> None
     assert not (out / "notes.txt").exists()  # a new directory, not files written over the old
     assert json.loads((out / CONFIG_NAME).read_text())["gpt"]["n_layer"] == 1
     torch.testing.assert_close(load_model(out)(IDS).logits, second.eval()(IDS).logits)
+
+
+def test_a_hub_id_downloads_only_when_named_and_not_on_disk(tmp_path, monkeypatch) -> None:
+    import huggingface_hub
+
+    from mmgpt.pretrained import HUB_FILES, resolve_model_dir
+
+    calls = []
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path / "cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "local").mkdir(parents=True)
+    assert resolve_model_dir("org/local") == Path("org/local")  # on disk: never downloaded
+    assert resolve_model_dir("org/remote") == tmp_path / "cache"
+    assert calls == [("org/remote", list(HUB_FILES))]
+    assert not any(p.endswith((".bin", ".pt", ".pth")) for p in HUB_FILES)  # no pickles
+    with pytest.raises(FileNotFoundError, match=r"runs/a/model: no such model directory"):
+        resolve_model_dir("runs/a/model")  # a path, not an id: an error, not a download
+    assert len(calls) == 1

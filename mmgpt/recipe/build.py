@@ -20,7 +20,7 @@ from mmgpt.files import atomic_write_bytes
 from mmgpt.interfaces import Tokenizer
 from mmgpt.model import GPT
 from mmgpt.multimodal import MultimodalGPT
-from mmgpt.pretrained import architecture, load_tokenizer
+from mmgpt.pretrained import architecture, load_tokenizer, resolve_model_dir
 from mmgpt.processor import DEFAULT_TEMPLATE
 from mmgpt.recipe.spec import (
     COMPONENTS,
@@ -78,7 +78,7 @@ def pretrained_tokenizer(model_dir: str | os.PathLike, section: Mapping[str, Any
     """The tokenizer of a model directory a run starts from: an mmgpt directory's own, or a
     Hugging Face directory's ``tokenizer.json`` (its special tokens and chat template) with
     the tokens mmgpt adds (``<image>``, the signal tokens) appended."""
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_dir(model_dir)
     config = read_model_config(model_dir)
     if config.get("tokenizer"):
         return load_tokenizer(model_dir, config)
@@ -115,7 +115,7 @@ def build_model(
     ``explicit``: the dotted keys the user set (see ``_override_gpt``)."""
     overrides = {k: v for k, v in section.items() if k not in ("preset", "from")}
     if section.get("from"):
-        source = Path(section["from"])
+        source = resolve_model_dir(section["from"])
         # a LoRA run's directory: its adapter folded in, the base this run starts from
         loaded = fold_loaded_adapters(GPT.from_pretrained(source))
         model = _override_gpt(loaded, overrides, source, explicit)
@@ -280,7 +280,7 @@ def build_multimodal_model(
     overrides = gpt_overrides(section)
     components = component_kwargs(section)
     if section.get("from"):
-        path = Path(section["from"])
+        path = resolve_model_dir(section["from"])
         config = read_model_config(path)
         if architecture(config, path) == "multimodal":
             model = fold_loaded_adapters(MultimodalGPT.from_pretrained(path))
