@@ -73,12 +73,12 @@ def resolve_model_dir(name: str | os.PathLike) -> Path:
         return path
     text = str(name)
     if not _HUB_ID.fullmatch(text):
-        raise FileNotFoundError(f"{text}: no such model directory")
+        raise FileNotFoundError(f"{text}: not a model directory")
     try:
         from huggingface_hub import snapshot_download  # deferred: optional, needs a network
     except ImportError:
         raise FileNotFoundError(
-            f"{text}: no such model directory; to download it from the Hugging Face Hub, "
+            f"{text}: not a model directory; to download it from the Hugging Face Hub, "
             "install huggingface_hub (pip install huggingface_hub) or pass a local directory"
         ) from None
     try:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
+import functools
 import json
 import math
 import os
@@ -66,11 +68,13 @@ from mmgpt.registry import create
 from mmgpt.weights import load_model_state, model_state_dict
 
 __all__ = [
+    "LR_PARTS",
     "TrainConfig",
     "Trainer",
     "check_no_checkpoints",
     "learning_rate",
     "lr_factor",
+    "parameter_part",
     "seed_everything",
 ]
 
@@ -81,6 +85,17 @@ SUPERSEDED_NAME = "metrics.superseded.jsonl"  # records past the step a run resu
 # weighted by each micro-batch's ObjectiveOutput.weight.
 SUM_METRICS = frozenset({"tokens", "samples", "pairs"})
 STATE_FORMAT = 1
+# The parts of a multimodal model that may have their own learning rate (``lr_multipliers``,
+# ``warmup_steps_by_part``), each with the attribute its parameters' names go through
+# (``encoders.image.model.blocks.0…``); mmgpt.multimodal.PARTS names the same attributes.
+LR_PARTS = {
+    "encoder": "encoders",
+    "projector": "projectors",
+    "gpt": "gpt",
+    "image_decoder": "image_decoder",
+    "output_projector": "output_projector",
+}
+_PART_OF_ATTRIBUTE = {attribute: part for part, attribute in LR_PARTS.items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -116,6 +131,11 @@ class TrainConfig:
     save_frozen: bool = True  # checkpoints hold frozen weights too (False: trainable + buffers)
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = True  # also log to out_dir/tensorboard when tensorboard is installed
+    # Per-part learning rates of a multimodal model (keys: LR_PARTS): the part's lr follows
+    # the same schedule scaled by its multiplier (e.g. {"encoder": 0.1}), warming up over
+    # its own number of steps when given; parts not named follow lr and warmup_steps.
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    warmup_steps_by_part: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):  # YAML and JSON give lists
@@ -155,6 +175,8 @@ class TrainConfig:
         ):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, f"expected true or false, got {getattr(self, name)!r}")
+        for name in ("lr_multipliers", "warmup_steps_by_part"):
+            _check_parts(self, name)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -192,6 +214,44 @@ def _check_int(cfg: TrainConfig, name: str, *, minimum: int) -> None:
         _fail(name, f"expected an integer >= {minimum}, got {value!r}")
 
 
+def _check_parts(cfg: TrainConfig, name: str) -> None:
+    """``lr_multipliers`` (positive numbers) or ``warmup_steps_by_part`` (integers >= 0),
+    keyed by the parts of :data:`LR_PARTS`."""
+    value = getattr(cfg, name)
+    valid = ", ".join(LR_PARTS)
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        _fail(name, f"expected a mapping of part to value (parts: {valid}), got {value!r}")
+    for part, item in value.items():
+        if part not in LR_PARTS:
+            close = difflib.get_close_matches(str(part), list(LR_PARTS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            _fail(name, f"unknown part {part!r}{hint}; valid parts: {valid}")
+        if name == "lr_multipliers":
+            if not _is_number(item) or item <= 0:
+                _fail(
+                    name,
+                    f"{part}: expected a positive number, got {item!r} (to keep a part fixed, "
+                    "freeze it: train.stage / train.train_encoder)",
+                )
+        elif not isinstance(item, int) or isinstance(item, bool) or item < 0:
+            _fail(name, f"{part}: expected an integer >= 0, got {item!r}")
+    setattr(cfg, name, dict(value))
+
+
+def parameter_part(name: str) -> str | None:
+    """The part (a key of :data:`LR_PARTS`) a parameter belongs to, from its name: the first
+    component of the dotted name that is a part's attribute, so wrappers (DDP's ``module.``,
+    a reward or contrastive model's ``backbone.``) are seen through; None for the rest (a
+    text GPT's parameters, heads a wrapper adds)."""
+    for component in name.split("."):
+        part = _PART_OF_ATTRIBUTE.get(component)
+        if part is not None:
+            return part
+    return None
+
+
 # --------------------------------------------------------------------------------------
 # Schedule and seeding
 # --------------------------------------------------------------------------------------
@@ -211,14 +271,25 @@ def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_ratio: float)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
-    """The lr of the update after ``step`` completed steps (what the scheduler sets)."""
-    return config.lr * lr_factor(
+def learning_rate(step: int, config: TrainConfig, part: str | None = None) -> float:
+    """The lr of the update after ``step`` completed steps (what the scheduler sets), for the
+    parameters of ``part`` (a key of :data:`LR_PARTS`; None: the others)."""
+    return config.lr * _part_factor(step, config, part)
+
+
+def _part_factor(step: int, config: TrainConfig, part: str | None) -> float:
+    """``lr_factor`` with ``part``'s warmup, times its multiplier."""
+    factor = lr_factor(
         step,
-        warmup_steps=config.warmup_steps,
+        warmup_steps=config.warmup_steps_by_part.get(part, config.warmup_steps)
+        if part is not None
+        else config.warmup_steps,
         max_steps=config.max_steps,
         min_ratio=config.min_lr / config.lr,
     )
+    if part is None or part not in config.lr_multipliers:
+        return factor
+    return config.lr_multipliers[part] * factor
 
 
 def seed_everything(seed: int) -> None:
@@ -317,7 +388,11 @@ class Trainer:
         self.model = model.to(self.device)
         self.wrapped_model = self._wrap_model(self.model)
         self.optimizer = self._build_optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        # one lambda per parameter group: its part's warmup and multiplier
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            [functools.partial(self._lr_lambda, part=part) for part, _ in self._group_specs],
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.train_loader = self._make_loader(train_data, train=True)
         self.eval_loader = None if eval_data is None else self._make_loader(eval_data, train=False)
@@ -469,32 +544,71 @@ class Trainer:
         return [(n, p) for n, p in self.wrapped_model.named_parameters() if p.requires_grad]
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW; weight decay on matrices and embeddings (≥2-D), none on biases and norms."""
+        """AdamW; weight decay on matrices and embeddings (≥2-D), none on biases and norms.
+
+        The parts named in ``lr_multipliers`` or ``warmup_steps_by_part`` get their own pair of
+        groups (``"encoder.decay"``, ``"encoder.no_decay"``), after the groups of everything
+        else (``"decay"``, ``"no_decay"``); ``self._group_specs`` holds each group's
+        ``(part, decays)``.
+        """
         params = self.trainable_parameters()
         if not params:
             raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
-        decay = [p for _, p in params if p.dim() >= 2]
-        no_decay = [p for _, p in params if p.dim() < 2]
-        groups = [
-            {"params": group, "weight_decay": wd, "name": name}
-            for name, group, wd in (
-                ("decay", decay, self.config.weight_decay),
-                ("no_decay", no_decay, 0.0),
-            )
-            if group
-        ]
+        scheduled = self._scheduled_parts()
+        buckets: dict[tuple[str | None, bool], list[nn.Parameter]] = {}
+        for name, p in params:
+            part = parameter_part(name)
+            key = (part if part in scheduled else None, p.dim() >= 2)
+            buckets.setdefault(key, []).append(p)
+        groups, self._group_specs = [], []
+        for part in (None, *scheduled):
+            for decays in (True, False):
+                group = buckets.get((part, decays))
+                if not group:
+                    continue
+                name = "decay" if decays else "no_decay"
+                groups.append(
+                    {
+                        "params": group,
+                        "weight_decay": self.config.weight_decay if decays else 0.0,
+                        "name": name if part is None else f"{part}.{name}",
+                    }
+                )
+                self._group_specs.append((part, decays))
         return torch.optim.AdamW(groups, lr=self.config.lr, betas=self.config.betas)
 
-    def _lr_lambda(self, step: int) -> float:
+    def _scheduled_parts(self) -> list[str]:
+        """The parts with their own lr schedule, in :data:`LR_PARTS` order; a part the model
+        does not have is an error naming the config field."""
+        cfg = self.config
+        named = set(cfg.lr_multipliers) | set(cfg.warmup_steps_by_part)
+        if not named:
+            return []
+        present = {parameter_part(n) for n, _ in self.wrapped_model.named_parameters()}
+        for field_name in ("lr_multipliers", "warmup_steps_by_part"):
+            missing = sorted(set(getattr(cfg, field_name)) - present)
+            if missing:
+                have = ", ".join(p for p in LR_PARTS if p in present) or "none"
+                _fail(
+                    field_name,
+                    f"this model ({type(self.model).__name__}) has no {', '.join(missing)} "
+                    f"(parameters named {', '.join(LR_PARTS[m] + '.*' for m in missing)}); "
+                    f"its parts: {have}",
+                )
+        return [part for part in LR_PARTS if part in named]
+
+    def _lr_lambda(self, step: int, part: str | None = None) -> float:
         # a bound method, not a stateful object: the schedule always follows the current
         # config (so a resumed run may extend max_steps), and LambdaLR stores nothing for it
-        cfg = self.config
-        return lr_factor(
-            step,
-            warmup_steps=cfg.warmup_steps,
-            max_steps=cfg.max_steps,
-            min_ratio=cfg.min_lr / cfg.lr,
-        )
+        return _part_factor(step, self.config, part)
+
+    def group_lrs(self) -> dict[str, float]:
+        """The current lr of each part with its own schedule, as ``{"lr_encoder": …}``."""
+        lrs: dict[str, float] = {}
+        for (part, _), group in zip(self._group_specs, self.optimizer.param_groups):
+            if part is not None:
+                lrs.setdefault(f"lr_{part}", group["lr"])
+        return lrs
 
     # -- one optimizer step -----------------------------------------------------------
     def _to_device(self, batch: Any) -> Any:
@@ -566,13 +680,19 @@ class Trainer:
         """Gradients, clipping, optimizer and scheduler step; returns the step's metrics."""
         metrics = self.compute_gradients(micro_batches)
         grad_norm = self.clip_gradients()
-        lr = self.optimizer.param_groups[0]["lr"]
+        lrs = self.group_lrs()
+        # the lr of the parameters without a part schedule (the first group when there are any)
+        lr = (
+            self.optimizer.param_groups[0]["lr"]
+            if self._group_specs[0][0] is None
+            else self.config.lr * self._lr_lambda(self.scheduler.last_epoch)
+        )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {**metrics, "lr": lr, "grad_norm": grad_norm}
+        return {**metrics, "lr": lr, **lrs, "grad_norm": grad_norm}
 
     # -- evaluation -------------------------------------------------------------------
     @torch.no_grad()
@@ -865,10 +985,18 @@ class Trainer:
         self._verify_checkpoint(path)
         state = _read_json(path / "trainer_state.json")
         opt_meta = _read_json(path / "optimizer.json")
-        if len(opt_meta["param_groups"]) != len(self.optimizer.param_groups):
+        saved_groups = [g.get("name") for g in opt_meta["param_groups"]]
+        groups = [g.get("name") for g in self.optimizer.param_groups]
+        if len(saved_groups) != len(groups):
             raise ValueError(
-                f"{path}: the optimizer has {len(opt_meta['param_groups'])} parameter groups, "
-                f"this model {len(self.optimizer.param_groups)} (different trainable parameters?)"
+                f"{path}: the optimizer has {len(saved_groups)} parameter groups, "
+                f"this model {len(groups)} (different trainable parameters?)"
+            )
+        if saved_groups != groups and all(saved_groups):
+            raise ValueError(
+                f"{path}: the optimizer's parameter groups are {saved_groups}, this run's "
+                f"{groups}; resume with the train.lr_multipliers and train.warmup_steps_by_part "
+                "parts the checkpoint was written with"
             )
         if (path / distributed.DCP_DIR).is_dir():
             distributed.load_sharded(
@@ -965,14 +1093,15 @@ class Trainer:
         """
         cfg = self.config
         self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
-        lr = cfg.lr * self._lr_lambda(self.scheduler.last_epoch)
-        for group in self.optimizer.param_groups:
+        # what LambdaLR computes: base_lr * lambda(last_epoch), group by group
+        lrs = [cfg.lr * fn(self.scheduler.last_epoch) for fn in self.scheduler.lr_lambdas]
+        for group, lr, (_, decays) in zip(self.optimizer.param_groups, lrs, self._group_specs):
             group["initial_lr"] = cfg.lr
             group["lr"] = lr
             group["betas"] = cfg.betas
-            if group.get("name") == "decay":
+            if decays:
                 group["weight_decay"] = cfg.weight_decay
-        self.scheduler._last_lr = [lr for _ in self.optimizer.param_groups]
+        self.scheduler._last_lr = lrs
 
     def _warn_config_changes(self, path: Path, saved: dict[str, Any], saved_world: int = 1) -> None:
         neutral = {"max_steps", "eval_every", "eval_batches", "save_every", "keep_last"}

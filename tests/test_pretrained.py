@@ -142,6 +142,6 @@ def test_a_hub_id_downloads_only_when_named_and_not_on_disk(tmp_path, monkeypatc
     assert resolve_model_dir("org/remote") == tmp_path / "cache"
     assert calls == [("org/remote", list(HUB_FILES))]
     assert not any(p.endswith((".bin", ".pt", ".pth")) for p in HUB_FILES)  # no pickles
-    with pytest.raises(FileNotFoundError, match=r"runs/a/model: no such model directory"):
+    with pytest.raises(FileNotFoundError, match=r"runs/a/model: not a model directory"):
         resolve_model_dir("runs/a/model")  # a path, not an id: an error, not a download
     assert len(calls) == 1

@@ -6,10 +6,17 @@ the conversation text; ``output_images`` are the images the assistant must draw,
 ``"<image_out>"`` placeholder in its turns. Inputs of any other modality (a plugin's, e.g.
 ``"audio"``) go in ``inputs[modality]``, in the order of that modality's placeholder
 (``"<audio>"``; each encoder declares its own).
+
+A *drawing sample* is one whose assistant turn holds ``"<image_out>"``: the model learns to
+answer with the signal tokens and the image decoder to draw ``output_images`` from them.
+:func:`split_images` sorts a record's images (listed in placeholder order) into inputs and
+outputs; :func:`count_drawing_samples` tells whether a dataset holds any drawing sample.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +28,13 @@ __all__ = [
     "IMAGE_OUT_PLACEHOLDER",
     "IMAGE_PLACEHOLDER",
     "ROLES",
+    "DrawingCount",
     "Sample",
     "Turn",
+    "count_drawing_samples",
+    "describe_dataset",
+    "is_drawing",
+    "split_images",
 ]
 
 ROLES = ("user", "assistant")
@@ -92,3 +104,100 @@ class Sample:
     def num_output_placeholders(self) -> int:
         """How many ``"<image_out>"`` placeholders the conversation holds."""
         return sum(turn.text.count(IMAGE_OUT_PLACEHOLDER) for turn in self.conversation)
+
+
+# -- input and output images ------------------------------------------------------------------
+_IMAGE_PLACEHOLDERS = re.compile(
+    "(" + re.escape(IMAGE_OUT_PLACEHOLDER) + "|" + re.escape(IMAGE_PLACEHOLDER) + ")"
+)
+
+
+def split_images(conversation: Sequence[Turn], images: Sequence[Any]) -> tuple[list, list]:
+    """``(input images, output images)`` of a conversation whose ``images`` are listed in the
+    order of its ``"<image>"`` and ``"<image_out>"`` placeholders, turn by turn.
+
+    Raises ``ValueError`` when the number of placeholders is not ``len(images)``.
+    """
+    kinds = [m for turn in conversation for m in _IMAGE_PLACEHOLDERS.findall(turn.text)]
+    if len(kinds) != len(images):
+        raise ValueError(
+            f"the conversation has {len(kinds)} image placeholder(s) ('<image>' or "
+            f"'<image_out>') but {len(images)} image(s) were given"
+        )
+    inputs = [im for kind, im in zip(kinds, images) if kind == IMAGE_PLACEHOLDER]
+    outputs = [im for kind, im in zip(kinds, images) if kind == IMAGE_OUT_PLACEHOLDER]
+    return inputs, outputs
+
+
+def is_drawing(conversation: Sequence[Any]) -> bool:
+    """Whether an assistant turn of ``conversation`` holds ``"<image_out>"`` (an image to
+    draw). Turns are :class:`Turn` s or anything with ``role`` and ``text``."""
+    return any(
+        getattr(turn, "role", None) == "assistant"
+        and IMAGE_OUT_PLACEHOLDER in str(getattr(turn, "text", ""))
+        for turn in conversation
+    )
+
+
+@dataclass(frozen=True)
+class DrawingCount:
+    """What :func:`count_drawing_samples` found: ``drawing`` of the ``checked`` samples ask the
+    model to draw; ``complete`` says whether ``checked`` is the whole dataset (file datasets are
+    counted record by record, without loading images) or an evenly spread probe."""
+
+    drawing: int
+    checked: int
+    complete: bool
+
+
+def _underlying(dataset: Any) -> tuple[Any, list[int] | None]:
+    """The dataset behind ``torch.utils.data.Subset`` wrappers, and the indices they keep."""
+    indices: list[int] | None = None
+    while hasattr(dataset, "dataset") and hasattr(dataset, "indices"):
+        kept = [int(i) for i in dataset.indices]
+        indices = kept if indices is None else [kept[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def describe_dataset(dataset: Any) -> str:
+    """A dataset for messages: its file or directory when it has one (``source``), else its
+    class and task."""
+    base, _ = _underlying(dataset)
+    source = getattr(base, "source", None)
+    if isinstance(source, str) and source:
+        return source
+    task = getattr(base, "task", None)
+    return type(base).__name__ + (f" (task={task!r})" if task is not None else "")
+
+
+def count_drawing_samples(dataset: Any, probe: int = 64) -> DrawingCount | None:
+    """How many samples of ``dataset`` ask the model to draw (:func:`is_drawing`).
+
+    File datasets (``records`` whose ``data`` are turns, e.g. imagefolder and LLaVA; also
+    behind a ``Subset``) are counted completely from their parsed records. Other map-style
+    datasets are probed: at most ``probe`` samples spread evenly over them. ``None`` when the
+    dataset cannot be inspected (an iterable one, or one without conversations).
+    """
+    base, indices = _underlying(dataset)
+    records = getattr(base, "records", None)
+    if isinstance(records, list) and all(
+        isinstance(getattr(r, "data", None), list) for r in records
+    ):
+        chosen = records if indices is None else [records[i] for i in indices]
+        drawing = sum(is_drawing(r.data) for r in chosen)
+        return DrawingCount(drawing, len(chosen), complete=True)
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        return None
+    n = len(dataset)
+    if n == 0:
+        return DrawingCount(0, 0, complete=True)
+    count = min(n, probe)
+    picked = sorted({i * n // count for i in range(count)})
+    drawing = 0
+    for i in picked:
+        conversation = getattr(dataset[i], "conversation", None)
+        if conversation is None:
+            return None
+        drawing += is_drawing(conversation)
+    return DrawingCount(drawing, len(picked), complete=len(picked) == n)
