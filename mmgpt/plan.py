@@ -81,21 +81,44 @@ CONTEXT_RESERVE = 1 * GIB  # CUDA context + allocator slack assumed per GPU
 
 
 def block_activation_bytes(
-    tokens: int, width: int, heads: int, mlp_ratio: float, act: int, dropout: bool
+    tokens: int,
+    width: int,
+    heads: int,
+    mlp_ratio: float,
+    act: int,
+    dropout: bool,
+    *,
+    kv_heads: int | None = None,
+    gated: bool = False,
+    rotary: bool = False,
+    rmsnorm: bool = False,
 ) -> float:
-    """Bytes one transformer block saves for backward, per sequence (see the module doc)."""
+    """Bytes one transformer block saves for backward, per sequence (see the module doc).
+
+    The Llama family's features change what is saved: grouped-query attention keeps keys and
+    values of ``kv_heads`` heads only; a gated MLP keeps gate, up and their product (4 rather
+    than 2 hidden-width tensors); rotary positions keep the rotated halves of q and k; torch's
+    RMSNorm keeps its normalised output besides its input (measured with saved-tensor hooks).
+    """
     T, C = tokens, width
+    kv = 1.0 if kv_heads is None else kv_heads / heads
     residual = 2 * 4 * T * C
-    matmuls = act * (6 + 2 * mlp_ratio) * T * C
+    attention = 4 + 2 * kv + (2 if rotary else 0)
+    mlp = (4 if gated else 2) * mlp_ratio
+    matmuls = act * (attention + mlp) * T * C
     stats = 2 * 2 * 4 * T + 4 * heads * T
+    norms = 2 * 4 * T * C if rmsnorm else 0
     masks = 2 * T * C if dropout else 0
-    return residual + matmuls + stats + masks
+    return residual + matmuls + stats + norms + masks
 
 
-def head_activation_bytes(tokens: int, width: int, vocab: int, act: int) -> float:
+def head_activation_bytes(
+    tokens: int, width: int, vocab: int, act: int, *, rmsnorm: bool = False
+) -> float:
     """Bytes saved outside the blocks per sequence: final norm, head input, log-softmax, ids."""
     T, C = tokens, width
-    return 4 * T * C + 2 * 4 * T + act * T * C + 4 * T * vocab + 3 * 8 * T
+    norm = 4 * T * C if rmsnorm else 0
+    return 4 * T * C + norm + 2 * 4 * T + act * T * C + 4 * T * vocab + 3 * 8 * T
 
 
 def activation_bytes(
@@ -109,10 +132,20 @@ def activation_bytes(
     """Activations of a micro-batch of the GPT decoder with ``config`` (a GPTConfig)."""
     T = config.block_size if tokens is None else tokens
     ratio = config.mlp_hidden / config.n_embd
+    rmsnorm = config.norm == "rmsnorm"
     block = block_activation_bytes(
-        T, config.n_embd, config.n_head, ratio, act, dropout=config.dropout > 0
+        T,
+        config.n_embd,
+        config.n_head,
+        ratio,
+        act,
+        dropout=config.dropout > 0,
+        kv_heads=config.kv_heads,
+        gated=config.gated_mlp,
+        rotary=config.pos_encoding == "rotary",
+        rmsnorm=rmsnorm,
     )
-    head = head_activation_bytes(T, config.n_embd, config.vocab_size, act)
+    head = head_activation_bytes(T, config.n_embd, config.vocab_size, act, rmsnorm=rmsnorm)
     if checkpointing:
         per_sequence = config.n_layer * 4 * T * config.n_embd + block + head
     else:

@@ -9,10 +9,23 @@ data/
 - ``file_name`` is relative to the directory of the metadata file; metadata files in
   subdirectories are all read (sorted), each for its own directory. ``split="train"`` reads
   ``data/train/`` only.
-- A row with ``text`` becomes a caption sample: user ``"<image>\\n" + caption_prompt``,
-  assistant ``text``. A row with ``conversations`` (LLaVA style ``[{from, value}]``) is used
-  as is, with LLaVA's placeholder rule (``"<image>"`` prepended to the first human turn when
-  the text has none). ``conversations`` wins when a row has both.
+- A row with ``text`` becomes, by ``task``:
+
+  - ``"caption"`` (default): a caption sample, user ``"<image>\\n" + caption_prompt``,
+    assistant ``text``;
+  - ``"t2i"``: a drawing sample, user ``prompt_template`` with ``{text}`` replaced by the
+    caption (default: the caption itself), assistant ``"<image_out>"``: the image is the
+    target the model learns to draw (``Sample.output_images``), cropped and resized to the
+    image decoder's size by the decoder's own ``preprocess`` when batched;
+  - ``"mixed"``: both, one after the other (twice as many samples as rows);
+  - a list of tasks, as the shapes world takes (``[vqa, caption]``): a drawing sample when it
+    holds ``t2i``, a caption sample when it holds ``caption`` or no ``t2i``. ``vqa`` adds
+    nothing to a caption row: questions come from ``conversations`` rows.
+
+- A row with ``conversations`` (LLaVA style ``[{from, value}]``) is used as is, whatever the
+  task, with LLaVA's rules: ``"<image>"`` prepended to the first human turn when the text has
+  none, and an ``"<image>"`` in a ``gpt`` turn is the image the model draws (see
+  :mod:`mmgpt.data.llava`). ``conversations`` wins when a row has both.
 - Other columns go to ``Sample.meta``; in ``metadata.csv`` a ``conversations`` cell holds JSON.
 """
 
@@ -29,6 +42,7 @@ from typing import Any
 from mmgpt.data.llava import (
     check_images_exist,
     insert_image_placeholders,
+    mark_output_images,
     parse_conversation,
 )
 from mmgpt.data.records import (
@@ -41,17 +55,94 @@ from mmgpt.data.records import (
     outside_root,
     parse_json,
 )
-from mmgpt.data.sample import DEFAULT_CAPTION_PROMPT, IMAGE_PLACEHOLDER, Sample, Turn
+from mmgpt.data.sample import (
+    DEFAULT_CAPTION_PROMPT,
+    IMAGE_OUT_PLACEHOLDER,
+    IMAGE_PLACEHOLDER,
+    Sample,
+    Turn,
+    split_images,
+)
 from mmgpt.registry import register
 
-__all__ = ["ImageFolderDataset", "caption_turns", "find_metadata_files", "read_imagefolder"]
+__all__ = [
+    "DEFAULT_PROMPT_TEMPLATE",
+    "TASKS",
+    "ImageFolderDataset",
+    "caption_turns",
+    "drawing_turns",
+    "find_metadata_files",
+    "read_imagefolder",
+    "row_tasks",
+]
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+# The tasks a caption row can serve, named as the shapes world names them (one recipe's
+# data.task works for both); "mixed" is all of them.
+TASKS = ("caption", "vqa", "t2i")
+DEFAULT_PROMPT_TEMPLATE = "{text}"
 
 
 def caption_turns(caption: str, prompt: str = DEFAULT_CAPTION_PROMPT) -> list[Turn]:
     """The conversation of a captioned image."""
     return [Turn("user", f"{IMAGE_PLACEHOLDER}\n{prompt}"), Turn("assistant", caption)]
+
+
+def drawing_turns(caption: str, template: str = DEFAULT_PROMPT_TEMPLATE) -> list[Turn]:
+    """The conversation of a drawing: the prompt (``template`` around the caption), then the
+    assistant's image."""
+    return [
+        Turn("user", template.replace("{text}", caption)),
+        Turn("assistant", IMAGE_OUT_PLACEHOLDER),
+    ]
+
+
+def row_tasks(task: Any) -> tuple[str, ...]:
+    """The samples a caption row gives, in order (``"caption"``, ``"t2i"`` or both) for a
+    dataset ``task``: a name of :data:`TASKS`, ``"mixed"``, or a list of names.
+
+    Raises ``ValueError`` naming the valid values."""
+    valid = ", ".join([*TASKS, "mixed"])
+    if task == "mixed":
+        names = list(TASKS)
+    elif isinstance(task, str):
+        names = [task]
+    elif isinstance(task, (list, tuple)) and task and all(isinstance(t, str) for t in task):
+        names = list(task)
+    else:
+        raise ValueError(
+            f"imagefolder: task must be one of {valid}, or a list of {', '.join(TASKS)}; "
+            f"got {task!r}"
+        )
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise ValueError(
+            f"imagefolder: task must be one of {valid}, or a list of {', '.join(TASKS)}; "
+            f"got {task!r} ({unknown[0]!r} is not a task)"
+        )
+    out = []
+    if "caption" in names or "t2i" not in names:
+        out.append("caption")
+    if "t2i" in names:
+        out.append("t2i")
+    return tuple(out)
+
+
+def _check_template(template: Any) -> str:
+    if not isinstance(template, str) or "{text}" not in template:
+        # YAML reads an unquoted "{text}" (e.g. in a key=value override) as a mapping
+        hint = " (quote it in YAML: '\"{text}\"')" if isinstance(template, dict) else ""
+        raise ValueError(
+            "imagefolder: prompt_template must be a string holding '{text}' (where each row's "
+            f"caption goes), e.g. 'draw {{text}}'; got {template!r}{hint}"
+        )
+    for placeholder in (IMAGE_PLACEHOLDER, IMAGE_OUT_PLACEHOLDER):
+        if placeholder in template:
+            raise ValueError(
+                f"imagefolder: prompt_template must not hold {placeholder!r}: a drawing prompt "
+                f"is text only (the row's image is what the model draws); got {template!r}"
+            )
+    return template
 
 
 def find_metadata_files(root: str | os.PathLike) -> list[Path]:
@@ -116,12 +207,18 @@ def read_imagefolder(
     *,
     caption_prompt: str = DEFAULT_CAPTION_PROMPT,
     split: str | None = None,
+    task: str | list[str] = "caption",
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
 ) -> tuple[list[Record], list[Problem]]:
     """Parse every metadata file of an imagefolder into records and problems.
 
-    Image paths are checked against ``root`` (not the split's directory): images that a
-    split's metadata shares from the dataset directory stay inside it.
+    ``task`` and ``prompt_template`` say which samples a caption row gives (module docstring);
+    with two tasks a row gives two records, caption first. Image paths are checked against
+    ``root`` (not the split's directory): images that a split's metadata shares from the
+    dataset directory stay inside it.
     """
+    tasks = row_tasks(task)
+    prompt_template = _check_template(prompt_template)
     base = Path(root).resolve()
     root = Path(root) if split is None else Path(root) / split
     records: list[Record] = []
@@ -132,13 +229,23 @@ def read_imagefolder(
             try:
                 if isinstance(row, RecordError):
                     raise row
-                records.append(_parse_row(row, meta_file, line, caption_prompt, base))
+                records.extend(
+                    _parse_row(row, meta_file, line, caption_prompt, base, tasks, prompt_template)
+                )
             except RecordError as exc:
                 problems.append(Problem(str(meta_file), line, exc.reason, str(exc)))
     return records, problems
 
 
-def _parse_row(row: Any, meta_file: Path, line: int, caption_prompt: str, base: Path) -> Record:
+def _parse_row(
+    row: Any,
+    meta_file: Path,
+    line: int,
+    caption_prompt: str,
+    base: Path,
+    tasks: tuple[str, ...] = ("caption",),
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+) -> list[Record]:
     if not isinstance(row, dict):
         raise RecordError("bad_type", f"a metadata row must be an object, got {type(row).__name__}")
     name = row.get("file_name")
@@ -147,20 +254,30 @@ def _parse_row(row: Any, meta_file: Path, line: int, caption_prompt: str, base: 
     if not isinstance(name, str) or not name:
         raise RecordError("bad_type", f"'file_name' must be a non-empty string, got {name!r:.80}")
     if row.get("conversations") is not None:
-        turns = insert_image_placeholders(parse_conversation(row["conversations"]), 1)
+        turns = mark_output_images(parse_conversation(row["conversations"]))
+        conversations = [insert_image_placeholders(turns, 1)]
     elif "text" in row and row["text"] is not None:
         text = row["text"]
         if not isinstance(text, str):
             raise RecordError("bad_type", f"'text' must be a string, got {type(text).__name__}")
         if not text.strip():
             raise RecordError("bad_value", "'text' is empty")
-        turns = caption_turns(text, caption_prompt)
+        conversations = [
+            caption_turns(text, caption_prompt)
+            if task == "caption"
+            else drawing_turns(text, prompt_template)
+            for task in tasks
+        ]
     else:
         raise RecordError("missing_field", "needs a 'text' or a 'conversations' field")
     path = meta_file.parent / name
     check_images_exist([path])
     meta = {k: v for k, v in row.items() if k not in ("conversations",)}
-    return Record(str(meta_file), line, None, [path], turns, meta, outside_root(base, [path]))
+    leaving = outside_root(base, [path])
+    return [
+        Record(str(meta_file), line, None, [path], turns, dict(meta), leaving)
+        for turns in conversations
+    ]
 
 
 @register("dataset", "imagefolder")
@@ -171,6 +288,11 @@ class ImageFolderDataset(RecordDataset):
         path: the dataset directory.
         caption_prompt: user text of caption samples (after ``"<image>\\n"``).
         split: read ``path/split`` only.
+        task: what a row with ``text`` becomes: ``"caption"`` (a caption sample), ``"t2i"``
+            (a drawing sample: the image is what the model draws), ``"mixed"`` (both), or a
+            list of tasks (module docstring). Rows with ``conversations`` are used as is.
+        prompt_template: the user turn of drawing samples; ``{text}`` is replaced by the
+            row's caption (e.g. ``"draw {text}"``). Default: the caption itself.
         strict: raise on the first problem (naming file and line) instead of skipping it.
         max_pixels: refuse larger images (see ``load_image``).
         verify_images: decode every image now, so ``skipped`` is complete before training.
@@ -186,12 +308,21 @@ class ImageFolderDataset(RecordDataset):
         *,
         caption_prompt: str = DEFAULT_CAPTION_PROMPT,
         split: str | None = None,
+        task: str | list[str] = "caption",
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         strict: bool = False,
         max_pixels: int | None = None,
         verify_images: bool = False,
         allow_outside_root: bool = False,
     ) -> None:
-        records, problems = read_imagefolder(path, caption_prompt=caption_prompt, split=split)
+        records, problems = read_imagefolder(
+            path,
+            caption_prompt=caption_prompt,
+            split=split,
+            task=task,
+            prompt_template=prompt_template,
+        )
+        self.task = task
         super().__init__(
             records,
             problems,
@@ -204,4 +335,5 @@ class ImageFolderDataset(RecordDataset):
 
     def build(self, record: Record, images: list[Any]) -> Sample:
         meta = {**record.meta, "source": record.file, "line": record.line}
-        return Sample(list(record.data), images=images, meta=meta)
+        inputs, outputs = split_images(record.data, images)
+        return Sample(list(record.data), images=inputs, output_images=outputs, meta=meta)

@@ -13,6 +13,18 @@
 - Each image needs one ``"<image>"`` placeholder, in image order. Following LLaVA's own
   convention, a record with images and *no* placeholder gets them prepended to its first
   human turn (``"<image>\\n"`` per image); any other count mismatch is a problem.
+- **Images the model draws.** An ``"<image>"`` in a ``gpt`` turn is an *output* image (NExT-GPT
+  style): the model learns to answer with its signal tokens and the image decoder to draw that
+  image. It is written ``"<image_out>"`` in the sample (``"<image_out>"`` may also be written
+  in a ``gpt`` turn directly; in a ``human`` turn it is a problem). Input and output images
+  share the ``image`` list, in the order of their placeholders::
+
+      {"image": "cat.png",
+       "conversations": [{"from": "human", "value": "draw a cat on a sofa"},
+                         {"from": "gpt", "value": "<image>"}]}
+
+  becomes a drawing sample with ``output_images=[cat.png]``; with ``"image": ["a.png",
+  "b.png"]``, ``"<image>\\nmake it blue"`` → ``"<image>"`` reads ``a.png`` and draws ``b.png``.
 - Keys other than these go to ``Sample.meta``.
 """
 
@@ -34,13 +46,14 @@ from mmgpt.data.records import (
     outside_root,
     record_meta,
 )
-from mmgpt.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from mmgpt.data.sample import IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER, Sample, Turn, split_images
 from mmgpt.registry import register
 
 __all__ = [
     "LlavaDataset",
     "count_placeholders",
     "insert_image_placeholders",
+    "mark_output_images",
     "parse_conversation",
     "parse_image_field",
     "read_llava",
@@ -99,15 +112,39 @@ def parse_image_field(value: Any, field: str = "image") -> list[str]:
 
 
 def count_placeholders(texts: Sequence[str]) -> int:
+    """The ``"<image>"`` placeholders of ``texts`` (input images)."""
     return sum(text.count(IMAGE_PLACEHOLDER) for text in texts)
+
+
+def mark_output_images(turns: list[Turn], field: str = "conversations") -> list[Turn]:
+    """The images a conversation's assistant turns hold are images the model draws: their
+    ``"<image>"`` becomes ``"<image_out>"``. ``"<image_out>"`` in a user turn is a
+    ``RecordError`` (a person's turn cannot ask the model to have drawn something)."""
+    out = []
+    for i, turn in enumerate(turns):
+        if turn.role == "user":
+            if IMAGE_OUT_PLACEHOLDER in turn.text:
+                raise RecordError(
+                    "bad_value",
+                    f"{field}[{i}] is a 'human' turn with '{IMAGE_OUT_PLACEHOLDER}'; an image "
+                    "the model draws belongs in a 'gpt' turn (where '<image>' means the same)",
+                )
+            out.append(turn)
+        else:
+            out.append(Turn(turn.role, turn.text.replace(IMAGE_PLACEHOLDER, IMAGE_OUT_PLACEHOLDER)))
+    return out
 
 
 def insert_image_placeholders(turns: list[Turn], num_images: int) -> list[Turn]:
     """Check placeholders against images; with none at all, prepend them to the first user turn.
 
+    Input (``"<image>"``) and output (``"<image_out>"``) placeholders both take one image each.
     Raises ``RecordError("placeholder_mismatch", ...)`` for any other mismatch.
     """
-    found = count_placeholders([t.text for t in turns])
+    texts = [t.text for t in turns]
+    inputs = count_placeholders(texts)
+    outputs = sum(text.count(IMAGE_OUT_PLACEHOLDER) for text in texts)
+    found = inputs + outputs
     if found == num_images:
         return turns
     if found == 0:
@@ -119,9 +156,10 @@ def insert_image_placeholders(turns: list[Turn], num_images: int) -> list[Turn]:
             "placeholder_mismatch",
             f"{num_images} image(s) but no human turn to put the '<image>' placeholder in",
         )
+    drawn = f" and {outputs} in 'gpt' turns (images to draw)" if outputs else ""
     raise RecordError(
         "placeholder_mismatch",
-        f"{found} '<image>' placeholder(s) in the text but {num_images} image(s)",
+        f"{inputs} '<image>' placeholder(s) in the text{drawn} but {num_images} image(s)",
     )
 
 
@@ -190,7 +228,7 @@ def _parse_record(obj: Any, root: Path, base: Path, file: str, line: int) -> Rec
     if not isinstance(obj, dict):
         raise RecordError("bad_type", f"a record must be an object, got {type(obj).__name__}")
     names = parse_image_field(obj.get("image"))
-    turns = parse_conversation(obj.get("conversations"))
+    turns = mark_output_images(parse_conversation(obj.get("conversations")))
     turns = insert_image_placeholders(turns, len(names))
     paths = [resolve_image(root, name) for name in names]
     check_images_exist(paths)
@@ -200,7 +238,8 @@ def _parse_record(obj: Any, root: Path, base: Path, file: str, line: int) -> Rec
 
 @register("dataset", "llava")
 class LlavaDataset(FileRecordDataset):
-    """Samples from LLaVA conversation JSON; see the module docstring for the format.
+    """Samples from LLaVA conversation JSON; see the module docstring for the format (an
+    ``"<image>"`` in a ``gpt`` turn is an image the model learns to draw).
 
     Args:
         path: the ``.json`` (list) or ``.jsonl`` file.
@@ -218,4 +257,5 @@ class LlavaDataset(FileRecordDataset):
 
     def build(self, record: Record, images: list[Any]) -> Sample:
         meta = record_meta(record)
-        return Sample(list(record.data), images=images, meta=meta)
+        inputs, outputs = split_images(record.data, images)
+        return Sample(list(record.data), images=inputs, output_images=outputs, meta=meta)

@@ -1,6 +1,7 @@
 """Training objectives: each module registers one entry of kind ``objective``."""
 
 from mmgpt.objectives import (  # noqa: F401  (RLHF)
+    contrastive,
     diffusion,
     dpo,
     lm,

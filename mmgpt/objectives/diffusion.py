@@ -18,6 +18,10 @@ output projector and the decoder (GILL's frozen-LLM setting), while the LM loss 
 the GPT. A batch without output images (caption or VQA samples of a mixed dataset) has a
 diffusion loss of 0. The noise, timesteps and condition dropout come from torch's global
 generator, which the trainer seeds and checkpoints.
+
+A dataset without any drawing sample would train no drawing at all (a diffusion loss of 0 at
+every step): :meth:`DiffusionObjective.check_data`, called by the recipe runner before
+training, stops such a run with an error naming the data and what it needs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmgpt.data.errors import DataError
+from mmgpt.data.sample import count_drawing_samples, describe_dataset
 from mmgpt.imagegen import gather_signal_states, require_image_generation
 from mmgpt.interfaces import ObjectiveOutput
 from mmgpt.processor import IGNORE_INDEX, MultimodalBatch
@@ -64,7 +70,8 @@ class DiffusionObjective:
             next signal token (only ``[IMG0]``, *when* to draw, and what follows are learned).
 
     Metrics: ``lm_loss``, ``diffusion_loss``, ``images`` (output images per batch).
-    ``weight`` is the number of samples of the batch.
+    ``weight`` is the number of samples of the batch. :meth:`check_data` refuses a dataset
+    without drawing samples before training.
     """
 
     def __init__(
@@ -88,6 +95,34 @@ class DiffusionObjective:
                 f"{learn_forced_tokens!r}"
             )
         self.learn_forced_tokens = learn_forced_tokens
+
+    def check_data(self, dataset: Any) -> None:
+        """Raise ``DataError`` when ``dataset`` holds no drawing sample (an assistant turn
+        with ``"<image_out>"``), unless ``diffusion_weight`` is 0.
+
+        File datasets are checked record by record without loading images; other map-style
+        datasets by a probe of samples spread over them; iterable ones are not checked.
+        """
+        if self.diffusion_weight == 0:
+            return
+        found = count_drawing_samples(dataset)
+        if found is None or found.drawing:
+            return
+        which = (
+            f"none of its {found.checked} samples"
+            if found.complete
+            else f"none of {found.checked} samples spread over it"
+        )
+        source = describe_dataset(dataset)
+        raise DataError(
+            f"diffusion objective: no drawing samples in {source}: {which} asks the model to "
+            "draw (an assistant turn holding an image), so the image decoder would never "
+            "train. Give data.task=t2i (an imagefolder's captioned rows become drawing "
+            "prompts; data.task=mixed keeps the captions too), or conversations whose "
+            "assistant ('gpt') turn holds <image> (LLaVA JSON)",
+            file=source,
+            reason="no_drawing_samples",
+        )
 
     def __call__(self, model: Any, batch: MultimodalBatch) -> ObjectiveOutput:
         if not isinstance(batch, MultimodalBatch):

@@ -135,6 +135,9 @@ def _fit(
     PPO: a reward head, cached references, rollouts), else the plain :class:`Trainer`."""
     section = dict(run.spec["objective"])
     objective = create("objective", section.pop("name"), **section)
+    check_data = getattr(objective, "check_data", None)
+    if callable(check_data):  # e.g. diffusion: data without drawing samples stops here
+        check_data(train_data)
     if isinstance(objective, BuildsTrainer):
         trainer = objective.build_trainer(
             model,

@@ -69,6 +69,22 @@ def saved_bytes(model: GPT, batch_size: int, *, autocast: bool) -> tuple[int, in
 SHAPES = [
     dict(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=100),
     dict(n_layer=3, n_head=3, n_embd=48, block_size=24, vocab_size=300, bias=False),
+    # the Llama family: grouped-query attention, SwiGLU, RMSNorm, rotary, untied head
+    dict(
+        n_layer=2,
+        n_head=4,
+        n_kv_head=1,
+        n_embd=64,
+        block_size=32,
+        vocab_size=100,
+        activation="silu",
+        gated_mlp=True,
+        intermediate_size=96,
+        norm="rmsnorm",
+        pos_encoding="rotary",
+        bias=False,
+        tie_embeddings=False,
+    ),
 ]
 
 
@@ -91,7 +107,16 @@ def test_activation_estimate_matches_saved_tensors(shape: dict[str, Any], autoca
     apply_activation_checkpointing(model)
     checkpointed, _ = saved_bytes(model, batch, autocast=autocast)
     per_block = batch * block_activation_bytes(
-        config.block_size, config.n_embd, config.n_head, config.mlp_ratio, act, dropout=False
+        config.block_size,
+        config.n_embd,
+        config.n_head,
+        config.mlp_hidden / config.n_embd,
+        act,
+        dropout=False,
+        kv_heads=config.kv_heads,
+        gated=config.gated_mlp,
+        rotary=config.pos_encoding == "rotary",
+        rmsnorm=config.norm == "rmsnorm",
     )
     inputs = batch * config.n_layer * 4 * config.block_size * config.n_embd
     assert measured - checkpointed == pytest.approx(
