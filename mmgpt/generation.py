@@ -20,6 +20,13 @@ and keeps only the last position's logits; then each step feeds the ``B`` tokens
 ``truncate_prompt="left"``: then each too-long prompt keeps its last
 ``block_size - max_new_tokens`` tokens.
 
+``max_new_tokens=None`` (the default) adapts to the model's context: up to
+:data:`DEFAULT_MAX_NEW_TOKENS` (64) new tokens, fewer when the (longest) prompt leaves less room
+in ``block_size``, so a prompt that fits with 64 generates exactly as with 64, and a model with
+a short context still answers. A prompt that fills the whole context is an error (or, with
+``truncate_prompt="left"``, keeps its last ``block_size - min(64, block_size // 2)`` tokens).
+An explicit ``max_new_tokens`` is used as given: one that leaves no room is an error.
+
 Output conventions
 ------------------
 - Only new tokens are returned. A stop token (``stop_token_ids``) ends its row and is NOT part
@@ -79,6 +86,8 @@ if TYPE_CHECKING:
     from mmgpt.interfaces import Tokenizer
 
 TRUNCATE_MODES = ("error", "left")
+# What max_new_tokens=None allows at most (less when the prompt leaves less room).
+DEFAULT_MAX_NEW_TOKENS = 64
 _MAX_SEED = 2**63 - 1
 
 # --------------------------------------------------------------------------------------
@@ -98,7 +107,8 @@ def _config_error(field_name: str, message: str) -> ValueError:
 class GenerationConfig:
     """How to choose new tokens; see the module docstring for the exact semantics."""
 
-    max_new_tokens: int = 64
+    # None: up to DEFAULT_MAX_NEW_TOKENS, fewer when the prompt leaves less room in the context
+    max_new_tokens: int | None = None
     temperature: float = 1.0  # 0 → greedy
     do_sample: bool = True  # False → greedy whatever the temperature
     top_k: int | None = None  # keep the k most likely tokens (ties with the k-th are kept)
@@ -110,9 +120,13 @@ class GenerationConfig:
     truncate_prompt: str = "error"  # "error" | "left": keep the last block_size - max_new tokens
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and (
+            not _is_int(self.max_new_tokens) or self.max_new_tokens < 1
+        ):
             raise _config_error(
-                "max_new_tokens", f"expected a positive integer, got {self.max_new_tokens!r}"
+                "max_new_tokens",
+                f"expected a positive integer or None (adapt to the context), got "
+                f"{self.max_new_tokens!r}",
             )
         if (
             isinstance(self.temperature, bool)
@@ -499,7 +513,7 @@ class _Decoding:
                     f"GenerationConfig.stop_token_ids: {t} is outside the vocabulary "
                     f"(vocab_size={self.vocab_size})"
                 )
-        if config.max_new_tokens >= self.block_size:
+        if config.max_new_tokens is not None and config.max_new_tokens >= self.block_size:
             raise ValueError(
                 f"GenerationConfig.max_new_tokens={config.max_new_tokens} leaves no room for a "
                 f"prompt in the model's context (block_size={self.block_size})"
@@ -560,7 +574,6 @@ class _Decoding:
         attention_mask: Tensor | None,
     ) -> None:
         cfg = self.config
-        budget = self.block_size - cfg.max_new_tokens  # prompt positions that fit
         if (prompts is None) == (inputs_embeds is None):
             raise ValueError("generate: pass exactly one of prompts (token ids) or inputs_embeds")
         self.input_ids: Tensor | None = None
@@ -571,7 +584,9 @@ class _Decoding:
                     "generate: attention_mask goes with a tensor of prompts or inputs_embeds; "
                     "lists of prompts are padded here"
                 )
-            rows = self._check_prompt_list(prompts, budget)
+            rows = self._check_prompt_list(prompts)
+            self.max_new = self._resolve_max_new(max(len(p) for p in rows))
+            rows = self._fit_prompt_list(rows, self.block_size - self.max_new)
             T = max(len(p) for p in rows)
             padded = [[self.pad_id] * (T - len(p)) + p for p in rows]
             self.input_ids = torch.tensor(padded, dtype=torch.long, device=self.device)
@@ -599,9 +614,11 @@ class _Decoding:
                 raise ValueError("generate: the prompt is empty; start it with a BOS token")
             if attention_mask is not None:
                 attention_mask = self._check_mask(attention_mask, B, T)
+            self.max_new = self._resolve_max_new(T)
+            budget = self.block_size - self.max_new  # prompt positions that fit
             if x.size(1) > budget:
                 if cfg.truncate_prompt == "error":
-                    raise _length_error("the prompt", T, cfg.max_new_tokens, self.block_size)
+                    raise _length_error("the prompt", T, self.max_new, self.block_size)
                 x = x[:, -budget:]
                 if attention_mask is not None:
                     attention_mask = attention_mask[:, -budget:]
@@ -623,7 +640,26 @@ class _Decoding:
             self.lengths = attention_mask.sum(-1)
         self.prompt_lengths: list[int] = self.lengths.tolist()
 
-    def _check_prompt_list(self, prompts: Sequence[Sequence[int]], budget: int) -> list[list[int]]:
+    def _resolve_max_new(self, longest: int) -> int:
+        """``max_new_tokens`` for prompts of at most ``longest`` positions: the config's, or
+        (``None``) up to ``DEFAULT_MAX_NEW_TOKENS`` within the room the prompt leaves."""
+        cfg = self.config
+        if cfg.max_new_tokens is not None:
+            return cfg.max_new_tokens
+        room = self.block_size - longest
+        if room >= 1:
+            return min(DEFAULT_MAX_NEW_TOKENS, room)
+        kept = self.block_size - min(DEFAULT_MAX_NEW_TOKENS, self.block_size // 2)
+        if cfg.truncate_prompt == "error" or kept >= self.block_size:
+            raise ValueError(
+                f"the prompt has {longest} positions and fills the model's context "
+                f"(block_size={self.block_size}), leaving no room for a new token. Shorten the "
+                "prompt, or set GenerationConfig(truncate_prompt='left') to keep its last "
+                f"{kept} positions"
+            )
+        return self.block_size - kept
+
+    def _check_prompt_list(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise ValueError(
                 f"generate: prompts must be a non-empty list of token-id lists, got {prompts!r:.80}"
@@ -638,14 +674,19 @@ class _Decoding:
             p = p.tolist() if isinstance(p, Tensor) else list(p)
             if not p:
                 raise ValueError(f"generate: prompt {i} is empty; start it with a BOS token")
-            if len(p) > budget:
-                if self.config.truncate_prompt == "error":
-                    raise _length_error(
-                        f"prompt {i}", len(p), self.config.max_new_tokens, self.block_size
-                    )
-                p = p[-budget:]
             rows.append(p)
         return rows
+
+    def _fit_prompt_list(self, rows: list[list[int]], budget: int) -> list[list[int]]:
+        """Rows longer than ``budget``: an error, or their last ``budget`` tokens."""
+        fitted = []
+        for i, p in enumerate(rows):
+            if len(p) > budget:
+                if self.config.truncate_prompt == "error":
+                    raise _length_error(f"prompt {i}", len(p), self.max_new, self.block_size)
+                p = p[-budget:]
+            fitted.append(p)
+        return fitted
 
     def _check_ids(self, ids: Tensor) -> None:
         lo, hi = int(ids.min()), int(ids.max())
@@ -689,7 +730,7 @@ class _Decoding:
     @torch.inference_mode()
     def _loop(self) -> Iterator[tuple[list[tuple[int, int]], list[int]]]:
         model, cfg, B = self.model, self.config, self.batch_size
-        max_new, T, device = cfg.max_new_tokens, self.prompt_len, self.device
+        max_new, T, device = self.max_new, self.prompt_len, self.device
         # T + max_new - 1 positions get fed; the extra one lets return_hidden_states feed the
         # last chosen tokens once more (the prompt check guarantees it fits in block_size)
         cache = KVCache.for_model(model.config, capacity=T + max_new)
@@ -1061,6 +1102,7 @@ def generate_text(
 
 
 __all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
     "TRUNCATE_MODES",
     "ForceAfter",
     "GenerationConfig",

@@ -579,6 +579,7 @@ EXERCISED_BY: tuple[Rule, ...] = (
         _train("diffusion"),
         (
             "tests/objectives/test_diffusion_objective.py::test_short_training_lowers_the_diffusion_loss",
+            "tests/test_t2i_user_data.py::test_an_imagefolder_trains_drawings_with_the_t2i_recipe",
         ),
     ),
     Rule(

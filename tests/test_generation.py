@@ -7,6 +7,7 @@ import torch
 
 from mmgpt.config import gpt_config
 from mmgpt.generation import (
+    DEFAULT_MAX_NEW_TOKENS,
     ForceAfter,
     GenerationConfig,
     StepState,
@@ -437,6 +438,46 @@ def test_long_prompt_errors_unless_left_truncation(model):
         generate(
             model, [[1]], GenerationConfig(max_new_tokens=48, truncate_prompt="left"), pad_id=0
         )
+
+
+def test_default_max_new_tokens_adapts_to_the_room_the_prompt_leaves():
+    """A context of 64 positions: the old fixed default of 64 new tokens left no room for any
+    prompt; unset, the reply takes the room left, and an explicit 64 stays an error."""
+    small = tiny(block_size=64)
+    assert GenerationConfig().max_new_tokens is None and DEFAULT_MAX_NEW_TOKENS == 64
+
+    def run(prompts, **config):
+        return generate(small, prompts, GenerationConfig(temperature=0, **config), pad_id=0)
+
+    prompt = [(3 * i) % V for i in range(10)]
+    out = run([prompt])[0]
+    assert len(out) == 54 and out == run([prompt], max_new_tokens=54)[0]  # no stop: to the end
+    # batched: the longest prompt sets the room; each row as it would be alone with that room
+    assert run([prompt, [1, 2]]) == [run([p], max_new_tokens=54)[0] for p in (prompt, [1, 2])]
+    with pytest.raises(ValueError, match=r"max_new_tokens=64 leaves no room for a prompt.*64"):
+        run([prompt], max_new_tokens=64)
+    # a prompt that fills the context: an error, or its last block_size - 32 positions
+    full = [(5 * i) % V for i in range(64)]
+    with pytest.raises(ValueError, match=r"64 positions and fills the model's context"):
+        run([full])
+    assert run([full], truncate_prompt="left") == run([full[-32:]], max_new_tokens=32)
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rotary"])
+def test_default_max_new_tokens_is_64_where_64_fits(pos_encoding):
+    model = tiny(pos_encoding, block_size=128)
+    sixty_four = GenerationConfig(max_new_tokens=64, temperature=1.3, seed=5)
+    unset = GenerationConfig(temperature=1.3, seed=5)
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        assert generate(model, prompts, unset, pad_id=0) == generate(
+            model, prompts, sixty_four, pad_id=0
+        )
+    embeds = model.transformer.wte(torch.tensor([PROMPTS[0]]))
+    tokens = generate(model, None, unset, pad_id=0, inputs_embeds=embeds)
+    assert len(tokens[0]) == 64
+    # a prompt of 100: the 28 positions left, where 64 new tokens would not fit
+    long = [(7 * i) % V for i in range(100)]
+    assert len(generate(model, [long], unset, pad_id=0)[0]) == 28
 
 
 def test_bad_prompts_raise_clear_errors(model):

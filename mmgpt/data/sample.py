@@ -16,7 +16,7 @@ outputs; :func:`count_drawing_samples` tells whether a dataset holds any drawing
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -131,12 +131,16 @@ def split_images(conversation: Sequence[Turn], images: Sequence[Any]) -> tuple[l
 
 def is_drawing(conversation: Sequence[Any]) -> bool:
     """Whether an assistant turn of ``conversation`` holds ``"<image_out>"`` (an image to
-    draw). Turns are :class:`Turn` s or anything with ``role`` and ``text``."""
-    return any(
-        getattr(turn, "role", None) == "assistant"
-        and IMAGE_OUT_PLACEHOLDER in str(getattr(turn, "text", ""))
-        for turn in conversation
-    )
+    draw). Turns are :class:`Turn` s, anything with ``role`` and ``text``, or such dicts (the
+    text may be under ``content``), as the processor takes them."""
+    for turn in conversation:
+        if isinstance(turn, Mapping):
+            role, text = turn.get("role"), turn.get("text", turn.get("content"))
+        else:
+            role, text = getattr(turn, "role", None), getattr(turn, "text", None)
+        if role == "assistant" and isinstance(text, str) and IMAGE_OUT_PLACEHOLDER in text:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,9 @@ def describe_dataset(dataset: Any) -> str:
     source = getattr(base, "source", None)
     if isinstance(source, str) and source:
         return source
-    task = getattr(base, "task", None)
+    task = getattr(base, "tasks", None) or getattr(base, "task", None)
+    if isinstance(task, (list, tuple)):
+        task = task[0] if len(task) == 1 else list(task)
     return type(base).__name__ + (f" (task={task!r})" if task is not None else "")
 
 

@@ -4,9 +4,12 @@ Two towers embed the two sides of each image-text pair of a batch into one space
 
 - **image**: the model's encoder for ``modality`` (any registered encoder: ``vit``, a plugin's)
   → mean over its tokens → ``image_head`` (a linear map to ``embed_dim``);
-- **text**: the model's GPT over the caption's tokens and ``<eos>`` → the final hidden state
-  (after ``ln_f``) at that ``<eos>``, the one position of a causal decoder that has read the
-  whole caption → ``text_head`` (linear, ``n_embd`` → ``embed_dim``).
+- **text**: the model's GPT over the caption's tokens and ``<eos>`` → the mean of its final
+  hidden states (after ``ln_f``) over those tokens → ``text_head`` (linear, ``n_embd`` →
+  ``embed_dim``). Not the state at ``<eos>`` alone, as CLIP reads its text transformer: in a
+  GPT trained from scratch that state is dominated by the ``<eos>`` embedding every caption
+  shares, the captions' embeddings start nearly equal, and in our runs training collapsed
+  them to one point within a few steps; the mean differs by content from the first step.
 
 Both are L2-normalized; the logits of the ``B × B`` pairs are ``scale · img @ txtᵀ`` (+ ``bias``
 for SigLIP) with a learnable ``scale = exp(logit_scale)``:
@@ -33,7 +36,7 @@ recipe's MultimodalGPT in a :class:`ContrastiveModel` and collates samples into
 turns). The saved model directory is the MultimodalGPT's, so ``model.from=DIR`` starts other
 recipes from the pretrained encoder, plus the contrastive heads:
 
-    contrastive_head.safetensors   image_head.weight, text_head.weight, logit_scale, logit_bias
+    contrastive_head.safetensors   the heads, the norms' running statistics, logit_scale, logit_bias
     contrastive_config.json        {"architecture": "contrastive", "format_version": 1,
                                     "modality": "image", "embed_dim": 64, "loss": "clip"}
 """
@@ -243,9 +246,16 @@ class ContrastiveModel(nn.Module):
         self.embed_dim = embed_dim
         self.loss = loss
         encoder = backbone.encoders[modality]
+        d_enc, n_embd = int(encoder.output_dim), backbone.config.n_embd
+        # Pooled features are standardized across the batch (running statistics at inference)
+        # before each head: what every item shares (the background of an image, the tokens
+        # every caption has) dominates them, and without this the embeddings of a batch start
+        # nearly equal and collapsed to one point within a few steps in our runs.
+        self.image_norm = nn.BatchNorm1d(d_enc, affine=False)
+        self.text_norm = nn.BatchNorm1d(n_embd, affine=False)
         # no biases: the embeddings are normalized, a shift would only move them off-centre
-        self.image_head = nn.Linear(int(encoder.output_dim), embed_dim, bias=False)
-        self.text_head = nn.Linear(backbone.config.n_embd, embed_dim, bias=False)
+        self.image_head = nn.Linear(d_enc, embed_dim, bias=False)
+        self.text_head = nn.Linear(n_embd, embed_dim, bias=False)
         scale, bias = INIT[loss]
         self.logit_scale = nn.Parameter(torch.tensor(scale))
         self.logit_bias = nn.Parameter(torch.tensor(bias))
@@ -278,7 +288,7 @@ class ContrastiveModel(nn.Module):
     def embed_inputs(self, inputs: Tensor) -> Tensor:
         """Preprocessed items → normalized embeddings ``(B, embed_dim)``."""
         feats = self.encoder(inputs)  # (B, K, d_enc)
-        pooled = feats.mean(dim=1)  # (B, d_enc)
+        pooled = self.image_norm(feats.mean(dim=1).float())  # (B, d_enc)
         return F.normalize(self.image_head(pooled.to(self.image_head.weight.dtype)), dim=-1)
 
     def embed_texts(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
@@ -286,9 +296,11 @@ class ContrastiveModel(nn.Module):
         # no attention mask: the decoder is causal, so the states of the real tokens never
         # see the padding after them (and the fast causal path is taken)
         hidden = self.backbone.gpt(input_ids=input_ids, return_logits=False).hidden_states
-        rows = torch.arange(hidden.size(0), device=hidden.device)
-        last = hidden[rows, lengths.to(hidden.device) - 1]  # (B, C): the <eos> of each caption
-        return F.normalize(self.text_head(last.to(self.text_head.weight.dtype)), dim=-1)
+        T = hidden.size(1)
+        mask = torch.arange(T, device=hidden.device)[None] < lengths.to(hidden.device)[:, None]
+        mask = mask.to(hidden.dtype)[..., None]  # (B, T, 1): the caption's tokens and <eos>
+        pooled = self.text_norm(((hidden * mask).sum(1) / mask.sum(1)).float())  # (B, C)
+        return F.normalize(self.text_head(pooled.to(self.text_head.weight.dtype)), dim=-1)
 
     def forward(self, batch: ContrastiveBatch) -> ContrastiveOutput:
         batch = batch.to(self.device)
@@ -309,18 +321,16 @@ class ContrastiveModel(nn.Module):
             "loss": self.loss,
         }
 
+    def head_state_dict(self) -> dict[str, Tensor]:
+        """Everything but the backbone: heads, norms' statistics, scale and bias."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """The backbone's directory + ``contrastive_head.safetensors`` + its config."""
         path = Path(path)
         self.backbone.save_pretrained(path)
-        heads = {
-            "image_head.weight": self.image_head.weight,
-            "text_head.weight": self.text_head.weight,
-            "logit_scale": self.logit_scale,
-            "logit_bias": self.logit_bias,
-        }
         save_tensors(
-            {k: v.detach().contiguous() for k, v in heads.items()},
+            {k: v.detach().contiguous() for k, v in self.head_state_dict().items()},
             path / HEAD_NAME,
             metadata={"format": "pt"},
         )
@@ -359,7 +369,7 @@ class ContrastiveModel(nn.Module):
         except KeyError as exc:
             raise ValueError(f"{config_path}: missing key {exc}") from None
         state = load_tensors(path / HEAD_NAME, map_location)
-        expected = {k: v for k, v in model.named_parameters() if not k.startswith("backbone.")}
+        expected = model.head_state_dict()
         if set(state) != set(expected) or any(
             state[k].shape != v.shape for k, v in expected.items()
         ):
@@ -368,9 +378,7 @@ class ContrastiveModel(nn.Module):
                 f"{path / HEAD_NAME}: expected "
                 f"{ {k: tuple(v.shape) for k, v in expected.items()} }, got {found}"
             )
-        with torch.no_grad():
-            for key, param in expected.items():
-                param.copy_(state[key])
+        model.load_state_dict(state, strict=False)  # the backbone is loaded already
         return model.to(map_location).eval()
 
 

@@ -262,3 +262,111 @@ def test_imagefolder_split_and_nested_metadata(tmp_path):
     assert len(ImageFolderDataset(tmp_path)) == 2
     train = ImageFolderDataset(tmp_path, split="train")
     assert len(train) == 1 and train[0].images[0].getpixel((0, 0)) == (255, 0, 0)
+
+
+# -- drawing samples (task=t2i / mixed) -----------------------------------------------------
+@pytest.fixture
+def drawings(tmp_path):
+    """Captioned images in three modes and sizes, and a conversation row whose assistant turn
+    holds the image (an image to draw)."""
+    solid((255, 0, 0), (12, 8)).save(tmp_path / "red.png")
+    Image.new("L", (6, 9), 90).save(tmp_path / "grey.png")
+    rgba = Image.new("RGBA", (10, 10), (0, 0, 255, 0))  # transparent, a blue opaque corner
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    rgba.save(tmp_path / "alpha.png")
+    draw = [{"from": "human", "value": "paint it"}, {"from": "gpt", "value": "Sure: <image>"}]
+    rows = [
+        {"file_name": "red.png", "text": "a red picture"},
+        {"file_name": "grey.png", "text": "a grey picture"},
+        {"file_name": "alpha.png", "text": "a blue dot"},
+        {"file_name": "red.png", "conversations": draw},
+    ]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return tmp_path
+
+
+def texts(sample) -> list[str]:
+    return [turn.text for turn in sample.conversation]
+
+
+def test_task_t2i_makes_each_captioned_row_a_drawing_of_its_image(drawings):
+    data = ImageFolderDataset(drawings, task="t2i", prompt_template="draw {text}")
+    assert len(data) == 4
+    red, grey, alpha, conversation = (data[i] for i in range(4))
+    assert texts(red) == ["draw a red picture", "<image_out>"]
+    assert red.images == [] and len(red.output_images) == 1
+    (drawn,) = red.output_images
+    assert drawn.size == (12, 8) and drawn.getpixel((0, 0)) == (255, 0, 0)
+    (drawn,) = grey.output_images
+    assert drawn.mode == "RGB" and drawn.getpixel((1, 1)) == (90, 90, 90)
+    # alpha composited onto white
+    assert alpha.output_images[0].getpixel((5, 5)) == (255, 255, 255)
+    assert alpha.output_images[0].getpixel((0, 0)) == (0, 0, 255)
+    # an assistant turn's <image> is drawn, whatever the task
+    assert texts(conversation) == ["paint it", "Sure: <image_out>"]
+    assert conversation.images == [] and len(conversation.output_images) == 1
+    assert red.meta["line"] == 1 and red.meta["text"] == "a red picture"
+
+    plain = ImageFolderDataset(drawings, task="t2i")  # the caption itself is the prompt
+    assert texts(plain[0]) == ["a red picture", "<image_out>"]
+    captions = ImageFolderDataset(drawings)  # task="caption", as before
+    assert texts(captions[0]) == [f"{IMAGE_PLACEHOLDER}\n{DEFAULT_CAPTION_PROMPT}", "a red picture"]
+    assert len(captions[0].images) == 1 and captions[0].output_images == []
+    assert texts(captions[3]) == ["paint it", "Sure: <image_out>"]
+
+
+def test_task_mixed_and_lists_of_tasks(drawings):
+    mixed = ImageFolderDataset(drawings, task="mixed", prompt_template="draw {text}")
+    assert len(mixed) == 7  # a caption and a drawing per captioned row, then the conversation
+    assert [texts(mixed[i])[1] for i in range(7)] == [
+        "a red picture",
+        "<image_out>",
+        "a grey picture",
+        "<image_out>",
+        "a blue dot",
+        "<image_out>",
+        "Sure: <image_out>",
+    ]
+    assert mixed.records[0].line == mixed.records[1].line == 1
+    # the shapes world's task names: vqa adds nothing to a caption row
+    for task, kinds in [
+        (["vqa", "caption"], ["caption"]),
+        ("vqa", ["caption"]),
+        (["caption", "t2i"], ["caption", "t2i"]),
+        (["vqa", "t2i"], ["t2i"]),
+    ]:
+        records, _ = read_imagefolder(drawings, task=task)
+        first = [r for r in records if r.line == 1]
+        assert ["<image_out>" in r.data[1].text for r in first] == [k == "t2i" for k in kinds]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"task": "draw"}, r"task must be one of caption, vqa, t2i, mixed.*'draw' is not a task"),
+        ({"task": 3}, r"task must be one of caption, vqa, t2i, mixed.*got 3"),
+        (
+            {"task": "t2i", "prompt_template": "draw it"},
+            r"prompt_template must be a string holding",
+        ),
+        (
+            {"task": "t2i", "prompt_template": {"text": None}},
+            r"got \{'text': None\} \(quote it in YAML",
+        ),
+        ({"task": "t2i", "prompt_template": "<image> {text}"}, r"must not hold '<image>'"),
+    ],
+)
+def test_bad_task_or_prompt_template_is_a_clear_error(drawings, options, message):
+    with pytest.raises(ValueError, match=message):
+        ImageFolderDataset(drawings, **options)
+
+
+def test_output_image_in_a_human_turn_is_a_problem_of_its_line(drawings):
+    bad = [{"from": "human", "value": "<image_out>"}, {"from": "gpt", "value": "ok"}]
+    with open(drawings / "metadata.jsonl", "a") as handle:
+        handle.write(json.dumps({"file_name": "red.png", "conversations": bad}) + "\n")
+    with pytest.warns(RuntimeWarning, match="skipped 1 unusable"):
+        data = ImageFolderDataset(drawings, task="t2i")
+    (problem,) = data.problems
+    assert (problem.line, problem.reason) == (5, "bad_value")
+    assert "belongs in a 'gpt' turn" in problem.message

@@ -145,3 +145,42 @@ def test_insert_image_placeholders_rule():
     out = insert_image_placeholders(turns, 2)
     assert out[0].text == "<image>\n<image>\nq1" and out[2].text == "q2"
     assert insert_image_placeholders(turns, 0) == turns
+
+
+def test_an_image_in_a_gpt_turn_is_an_image_to_draw(tmp_path):
+    Image.new("RGB", (5, 5), (255, 0, 0)).save(tmp_path / "red.png")
+    Image.new("RGB", (7, 4), (0, 0, 255)).save(tmp_path / "blue.png")
+    records = [
+        {"id": "draw", "image": "red.png", "conversations": convo("draw red", "<image>")},
+        {  # reads one image, draws the other: images follow the placeholders in order
+            "id": "edit",
+            "image": ["red.png", "blue.png"],
+            "conversations": convo("<image>\nmake it blue", "Done: <image_out>"),
+        },
+        {  # no placeholder at all: LLaVA's rule puts the image before the question (an input)
+            "id": "ask",
+            "image": "blue.png",
+            "conversations": convo("What colour?", "blue"),
+        },
+        {"id": "human", "image": "red.png", "conversations": convo("<image_out>", "no")},
+        {"id": "count", "image": "red.png", "conversations": convo("<image> x", "<image>")},
+    ]
+    path = tmp_path / "d.json"
+    write_records(path, records)
+    with pytest.warns(RuntimeWarning, match="skipped 2 unusable"):
+        data = LlavaDataset(path)
+    draw, edit, ask = (data[i] for i in range(3))
+    assert [t.text for t in draw.conversation] == ["draw red", "<image_out>"]
+    assert draw.images == [] and [im.size for im in draw.output_images] == [(5, 5)]
+    assert [t.text for t in edit.conversation] == ["<image>\nmake it blue", "Done: <image_out>"]
+    assert [im.size for im in edit.images] == [(5, 5)]
+    assert [im.size for im in edit.output_images] == [(7, 4)]
+    assert ask.conversation[0].text == "<image>\nWhat colour?" and ask.output_images == []
+    human, count = data.problems
+    assert (human.id, human.reason) == ("human", "bad_value")
+    assert "conversations[0] is a 'human' turn with '<image_out>'" in human.message
+    assert (count.id, count.reason) == ("count", "placeholder_mismatch")
+    assert count.message == (
+        "1 '<image>' placeholder(s) in the text and 1 in 'gpt' turns (images to draw) "
+        "but 1 image(s)"
+    )

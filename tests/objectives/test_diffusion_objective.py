@@ -230,3 +230,24 @@ def test_the_t2i_recipe_trains_resumes_and_draws(tmp_path) -> None:
         force_image=True,
     )
     assert drawn[0][0][0].size == (16, 16)
+
+
+def test_check_data_refuses_data_without_drawing_samples() -> None:
+    from mmgpt.data.errors import DataError
+    from mmgpt.data.shapes import ShapesWorld
+
+    objective = create("objective", "diffusion")
+    objective.check_data(ShapesWorld(size=40, task="t2i", image_size=8))
+    objective.check_data(ShapesWorld(size=40, task="mixed", image_size=8))
+    captions = ShapesWorld(size=40, task=["caption", "vqa"], image_size=8)
+    with pytest.raises(DataError) as info:
+        objective.check_data(captions)
+    message = str(info.value)
+    assert message.startswith(
+        "diffusion objective: no drawing samples in ShapesWorld (task=['caption', 'vqa']): none "
+        "of its 40 samples asks the model to draw"
+    )
+    assert "data.task=t2i" in message and info.value.reason == "no_drawing_samples"
+    # an objective that does not train the decoder needs no drawing samples
+    create("objective", "diffusion", diffusion_weight=0).check_data(captions)
+    objective.check_data(iter(()))  # an iterable dataset cannot be inspected: not refused

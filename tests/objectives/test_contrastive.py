@@ -1,0 +1,221 @@
+"""The contrastive objective: CLIP and SigLIP losses against hand-written references, the
+towers' model and its directory, the collator's checks, and ``mmgpt train clip`` end to end
+(a pretrained encoder handed to the caption recipe with ``model.from``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmgpt.data.sample import Sample, Turn
+from mmgpt.objectives.contrastive import (
+    ContrastiveModel,
+    ContrastiveObjective,
+    clip_loss,
+    siglip_loss,
+)
+
+
+def pairs(seed: int = 0, n: int = 3, d: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    return image, text
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return sum(float(x) * float(y) for x, y in zip(a, b))
+
+
+def test_clip_loss_is_the_symmetric_cross_entropy() -> None:
+    image, text = pairs()
+    scale = 7.5
+    n = len(image)
+    images_to_texts = texts_to_images = 0.0
+    for i in range(n):
+        row = [scale * dot(image[i], text[j]) for j in range(n)]
+        column = [scale * dot(image[j], text[i]) for j in range(n)]
+        images_to_texts -= row[i] - math.log(sum(math.exp(v) for v in row))
+        texts_to_images -= column[i] - math.log(sum(math.exp(v) for v in column))
+    expected = (images_to_texts / n + texts_to_images / n) / 2
+    assert float(clip_loss(image, text, scale)) == pytest.approx(expected, rel=1e-12)
+    # the scale is a tensor in training (exp of the learned parameter): gradients reach it
+    log_scale = torch.tensor(math.log(scale), dtype=torch.float64, requires_grad=True)
+    loss = clip_loss(image, text, log_scale.exp())
+    assert float(loss) == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    assert log_scale.grad is not None and log_scale.grad != 0
+
+
+def test_siglip_loss_is_the_pairwise_sigmoid_loss_with_bias() -> None:
+    image, text = pairs(seed=1, n=4)
+    scale, bias = 10.0, -3.0
+    n = len(image)
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            logit = scale * dot(image[i], text[j]) + bias
+            total += math.log(1 + math.exp(-z * logit))  # −log σ(z · logit)
+    expected = total / n
+    assert float(siglip_loss(image, text, scale, bias)) == pytest.approx(expected, rel=1e-12)
+    # matched pairs that agree more lower the loss
+    assert float(siglip_loss(image, image, scale, bias)) < expected
+
+
+def test_the_objective_rejects_an_unknown_loss() -> None:
+    with pytest.raises(ValueError, match=r"loss must be one of \('clip', 'siglip'\), got 'info'"):
+        ContrastiveObjective(loss="info")
+
+
+# -- the model and its collator (tiny MultimodalGPT) ----------------------------------------
+
+pytest.importorskip("timm")
+mmgpt_text = pytest.importorskip("mmgpt_text")
+
+from mmgpt.data.shapes import ShapesWorld  # noqa: E402
+from mmgpt.multimodal import MultimodalGPT  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    world = ShapesWorld(task="caption", size=200, max_shapes=1, image_size=32)
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    corpus.write_text("\n".join(world[i].meta["caption"] for i in range(200)))
+    return mmgpt_text.TextTokenizer.train([corpus], vocab_size=300)
+
+
+def towers(tok, loss: str = "clip") -> ContrastiveModel:
+    torch.manual_seed(0)
+    backbone = MultimodalGPT.build("gpt-nano", tok, block_size=24)
+    return ContrastiveObjective(loss=loss, embed_dim=16).wrap(backbone)
+
+
+def test_model_embeds_and_round_trips(tok, tmp_path: Path) -> None:
+    model = towers(tok, "siglip").eval()
+    world = ShapesWorld(task="caption", size=4, max_shapes=1, image_size=32)
+    batch = model.collator()([world[i] for i in range(4)])
+    assert batch.inputs.shape == (4, 3, 32, 32)
+    assert batch.input_ids.shape[0] == 4
+    assert all(batch.input_ids[i, n - 1] == tok.eos_id for i, n in enumerate(batch.lengths))
+    out = model(batch)
+    assert out.image_embeds.shape == out.text_embeds.shape == (4, 16)
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(4))
+    assert float(out.logit_scale) == pytest.approx(10.0) and float(out.logit_bias) == -10.0
+    # a caption's embedding does not depend on the padding after it
+    alone = model.collator()([world[0]])
+    torch.testing.assert_close(model(alone).text_embeds[0], out.text_embeds[0])
+
+    with torch.no_grad():
+        model.logit_scale.fill_(2.5)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "contrastive_config.json").read_text())
+    assert config == {"architecture": "contrastive", "format_version": 1, "modality": "image",
+                      "embed_dim": 16, "loss": "siglip"}  # fmt: skip
+    loaded = ContrastiveModel.from_pretrained(tmp_path)
+    again = loaded(batch)
+    torch.testing.assert_close(again.image_embeds, out.image_embeds)
+    torch.testing.assert_close(again.text_embeds, out.text_embeds)
+    assert float(loaded.logit_scale) == 2.5
+    # the directory is a multimodal model directory: other recipes start from it
+    backbone = MultimodalGPT.from_pretrained(tmp_path)
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, backbone.state_dict()[key]), key
+    with pytest.raises(FileNotFoundError, match="not a contrastive model directory"):
+        ContrastiveModel.from_pretrained(tmp_path / "missing")
+
+
+def test_collator_checks_items_and_caption_length(tok) -> None:
+    model = towers(tok)
+    image = ShapesWorld(task="caption", size=1, image_size=32)[0].images[0]
+    collate = model.collator()
+    two = Sample([Turn("user", "<image><image>"), Turn("assistant", "a red circle")], [image, image])
+    with pytest.raises(ValueError, match=r"has 2 image item\(s\); each image-text pair needs"):
+        collate([two])
+    silent = Sample([Turn("user", "<image>"), Turn("assistant", "")], [image])
+    with pytest.raises(ValueError, match="has no caption"):
+        collate([silent])
+    long = Sample([Turn("user", "<image>"), Turn("assistant", "a red circle " * 20)], [image])
+    with pytest.raises(ValueError, match=r"exceeds the model's context \(24\).*data.truncation"):
+        collate([long])
+    cut = model.collator(truncation=True)([long])
+    assert cut.input_ids.shape == (1, 24) and int(cut.input_ids[0, -1]) == tok.eos_id
+    with pytest.raises(TypeError, match="expected a ContrastiveBatch"):
+        ContrastiveObjective()(model, {"input_ids": torch.zeros(1, 2)})
+
+
+# -- mmgpt train clip -------------------------------------------------------------------------
+
+TINY = [
+    "data.eval_fraction=0.1",
+    "train.batch_size=16",
+    "train.max_steps=40",
+    "train.warmup_steps=4",
+    "train.lr=4e-3",
+    "train.min_lr=4e-4",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.save_every=0",
+    "train.eval_batches=1",
+    "train.seed=3",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.device=cpu",
+]
+
+
+def train_records(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def test_clip_recipe_trains_the_encoder_and_hands_it_to_caption(tmp_path: Path) -> None:
+    from mmgpt.files import load_tensors
+    from mmgpt.recipe import run_training
+
+    folder = tmp_path / "folder"
+    ShapesWorld(task="caption", image_size=32, max_shapes=1, seed=4).write_imagefolder(folder, 96)
+    clip = run_training("clip", data=folder, out=tmp_path / "clip", overrides=TINY)
+    logged = train_records(tmp_path / "clip")
+    assert len(logged) == 40
+    first = sum(r["loss"] for r in logged[:5]) / 5
+    last = sum(r["loss"] for r in logged[-5:]) / 5
+    assert first > 2.0  # about log(16): the towers start apart
+    assert last < 0.75 * first, (first, last)
+    assert logged[-1]["image_to_text"] > 0.3  # retrieval within a batch of 16 (chance 1/16)
+    assert "loss" in clip["eval"]
+
+    model_dir = Path(clip["model_dir"])
+    towers_model = ContrastiveModel.from_pretrained(model_dir)
+    assert towers_model.loss == "clip" and towers_model.encoder.frozen is False
+    clip_weights = load_tensors(model_dir / "model.safetensors")
+    encoder_keys = [k for k in clip_weights if k.startswith("encoders.image.")]
+    assert encoder_keys
+
+    # the caption recipe starts from the pretrained model; the encoder trains at 1/10 of the lr
+    caption = run_training(
+        "caption",
+        data=folder,
+        out=tmp_path / "caption",
+        overrides=[
+            f"model.from={model_dir}",
+            "train.train_encoder=true",
+            "train.lr_multipliers.encoder=0.1",
+            "train.max_steps=3",
+            "train.warmup_steps=1",
+            *[o for o in TINY if not o.startswith(("train.max_steps", "train.warmup_steps"))],
+        ],
+    )
+    first_step = train_records(tmp_path / "caption")[0]
+    assert first_step["lr_encoder"] == pytest.approx(0.1 * first_step["lr"], rel=1e-12)
+    tuned = load_tensors(Path(caption["model_dir"]) / "model.safetensors")
+    moved = [k for k in encoder_keys if not torch.equal(tuned[k], clip_weights[k])]
+    assert moved  # it trained from the contrastive encoder ...
+    for key in encoder_keys:  # ... and stayed close to it at a tenth of the lr
+        change = (tuned[key] - clip_weights[key]).abs().max()
+        assert change <= 2 * 3 * 0.1 * 4e-3, key  # AdamW moves a weight by ~lr per step
