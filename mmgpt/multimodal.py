@@ -52,9 +52,10 @@ from mmgpt.config import (
 from mmgpt.generation import GenerationConfig, GenerationOutput
 from mmgpt.imagegen import ImageEvent, ImageGenerationConfig, MultimodalOutput, TextEvent
 from mmgpt.interfaces import Tokenizer
+from mmgpt.interop.llava import is_llava_config, read_llava
 from mmgpt.model import GPT, GPTOutput, KVCache
 from mmgpt.processor import MultimodalBatch, MultimodalProcessor
-from mmgpt.weights import check_weights_file, load_model_files, save_model_files
+from mmgpt.weights import check_weights_file, load_model_files, load_model_state, save_model_files
 
 ARCHITECTURE = "multimodal"
 # Names accepted by freeze()/trainable(), mapped to attributes.
@@ -125,6 +126,7 @@ class MultimodalGPT(nn.Module):
                     f"projector for {modality!r} maps {proj.in_dim} → {proj.out_dim}, but the "
                     f"encoder outputs {enc.output_dim} and the GPT's width is {n_embd}"
                 )
+            _slots(modality, enc, proj)  # a projector that cannot take the tokens fails here
         self.gpt = gpt
         self.tokenizer = tokenizer
         self.encoders = nn.ModuleDict(encoders)
@@ -160,7 +162,8 @@ class MultimodalGPT(nn.Module):
         ``gpt`` is a preset name (``"gpt-nano"``…), a config (dataclass or dict) or a built GPT;
         for a preset or dict, ``vocab_size`` defaults to the tokenizer's. The encoder is
         registered under its ``modality``; the projector gets ``in_dim``/``out_dim`` from the
-        encoder and the GPT. The output projector gets ``in_dim=n_embd`` and, where its
+        encoder and the GPT (and ``num_tokens``, the encoder's, where its signature names it).
+        The output projector gets ``in_dim=n_embd`` and, where its
         signature names them, ``out_dim``/``num_condition_tokens`` from the image decoder and
         ``num_signal_tokens`` from the tokenizer, unless given.
         """
@@ -190,6 +193,9 @@ class MultimodalGPT(nn.Module):
             enc = registry.create("encoder", encoder, **dict(encoder_kwargs or {}))
             modality = enc.modality
             proj_kwargs = {"in_dim": enc.output_dim, "out_dim": n_embd, **(projector_kwargs or {})}
+            if _takes_argument(registry.get("projector", projector), "num_tokens"):
+                # a projector that depends on the token count (pixel_shuffle) learns it here
+                proj_kwargs.setdefault("num_tokens", enc.num_tokens)
             encoders[modality] = enc
             projectors[modality] = registry.create("projector", projector, **proj_kwargs)
             names[f"encoders.{modality}"] = encoder
@@ -246,16 +252,23 @@ class MultimodalGPT(nn.Module):
         modalities (the batch's per-modality positions tell them apart)."""
         return int(self.tokenizer.image_token_id)
 
+    def num_slots(self, modality: str) -> int:
+        """Placeholder slots one item of ``modality`` fills: the encoder's ``num_tokens``, or
+        what its projector makes of them (``output_tokens``, e.g. ``pixel_shuffle``)."""
+        return _slots(modality, self.encoders[modality], self.projectors[modality])
+
     def processor(self, **kwargs: Any) -> MultimodalProcessor:
-        """A :class:`MultimodalProcessor` for this model (``max_length`` = ``block_size``)."""
+        """A :class:`MultimodalProcessor` for this model (``max_length`` = ``block_size``;
+        slots per item: :meth:`num_slots`)."""
         kwargs.setdefault("max_length", self.config.block_size)
+        kwargs.setdefault("slot_counts", {m: self.num_slots(m) for m in self.encoders})
         if self.image_decoder is not None and hasattr(self.image_decoder, "preprocess"):
             kwargs.setdefault("output_image_transform", self.image_decoder.preprocess)
         return MultimodalProcessor(self.tokenizer, self.encoders, **kwargs)
 
     # -- fusion --------------------------------------------------------------------------------
     def encode(self, modality: str, inputs: Tensor) -> Tensor:
-        """Preprocessed items → projected features ``(N, num_tokens, n_embd)``."""
+        """Preprocessed items → projected features ``(N, num_slots(modality), n_embd)``."""
         feats = self.encoders[modality](inputs)  # (N, K, d_enc)
         return self.projectors[modality](feats)  # (N, K, C)
 
@@ -281,7 +294,7 @@ class MultimodalGPT(nn.Module):
                 raise ValueError(
                     f"{modality}_positions must have shape ({n_items}, 2), got {tuple(positions.shape)}"
                 )
-            K = int(self.encoders[modality].num_tokens)
+            K = self.num_slots(modality)
             positions = positions.to(self.device)
             rows = positions[:, 0].repeat_interleave(K)  # (N·K,)
             cols = (positions[:, 1:2] + torch.arange(K, device=self.device)).reshape(-1)  # (N·K,)
@@ -309,7 +322,8 @@ class MultimodalGPT(nn.Module):
             if tuple(feats.shape[:2]) != (inputs.size(0), K):
                 raise ValueError(
                     f"the {modality} encoder returned features of shape {tuple(feats.shape)} "
-                    f"for {inputs.size(0)} item(s); expected {K} tokens each (its num_tokens)"
+                    f"for {inputs.size(0)} item(s); expected {K} tokens each (its num_tokens, "
+                    "or its projector's output_tokens)"
                 )
             # one scatter of all items' features into their slots (autograd flows to feats)
             flat = feats.reshape(rows.numel(), feats.size(-1)).to(embeds.dtype)  # (N·K, C)

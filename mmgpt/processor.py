@@ -27,8 +27,9 @@ rewrites earlier turns) cannot be trained on this way, and is an error.
 Placeholders in any turn's text, any number, at any position:
 
 * ``"<image>"`` becomes ``num_tokens`` copies of the tokenizer's image token (the encoder says
-  how many); :meth:`MultimodalGPT.embed` overwrites those slots with projected image features.
-  Their labels are ``-100``.
+  how many, or ``slot_counts`` where a projector merges tokens);
+  :meth:`MultimodalGPT.embed` overwrites those slots with projected image features. Their
+  labels are ``-100``.
 * ``"<image_out>"`` (an image the assistant draws) becomes the signal tokens
   ``[IMG0]..[IMGk-1]``; in an assistant turn their labels are *on*, since the model must learn
   to emit them.
@@ -267,9 +268,14 @@ class ModalitySlots:
     transform: Callable[[list[Any]], Tensor]
 
     @classmethod
-    def from_encoder(cls, modality: str, encoder: Any) -> ModalitySlots:
+    def from_encoder(
+        cls, modality: str, encoder: Any, num_tokens: int | None = None
+    ) -> ModalitySlots:
+        """``num_tokens``: slots per item when they differ from the encoder's ``num_tokens``
+        (a projector that merges tokens)."""
         placeholder = getattr(encoder, "placeholder", None) or f"<{modality}>"
-        num_tokens = getattr(encoder, "num_tokens", None)
+        if num_tokens is None:
+            num_tokens = getattr(encoder, "num_tokens", None)
         if not isinstance(placeholder, str) or not placeholder.strip():
             raise ValueError(
                 f"the {modality!r} encoder's placeholder must be a non-empty string, "
@@ -307,6 +313,9 @@ class MultimodalProcessor:
             item (``num_tokens``), ``preprocess`` and, for non-image modalities, its
             ``placeholder`` (default ``f"<{modality}>"``).
         num_image_tokens: slots per image when no encoder is given.
+        slot_counts: slots per item by modality where they differ from the encoder's
+            ``num_tokens`` (a projector that reduces the tokens, e.g. ``pixel_shuffle``; a
+            model's :meth:`~mmgpt.multimodal.MultimodalGPT.processor` passes them).
         image_transform: list of images → ``(N, 3, H, W)``; default ``encoder.preprocess``.
         output_image_transform: list of output images → tensor (e.g. a decoder's
             ``preprocess``); without it ``batch.output_images`` holds the PIL images.
@@ -329,6 +338,7 @@ class MultimodalProcessor:
         max_length: int | None = None,
         padding_side: str = "right",
         truncation: bool = False,
+        slot_counts: Mapping[str, int] | None = None,
     ) -> None:
         if padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
@@ -340,21 +350,28 @@ class MultimodalProcessor:
             encoders = {}
         elif not isinstance(encoders, Mapping):
             encoders = {getattr(encoders, "modality", "image"): encoders}
+        slot_counts = dict(slot_counts or {})
+        unknown = sorted(set(slot_counts) - set(encoders))
+        if unknown:
+            raise ValueError(f"slot_counts names modalities without an encoder: {unknown}")
         encoder = encoders.get("image")
         if encoder is not None:
-            if num_image_tokens is not None and num_image_tokens != encoder.num_tokens:
+            image_slots = slot_counts.get("image", encoder.num_tokens)
+            if num_image_tokens is not None and num_image_tokens != image_slots:
                 raise ValueError(
                     f"num_image_tokens={num_image_tokens} disagrees with the image encoder's "
-                    f"num_tokens={encoder.num_tokens}"
+                    f"num_tokens={image_slots}"
                 )
-            num_image_tokens = int(encoder.num_tokens)
+            num_image_tokens = int(image_slots)
             image_transform = image_transform or encoder.preprocess
         if num_image_tokens is not None and (
             isinstance(num_image_tokens, bool) or num_image_tokens <= 0
         ):
             raise ValueError(f"num_image_tokens must be a positive integer, got {num_image_tokens}")
         self.modalities: dict[str, ModalitySlots] = {
-            m: ModalitySlots.from_encoder(m, enc) for m, enc in encoders.items() if m != "image"
+            m: ModalitySlots.from_encoder(m, enc, slot_counts.get(m))
+            for m, enc in encoders.items()
+            if m != "image"
         }
         fixed = (IMAGE_PLACEHOLDER, IMAGE_OUT_PLACEHOLDER)
         placeholders = [*fixed, *(spec.placeholder for spec in self.modalities.values())]

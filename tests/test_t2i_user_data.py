@@ -187,3 +187,26 @@ def test_data_without_drawing_samples_stops_before_training(imagefolder, tmp_pat
         capsys.readouterr().err
     )
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_drawing_samples_for_a_model_that_cannot_draw_stop_before_training(
+    tmp_path, capsys
+) -> None:
+    rows = write_images(tmp_path)
+    records = [
+        {
+            "image": name,
+            "conversations": [
+                {"from": "human", "value": f"please draw {caption}"},
+                {"from": "gpt", "value": "<image>"},
+            ],
+        }
+        for name, caption in rows
+    ]
+    (tmp_path / "draw.json").write_text(json.dumps(records))
+    out = tmp_path / "run"
+    argv = ["train", "caption", "--data", str(tmp_path / "draw.json"), "--out", str(out)]
+    assert main([*argv, "train.max_steps=2", "train.batch_size=2", "train.progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "draw.json" in err and "has no image decoder" in err and "mmgpt train t2i" in err
+    assert not (out / "metrics.jsonl").exists()

@@ -24,8 +24,11 @@ from torch import nn
 
 from mmgpt import distributed
 from mmgpt.adapters.training import apply_adapter
+from mmgpt.data.errors import DataError
+from mmgpt.data.sample import count_drawing_samples, describe_dataset
 from mmgpt.files import exclusive_lock
 from mmgpt.interfaces import BuildsTrainer, Tokenizer
+from mmgpt.multimodal import MultimodalGPT
 from mmgpt.recipe.build import (
     TOKENIZER_DIR,
     build_model,
@@ -264,6 +267,7 @@ def run_multimodal(run: Run, data: str | os.PathLike | None = None) -> dict[str,
     if input_size and "image_size" in dataset_args and dataset_args["image_size"] is None:
         dataset = make_dataset(dataset_name, dataset_args, input_size[-1])
     train_data, eval_data = split_dataset(dataset, own.get("eval_fraction", 0.02))
+    _check_drawings_have_a_decoder(model, train_data)
     truncation = bool(own.get("truncation", False))
     return _fit(
         run,
@@ -274,6 +278,21 @@ def run_multimodal(run: Run, data: str | os.PathLike | None = None) -> dict[str,
         collate_fn=model.processor(truncation=truncation),
         truncation=truncation,
     )
+
+
+def _check_drawings_have_a_decoder(model: MultimodalGPT, data: Any) -> None:
+    """Samples that ask the model to draw need a model that draws: say so before training,
+    not at the first batch that holds one."""
+    if model.image_decoder is not None:
+        return
+    found = count_drawing_samples(data)
+    if found is not None and found.drawing:
+        raise DataError(
+            f"{describe_dataset(data)}: {found.drawing} of {found.checked} samples ask the model "
+            "to draw an image (an assistant turn holds <image>), but this recipe's model has no "
+            "image decoder; train them with a drawing recipe (mmgpt train t2i) or remove them",
+            reason="drawing_without_decoder",
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
