@@ -26,6 +26,7 @@ TARGETS = {
     "train": "mmgpt.recipe:run_training",
     "eval": "mmgpt.eval:run_eval",
     "data check": "mmgpt.data.check:check_dataset",
+    "data convert": "mmgpt.data.convert:convert_dataset",
     "plan": "mmgpt.plan:plan_training",
 }
 # Optional dependencies and the extra that installs each: a missing one names its extra.
@@ -37,6 +38,7 @@ EXTRAS = {
     "peft": "adapters",
     "transformers": "interop",
     "sacrebleu": "eval",
+    "pyarrow": "data",
 }
 EVAL_TASKS = ("caption", "vqa", "lm", "t2i")
 
@@ -305,6 +307,21 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    report = _target("data convert")(
+        args.src,
+        args.dst,
+        args.to,
+        source_format=args.source_format,
+        image_root=args.images,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        allow_outside_root=args.allow_outside_root,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
+    return report.exit_code
+
+
 def cmd_plugins_list(args: argparse.Namespace) -> int:
     from mmgpt.registry import REGISTRY
 
@@ -391,7 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mmgpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", parents=[debug], help="open a Gradio demo (multimodal or text chat, drawing, preferences)")
+    p = sub.add_parser(
+        "demo",
+        parents=[debug],
+        help="open a Gradio demo (multimodal or text chat, drawing, preferences)",
+    )
     p.add_argument("--model", metavar="DIR", help="model directory (default: the shipped model)")
     p.add_argument("--port", type=_positive_int, help="port to serve on")
     p.add_argument("--share", action="store_true", help="create a public Gradio link")
@@ -487,6 +508,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", metavar="DIR", help="measure lengths in this model's tokens (default: chars)"
     )
     q.set_defaults(func=cmd_data_check)
+    q = data_sub.add_parser(
+        "convert", parents=[debug], help="write a dataset as an imagefolder, parquet or tar shards"
+    )
+    q.add_argument(
+        "src",
+        metavar="SRC",
+        help="COCO captions JSON, imagefolder dir, LLaVA json, parquet, datasets dir, tar shards",
+    )
+    q.add_argument("dst", metavar="DST", help="the directory to write (must not exist)")
+    q.add_argument(
+        "--to", required=True, choices=("imagefolder", "parquet", "shards"), help="target format"
+    )
+    q.add_argument(
+        "--from",
+        dest="source_format",
+        choices=("coco", "imagefolder", "llava", "parquet", "hf_dataset", "shards"),
+        help="the source format (default: detected)",
+    )
+    q.add_argument(
+        "--images", metavar="DIR", help="folder the source's image paths are relative to"
+    )
+    q.add_argument(
+        "--shard-size",
+        metavar="N",
+        type=_positive_int,
+        default=10_000,
+        help="rows per parquet file / samples per tar shard (default 10000)",
+    )
+    q.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    q.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="copy images whose paths leave the source's image folder",
+    )
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.set_defaults(func=cmd_data_convert)
 
     p = sub.add_parser("plugins", parents=[debug], help="registry entries and plugins")
     plugins_sub = p.add_subparsers(dest="plugins_command", metavar="COMMAND", required=True)
@@ -496,7 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_plugins_list)
 
     p = sub.add_parser(
-        "export", parents=[debug], help="write a model's language model in Hugging Face format"
+        "export",
+        parents=[debug],
+        help="write a model in the Hugging Face layout (its language model, or LLaVA)",
     )
     p.add_argument("--model", metavar="DIR", required=True, help="model directory")
     p.add_argument("--out", metavar="DIR", required=True, help="the directory to write")

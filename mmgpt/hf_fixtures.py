@@ -1,7 +1,8 @@
 """Tiny Hugging Face directories built offline: byte-level BPE tokenizers in the layout of a
-Llama-3 or a Qwen2 repository (special tokens, chat template), and small random causal language
-models of the families mmgpt reads. For tests — mmgpt's own and a plugin's — that must not
-download anything. Needs ``tokenizers`` (always installed) and, for models, ``transformers``.
+Llama-3 or a Qwen2 repository (special tokens, chat template), small random causal language
+models of the families mmgpt reads, CLIP and SigLIP vision towers and LLaVA models (with their
+``preprocessor_config.json``). For tests — mmgpt's own and a plugin's — that must not download
+anything. Needs ``tokenizers`` (always installed) and, for models, ``transformers``.
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ __all__ = [
     "CONVERSATION",
     "LLAMA3_TEMPLATE",
     "STRINGS",
+    "add_special_token",
     "build_hf_dir",
     "build_hf_model_dir",
+    "build_hf_vision_dir",
+    "build_llava_dir",
+    "randomize_",
 ]
 
 LINES = [
@@ -200,4 +205,158 @@ def build_hf_model_dir(
     settings = {**base, **ids, **config}
     model = cls(cfg(vocab_size=vocab, tie_word_embeddings=tie_word_embeddings, **settings))
     model.save_pretrained(path)
+    return path
+
+
+def add_special_token(path: Path, token: str) -> int:
+    """Append ``token`` as a special token to the tokenizer directory ``path`` (its
+    ``tokenizer.json`` and ``tokenizer_config.json``'s ``added_tokens_decoder``), as a model
+    repository that adds one (LLaVA's ``<image>``) has it; return its id."""
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+    token_id = tok.token_to_id(token)
+    tok.save(str(path / "tokenizer.json"))
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config.setdefault("added_tokens_decoder", {}).update(_added({token: token_id}))
+    config_path.write_text(json.dumps(config))
+    return token_id
+
+
+def randomize_(model: Any, seed: int = 0) -> None:
+    """Every tensor of ``model`` drawn anew at O(1) scale (norm weights near 1, other vectors
+    near 0): a swapped, misnamed or unused weight changes the outputs visibly, which the
+    small default initialisation of a tiny model might hide."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name and p.dim() == 1 and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif p.dim() == 1:
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(0.2 * noise)
+
+
+def _vision_config(family: str, **config: Any) -> dict[str, Any]:
+    base = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    model_type = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}[family]
+    return {**base, **config, "model_type": model_type}
+
+
+def _save_image_processor(path: Path, family: str, image_size: int) -> None:
+    import transformers
+
+    if family == "clip":
+        processor = transformers.CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+        )
+    else:
+        processor = transformers.SiglipImageProcessor(
+            size={"height": image_size, "width": image_size}
+        )
+    processor.save_pretrained(str(path))
+
+
+def build_hf_vision_dir(
+    path: Path, family: str = "clip", *, dual: bool = False, seed: int = 0, **config: Any
+) -> Path:
+    """A tiny random CLIP or SigLIP vision tower saved by transformers into ``path`` with its
+    ``preprocessor_config.json``: a ``CLIPVisionModel`` / ``SiglipVisionModel``, or with
+    ``dual=True`` a ``CLIPModel`` / ``SiglipModel`` (a text tower beside it). ``config``
+    overrides the vision config (3 layers, width 32, 32×32 images, 8×8 patches)."""
+    import torch
+    import transformers
+
+    vision = _vision_config(family, **config)
+    names = {"clip": "CLIP", "siglip": "Siglip"}
+    torch.manual_seed(seed)
+    if dual:
+        text = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=99,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+        cfg = getattr(transformers, f"{names[family]}Config")(
+            vision_config={k: v for k, v in vision.items() if k != "model_type"}, text_config=text
+        )
+        model = getattr(transformers, f"{names[family]}Model")(cfg)
+    else:
+        cfg = getattr(transformers, f"{names[family]}VisionConfig")(
+            **{k: v for k, v in vision.items() if k != "model_type"}
+        )
+        model = getattr(transformers, f"{names[family]}VisionModel")(cfg)
+    randomize_(model, seed)
+    model.save_pretrained(str(path))
+    _save_image_processor(path, family, vision["image_size"])
+    return path
+
+
+def build_llava_dir(
+    path: Path,
+    *,
+    vision: str = "clip",
+    text: str = "llama",
+    seed: int = 0,
+    vision_config: dict[str, Any] | None = None,
+    text_config: dict[str, Any] | None = None,
+    extra_vocab: int = 0,
+    **config: Any,
+) -> Path:
+    """A tiny random ``LlavaForConditionalGeneration`` saved by transformers into ``path``: a
+    ``vision`` (clip or siglip) tower, a ``text`` (llama, mistral or qwen2) language model,
+    a Llama-3-style tokenizer (Qwen2-style for qwen2) with an ``<image>`` token — the image
+    token — and the ``preprocessor_config.json``. ``config`` sets LlavaConfig fields
+    (``vision_feature_layer``, ``vision_feature_select_strategy``…); ``extra_vocab`` pads the
+    text vocabulary past the tokenizer's, as released checkpoints do. Weights: see
+    :func:`randomize_`."""
+    import torch
+    import transformers
+
+    build_hf_dir(path, "qwen2" if text == "qwen2" else "llama3")
+    image_id = add_special_token(path, "<image>")
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    vocab = len(tokenizer.get_vocab()) + extra_vocab
+    vision_cfg = _vision_config(vision, **(vision_config or {}))
+    text_cfg = dict(
+        model_type=text,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        vocab_size=vocab,
+        **(text_config or {}),
+    )
+    if vision == "siglip":
+        config.setdefault("vision_feature_select_strategy", "full")
+    cfg = transformers.LlavaConfig(
+        vision_config=vision_cfg,
+        text_config=text_cfg,
+        image_token_index=image_id,
+        image_seq_length=(vision_cfg["image_size"] // vision_cfg["patch_size"]) ** 2,
+        **config,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(cfg)
+    randomize_(model, seed)
+    model.save_pretrained(str(path))
+    _save_image_processor(path, vision, vision_cfg["image_size"])
     return path

@@ -24,7 +24,9 @@ A saved model is one directory::
     tokenizer.json     (and the tokenizer's other files)
 
 Components are rebuilt with ``registry.create(kind, name, **config)``, so an encoder from a
-third-party plugin round-trips like the built-in ones.
+third-party plugin round-trips like the built-in ones. :meth:`MultimodalGPT.from_pretrained`
+also reads a Hugging Face LLaVA directory (:mod:`mmgpt.interop.llava`): its CLIP or SigLIP
+tower becomes the encoder ``clip``/``siglip``, its projector ``mlp2x_gelu``.
 """
 
 from __future__ import annotations
@@ -638,15 +640,18 @@ class MultimodalGPT(nn.Module):
         map_location: str | torch.device = "cpu",
         adapter: str | Sequence[str] | None = "auto",
     ) -> MultimodalGPT:
-        """Load a directory written by :meth:`save_pretrained`, in eval mode.
+        """Load a directory written by :meth:`save_pretrained`, or a Hugging Face LLaVA
+        directory (``model_type: "llava"``, :mod:`mmgpt.interop.llava`), in eval mode.
 
         ``adapter``: ``"auto"`` loads the adapters saved with the model (the recorded one
         active), ``"all"`` every ``adapters/<name>/``, a name or names those, ``None`` none
-        (the base model); see :mod:`mmgpt.adapters.directory`.
+        (the base model); see :mod:`mmgpt.adapters.directory`. A LLaVA directory has none.
         """
         path = Path(path)
         config = read_model_config(path)
         where = path / CONFIG_NAME
+        if is_llava_config(config):
+            return cls._from_llava(path, map_location)
         if config.get("architecture") != ARCHITECTURE:
             raise ValueError(
                 f"{where}: architecture is {config.get('architecture')!r}, expected "
@@ -658,6 +663,19 @@ class MultimodalGPT(nn.Module):
             # the decoder's shapes against the weights file, before anything is allocated
             shapes = {f"gpt.{k}": v for k, v in GPT.parameter_shapes(gpt_cfg).items()}
             check_weights_file(shapes, path / WEIGHTS_NAME, where)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(
+                f"{where}: malformed multimodal config ({type(exc).__name__}: {exc})"
+            ) from exc
+        model = cls._from_config(config, path, where)
+        return load_model_files(model, path, config, adapter=adapter, map_location=map_location)
+
+    @classmethod
+    def _from_config(cls, config: Mapping[str, Any], path: Path, where: Path) -> MultimodalGPT:
+        """The model ``config`` (a ``config.json``) describes, random weights; its tokenizer
+        read from ``path``."""
+        try:
+            gpt_cfg = GPTConfig.from_dict(config["gpt"])
             tok_cfg = dict(config["tokenizer"])
             tokenizer = registry.create("tokenizer", tok_cfg.pop("name"), path=path, **tok_cfg)
             gpt = GPT(gpt_cfg)
@@ -678,7 +696,7 @@ class MultimodalGPT(nn.Module):
             raise ValueError(
                 f"{where}: malformed multimodal config ({type(exc).__name__}: {exc})"
             ) from exc
-        model = cls(
+        return cls(
             gpt,
             tokenizer,
             built["encoders"],
@@ -687,7 +705,32 @@ class MultimodalGPT(nn.Module):
             output_projector=extras["output_projector"],
             component_names=names,
         )
-        return load_model_files(model, path, config, adapter=adapter, map_location=map_location)
+
+    @classmethod
+    def _from_llava(cls, path: Path, map_location: str | torch.device) -> MultimodalGPT:
+        """A Hugging Face ``LlavaForConditionalGeneration`` directory: its vision tower
+        (``clip``/``siglip``), ``mlp2x_gelu`` projector, language model and tokenizer, whose
+        ``<image>`` token must be the checkpoint's image token."""
+        where = path / CONFIG_NAME
+        llava = read_llava(path)
+        gpt_cfg = GPTConfig.from_dict(llava.config["gpt"])
+        for name, shape in GPT.parameter_shapes(gpt_cfg).items():  # before allocating
+            stored = llava.state.get(f"gpt.{name}")
+            if stored is not None and tuple(stored.shape) != tuple(shape):
+                raise ValueError(
+                    f"{where}: text_config describes a language model whose {name!r} has "
+                    f"shape {tuple(shape)}, but {llava.source} stores {tuple(stored.shape)}"
+                )
+        model = cls._from_config(llava.config, path, where)
+        image_id = getattr(model.tokenizer, "image_token_id", None)
+        if image_id != llava.image_token_id:
+            raise ValueError(
+                f"{path}: the tokenizer's '<image>' token has id {image_id}, but config.json's "
+                f"image_token_index is {llava.image_token_id}; the tokenizer files must be the "
+                "checkpoint's own (with its '<image>' token)"
+            )
+        load_model_state(model, llava.state, llava.source)
+        return model.to(map_location).eval()
 
 
 def _takes_argument(factory: Any, name: str) -> bool:
@@ -696,6 +739,22 @@ def _takes_argument(factory: Any, name: str) -> bool:
         return name in inspect.signature(factory).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _slots(modality: str, encoder: nn.Module, projector: nn.Module) -> int:
+    """Slots per item: the encoder's ``num_tokens``, through the projector's
+    ``output_tokens`` when it has one (a projector that merges tokens)."""
+    num_tokens = int(encoder.num_tokens)
+    output_tokens = getattr(projector, "output_tokens", None)
+    if not callable(output_tokens):
+        return num_tokens
+    slots = output_tokens(num_tokens)
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots <= 0:
+        raise ValueError(
+            f"the {modality!r} projector's output_tokens({num_tokens}) must be a positive "
+            f"integer, got {slots!r}"
+        )
+    return slots
 
 
 def _registered_name(kind: str, module: nn.Module) -> str | None:

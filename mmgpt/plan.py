@@ -40,6 +40,7 @@ Communication is not modelled: FSDP's all-gathers overlap compute on NVLink-clas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,7 @@ from torch import nn
 from mmgpt import registry
 from mmgpt.config import CONFIG_NAME, GPT_PRESETS, GPTConfig, gpt_config, read_model_config
 from mmgpt.distributed import transformer_blocks
+from mmgpt.interop import hf_gpt_config, is_hf_config, is_llava_config
 from mmgpt.model import GPT
 from mmgpt.multimodal import MultimodalGPT
 from mmgpt.pretrained import architecture, resolve_model_dir
@@ -376,11 +378,21 @@ def _meta_model(spec: dict[str, Any]) -> tuple[nn.Module, Any, int]:
     overrides = gpt_overrides(section)
     with torch.device("meta"):
         if section.get("from"):
-            saved = read_model_config(resolve_model_dir(section["from"]))
-            if "gpt" not in saved:
-                raise ValueError(f"{section['from']}: config.json has no 'gpt' section to plan")
-            config = GPTConfig.from_dict({**saved["gpt"], **overrides})
-            where = resolve_model_dir(section["from"]) / CONFIG_NAME
+            source = resolve_model_dir(section["from"])
+            saved, where = read_model_config(source), source / CONFIG_NAME
+            if "gpt" in saved:
+                config = GPTConfig.from_dict(saved["gpt"])
+            elif is_hf_config(saved) and not is_llava_config(saved):
+                config = hf_gpt_config(saved, where)  # a Hugging Face language model
+            else:
+                raise ValueError(
+                    f"{where}: cannot plan from this directory's config; plan the recipe with "
+                    "model.preset and the language model's shape as overrides instead"
+                )
+            # as training does: the model keeps its architecture; block_size is the window
+            window = min(int(overrides.get("block_size", config.block_size)), config.block_size)
+            dropout = overrides.get("dropout", config.dropout)
+            config = dataclasses.replace(config, block_size=window, dropout=dropout)
             if architecture(saved, where) == "multimodal":
                 parts = nn.ModuleDict({"gpt": GPT(config)})
                 for group, kind in (("encoders", "encoder"), ("projectors", "projector")):

@@ -2,9 +2,10 @@
 holds and that saves, loads, merges and converts whole directories.
 
 Kinds it reads (``config.json`` decides): an mmgpt text model (``"architecture": "gpt"``), an
-mmgpt multimodal model (``"multimodal"``), and a Hugging Face directory whose ``model_type`` is
+mmgpt multimodal model (``"multimodal"``), a Hugging Face directory whose ``model_type`` is
 one of :data:`mmgpt.interop.HF_MODEL_TYPES` (gpt2, llama, mistral, qwen2), each with the
-adapters saved beside it. The model classes load
+adapters saved beside it, and a Hugging Face LLaVA directory (``model_type: "llava"``: a
+multimodal model, :mod:`mmgpt.interop.llava`). The model classes load
 their own layout (``GPT.from_pretrained``, ``MultimodalGPT.from_pretrained``); callers that
 do not know which class they face (the CLI, recipes, evaluation, demos) come here.
 
@@ -26,13 +27,16 @@ from mmgpt.adapters.lora import fold_adapters
 from mmgpt.config import CONFIG_NAME, read_model_config
 from mmgpt.files import atomic_directory, save_json
 from mmgpt.interfaces import Tokenizer
-from mmgpt.interop import hf_model_type, is_hf_config, write_hf
+from mmgpt.interop import hf_family, hf_model_type, is_hf_config, write_hf
 from mmgpt.interop.gpt2 import is_hf_gpt2_config, write_hf_gpt2
+from mmgpt.interop.llama import LLAMA_MODEL_TYPES
+from mmgpt.interop.llava import LLAVA_TOKENIZER, is_llava_config, llava_blockers, write_llava
 from mmgpt.model import ARCHITECTURE as GPT_ARCHITECTURE
 from mmgpt.model import GPT
 from mmgpt.multimodal import ARCHITECTURE as MULTIMODAL_ARCHITECTURE
 from mmgpt.multimodal import MultimodalGPT
 from mmgpt.registry import create
+from mmgpt.weights import model_state_dict
 
 __all__ = [
     "ARCHITECTURES",
@@ -92,8 +96,11 @@ def resolve_model_dir(name: str | os.PathLike) -> Path:
 
 def architecture(config: Mapping[str, Any], source: str | os.PathLike = CONFIG_NAME) -> str:
     """The architecture a ``config.json`` describes: ``"gpt"`` (mmgpt text models and Hugging
-    Face directories of a supported ``model_type``) or ``"multimodal"``; anything else is an
-    error naming ``source`` (for a Hugging Face config, its model_type and the supported ones)."""
+    Face directories of a supported ``model_type``) or ``"multimodal"`` (mmgpt's, and Hugging
+    Face LLaVA directories); anything else is an error naming ``source`` (for a Hugging Face
+    config, its model_type and the supported ones)."""
+    if is_llava_config(config):
+        return MULTIMODAL_ARCHITECTURE
     if is_hf_config(config):
         hf_model_type(config, source)
         return GPT_ARCHITECTURE
@@ -135,6 +142,8 @@ def load_tokenizer(model_dir: str | os.PathLike, config: Mapping[str, Any] | Non
     model_dir = Path(model_dir)
     config = read_model_config(model_dir) if config is None else config
     section = config.get("tokenizer")
+    if section is None and is_llava_config(config):
+        section = dict(LLAVA_TOKENIZER)  # its <image> token is the image token; no additions
     if section is None:
         # A Hugging Face directory has no mmgpt section; its tokenizer.json loads as "bpe".
         if not (model_dir / "tokenizer.json").is_file():
@@ -276,15 +285,21 @@ def export_hf(
     family: str | None = None,
     adapter: AdapterChoice = "auto",
 ) -> dict[str, Any]:
-    """Write ``out_dir``: the language model of ``model_dir`` as a Hugging Face directory that
-    transformers' ``AutoModelForCausalLM`` and ``AutoTokenizer`` load (the function behind
-    ``mmgpt export``). Adapters (``adapter``: the saved ones by default) are merged first.
+    """Write ``out_dir``: the model of ``model_dir`` as a Hugging Face directory that
+    transformers loads (the function behind ``mmgpt export``). Adapters (``adapter``: the saved
+    ones by default) are merged first.
 
     Any mmgpt language model exports — trained from scratch or from a Hugging Face start — in
-    the family its features call for (``family`` names one explicitly). Of a multimodal model,
-    the language model and tokenizer are exported; the report lists the components that have
-    no place in a causal language model (they stay in ``model_dir``). Returns the report:
-    ``{"out", "family", "files", "not_exported"}``.
+    the family its features call for (``family`` names one explicitly); transformers'
+    ``AutoModelForCausalLM`` and ``AutoTokenizer`` load it. A multimodal model whose parts are
+    LLaVA's — the image encoder ``clip`` or ``siglip``, the projector ``mlp2x_gelu`` (depth 2)
+    and a Llama-family language model (``family``: llama, mistral or qwen2), as a model read
+    from a LLaVA directory and any model fine-tuned from one — exports as a LLaVA directory
+    that ``LlavaForConditionalGeneration`` and ``AutoProcessor`` load. Of any other multimodal
+    model, the language model and tokenizer are exported; the report lists the components
+    that have no place in a causal language model (they stay in ``model_dir``). Returns the
+    report: ``{"out", "family", "files", "not_exported"}`` (a LLaVA export: family ``llava``,
+    and ``text_family``, its language model's).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.resolve() == model_dir.resolve():
@@ -293,6 +308,10 @@ def export_hf(
     model = load_model(model_dir, adapter=adapter)
     if has_adapters(model):
         fold_adapters(model)  # the active adapter, merged into the weights
+    if isinstance(model, MultimodalGPT) and not llava_blockers(model.config_dict()):
+        text_family = family or hf_family(model.gpt.config)
+        if text_family in LLAMA_MODEL_TYPES:
+            return _export_llava(model, out_dir, text_family)
     if isinstance(model, MultimodalGPT):
         language_model, tokenizer = model.gpt, model.tokenizer
         left = [key for key, _ in model.named_children() if key not in ("gpt",)]
@@ -304,20 +323,51 @@ def export_hf(
     ids = _special_ids(tokenizer)
     with atomic_directory(out_dir) as staging:
         written = save_hf(language_model, staging, family=family, **ids)
-        if tokenizer is not None:
-            tokenizer.save(staging)
-        generation = {k: v for k, v in ids.items() if v is not None}
-        stops = list(getattr(tokenizer, "stop_ids", None) or [])
-        if stops:  # chat models end a turn with their own token(s)
-            generation["eos_token_id"] = stops if len(stops) > 1 else stops[0]
-        save_json({**generation, "_from_model_config": False}, staging / "generation_config.json")
-        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        files = _write_tokenizer_files(staging, tokenizer, ids)
     return {
         "out": str(out_dir),
         "family": written,
         "files": files,
         "not_exported": left,
     }
+
+
+def _export_llava(model: MultimodalGPT, out_dir: Path, text_family: str) -> dict[str, Any]:
+    """Write ``model`` (LLaVA's parts) as a LLaVA directory with its tokenizer."""
+    tokenizer = model.tokenizer
+    ids = _special_ids(tokenizer)
+    with atomic_directory(out_dir) as staging:
+        write_llava(
+            model_state_dict(model),
+            model.config_dict(),
+            staging,
+            family=text_family,
+            image_token_id=int(tokenizer.image_token_id),
+            image_token=getattr(tokenizer, "image_token", "<image>"),
+            **ids,
+        )
+        files = _write_tokenizer_files(staging, tokenizer, ids)
+    return {
+        "out": str(out_dir),
+        "family": "llava",
+        "text_family": text_family,
+        "files": files,
+        "not_exported": [],
+    }
+
+
+def _write_tokenizer_files(
+    staging: Path, tokenizer: Tokenizer | None, ids: dict[str, int | None]
+) -> list[str]:
+    """The tokenizer and ``generation_config.json`` beside exported weights; all the files."""
+    if tokenizer is not None:
+        tokenizer.save(staging)
+    generation = {k: v for k, v in ids.items() if v is not None}
+    stops = list(getattr(tokenizer, "stop_ids", None) or [])
+    if stops:  # chat models end a turn with their own token(s)
+        generation["eos_token_id"] = stops if len(stops) > 1 else stops[0]
+    save_json({**generation, "_from_model_config": False}, staging / "generation_config.json")
+    return sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
 
 
 def _special_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:

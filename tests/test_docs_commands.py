@@ -583,6 +583,14 @@ EXERCISED_BY: tuple[Rule, ...] = (
         ),
     ),
     Rule(
+        "mmgpt train, objective contrastive (clip)",
+        _train("contrastive"),
+        (
+            "tests/objectives/test_contrastive.py::"
+            "test_clip_recipe_trains_the_encoder_and_hands_it_to_caption",
+        ),
+    ),
+    Rule(
         "mmgpt train, objective reward",
         _train("reward"),
         ("tests/rlhf/test_reward.py::test_reward_model_learns_a_preference_and_round_trips",),
@@ -612,6 +620,7 @@ EXERCISED_BY: tuple[Rule, ...] = (
         (
             f"{PRETRAINED}::test_fine_tune_export_and_transformers_continue_the_same",
             f"{PRETRAINED}::test_caption_model_on_a_hugging_face_llama_reads_the_images",
+            "tests/interop/test_llava.py::test_command_line_generate_lora_training_and_export",
         ),
     ),
     Rule(

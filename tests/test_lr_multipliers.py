@@ -118,7 +118,9 @@ def test_bad_parts_and_values_name_the_field(field: str, value, match: str) -> N
 
 
 def test_config_round_trips_and_accepts_recipe_values() -> None:
-    cfg = TrainConfig.from_dict({"lr_multipliers": {"encoder": 0.1, "gpt": 2}, "warmup_steps_by_part": None})
+    cfg = TrainConfig.from_dict(
+        {"lr_multipliers": {"encoder": 0.1, "gpt": 2}, "warmup_steps_by_part": None}
+    )
     assert cfg.lr_multipliers == {"encoder": 0.1, "gpt": 2}
     assert cfg.warmup_steps_by_part == {}
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -219,7 +221,9 @@ def test_text_models_keep_their_groups_and_reject_parts(tmp_path: Path) -> None:
         match=r"TrainConfig\.lr_multipliers: this model \(GPT\) has no encoder \(parameters "
         r"named encoders\.\*\); its parts: none",
     ):
-        Trainer(gpt, Classify(), Points(), config(lr_multipliers={"encoder": 0.1}), out_dir=tmp_path)
+        Trainer(
+            gpt, Classify(), Points(), config(lr_multipliers={"encoder": 0.1}), out_dir=tmp_path
+        )
 
 
 def test_a_frozen_part_may_have_a_multiplier(tmp_path: Path) -> None:

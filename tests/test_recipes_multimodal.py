@@ -242,3 +242,18 @@ def test_data_check_and_eval_through_the_cli(trained, folder, capsys) -> None:
     assert main(["data", "check", str(folder), "--strict", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["problem_counts"] == {"missing_image": 1} and report["num_samples"] == 48
+
+
+def test_changing_a_component_type_replaces_the_component() -> None:
+    """``model.encoder.type=clip`` on a recipe whose file configures a timm ViT: the file's
+    ViT arguments are dropped, the override's arguments (in any order) go to the new type."""
+    recipe = apply_overrides(
+        load_recipe("caption"), ["model.encoder.path=/models/clip", "model.encoder.type=clip"]
+    )
+    validate_recipe(recipe)
+    assert recipe["model"]["encoder"] == {"type": "clip", "path": "/models/clip"}
+    with pytest.raises(ValueError, match=r"model\.encoder\.depth.*clip"):
+        apply_overrides(load_recipe("caption"), ["model.encoder.type=clip", "model.encoder.depth=2"])
+    # the same type again keeps the file's arguments
+    same = apply_overrides(load_recipe("caption"), ["model.encoder.type=vit"])
+    assert same["model"]["encoder"] == {"type": "vit", "name": "vit_tiny_custom"}

@@ -269,8 +269,10 @@ def test_disable_env_turns_discovery_off(plugin_site: str) -> None:
         }))
     """
     out = json.loads(run_python(code, plugin_site, env={DISABLE_ENV: "1"}).stdout)
-    # mmgpt's own plugins still load (the shipped models need them): "vit" is its encoder
-    assert out == {"encoders": ["vit"], "has_preset": True, "errors": 0, "imported": []}
+    # mmgpt's own plugins still load (the shipped models need them): its encoders are "vit",
+    # "clip" and "siglip" (mmgpt_vit)
+    expected = {"encoders": ["clip", "siglip", "vit"], "has_preset": True}
+    assert out == {**expected, "errors": 0, "imported": []}
 
 
 def test_plugins_list_shows_kind_name_and_distribution(plugin_site: str) -> None:

@@ -3,8 +3,10 @@
 from mmgpt.data import (  # noqa: F401
     imagefolder,
     llava,
+    parquet,
     preference,
     shapes,
+    shards,
     text,
 )
 from mmgpt.data.sample import Sample, Turn  # noqa: F401

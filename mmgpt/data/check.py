@@ -6,6 +6,10 @@ line (bad JSON, missing fields, missing/corrupt images, ``"<image>"`` placeholde
 match the images), warnings, and length statistics — tokens with a tokenizer, else
 characters.
 
+Parquet files, ``datasets`` directories and tar shards are checked the same way: problems
+name the file and the row (counted from 1) or, in a shard, the number of the sample's first
+member and its key.
+
 Problems are entries the datasets would skip; any problem fails the check (exit status 1).
 Warnings are suspicious but usable (an image no metadata row mentions, an empty text file, a
 repeated id, an image path that leaves the dataset root, which training refuses unless
@@ -23,16 +27,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmgpt.data.columns import Layout, load_source
 from mmgpt.data.imagefolder import read_imagefolder
-from mmgpt.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, load_image
+from mmgpt.data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    ImageLoadError,
+    load_image,
+    load_image_bytes,
+)
 from mmgpt.data.llava import read_llava
+from mmgpt.data.parquet import (
+    EmbeddedImage,
+    hf_dataset_files,
+    parquet_files,
+    read_table_rows,
+)
 from mmgpt.data.preference import read_preference
 from mmgpt.data.records import DataError, Problem, Record, iter_jsonl
+from mmgpt.data.shards import SHARD_SUFFIXES, ShardDataset, expand_braces
 from mmgpt.data.text import read_utf8, resolve_text_files
 
-__all__ = ["FORMATS", "CheckReport", "LengthStats", "check_dataset", "detect_format"]
+__all__ = [
+    "DOWNLOADED_FORMATS",
+    "FORMATS",
+    "CheckReport",
+    "LengthStats",
+    "check_dataset",
+    "detect_format",
+]
 
-FORMATS = ("imagefolder", "llava", "preference", "text")
+# the formats of datasets as they are downloaded (parquet, save_to_disk, webdataset)
+DOWNLOADED_FORMATS = ("parquet", "hf_dataset", "shards")
+FORMATS = ("imagefolder", "llava", "preference", "text", *DOWNLOADED_FORMATS)
 _MAX_LISTED = 50
 
 
@@ -144,7 +171,10 @@ class CheckReport:
 def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
     """``(format, path to read)`` for a dataset path; ``DataError`` when it cannot tell.
 
-    A directory with ``metadata.jsonl``/``.csv`` is an imagefolder; a ``.json`` file (or a
+    A directory with ``metadata.jsonl``/``.csv`` is an imagefolder; one with ``state.json``
+    or ``dataset_dict.json`` (``save_to_disk``) a ``datasets`` directory (``hf_dataset``); one
+    with ``.tar`` shards (or a shard, or a glob or brace pattern of them) tar ``shards``; a
+    ``.parquet`` file (or a directory or pattern of them) ``parquet``; a ``.json`` file (or a
     directory holding exactly one) is LLaVA; a ``.jsonl`` file is preference data when its
     first record has ``chosen``/``rejected``/``responses`` and LLaVA when it has
     ``conversations``; ``.txt`` files (or a directory of them) are plain text.
@@ -153,6 +183,9 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
     if path.is_dir():
         if any(path.rglob("metadata.jsonl")) or any(path.rglob("metadata.csv")):
             return "imagefolder", path
+        downloaded = _downloaded_directory(path)
+        if downloaded is not None:
+            return downloaded, path
         for suffix in (".json", ".jsonl"):
             found = sorted(p for p in path.iterdir() if p.suffix == suffix and p.is_file())
             if len(found) == 1:
@@ -169,9 +202,21 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
             "or .jsonl file, no .txt files)"
         )
     if not path.exists():
+        pattern = _pattern_format(str(path))
+        if pattern is not None:
+            return pattern, path
         raise DataError(f"{path}: no such file or directory")
     if path.name in ("metadata.jsonl", "metadata.csv"):
         return "imagefolder", path.parent
+    if path.suffix == ".parquet":
+        return "parquet", path
+    if path.name.endswith(SHARD_SUFFIXES):
+        return "shards", path
+    hf_files = path.suffix == ".arrow" or path.name in ("state.json", "dataset_info.json")
+    if hf_files and (path.parent / "state.json").is_file():
+        return "hf_dataset", path.parent
+    if path.name == "dataset_dict.json":
+        return "hf_dataset", path.parent
     if path.suffix == ".json":
         return "llava", path
     if path.suffix == ".txt":
@@ -180,8 +225,35 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
         return _sniff_jsonl(path), path
     raise DataError(
         f"{path}: cannot tell the dataset format from the suffix {path.suffix!r} "
-        "(expected a directory, .json, .jsonl or .txt)"
+        "(expected a directory, .json, .jsonl, .txt, .parquet or .tar)"
     )
+
+
+def _downloaded_directory(path: Path) -> str | None:
+    """``hf_dataset``, ``shards`` or ``parquet`` for a directory holding one, else ``None``."""
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return "hf_dataset"
+    if any(p.name.endswith(SHARD_SUFFIXES) and p.is_file() for p in path.iterdir()):
+        return "shards"
+    if any(p.is_file() for p in path.rglob("*.parquet")):
+        return "parquet"
+    return None
+
+
+def _pattern_format(spec: str) -> str | None:
+    """``shards`` or ``parquet`` for a glob or brace pattern naming such files."""
+    if not any(c in spec for c in "*?[{"):
+        return None
+    try:
+        patterns = expand_braces(spec)
+    except DataError:
+        return None
+    names = [Path(p).name for p in patterns]
+    if all(name.endswith(SHARD_SUFFIXES) for name in names):
+        return "shards"
+    if all(name.endswith(".parquet") for name in names):
+        return "parquet"
+    return None
 
 
 def _sniff_jsonl(path: Path) -> str:
@@ -243,6 +315,8 @@ def check_dataset(
 
     if format == "text":
         lengths = _check_text(target, report, measure)
+    elif format == "shards":
+        lengths = _check_shards(target, report, measure, max_pixels)
     else:
         lengths = _check_records(target, format, report, measure, image_root, max_pixels)
     report.lengths = LengthStats.of(lengths, unit)
@@ -258,11 +332,19 @@ def _check_records(
     max_pixels: int | None,
 ) -> list[int]:
     records: list[Record] = []
+    rows = None
     try:
         if format == "imagefolder":
             records, problems = read_imagefolder(target)
         elif format == "llava":
             records, problems = read_llava(target, image_root=image_root)
+        elif format == "parquet":
+            rows = read_table_rows(parquet_files(target), Layout(), image_root)
+            records, problems = rows.records, rows.problems
+        elif format == "hf_dataset":
+            root, files = hf_dataset_files(target)
+            rows = read_table_rows(files, Layout(), root if image_root is None else image_root)
+            records, problems = rows.records, rows.problems
         else:
             records, problems = read_preference(target, image_root=image_root)
     except DataError as exc:
@@ -273,15 +355,21 @@ def _check_records(
     report.problems.extend(problems)
 
     # Decode each image once; a record with any bad image is not a usable sample.
-    outcome: dict[Path, ImageLoadError | None] = {}
-    reported: set[tuple[str, int, Path]] = set()
+    def load(source: Any) -> None:
+        if isinstance(source, EmbeddedImage) and rows is not None:
+            load_image_bytes(rows.image_bytes(source), name=str(source), max_pixels=max_pixels)
+        else:
+            load_image(source, max_pixels=max_pixels)
+
+    outcome: dict[Any, ImageLoadError | None] = {}
+    reported: set[tuple[str, int, Any]] = set()
     lengths: list[int] = []
     for record in records:
         good = True
         for image_path in record.image_paths:
             if image_path not in outcome:
                 try:
-                    load_image(image_path, max_pixels=max_pixels)
+                    load(image_path)
                     outcome[image_path] = None
                 except ImageLoadError as exc:
                     outcome[image_path] = exc
@@ -337,6 +425,47 @@ def _check_records(
                         "no usable metadata row names this image",
                     )
                 )
+    return lengths
+
+
+def _check_shards(
+    target: Path, report: CheckReport, measure: Callable[[str], int], max_pixels: int | None
+) -> list[int]:
+    """Every sample of every shard, in order: problems name the shard, the number of the
+    sample's first member and its key; a key seen before (in any shard) is a warning."""
+    try:
+        dataset = ShardDataset(target, shuffle_buffer=1, max_pixels=max_pixels)
+    except DataError as exc:
+        report.problems.append(
+            Problem(exc.file or str(target), exc.line, exc.reason or "no_files", str(exc))
+        )
+        return []
+    lengths: list[int] = []
+    first_seen: dict[str, str] = {}
+    entries: set[tuple[str, int | None]] = set()
+    for shard in range(len(dataset.shards)):
+        for item in dataset.read_shard(shard):
+            if item.problem is not None:
+                report.problems.append(item.problem)
+                continue
+            if (item.file, item.line) not in entries:
+                entries.add((item.file, item.line))
+                if item.id in first_seen:
+                    report.warnings.append(
+                        item.fail("duplicate_key", f"key first used at {first_seen[item.id]}")
+                    )
+                else:
+                    first_seen[str(item.id)] = f"{Path(item.file).name}:{item.line}"
+            try:
+                for source in item.sample.images:
+                    load_source(source, max_pixels)
+                    report.num_images += 1
+            except ImageLoadError as exc:
+                report.problems.append(item.fail(exc.reason or "corrupt_image", str(exc)))
+                continue
+            report.num_samples += 1
+            lengths.append(measure("\n".join(turn.text for turn in item.sample.turns)))
+    report.num_records = len(entries)
     return lengths
 
 

@@ -10,13 +10,19 @@ from the header: a 10 KB PNG can declare 80 megapixels (a decompression bomb).
 here, not in the middle of a forward pass) and converts every mode to RGB: grayscale, palette,
 CMYK, 16-bit and float images, and transparent images composited onto white.
 
+``open_image_bytes`` and ``load_image_bytes`` do the same for an image held in memory (a
+parquet cell, a tar member), with the same allowlist and budgets; ``name`` says where the bytes
+came from in errors.
+
 PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never changed: a truncated file must be an
 error, not an image padded with grey.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -38,8 +44,11 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageLoadError",
     "decoded_bytes",
+    "image_extension",
     "load_image",
+    "load_image_bytes",
     "open_image",
+    "open_image_bytes",
     "sniff_format",
     "to_rgb",
 ]
@@ -164,11 +173,31 @@ def open_image(
     # PIL gets the open file, not the path: it then never memory-maps the pixels, so an
     # image returned by load_image does not change (or crash) when the file is rewritten.
     with handle:
-        image = _open_allowed(path, handle)
-        if size is not None and image.format in _JPEG_FORMATS:
-            image.draft("RGB", size)
-        _check_budget(path, image, max_pixels, max_decoded_bytes)
-        yield image
+        yield _open_checked(path, handle, max_pixels, max_decoded_bytes, size)
+
+
+@contextmanager
+def open_image_bytes(
+    data: bytes,
+    *,
+    name: str = "<image bytes>",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES,
+    target_size: int | tuple[int, int] | None = None,
+) -> Iterator[Image.Image]:
+    """:func:`open_image` for an image held in memory: the same allowlist and budgets.
+
+    ``name`` says where the bytes came from (``"shard-000000.tar: 0007.jpg"``) in errors.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageLoadError(
+            name, "not_an_image", f"expected image bytes, got {type(data).__name__}"
+        )
+    if not len(data):
+        raise ImageLoadError(name, "not_an_image", "empty: no image bytes")
+    size = None if target_size is None else _size_pair(target_size)
+    with io.BytesIO(data) as handle:
+        yield _open_checked(name, handle, max_pixels, max_decoded_bytes, size)
 
 
 def load_image(
@@ -194,13 +223,64 @@ def load_image(
         ImageLoadError: with ``reason`` naming what is wrong with the file.
     """
     path = Path(path)
+    opened = open_image(
+        path, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes, target_size=target_size
+    )
+    return _decode(path, opened)
+
+
+def load_image_bytes(
+    data: bytes,
+    *,
+    name: str = "<image bytes>",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES,
+    target_size: int | tuple[int, int] | None = None,
+) -> Image.Image:
+    """:func:`load_image` for an image held in memory (a parquet cell, a tar member): the
+    same allowlist, budgets, full decode and conversion to RGB.
+
+    Args:
+        data: the bytes of an image file.
+        name: where the bytes came from, for errors (``"data.parquet:12 column 'image'"``).
+        max_pixels, max_decoded_bytes, target_size: as for :func:`load_image`.
+
+    Raises:
+        ImageLoadError: with ``reason`` naming what is wrong with the bytes.
+    """
+    opened = open_image_bytes(
+        data,
+        name=name,
+        max_pixels=max_pixels,
+        max_decoded_bytes=max_decoded_bytes,
+        target_size=target_size,
+    )
+    return _decode(name, opened)
+
+
+# File name extensions of the allowed formats, for writing an image's bytes to a file.
+_EXTENSIONS = {
+    "PNG": ".png",
+    "JPEG": ".jpg",
+    "MPO": ".jpg",
+    "BMP": ".bmp",
+    "GIF": ".gif",
+    "WEBP": ".webp",
+    "TIFF": ".tif",
+    "PPM": ".ppm",
+}
+
+
+def image_extension(image: Image.Image) -> str:
+    """The file name extension (``".png"``) of an image opened by :func:`open_image` or
+    :func:`open_image_bytes`, from its detected format."""
+    return _EXTENSIONS[image.format or ""]
+
+
+def _decode(name: str | os.PathLike, opened: contextlib.AbstractContextManager) -> Image.Image:
+    """Decode what ``opened`` (an ``open_image*`` context) opens, converted to RGB."""
     try:
-        with open_image(
-            path,
-            max_pixels=max_pixels,
-            max_decoded_bytes=max_decoded_bytes,
-            target_size=target_size,
-        ) as image:
+        with opened as image:
             image.load()
         ImageOps.exif_transpose(image, in_place=True)
         # An RGB image is returned as decoded: a copy would double the peak memory.
@@ -209,12 +289,12 @@ def load_image(
         raise
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(
-            path, "too_large", f"decompression bomb refused by PIL: {exc}"
+            name, "too_large", f"decompression bomb refused by PIL: {exc}"
         ) from None
     except MemoryError:
         raise
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, EOFError, zlib.error…
-        raise _decode_error(path, exc) from None
+        raise _decode_error(name, exc) from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -245,7 +325,22 @@ def _size_pair(target_size: int | tuple[int, int]) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-def _open_allowed(path: Path, handle: IO[bytes]) -> Image.Image:
+def _open_checked(
+    path: str | os.PathLike,
+    handle: IO[bytes],
+    max_pixels: int | None,
+    max_decoded_bytes: int | None,
+    size: tuple[int, int] | None,
+) -> Image.Image:
+    """The image's header from ``handle``: allowlisted format, draft scale, budgets."""
+    image = _open_allowed(path, handle)
+    if size is not None and image.format in _JPEG_FORMATS:
+        image.draft("RGB", size)
+    _check_budget(path, image, max_pixels, max_decoded_bytes)
+    return image
+
+
+def _open_allowed(path: str | os.PathLike, handle: IO[bytes]) -> Image.Image:
     """``Image.open`` restricted to ``ALLOWED_FORMATS``; any failure is an ``ImageLoadError``."""
     try:
         with warnings.catch_warnings():
@@ -285,7 +380,10 @@ def _open_allowed(path: Path, handle: IO[bytes]) -> Image.Image:
 
 
 def _check_budget(
-    path: Path, image: Image.Image, max_pixels: int | None, max_decoded_bytes: int | None
+    path: str | os.PathLike,
+    image: Image.Image,
+    max_pixels: int | None,
+    max_decoded_bytes: int | None,
 ) -> None:
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
@@ -307,7 +405,7 @@ def _check_budget(
         )
 
 
-def _decode_error(path: Path, exc: Exception) -> ImageLoadError:
+def _decode_error(path: str | os.PathLike, exc: Exception) -> ImageLoadError:
     message = str(exc) or type(exc).__name__
     reason = "truncated_image" if "truncated" in message.lower() else "corrupt_image"
     return ImageLoadError(path, reason, f"cannot decode image ({type(exc).__name__}: {message})")

@@ -307,6 +307,11 @@ class RecordDataset(Dataset):
         """The item for a record whose images loaded (implemented by each format)."""
         raise NotImplementedError
 
+    def load_record_image(self, source: Any) -> Any:
+        """One of a record's ``image_paths`` as an RGB image; formats that hold images in
+        memory (parquet cells) override it. Raises ``ImageLoadError``."""
+        return load_image(source, max_pixels=self.max_pixels)
+
     def _load_images(self, index: int, *, warn: bool) -> list[Any] | None:
         if index in self._bad_indices:
             return None
@@ -317,7 +322,7 @@ class RecordDataset(Dataset):
                 self._bad_indices.add(index)
                 return None
             try:
-                images.append(load_image(path, max_pixels=self.max_pixels))
+                images.append(self.load_record_image(path))
             except ImageLoadError as exc:
                 problem = record.problem(exc.reason, str(exc))
                 if self.strict:

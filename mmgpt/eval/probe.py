@@ -42,14 +42,18 @@ class ProbeResult:
 
 def _check_split(features: Tensor, labels: Tensor, name: str) -> None:
     if features.dim() != 2:
-        raise ValueError(f"linear_probe: {name}_features must be (N, D), got {tuple(features.shape)}")
+        raise ValueError(
+            f"linear_probe: {name}_features must be (N, D), got {tuple(features.shape)}"
+        )
     if labels.dim() != 1 or labels.size(0) != features.size(0):
         raise ValueError(
             f"linear_probe: {name}_labels must be (N,) with N = {features.size(0)} (one label per "
             f"row of {name}_features), got {tuple(labels.shape)}"
         )
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"linear_probe: {name}_labels must be integer class ids, got {labels.dtype}")
+        raise ValueError(
+            f"linear_probe: {name}_labels must be integer class ids, got {labels.dtype}"
+        )
     if features.size(0) == 0:
         raise ValueError(f"linear_probe: the {name} split is empty")
 
@@ -121,7 +125,8 @@ def encoder_features(encoder: Any, items: Sequence[Any], *, batch_size: int = 25
     was_training = getattr(encoder, "training", False)
     encoder.eval()
     try:
-        device = next(encoder.parameters()).device
+        first = next(iter(encoder.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
         chunks = []
         for start in range(0, len(items), batch_size):
             inputs = encoder.preprocess(list(items[start : start + batch_size])).to(device)

@@ -8,7 +8,9 @@ One entry per direction, dispatching on the family:
   :func:`hf_family` unless named.
 
 The families live in :mod:`mmgpt.interop.gpt2` and :mod:`mmgpt.interop.llama` (Llama, Mistral,
-Qwen2); :mod:`mmgpt.interop.hf_files` reads and writes their files.
+Qwen2); :mod:`mmgpt.interop.hf_files` reads and writes their files. LLaVA directories
+(``model_type: "llava"``, a vision-language model) are :mod:`mmgpt.interop.llava`'s: they load
+as multimodal models, not as a GPT.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmgpt.config import CONFIG_NAME, GPTConfig
+from mmgpt.interop.gpt2 import gpt_config_from_hf as gpt2_config_from_hf
 from mmgpt.interop.gpt2 import read_hf_gpt2, write_hf_gpt2
 from mmgpt.interop.hf_files import read_hf_config
 from mmgpt.interop.llama import LLAMA_MODEL_TYPES, read_hf_llama, write_hf_llama
+from mmgpt.interop.llama import gpt_config_from_hf as llama_config_from_hf
+from mmgpt.interop.llava import LLAVA_MODEL_TYPE, is_llava_config
 
 if TYPE_CHECKING:
     import torch
@@ -37,12 +42,25 @@ def hf_model_type(config: dict[str, Any], source: str | Path = CONFIG_NAME) -> s
     """The ``model_type`` of a Hugging Face ``config.json``; an unsupported one is an error
     naming it, ``source`` and the supported ones."""
     model_type = config.get("model_type")
+    if model_type == LLAVA_MODEL_TYPE:
+        raise ValueError(
+            f"{source}: a LLaVA vision-language model, not a language model; load it with "
+            "mmgpt.pretrained.load_model (or MultimodalGPT.from_pretrained)"
+        )
     if model_type not in HF_MODEL_TYPES:
         raise ValueError(
             f"{source}: Hugging Face model_type {model_type!r} is not supported; mmgpt reads "
             f"{', '.join(HF_MODEL_TYPES)}"
         )
     return model_type
+
+
+def hf_gpt_config(config: dict[str, Any], source: str | Path = CONFIG_NAME) -> GPTConfig:
+    """The :class:`GPTConfig` a Hugging Face ``config.json`` describes, without its weights
+    (e.g. to plan memory before loading anything)."""
+    if hf_model_type(config, source) == "gpt2":
+        return gpt2_config_from_hf(config, source)
+    return llama_config_from_hf(config, source)
 
 
 def read_hf(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Path]:
@@ -96,9 +114,11 @@ def write_hf(
 
 __all__ = [
     "HF_MODEL_TYPES",
+    "LLAVA_MODEL_TYPE",
     "hf_family",
     "hf_model_type",
     "is_hf_config",
+    "is_llava_config",
     "read_hf",
     "write_hf",
 ]

@@ -229,9 +229,9 @@ def vision_config_from_hf(
             f"{source}: hidden_size={config['hidden_size']} is not divisible by "
             f"num_attention_heads={config['num_attention_heads']}"
         )
-    if config["image_size"] % config["patch_size"]:
+    if config["image_size"] < config["patch_size"]:
         raise ValueError(
-            f"{source}: image_size={config['image_size']} is not a multiple of "
+            f"{source}: image_size={config['image_size']} is smaller than "
             f"patch_size={config['patch_size']}"
         )
     if config["hidden_act"] not in ACTIVATIONS:

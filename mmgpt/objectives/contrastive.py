@@ -6,12 +6,16 @@ Two towers embed the two sides of each image-text pair of a batch into one space
   → mean over its tokens → ``image_head`` (a linear map to ``embed_dim``);
 - **text**: the model's GPT over the caption's tokens and ``<eos>`` → the mean of its final
   hidden states (after ``ln_f``) over those tokens → ``text_head`` (linear, ``n_embd`` →
-  ``embed_dim``). Not the state at ``<eos>`` alone, as CLIP reads its text transformer: in a
-  GPT trained from scratch that state is dominated by the ``<eos>`` embedding every caption
-  shares, the captions' embeddings start nearly equal, and in our runs training collapsed
-  them to one point within a few steps; the mean differs by content from the first step.
+  ``embed_dim``). CLIP reads the ``<eos>`` state alone; both train here, and the mean needs
+  no token to have learned to summarize the caption first.
 
-Both are L2-normalized; the logits of the ``B × B`` pairs are ``scale · img @ txtᵀ`` (+ ``bias``
+Before each head the pooled features are standardized across the batch (batch
+normalization without affine parameters; running statistics at inference). What all items
+share — an image's background, the tokens every caption has — dominates features that are
+not yet trained, so the embeddings of a batch start nearly equal; without the
+standardization our runs collapsed them to one point within a few steps (loss ``log B``).
+
+The two embeddings are L2-normalized; the logits of the ``B × B`` pairs are ``scale · img @ txtᵀ`` (+ ``bias``
 for SigLIP) with a learnable ``scale = exp(logit_scale)``:
 
 - ``clip`` (Radford et al. 2021): the symmetric cross-entropy of each image against the
@@ -240,17 +244,16 @@ class ContrastiveModel(nn.Module):
                 f"(it has: {', '.join(backbone.encoders) or 'none'})"
             )
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
-            raise ValueError(f"contrastive objective: embed_dim must be an int >= 1, got {embed_dim!r}")
+            raise ValueError(
+                f"contrastive objective: embed_dim must be an int >= 1, got {embed_dim!r}"
+            )
         self.backbone = backbone
         self.modality = modality
         self.embed_dim = embed_dim
         self.loss = loss
         encoder = backbone.encoders[modality]
         d_enc, n_embd = int(encoder.output_dim), backbone.config.n_embd
-        # Pooled features are standardized across the batch (running statistics at inference)
-        # before each head: what every item shares (the background of an image, the tokens
-        # every caption has) dominates them, and without this the embeddings of a batch start
-        # nearly equal and collapsed to one point within a few steps in our runs.
+        # pooled features standardized across the batch before each head (module docstring)
         self.image_norm = nn.BatchNorm1d(d_enc, affine=False)
         self.text_norm = nn.BatchNorm1d(n_embd, affine=False)
         # no biases: the embeddings are normalized, a shift would only move them off-centre
@@ -355,9 +358,7 @@ class ContrastiveModel(nn.Module):
             raise ValueError(f"{config_path}: invalid JSON ({exc})") from None
         if not isinstance(config, dict) or config.get("architecture") != ARCHITECTURE:
             found = config.get("architecture") if isinstance(config, dict) else config
-            raise ValueError(
-                f"{config_path}: architecture is {found!r}, expected {ARCHITECTURE!r}"
-            )
+            raise ValueError(f"{config_path}: architecture is {found!r}, expected {ARCHITECTURE!r}")
         backbone = MultimodalGPT.from_pretrained(path, map_location=map_location)
         try:
             model = cls(
@@ -409,6 +410,11 @@ class ContrastiveObjective:
             raise TypeError(
                 f"contrastive objective: expected a ContrastiveBatch (collate with "
                 f"ContrastiveModel.collator()), got {type(batch).__name__}"
+            )
+        if len(batch) < 2:
+            raise ValueError(
+                "contrastive objective: a batch needs at least 2 pairs (the other pairs are each "
+                f"pair's negatives), got {len(batch)}; raise train.batch_size"
             )
         out = model(batch)
         img, txt = out.image_embeds.float(), out.text_embeds.float()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch.utils.data import Subset
 from mmgpt.adapters.training import fold_loaded_adapters
 from mmgpt.config import GPTConfig, gpt_config, read_model_config
 from mmgpt.data.check import detect_format
+from mmgpt.data.loader import StreamDataset
 from mmgpt.data.sample import IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER
 from mmgpt.data.text import is_heldout, resolve_text_files
 from mmgpt.files import atomic_write_bytes
@@ -315,6 +317,8 @@ def conversation_text(dataset: Any, limit: int = 5000) -> str:
     records = getattr(dataset, "records", None)
     if records is not None:
         conversations = [record.data for record in records]
+    elif is_stream(dataset):
+        conversations = stream_conversations(dataset, limit)
     else:
         conversations = [dataset[i].conversation for i in range(min(len(dataset), limit))]
     lines = []
@@ -347,7 +351,8 @@ def multimodal_data_source(
     if fmt not in MULTIMODAL_FORMATS:
         raise ValueError(
             f"{data}: detected a {fmt} dataset, but multimodal recipes train on image-text data: "
-            "an imagefolder directory (metadata.jsonl) or a LLaVA conversation JSON"
+            "an imagefolder directory (metadata.jsonl), a LLaVA conversation JSON, parquet "
+            "files, a datasets directory (save_to_disk) or tar shards"
         )
     params = factory_parameters(get("dataset", fmt))
     kept = {k: v for k, v in args.items() if params is None or k in params}
@@ -367,7 +372,8 @@ def make_dataset(name: str, args: Mapping[str, Any], image_size: int | None) -> 
         dataset = get("dataset", name)(**args)
     except TypeError as exc:  # an argument the dataset does not take
         raise ValueError(f"recipe section 'data' (dataset {name!r}): {exc}") from exc
-    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+    map_style = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+    if not (map_style or is_stream(dataset)):
         raise ValueError(
             f"dataset {name!r} with {args} is not map-style (endless?); give it a size "
             "(e.g. data.size=20000)"
@@ -383,6 +389,8 @@ def split_dataset(dataset: Any, fraction: Any) -> tuple[Any, Any]:
         or not 0 <= fraction < 1
     ):
         raise ValueError(f"recipe key 'data.eval_fraction' must be in [0, 1), got {fraction!r}")
+    if is_stream(dataset):
+        return stream_split(dataset, fraction)
     held = [i for i in range(len(dataset)) if is_heldout(i, fraction)]
     if not held:
         return dataset, None
@@ -414,3 +422,26 @@ def multimodal_tokenizer(
     tokenizer = create("tokenizer", name, files=[str(corpus)], **args)
     tokenizer.save(saved)
     return tokenizer
+
+
+# -- streamed datasets (tar shards, parquet read row group by row group) -----------------------
+def is_stream(dataset: Any) -> bool:
+    """A dataset read as a stream (:class:`~mmgpt.data.loader.StreamDataset`): no random
+    access; the trainer's loader batches it from a resumable stream position."""
+    return isinstance(dataset, StreamDataset)
+
+
+def stream_conversations(dataset: StreamDataset, limit: int) -> list[Any]:
+    """The conversations of a stream's first ``limit`` samples, images not loaded."""
+    return list(itertools.islice(dataset.iter_conversations(), limit))
+
+
+def stream_split(dataset: StreamDataset, fraction: float) -> tuple[Any, None]:
+    """A stream trains whole: it has no held-out split (its size is not known up front)."""
+    if fraction:
+        print(
+            f"{dataset.source}: a streamed dataset has no held-out split; "
+            f"data.eval_fraction={fraction} is not used (evaluate on held-out data with mmgpt eval)",
+            flush=True,
+        )
+    return dataset, None

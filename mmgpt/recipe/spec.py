@@ -60,7 +60,7 @@ STAGES = ("full", "align", "finetune")
 STAGE_KEYS = ("stage", "train_encoder")
 MULTIMODAL_DATA_KEYS = ("eval_fraction", "truncation")
 # the file formats `--data` selects for a multimodal recipe (detected from the path)
-MULTIMODAL_FORMATS = ("imagefolder", "llava")
+MULTIMODAL_FORMATS = ("imagefolder", "llava", "parquet", "hf_dataset", "shards")
 
 
 def recipe_names() -> list[str]:
@@ -134,9 +134,22 @@ def override_keys(overrides: Sequence[str] | Mapping[str, Any]) -> frozenset[str
 def apply_overrides(
     recipe: dict[str, Any], overrides: Sequence[str] | Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Set dotted keys (``["train.lr=1e-3"]`` or ``{"train.lr": "1e-3"}``); validates them."""
+    """Set dotted keys (``["train.lr=1e-3"]`` or ``{"train.lr": "1e-3"}``); validates them.
+
+    An override that changes a model component's ``type`` (``model.encoder.type=clip``)
+    replaces that component: the recipe file's arguments belong to the old type and are
+    dropped, and the component's other overrides apply to the new one, whatever their order.
+    """
     recipe = copy.deepcopy(recipe)
-    for key, value in _as_pairs(overrides):
+    pairs = _as_pairs(overrides)
+    # component types first, so that their arguments land on the new component
+    pairs.sort(key=lambda kv: not _is_component_type(kv[0]))
+    for key, value in pairs:
+        if _is_component_type(key):
+            component = key.split(".")[1]
+            body = recipe.get("model", {}).get(component)
+            if isinstance(body, dict) and body.get("type") != value:
+                recipe["model"][component] = {}
         parts = ["adapter", "method"] if key == "adapter" else key.split(".")
         if any(not p for p in parts):
             raise ValueError(f"override key {key!r} is malformed")
@@ -156,6 +169,11 @@ def apply_overrides(
             node = child
         node[parts[-1]] = value
     return recipe
+
+
+def _is_component_type(key: str) -> bool:
+    parts = key.split(".")
+    return len(parts) == 3 and parts[0] == "model" and parts[1] in COMPONENTS and parts[2] == "type"
 
 
 def section_keys(recipe: dict[str, Any], section: str) -> set[str] | None:

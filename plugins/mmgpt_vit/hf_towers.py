@@ -266,11 +266,12 @@ class HFVisionTower(nn.Module):
                     f"{what}: path= brings the directory's preprocessor_config.json; "
                     "image_processor= applies to name= and vision_config="
                 )
+            path = os.path.expanduser(path)  # recipe files write ~/models/...
             tower = read_vision_tower(path, family, weights=not _on_meta_device())
             vision_config, image_processor = tower.vision_config, tower.image_processor
             state, weights_file = tower.state, tower.source
             source = str(path)
-            where = str(tower.source)
+            where = os.path.join(path, "preprocessor_config.json")
         elif name is not None:
             if name not in KNOWN_TOWERS or KNOWN_TOWERS[name][0] != family:
                 known = ", ".join(n for n, (f, _) in KNOWN_TOWERS.items() if f == family)
@@ -441,7 +442,9 @@ class HFVisionTower(nn.Module):
                 f"(N, {', '.join(map(str, self.input_size))}), got {tuple(images.shape)}"
             )
         dtype = self.embeddings.patch_embedding.weight.dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self._trainable):
+        # a frozen tower runs without autograd, unless something in it trains (an adapter)
+        grad = self._trainable or any(p.requires_grad for p in self.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and grad):
             x = self.embeddings(images.to(dtype))  # (N, L, D): hidden state 0 …
             if hasattr(self, "pre_layrnorm"):
                 x = self.pre_layrnorm(x)

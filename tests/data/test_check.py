@@ -195,9 +195,9 @@ def test_detect_format(tmp_path, imagefolder):
     assert detect_format(tmp_path / "pref.jsonl")[0] == "preference"
     with pytest.raises(DataError, match="no such file"):
         detect_format(tmp_path / "absent")
-    with pytest.raises(DataError, match="suffix '.parquet'"):
-        (tmp_path / "x.parquet").write_text("")
-        detect_format(tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="suffix '.xyz'"):
+        (tmp_path / "x.xyz").write_text("")
+        detect_format(tmp_path / "x.xyz")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="cannot tell"):

@@ -201,3 +201,158 @@ def test_apply_overrides_returns_or_raises_value_error(key: str, value: str) -> 
 def test_override_value_errors_name_the_key(value: str) -> None:
     with pytest.raises(ValueError, match=r"train\.lr"):
         apply_overrides(load_recipe("lm"), [f"train.lr={value}"])
+
+
+# -- downloaded formats: parquet, datasets directories, tar shards ---------------------------
+# The same property: arbitrary bytes, arbitrary rows and arbitrary shard members give samples,
+# or problems naming file and row (member), or a DataError naming the file.
+TABLE_KEYS = ["image", "images", "conversations", "texts", "text", "caption", "id"]
+TABLE_KEYS += ["from", "value", "user", "assistant", "bytes", "path"]
+table_values = st.recursive(
+    leaves | st.binary(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(TABLE_KEYS), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+table_rows = st.lists(
+    st.dictionaries(st.sampled_from(TABLE_KEYS), table_values, max_size=5), max_size=4
+)
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2), (1, 2, 3)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def read_parquet_file(path: Path) -> Any:
+    pytest.importorskip("pyarrow", reason='parquet needs pip install "mmgpt[data]"')
+    from mmgpt.data.columns import Layout
+    from mmgpt.data.parquet import read_table_rows
+
+    found = read_table_rows([path], Layout())
+    for record in found.records:  # every image through the safe loader
+        for source in record.image_paths:
+            with contextlib.suppress(DataError):
+                from mmgpt.data.images import load_image_bytes
+
+                load_image_bytes(found.image_bytes(source), name=str(source))
+    return found.records, found.problems
+
+
+def read_arrow_file(path: Path) -> Any:
+    """An arrow file of a datasets directory (its state.json written beside it)."""
+    pytest.importorskip("pyarrow", reason='datasets directories need pip install "mmgpt[data]"')
+    from mmgpt.data.columns import Layout
+    from mmgpt.data.parquet import hf_dataset_files, read_table_rows
+
+    (path.parent / "state.json").write_text(json.dumps({"_data_files": [{"filename": path.name}]}))
+    found = read_table_rows(hf_dataset_files(path.parent)[1], Layout())
+    return found.records, found.problems
+
+
+def read_shard_file(path: Path) -> Any:
+    from mmgpt.data.images import ImageLoadError
+    from mmgpt.data.shards import ShardDataset
+
+    dataset = ShardDataset(path, task="mixed")
+    samples, problems = [], []
+    for item in dataset.read_shard(0):
+        if item.problem is not None:
+            problems.append(item.problem)
+            continue
+        try:
+            dataset.decode(item)
+            samples.append(item)
+        except ImageLoadError as exc:
+            problems.append(item.fail(exc.reason or "corrupt_image", str(exc)))
+    return samples, problems
+
+
+DOWNLOADED_READERS = {
+    "parquet": ("data.parquet", read_parquet_file),
+    "arrow": ("data-00000-of-00001.arrow", read_arrow_file),
+    "shards": ("shard-000000.tar", read_shard_file),
+}
+
+
+@pytest.mark.parametrize("reader", DOWNLOADED_READERS)
+@FUZZ
+@given(content=st.binary(max_size=600))
+@example(content=b"PAR1" + b"\x00" * 40 + b"PAR1")
+@example(content=b"\xff\xff\xff\xff" + b"\x00" * 60)  # an arrow stream's continuation marker
+@example(content=b"0001.png" + b"\x00" * 92 + b"0000644\x00" + b"\x00" * 400)
+def test_downloaded_readers_survive_arbitrary_bytes(reader: str, content: bytes) -> None:
+    name, read = DOWNLOADED_READERS[reader]
+    fuzz_file(name, content, read)
+
+
+def _arrow_table(values: list[dict[str, Any]]) -> Any:
+    """The rows as a table; values pyarrow cannot type consistently become JSON text."""
+    import pyarrow as pa
+
+    try:
+        return pa.Table.from_pylist(values)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        text = [{k: json.dumps(v, default=repr) for k, v in row.items()} for row in values]
+        return pa.Table.from_pylist(text)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+@FUZZ
+@given(values=table_rows, good_image=st.booleans())
+def test_table_readers_survive_arbitrary_rows(
+    kind: str, values: list[dict[str, Any]], good_image: bool
+) -> None:
+    pa = pytest.importorskip("pyarrow", reason='parquet needs pip install "mmgpt[data]"')
+    import pyarrow.parquet as pq
+
+    if good_image and values:
+        values[0]["image"] = {"bytes": _png(), "path": None}
+    table = _arrow_table(values) if values else pa.table({"text": pa.array([], pa.string())})
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "parquet":
+            path = Path(tmp) / "rows.parquet"
+            pq.write_table(table, path)
+            check_outcome(read_parquet_file, path)
+        else:
+            path = Path(tmp) / "data-00000-of-00001.arrow"
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+                w.write_table(table)
+            check_outcome(read_arrow_file, path)
+        check_report(path)
+
+
+shard_names = st.tuples(
+    st.sampled_from(["0001", "0002", "a/0001", "._0001", "x.y", ""]),
+    st.sampled_from(["png", "jpg", "txt", "json", "0.png", "cls", ""]),
+).map(lambda parts: ".".join(p for p in parts if p))
+shard_contents = (
+    st.binary(max_size=40)
+    | json_values.map(lambda v: json.dumps(v).encode("utf-8", "surrogatepass"))
+    | st.just(b"")
+    | st.builds(_png)
+)
+
+
+@FUZZ
+@given(members=st.lists(st.tuples(shard_names, shard_contents), max_size=8))
+def test_shard_reader_survives_arbitrary_members(members: list[tuple[str, bytes]]) -> None:
+    import io
+    import tarfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "shard-000000.tar"
+        with tarfile.open(path, "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name or "noname")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        check_outcome(read_shard_file, path)
+        check_report(path)

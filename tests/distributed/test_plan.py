@@ -216,3 +216,15 @@ def test_estimate_rejects_bad_arguments() -> None:
         estimate(model, model.config, gpus=0, batch_size=1)
     with pytest.raises(ValueError, match="mfu"):
         estimate(model, model.config, gpus=1, batch_size=1, mfu=1.5)
+
+
+def test_plan_of_a_run_from_a_hugging_face_model(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from mmgpt.hf_fixtures import build_hf_model_dir
+
+    source = build_hf_model_dir(tmp_path / "llama", "llama")  # 2 layers, 64 wide, 256 positions
+    p = plan("lm", gpus=1, overrides=[f"model.from={source}"])
+    # as training does: the model keeps its architecture; the recipe's block_size (128) is
+    # the training window
+    assert (p.config.n_layer, p.config.n_embd, p.config.n_kv_head) == (2, 64, 2)
+    assert p.config.gated_mlp and p.config.block_size == 128

@@ -47,7 +47,7 @@ def test_clip_loss_is_the_symmetric_cross_entropy() -> None:
     # the scale is a tensor in training (exp of the learned parameter): gradients reach it
     log_scale = torch.tensor(math.log(scale), dtype=torch.float64, requires_grad=True)
     loss = clip_loss(image, text, log_scale.exp())
-    assert float(loss) == pytest.approx(expected, rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-12)
     loss.backward()
     assert log_scale.grad is not None and log_scale.grad != 0
 
@@ -97,16 +97,21 @@ def towers(tok, loss: str = "clip") -> ContrastiveModel:
 
 
 def test_model_embeds_and_round_trips(tok, tmp_path: Path) -> None:
-    model = towers(tok, "siglip").eval()
+    model = towers(tok, "siglip")
     world = ShapesWorld(task="caption", size=4, max_shapes=1, image_size=32)
     batch = model.collator()([world[i] for i in range(4)])
+    with torch.no_grad():
+        model(batch)  # training mode: the norms' running statistics move
+    model.eval()
+    assert model.image_norm.running_var.ne(1).all()
     assert batch.inputs.shape == (4, 3, 32, 32)
     assert batch.input_ids.shape[0] == 4
     assert all(batch.input_ids[i, n - 1] == tok.eos_id for i, n in enumerate(batch.lengths))
-    out = model(batch)
+    with torch.no_grad():
+        out = model(batch)
     assert out.image_embeds.shape == out.text_embeds.shape == (4, 16)
     torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(4))
-    assert float(out.logit_scale) == pytest.approx(10.0) and float(out.logit_bias) == -10.0
+    assert float(out.logit_scale) == pytest.approx(10.0) and float(out.logit_bias.detach()) == -10.0
     # a caption's embedding does not depend on the padding after it
     alone = model.collator()([world[0]])
     torch.testing.assert_close(model(alone).text_embeds[0], out.text_embeds[0])
@@ -118,10 +123,11 @@ def test_model_embeds_and_round_trips(tok, tmp_path: Path) -> None:
     assert config == {"architecture": "contrastive", "format_version": 1, "modality": "image",
                       "embed_dim": 16, "loss": "siglip"}  # fmt: skip
     loaded = ContrastiveModel.from_pretrained(tmp_path)
-    again = loaded(batch)
+    with torch.no_grad():
+        again = loaded(batch)
     torch.testing.assert_close(again.image_embeds, out.image_embeds)
     torch.testing.assert_close(again.text_embeds, out.text_embeds)
-    assert float(loaded.logit_scale) == 2.5
+    assert float(loaded.logit_scale.detach()) == 2.5
     # the directory is a multimodal model directory: other recipes start from it
     backbone = MultimodalGPT.from_pretrained(tmp_path)
     for key, value in model.backbone.state_dict().items():
@@ -134,7 +140,9 @@ def test_collator_checks_items_and_caption_length(tok) -> None:
     model = towers(tok)
     image = ShapesWorld(task="caption", size=1, image_size=32)[0].images[0]
     collate = model.collator()
-    two = Sample([Turn("user", "<image><image>"), Turn("assistant", "a red circle")], [image, image])
+    two = Sample(
+        [Turn("user", "<image><image>"), Turn("assistant", "a red circle")], [image, image]
+    )
     with pytest.raises(ValueError, match=r"has 2 image item\(s\); each image-text pair needs"):
         collate([two])
     silent = Sample([Turn("user", "<image>"), Turn("assistant", "")], [image])
@@ -145,6 +153,9 @@ def test_collator_checks_items_and_caption_length(tok) -> None:
         collate([long])
     cut = model.collator(truncation=True)([long])
     assert cut.input_ids.shape == (1, 24) and int(cut.input_ids[0, -1]) == tok.eos_id
+    one = collate([ShapesWorld(task="caption", size=1, max_shapes=1, image_size=32)[0]])
+    with pytest.raises(ValueError, match=r"at least 2 pairs .* got 1; raise train.batch_size"):
+        ContrastiveObjective()(model, one)
     with pytest.raises(TypeError, match="expected a ContrastiveBatch"):
         ContrastiveObjective()(model, {"input_ids": torch.zeros(1, 2)})
 
