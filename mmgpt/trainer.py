@@ -2,10 +2,12 @@
 
 Every training flavour of mmgpt (language modelling, multimodal SFT, diffusion, RLHF, LoRA)
 is an *objective* run by this loop. The loop owns what is common: AdamW with decoupled weight
-decay on matrices only, linear warmup + cosine decay, gradient accumulation weighted by the
-objective's ``weight`` (exact token averaging), global-norm clipping, autocast, evaluation,
-JSONL/TensorBoard logging, and checkpoints that resume bit-exactly (weights, optimizer,
-scheduler, RNG states and the data position; no pickle).
+decay on matrices only, linear warmup + cosine decay (scaled, and warmed up on their own,
+for the parts of a multimodal model named in ``lr_multipliers``/``warmup_steps_by_part``),
+gradient accumulation weighted by the objective's ``weight`` (exact token averaging),
+global-norm clipping, autocast, evaluation, JSONL/TensorBoard logging, and checkpoints that
+resume bit-exactly (weights, optimizer, scheduler, RNG states and the data position; no
+pickle).
 
 Scale-out (DDP/FSDP) extends the small hooks: ``_setup_distributed``, ``_wrap_model``,
 ``_make_loader``, ``_accumulation_context``, ``_reduce_sum``, ``_reduce_metrics``,
@@ -990,7 +992,8 @@ class Trainer:
         if len(saved_groups) != len(groups):
             raise ValueError(
                 f"{path}: the optimizer has {len(saved_groups)} parameter groups, "
-                f"this model {len(groups)} (different trainable parameters?)"
+                f"this run {len(groups)} (different trainable parameters, or other "
+                "train.lr_multipliers / train.warmup_steps_by_part parts?)"
             )
         if saved_groups != groups and all(saved_groups):
             raise ValueError(

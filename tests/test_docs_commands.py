@@ -313,7 +313,7 @@ class Result:
 
 
 REAL = {"plan", "plugins list"}  # cheap: they run for real
-RECORDED = {"demo", "generate", "eval", "data check", "export"}  # need artifacts: parsed only
+RECORDED = {"demo", "generate", "eval", "data check", "data convert", "export"}  # parsed only
 
 
 def validate_train(recipe: Any, data: Any, out: Any, resume: bool, overrides: list[str]) -> dict:
@@ -360,6 +360,7 @@ def run_cli(argv: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> Result:
         ("generate", "cmd_generate"),
         ("eval", "cmd_eval"),
         ("data check", "cmd_data_check"),
+        ("data convert", "cmd_data_convert"),
         ("plugins list", "cmd_plugins_list"),
         ("plan", "cmd_plan"),
         ("export", "cmd_export"),
@@ -545,6 +546,15 @@ EXERCISED_BY: tuple[Rule, ...] = (
         (
             f"{CLI_TESTS}::test_data_check_reports_and_exits_by_strictness",
             f"{MM_RECIPES}::test_data_check_and_eval_through_the_cli",
+        ),
+    ),
+    Rule(
+        "mmgpt data convert",
+        lambda i: i.command == "data convert",
+        (
+            "tests/data/test_convert.py::test_coco_captions_to_imagefolder_through_the_cli",
+            "tests/data/test_convert.py::test_imagefolder_to_parquet_and_back_round_trips",
+            "tests/data/test_convert.py::test_imagefolder_to_shards_gives_the_same_samples",
         ),
     ),
     Rule(

@@ -213,7 +213,7 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
     if path.name.endswith(SHARD_SUFFIXES):
         return "shards", path
     hf_files = path.suffix == ".arrow" or path.name in ("state.json", "dataset_info.json")
-    if hf_files and (path.parent / "state.json").is_file():
+    if hf_files and _downloaded_directory(path.parent) == "hf_dataset":
         return "hf_dataset", path.parent
     if path.name == "dataset_dict.json":
         return "hf_dataset", path.parent
@@ -231,7 +231,10 @@ def detect_format(path: str | os.PathLike) -> tuple[str, Path]:
 
 def _downloaded_directory(path: Path) -> str | None:
     """``hf_dataset``, ``shards`` or ``parquet`` for a directory holding one, else ``None``."""
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+    saved = (path / "state.json").is_file() and (
+        (path / "dataset_info.json").is_file() or any(path.glob("*.arrow"))
+    )
+    if saved or (path / "dataset_dict.json").is_file():
         return "hf_dataset"
     if any(p.name.endswith(SHARD_SUFFIXES) and p.is_file() for p in path.iterdir()):
         return "shards"

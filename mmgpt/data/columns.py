@@ -33,7 +33,12 @@ from mmgpt.data.imagefolder import (
     row_tasks,
 )
 from mmgpt.data.images import DEFAULT_MAX_PIXELS, load_image, load_image_bytes
-from mmgpt.data.llava import insert_image_placeholders, mark_output_images, parse_conversation
+from mmgpt.data.llava import (
+    check_images_exist,
+    insert_image_placeholders,
+    mark_output_images,
+    parse_conversation,
+)
 from mmgpt.data.records import RecordError
 from mmgpt.data.sample import DEFAULT_CAPTION_PROMPT, Sample, Turn, split_images
 
@@ -44,6 +49,7 @@ __all__ = [
     "Layout",
     "PendingSample",
     "Row",
+    "check_image_files",
     "load_source",
     "parse_images",
     "parse_row",
@@ -75,6 +81,17 @@ def load_source(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Any
     if isinstance(source, Path):
         return load_image(source, max_pixels=max_pixels)
     return load_image_bytes(source.read_bytes(), name=str(source), max_pixels=max_pixels)
+
+
+def check_image_files(paths: Sequence[Path]) -> None:
+    """``RecordError`` unless every path is an existing file (``missing_image``), also for
+    a path the system cannot look up (too long, …)."""
+    try:
+        check_images_exist(paths)
+    except OSError as exc:
+        raise RecordError(
+            "bad_value", f"an image path cannot be looked up ({exc.strerror or exc})"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -355,9 +355,9 @@ class _Images:
     def read(source: Any) -> tuple[bytes, str]:
         """``(bytes, extension)``; ``ImageLoadError`` when the source is no usable image."""
         if isinstance(source, Path):
-            if not source.is_file():
-                raise ImageLoadError(source, "missing_image", "file not found")
             try:
+                if not source.is_file():
+                    raise ImageLoadError(source, "missing_image", "file not found")
                 data = source.read_bytes()
             except OSError as exc:
                 raise ImageLoadError(

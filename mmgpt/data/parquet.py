@@ -45,13 +45,14 @@ from mmgpt.data.columns import (
     Layout,
     PendingSample,
     build_sample,
+    check_image_files,
     image_column,
     parse_row,
 )
 from mmgpt.data.errors import DataError
 from mmgpt.data.imagefolder import DEFAULT_PROMPT_TEMPLATE
 from mmgpt.data.images import DEFAULT_MAX_PIXELS, load_image_bytes
-from mmgpt.data.llava import check_images_exist, resolve_image
+from mmgpt.data.llava import resolve_image
 from mmgpt.data.loader import DEFAULT_SHUFFLE_BUFFER, StreamDataset, StreamItem
 from mmgpt.data.records import (
     Problem,
@@ -196,6 +197,7 @@ def read_table(path: Path) -> Any:
 
             table = pq.read_table(str(path))
         table.validate(full=True)
+        _check_names(table)
     except (pa.ArrowException, OSError, ValueError, TypeError, IndexError) as exc:
         kind = "an arrow" if path.suffix == ".arrow" else "a parquet"
         raise DataError(
@@ -204,6 +206,20 @@ def read_table(path: Path) -> Any:
             reason="bad_table",
         ) from None
     return table
+
+
+def _check_names(table: Any) -> None:
+    """Column and field names must be text: validation does not look at them, and reading a
+    row with a name that is not UTF-8 fails (``UnicodeDecodeError``, a ``ValueError``)."""
+    fields = list(table.schema)
+    while fields:
+        field = fields.pop()
+        field.name  # noqa: B018 (decoding the name is the check)
+        kind = field.type
+        if hasattr(kind, "value_type") and not hasattr(kind, "field"):  # a dictionary
+            kind = kind.value_type
+        if hasattr(kind, "field"):
+            fields += [kind.field(i) for i in range(kind.num_fields)]
 
 
 # -- rows -----------------------------------------------------------------------------------
@@ -284,7 +300,7 @@ def read_table_rows(
                 parsed = parse_row(values, layout)
                 column = image_column(values, layout)
                 sources = _sources(parsed.images, file, row, column, root)
-                check_images_exist([s for s in sources if isinstance(s, Path)])
+                check_image_files([s for s in sources if isinstance(s, Path)])
             except RecordError as exc:
                 problems.append(Problem(file, row + 1, exc.reason, str(exc)))
                 continue
@@ -521,6 +537,7 @@ class ParquetStream(StreamDataset):
             try:
                 table = pq.ParquetFile(str(file)).read_row_group(group)
                 table.validate(full=True)
+                _check_names(table)
             except (pa.ArrowException, OSError, ValueError, TypeError, IndexError) as exc:
                 raise DataError(
                     f"{file}: row group {group} cannot be read ({type(exc).__name__}: {exc})",
@@ -549,7 +566,7 @@ class ParquetStream(StreamDataset):
                 else:
                     sources.append(resolve_image(root, image))
             paths = [s for s in sources if isinstance(s, Path)]
-            check_images_exist(paths)
+            check_image_files(paths)
         except RecordError as exc:
             item.problem = item.fail(exc.reason, str(exc))
             return [item]

@@ -262,6 +262,23 @@ class ContrastiveModel(nn.Module):
         scale, bias = INIT[loss]
         self.logit_scale = nn.Parameter(torch.tensor(scale))
         self.logit_bias = nn.Parameter(torch.tensor(bias))
+        self._freeze_unreached()
+
+    def _freeze_unreached(self) -> None:
+        """Turn gradients off for what the loss never reaches (the projectors, other encoders,
+        the image decoder, an untied LM head; CLIP's unused bias), so that every trainable
+        parameter gets a gradient each step (DDP expects that) and none is decayed for
+        nothing. Parts frozen already stay frozen."""
+        gpt = self.backbone.gpt
+        reached = {id(p) for p in self.encoder.parameters()}
+        reached |= {id(p) for p in gpt.transformer.parameters()}  # lm_head: only if tied to wte
+        reached |= {id(p) for m in (self.image_head, self.text_head) for p in m.parameters()}
+        reached.add(id(self.logit_scale))
+        if self.loss == "siglip":
+            reached.add(id(self.logit_bias))
+        for p in self.parameters():
+            if id(p) not in reached:
+                p.requires_grad_(False)
 
     @property
     def device(self) -> torch.device:

@@ -293,39 +293,47 @@ def test_downloaded_readers_survive_arbitrary_bytes(reader: str, content: bytes)
     fuzz_file(name, content, read)
 
 
-def _arrow_table(values: list[dict[str, Any]]) -> Any:
-    """The rows as a table; values pyarrow cannot type consistently become JSON text."""
+def _as_text(values: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: json.dumps(v, default=repr) for k, v in row.items()} for row in values]
+
+
+def _write_rows(path: Path, values: list[dict[str, Any]]) -> None:
+    """The rows as a parquet or arrow file; values pyarrow cannot type or store consistently
+    become JSON text."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        table = (
+            pa.Table.from_pylist(rows) if rows else pa.table({"text": pa.array([], pa.string())})
+        )
+        if path.suffix == ".parquet":
+            pq.write_table(table, path)
+        else:
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+                w.write_table(table)
 
     try:
-        return pa.Table.from_pylist(values)
+        write(values)
     except (pa.ArrowException, TypeError, ValueError, OverflowError):
-        text = [{k: json.dumps(v, default=repr) for k, v in row.items()} for row in values]
-        return pa.Table.from_pylist(text)
+        write(_as_text(values))
 
 
 @pytest.mark.parametrize("kind", ["parquet", "arrow"])
 @FUZZ
 @given(values=table_rows, good_image=st.booleans())
+@example(values=[{"image": "x" * 5000, "text": "a path too long to look up"}], good_image=False)
 def test_table_readers_survive_arbitrary_rows(
     kind: str, values: list[dict[str, Any]], good_image: bool
 ) -> None:
-    pa = pytest.importorskip("pyarrow", reason='parquet needs pip install "mmgpt[data]"')
-    import pyarrow.parquet as pq
-
+    pytest.importorskip("pyarrow", reason='parquet needs pip install "mmgpt[data]"')
     if good_image and values:
         values[0]["image"] = {"bytes": _png(), "path": None}
-    table = _arrow_table(values) if values else pa.table({"text": pa.array([], pa.string())})
     with tempfile.TemporaryDirectory() as tmp:
-        if kind == "parquet":
-            path = Path(tmp) / "rows.parquet"
-            pq.write_table(table, path)
-            check_outcome(read_parquet_file, path)
-        else:
-            path = Path(tmp) / "data-00000-of-00001.arrow"
-            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
-                w.write_table(table)
-            check_outcome(read_arrow_file, path)
+        name, read = DOWNLOADED_READERS[kind]
+        path = Path(tmp) / name
+        _write_rows(path, values)
+        check_outcome(read, path)
         check_report(path)
 
 
@@ -356,3 +364,18 @@ def test_shard_reader_survives_arbitrary_members(members: list[tuple[str, bytes]
                 tar.addfile(info, io.BytesIO(data))
         check_outcome(read_shard_file, path)
         check_report(path)
+
+
+def test_a_table_whose_field_name_is_not_utf8_is_a_data_error(tmp_path: Path) -> None:
+    """Found by mutating files: validation passes, reading a row fails in pyarrow."""
+    pa = pytest.importorskip("pyarrow", reason='parquet needs pip install "mmgpt[data]"')
+    import pyarrow.parquet as pq
+
+    turns = [{"from": "human", "value": "x"}, {"zzzz": "gpt", "value": "y"}]
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist([{"conversations": turns}]), buffer, store_schema=False)
+    path = tmp_path / "names.parquet"
+    path.write_bytes(buffer.getvalue().to_pybytes().replace(b"zzzz", b"\xff\xfe\xfd\xfc"))
+    with pytest.raises(DataError, match=r"names\.parquet: not a parquet file"):
+        read_parquet_file(path)
+    check_report(path)

@@ -136,6 +136,23 @@ def test_model_embeds_and_round_trips(tok, tmp_path: Path) -> None:
         ContrastiveModel.from_pretrained(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_every_trainable_parameter_gets_a_gradient(tok, loss: str) -> None:
+    """What the loss cannot reach is frozen (DDP needs a gradient for every trainable
+    parameter in every step): the projector, and CLIP's unused bias."""
+    model = towers(tok, loss)
+    world = ShapesWorld(task="caption", size=4, max_shapes=1, image_size=32)
+    ContrastiveObjective(loss=loss)(
+        model, model.collator()([world[i] for i in range(4)])
+    ).loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert not [n for n, p in trainable.items() if p.grad is None]
+    assert not any(n.startswith("backbone.projectors.") for n in trainable)
+    assert ("logit_bias" in trainable) == (loss == "siglip")
+    assert any(n.startswith("backbone.encoders.image.") for n in trainable)
+    assert "backbone.gpt.transformer.wte.weight" in trainable
+
+
 def test_collator_checks_items_and_caption_length(tok) -> None:
     model = towers(tok)
     image = ShapesWorld(task="caption", size=1, image_size=32)[0].images[0]

@@ -6,10 +6,11 @@ from mmgpt.interfaces import BuildsTrainer, Objective
 from mmgpt.registry import create, names
 
 
-def test_exactly_the_rlhf_objectives_build_their_own_trainer() -> None:
+def test_exactly_the_rlhf_and_contrastive_objectives_build_their_own_trainer() -> None:
     # `mmgpt train` falls back to the standard Trainer for an objective without
     # build_trainer: a renamed method would silently skip the reward head, DPO's cached
-    # reference or the PPO loop
+    # reference, the PPO loop or the contrastive towers
     built = {name: create("objective", name) for name in names("objective")}
     assert all(isinstance(objective, Objective) for objective in built.values())
-    assert {n for n, o in built.items() if isinstance(o, BuildsTrainer)} == {"dpo", "ppo", "reward"}
+    own = {n for n, o in built.items() if isinstance(o, BuildsTrainer)}
+    assert own == {"contrastive", "dpo", "ppo", "reward"}
