@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from mmgpt.data.check import detect_format
-from mmgpt.data.columns import Layout, parse_row
+from mmgpt.data.columns import Layout, image_column, parse_row
 from mmgpt.data.errors import DataError
 from mmgpt.data.imagefolder import caption_turns, read_imagefolder
 from mmgpt.data.images import ImageLoadError, image_extension, open_image_bytes
@@ -310,7 +310,7 @@ def _read_table_rows(
                 except RecordError as exc:
                     yield Problem(str(file), row + 1, exc.reason, str(exc))
                     continue
-                column = next((c for c in ("images", "image") if c in values), "image")
+                column = image_column(values, layout) or "image"
                 sources: list[Any] = []
                 for index, image in enumerate(parsed.images):
                     if isinstance(image, bytes):

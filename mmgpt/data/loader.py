@@ -306,8 +306,8 @@ class StreamDataset(IterableDataset):
         return hashlib.sha256(json.dumps(list(self.shards)).encode("utf-8")).hexdigest()[:16]
 
     def report(self, problem: Problem) -> None:
-        """Count a skipped entry (the first of each reason is warned about); under ``strict``
-        raise ``DataError`` instead."""
+        """Count a skipped entry once, however many epochs meet it (the first of each reason
+        is warned about); under ``strict`` raise ``DataError`` instead."""
         if not hasattr(self, "problems"):
             self.problems: list[Problem] = []
             self.skipped: dict[str, int] = {}
@@ -315,6 +315,10 @@ class StreamDataset(IterableDataset):
             raise DataError(
                 str(problem), file=problem.file, line=problem.line, reason=problem.reason
             )
+        seen = self.__dict__.setdefault("_reported", set())
+        if problem in seen:
+            return
+        seen.add(problem)
         self.problems.append(problem)
         first = problem.reason not in self.skipped
         self.skipped[problem.reason] = self.skipped.get(problem.reason, 0) + 1

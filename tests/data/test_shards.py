@@ -283,3 +283,27 @@ def test_shards_written_by_webdataset_read_the_same(tmp_path: Path) -> None:
     samples = list(ShardDataset(tmp_path / "wds-{000000..000002}.tar"))
     assert [s.conversation[1].text for s in samples] == [f"cap {i}" for i in range(5)]
     assert [s.images[0].getpixel((0, 0)) for s in samples] == [(i, 0, 0) for i in range(5)]
+
+
+def test_gzipped_shards_read_and_resume(tmp_path: Path) -> None:
+    expected = []
+    for s in range(2):
+        with tarfile.open(tmp_path / f"shard-{s}.tar.gz", "w:gz") as tar:
+            for i in range(4):
+                add(tar, f"{s}{i}.png", png((s, i, 0)))
+                add(tar, f"{s}{i}.txt", f"gz {s}{i}".encode())
+                expected.append(f"gz {s}{i}")
+    assert [s.conversation[1].text for s in ShardDataset(tmp_path)] == expected
+
+    def make() -> ResumableLoader:
+        return loader(ShardDataset(str(tmp_path / "*.tar.gz"), shuffle_buffer=3), seed=2)
+
+    stream = make().forever()
+    reference = [next(stream) for _ in range(6)]
+    first = make()
+    head = first.forever()
+    got = [next(head) for _ in range(3)]
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    tail = resumed.forever()
+    assert got + [next(tail) for _ in range(3)] == reference
