@@ -175,7 +175,11 @@ def resolve_image(root: Path, name: str) -> Path:
 
 def check_images_exist(paths: Sequence[Path]) -> None:
     for path in paths:
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as exc:  # e.g. a name longer than the filesystem allows
+            raise RecordError("bad_path", f"{str(path)[:200]}: unusable path ({exc.strerror})")
+        if not found:
             raise RecordError("missing_image", f"{path}: file not found")
 
 

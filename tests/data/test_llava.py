@@ -184,3 +184,16 @@ def test_an_image_in_a_gpt_turn_is_an_image_to_draw(tmp_path):
         "1 '<image>' placeholder(s) in the text and 1 in 'gpt' turns (images to draw) "
         "but 1 image(s)"
     )
+
+
+def test_a_path_too_long_for_the_filesystem_is_a_problem_naming_the_line(tmp_path) -> None:
+    import json
+
+    from mmgpt.data.imagefolder import read_imagefolder
+    from mmgpt.data.llava import read_llava
+
+    turns = [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "ok"}]
+    (tmp_path / "a.json").write_text(json.dumps([{"image": "x" * 5000, "conversations": turns}]))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "y" * 5000, "text": "t"}))
+    for records, problems in (read_llava(tmp_path / "a.json"), read_imagefolder(tmp_path)):
+        assert records == [] and [(p.line, p.reason) for p in problems] == [(1, "bad_path")]
