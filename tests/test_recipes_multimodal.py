@@ -253,7 +253,9 @@ def test_changing_a_component_type_replaces_the_component() -> None:
     validate_recipe(recipe)
     assert recipe["model"]["encoder"] == {"type": "clip", "path": "/models/clip"}
     with pytest.raises(ValueError, match=r"model\.encoder\.depth.*clip"):
-        apply_overrides(load_recipe("caption"), ["model.encoder.type=clip", "model.encoder.depth=2"])
+        apply_overrides(
+            load_recipe("caption"), ["model.encoder.type=clip", "model.encoder.depth=2"]
+        )
     # the same type again keeps the file's arguments
     same = apply_overrides(load_recipe("caption"), ["model.encoder.type=vit"])
     assert same["model"]["encoder"] == {"type": "vit", "name": "vit_tiny_custom"}

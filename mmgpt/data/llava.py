@@ -178,7 +178,8 @@ def check_images_exist(paths: Sequence[Path]) -> None:
         try:
             found = path.is_file()
         except OSError as exc:  # e.g. a name longer than the filesystem allows
-            raise RecordError("bad_path", f"{str(path)[:200]}: unusable path ({exc.strerror})")
+            detail = f"{str(path)[:200]}: unusable path ({exc.strerror})"
+            raise RecordError("bad_path", detail) from None
         if not found:
             raise RecordError("missing_image", f"{path}: file not found")
 
