@@ -40,7 +40,7 @@ EXTRAS = {
     "sacrebleu": "eval",
     "pyarrow": "data",
 }
-EVAL_TASKS = ("caption", "vqa", "lm", "t2i")
+EVAL_TASKS = ("caption", "vqa", "lm", "t2i", "choice")
 
 
 class CommandError(Exception):
@@ -158,6 +158,10 @@ def _generation_config(args: argparse.Namespace) -> Any:
         "top_k": args.top_k,
         "top_p": args.top_p,
         "seed": args.seed,
+        "repetition_penalty": args.repetition_penalty,
+        "stop_strings": args.stop,
+        "num_beams": args.num_beams,
+        "length_penalty": args.length_penalty,
     }
     # Unset options keep GenerationConfig's defaults, so they are defined in one place.
     # Generation stops at the tokenizer's eos (stream_text's default).
@@ -275,6 +279,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = read_model_config(model_dir)
     arch = architecture(config, model_dir / CONFIG_NAME)
     task = args.task or ("caption" if arch == "multimodal" else "lm")
+    if args.shots is not None and task != "choice":
+        raise CommandError(f"--shots applies to --task choice, not {task}")
     if task == "lm":
         metrics = _eval_lm(model_dir, config, Path(args.data))
     else:
@@ -282,6 +288,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "limit": args.limit,
             "max_new_tokens": args.max_new_tokens,
+            "shots": args.shots,
         }
         options = {k: v for k, v in options.items() if v is not None}
         metrics = _target("eval")(model_dir, args.data, task, **options)
@@ -380,6 +387,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _nonnegative_float(text: str) -> float:
     try:
         value = float(text)
@@ -387,6 +404,26 @@ def _nonnegative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value >= 0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not abs(value) < float("inf"):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
 
@@ -460,6 +497,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int)
     p.add_argument("--top-p", type=_nonnegative_float)
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--repetition-penalty",
+        metavar="R",
+        type=_positive_float,
+        help="> 1 discourages tokens already seen (1 = off)",
+    )
+    p.add_argument(
+        "--stop",
+        metavar="TEXT",
+        action="append",
+        help="end the reply before this text (repeatable)",
+    )
+    p.add_argument(
+        "--num-beams",
+        metavar="N",
+        type=_positive_int,
+        help="beam search with N beams (deterministic; no --top-k/--top-p)",
+    )
+    p.add_argument(
+        "--length-penalty",
+        metavar="X",
+        type=_finite_float,
+        help="beam search: score = log-prob / length**X (default 1.0)",
+    )
     p.add_argument("--out-dir", metavar="DIR", help="also write outputs (text, images) here")
     p.add_argument("--steps", type=_positive_int, help="diffusion steps per generated image")
     p.add_argument(
@@ -481,16 +542,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         required=True,
         help="evaluation data: text files (lm); an imagefolder dir, a LLaVA JSON, or "
-        "'shapes[:seed=1,size=200,...]' for the synthetic shapes world (caption, vqa)",
+        "'shapes[:seed=1,size=200,...]' for the synthetic shapes world (caption, vqa); "
+        "multiple-choice JSONL or MMLU-style CSVs (choice)",
     )
     p.add_argument(
         "--task",
         choices=EVAL_TASKS,
         help="lm: perplexity on text files (default for text models); "
-        "caption (default for multimodal models), vqa, t2i",
+        "caption (default for multimodal models), vqa, t2i; choice: multiple-choice accuracy",
     )
-    p.add_argument("--batch-size", metavar="N", type=_positive_int, help="caption/vqa: batch")
-    p.add_argument("--limit", metavar="N", type=_positive_int, help="caption/vqa: first N samples")
+    p.add_argument(
+        "--batch-size", metavar="N", type=_positive_int, help="caption/vqa/t2i/choice: batch"
+    )
+    p.add_argument(
+        "--limit", metavar="N", type=_positive_int, help="caption/vqa/t2i/choice: first N samples"
+    )
+    p.add_argument(
+        "--shots",
+        metavar="K",
+        type=_nonnegative_int,
+        help="choice: k-shot examples before each question (default 0)",
+    )
     p.add_argument(
         "--max-new-tokens", metavar="N", type=_positive_int, help="caption/vqa: longest reply"
     )

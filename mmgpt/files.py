@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -300,9 +300,11 @@ def exclusive_lock(directory: str | os.PathLike, purpose: str = "a training run"
         finally:
             del _HELD[key]
             if created and [p.name for p in directory.iterdir()] == [LOCK_NAME]:
-                # a run that failed before writing anything leaves no folder behind
-                path.unlink()
-                directory.rmdir()
+                # a run that failed before writing anything leaves no folder behind (unless
+                # another process started writing there meanwhile: then the folder stays)
+                with suppress(OSError):
+                    path.unlink()
+                    directory.rmdir()
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

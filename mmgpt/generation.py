@@ -8,6 +8,7 @@ Entry points
 - ``stream(model, prompt_ids, config)`` — one prompt; yields each new token id as it is chosen.
 - ``stream_batch(model, prompts, config, pad_id=...)`` — yields :class:`StreamEvent` per row.
 - ``stream_text(model, tokenizer, prompt, config)`` / ``generate_text(...)`` — text in, text out.
+- ``GenerationConfig(num_beams=K)`` with ``K > 1`` makes ``generate`` run beam search (below).
 
 How decoding runs
 -----------------
@@ -52,6 +53,30 @@ and needs no host synchronisation. Randomness comes from a ``torch.Generator`` m
   generating prompt ``i`` alone with ``seed=s_i``.
 - ``seed=None``: a seed drawn from torch's global RNG (so ``torch.manual_seed`` reproduces).
 
+Beam search
+-----------
+``num_beams > 1`` keeps the ``num_beams`` most likely partial sequences of each prompt (sum of
+token log-probabilities, after the repetition penalty) and returns the best
+``num_return_sequences`` finished ones, best first. It is deterministic: like greedy decoding it
+ignores ``do_sample`` and ``seed``, and it refuses sampling options (``top_k``, ``top_p``, a
+``temperature`` other than 1.0 or 0). A finished sequence is scored ``sum_logprob / L **
+length_penalty`` with ``L`` its new tokens, the stop token included (Hugging Face's convention):
+``length_penalty > 0`` favours longer sequences, ``< 0`` shorter ones, ``0`` ranks by the plain
+sum. As in Hugging Face's beam search, a candidate that ends (stop token or stop string) is kept
+only when it ranks among the ``num_beams`` best candidates of its step, and never continues; the
+live beams are the best candidates that do not end. A prompt stops searching once it holds
+``num_beams`` finished sequences and no live beam can still beat the worst of them (the exact
+bound: Hugging Face's ``early_stopping="never"``); sequences still live after
+``max_new_tokens`` finish with reason ``"length"``.
+
+The prompt is prefilled once; its KV cache is then expanded to ``num_beams`` rows per prompt and
+reordered with :meth:`~mmgpt.model.KVCache.select` after every step. Output rows are
+``num_return_sequences`` per prompt, in prompt order (row ``i * n + j`` is prompt ``i``'s
+``j``-th best), with their scores in ``GenerationOutput.scores``. Beams cannot stream:
+``stream``/``stream_batch`` refuse ``num_beams > 1``, and ``stream_text``/``generate_text``
+yield the best sequence's text as one chunk once the search ends. ``token_hook`` and
+``return_hidden_states`` are not available with beams.
+
 Hooks for multimodal generation
 -------------------------------
 - ``inputs_embeds=(B, T, C)`` with an optional left-padded ``attention_mask`` replaces the
@@ -71,6 +96,7 @@ Hooks for multimodal generation
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -118,6 +144,9 @@ class GenerationConfig:
     stop_strings: Sequence[str] = ()  # need a decode function (a tokenizer)
     seed: int | Sequence[int] | None = None  # int: shared generator; list: one per row
     truncate_prompt: str = "error"  # "error" | "left": keep the last block_size - max_new tokens
+    num_beams: int = 1  # > 1: deterministic beam search (module docstring)
+    length_penalty: float = 1.0  # beams: score = sum logprob / new_tokens ** length_penalty
+    num_return_sequences: int = 1  # beams: the n best sequences per prompt (<= num_beams)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is not None and (
@@ -200,6 +229,43 @@ class GenerationConfig:
         if self.truncate_prompt not in TRUNCATE_MODES:
             raise _config_error(
                 "truncate_prompt", f"expected one of {TRUNCATE_MODES}, got {self.truncate_prompt!r}"
+            )
+        self._check_beams()
+
+    def _check_beams(self) -> None:
+        if not _is_int(self.num_beams) or self.num_beams < 1:
+            raise _config_error(
+                "num_beams",
+                f"expected an integer >= 1 (1 = no beam search), got {self.num_beams!r}",
+            )
+        if (
+            isinstance(self.length_penalty, bool)
+            or not isinstance(self.length_penalty, (int, float))
+            or not math.isfinite(self.length_penalty)
+        ):
+            raise _config_error(
+                "length_penalty", f"expected a finite number, got {self.length_penalty!r}"
+            )
+        if not _is_int(self.num_return_sequences) or self.num_return_sequences < 1:
+            raise _config_error(
+                "num_return_sequences",
+                f"expected an integer >= 1, got {self.num_return_sequences!r}",
+            )
+        if self.num_return_sequences > self.num_beams:
+            raise _config_error(
+                "num_return_sequences",
+                f"{self.num_return_sequences} is more than num_beams={self.num_beams}: beam "
+                "search returns at most num_beams sequences per prompt",
+            )
+        if self.num_beams == 1:
+            return
+        beams = f"beam search (num_beams={self.num_beams}) is deterministic and does not sample"
+        for name in ("top_k", "top_p"):
+            if getattr(self, name) is not None:
+                raise _config_error(name, f"{beams}; leave {name} unset (None)")
+        if self.temperature not in (0, 1):
+            raise _config_error(
+                "temperature", f"{beams}; leave temperature at 1.0 (or 0), got {self.temperature!r}"
             )
 
     @property
@@ -353,6 +419,12 @@ class IncrementalText:
                     break
         return held
 
+    def copy(self) -> IncrementalText:
+        """An independent copy (beam search extends one row's text in several ways)."""
+        new = copy.copy(self)
+        new.ids = list(self.ids)
+        return new
+
     def take(self) -> str:
         """Text that is now certain to be output and was not taken before."""
         end = self.cut if self.cut is not None else len(self.text) - self._held_back()
@@ -439,6 +511,7 @@ class GenerationOutput:
     prompt_lengths: list[int]  # prompt positions used (after any left truncation)
     texts: list[str] | None = None  # decoded, cut before a stop string (when decode was given)
     hidden_states: list[Tensor] | None = None  # (len(tokens[row]), C) with return_hidden_states
+    scores: list[float] | None = None  # beam search: sum logprob / len ** length_penalty
 
 
 @dataclass
@@ -522,7 +595,7 @@ class _Decoding:
         B = self.batch_size
 
         self.generator: torch.Generator | list[torch.Generator] | None = None
-        if not config.greedy:
+        if not config.greedy and config.num_beams == 1:  # beam search never samples
             self.generator = self._make_generators(config.seed, B)
         elif isinstance(config.seed, tuple) and len(config.seed) != B:
             raise self._seed_count_error(B)
@@ -860,6 +933,206 @@ class _Decoding:
 
 
 # --------------------------------------------------------------------------------------
+# Beam search
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Hypothesis:
+    """A finished beam: its new tokens (stop token excluded), score and stop reason."""
+
+    score: float  # sum logprob / len ** length_penalty
+    tokens: list[int]
+    stop_reason: int | str | None  # None: it ran to max_new_tokens
+
+
+def _keep_best(hyps: list[_Hypothesis], hyp: _Hypothesis, k: int) -> None:
+    """Add ``hyp`` to a prompt's finished sequences if it is among the ``k`` best."""
+    if len(hyps) < k or hyp.score > min(h.score for h in hyps):
+        hyps.append(hyp)
+        if len(hyps) > k:
+            hyps.remove(min(hyps, key=lambda h: h.score))
+
+
+def _check_beam_options(
+    config: GenerationConfig, token_hook: TokenHook | None, return_hidden_states: bool
+) -> None:
+    if token_hook is not None:
+        raise ValueError(
+            f"token_hook: not available with beam search (GenerationConfig.num_beams="
+            f"{config.num_beams}); use num_beams=1"
+        )
+    if return_hidden_states:
+        raise ValueError(
+            f"return_hidden_states: not available with beam search (GenerationConfig.num_beams="
+            f"{config.num_beams}); use num_beams=1"
+        )
+
+
+def _beam_search(run: _Decoding) -> GenerationOutput:
+    """Beam search over the prompts prepared in ``run`` (module docstring, "Beam search")."""
+    model, cfg = run.model, run.config
+    was_training = model.training
+    model.eval()
+    try:
+        finished = _beam_loop(run)
+    finally:
+        model.train(was_training)
+    n = cfg.num_return_sequences
+    out = GenerationOutput([], [], [], [], texts=[] if run.texts is not None else None, scores=[])
+    for b, hyps in enumerate(finished):
+        if len(hyps) < n:
+            raise ValueError(
+                f"GenerationConfig.num_return_sequences={n}, but prompt {b} has only "
+                f"{len(hyps)} distinct continuations of at most {run.max_new} tokens"
+            )
+        for hyp in sorted(hyps, key=lambda h: -h.score)[:n]:
+            out.tokens.append(hyp.tokens)
+            out.finish_reasons.append("length" if hyp.stop_reason is None else "stop")
+            out.stop_reasons.append(hyp.stop_reason)
+            out.prompt_lengths.append(run.prompt_lengths[b])
+            out.scores.append(hyp.score)
+            if out.texts is not None:
+                text = IncrementalText(run.texts[b].decode, cfg.stop_strings)
+                for tok in hyp.tokens:
+                    text.push(tok)
+                text.finish()
+                out.texts.append(text.final_text)
+    return out
+
+
+def _ranked(top_s: list[float], top_i: list[int], cand: Tensor) -> Iterator[tuple[float, int]]:
+    """A prompt's candidates (score, beam * V + token), best first: the top ones already on
+    the host, then (rarely needed: all of those ended) the others in score order."""
+    yield from zip(top_s, top_i)
+    if len(top_i) < cand.numel():
+        taken = set(top_i)
+        s_all, i_all = cand.sort(descending=True)
+        for s, i in zip(s_all.tolist(), i_all.tolist()):
+            if i not in taken:
+                yield s, i
+
+
+@torch.inference_mode()
+def _beam_loop(run: _Decoding) -> list[list[_Hypothesis]]:
+    model, cfg = run.model, run.config
+    B, K, V, T, max_new = run.batch_size, cfg.num_beams, run.vocab_size, run.prompt_len, run.max_new
+    device, lp, stop_ids = run.device, cfg.length_penalty, run.stop_ids
+    neg_inf = float("-inf")
+    cache = KVCache.for_model(model.config, capacity=T + max_new)
+    out = model(
+        input_ids=run.input_ids,
+        inputs_embeds=run.inputs_embeds,
+        attention_mask=run.attention_mask,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    # Row b * K + k is beam k of prompt b: the prompt is computed once, its cache copied.
+    expand = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,)
+    cache.select(expand)
+    logits = out.logits[:, -1].index_select(0, expand)  # (B*K, V)
+    mask_buf = None
+    if run.attention_mask is not None:  # the K beams of a prompt share its padding
+        mask_buf = torch.ones(B * K, T + max_new, dtype=torch.long, device=device)
+        mask_buf[:, :T] = run.attention_mask.index_select(0, expand)
+    positions = run.lengths.index_select(0, expand)[:, None].clone()  # (B*K, 1)
+    seen = None if run.seen is None else run.seen.index_select(0, expand)
+    # Only beam 0 of each prompt is live at first, so step 0 picks K different tokens.
+    scores = torch.full((B, K), neg_inf, device=device)
+    scores[:, 0] = 0.0
+    scores = scores.view(-1)  # (B*K,) sum of logprobs of each live beam
+    beam_tokens: list[list[int]] = [[] for _ in range(B * K)]
+    texts = None  # per beam, only to find stop strings
+    if cfg.stop_strings:
+        texts = [run.texts[b].copy() for b in expand.tolist()]
+    # enough candidates for K live beams even if the best ones all end with a stop token
+    n_top = min(K * V, max(2, 1 + len(stop_ids)) * K)
+    finished: list[list[_Hypothesis]] = [[] for _ in range(B)]
+    done = [False] * B
+
+    for step in range(max_new):
+        length = step + 1  # new tokens of every candidate of this step, its own included
+        last = length == max_new
+        logp = logits.float()
+        if seen is not None:
+            logp = apply_repetition_penalty(logp, seen, cfg.repetition_penalty)
+        cand = (scores[:, None] + logp.log_softmax(-1)).view(B, K * V)
+        top_s, top_i = (t.tolist() for t in cand.topk(n_top, dim=-1))
+
+        src, toks, new_scores, new_texts = [], [], [], []
+        for b in range(B):
+            live: list[tuple[float, int, int, IncrementalText | None]] = []
+            ranked = _ranked(top_s[b], top_i[b], cand[b]) if not done[b] else ()
+            for rank, (s, idx) in enumerate(ranked):
+                if s == neg_inf:  # only the unused beam slots are left
+                    break
+                k, tok = divmod(idx, V)
+                row = b * K + k
+                reason: int | str | None = None
+                text = None
+                if tok in stop_ids:
+                    reason = tok
+                elif texts is not None:
+                    text = texts[row].copy()
+                    reason = text.push(tok)
+                if reason is not None:
+                    if rank < K:  # an ending candidate counts among the K best only
+                        kept = beam_tokens[row] + ([] if tok in stop_ids else [tok])
+                        _keep_best(finished[b], _Hypothesis(s / length**lp, kept, reason), K)
+                    continue
+                live.append((s, row, tok, text))
+                if len(live) == K:
+                    break
+            if last:
+                for s, row, tok, _ in live:
+                    hyp = _Hypothesis(s / length**lp, [*beam_tokens[row], tok], None)
+                    _keep_best(finished[b], hyp, K)
+            elif not live:
+                done[b] = True
+            elif len(finished[b]) == K:
+                # the best a live beam can still reach: its sum can only fall, its length grow
+                best_len = max_new if lp > 0 else length + 1
+                bound = live[0][0] / best_len**lp
+                done[b] = bound <= min(h.score for h in finished[b])
+            if done[b]:
+                live = []
+            for s, row, tok, text in live:
+                src.append(row)
+                toks.append(tok)
+                new_scores.append(s)
+                new_texts.append(text)
+            for _ in range(K - len(live)):  # unused slots: never extended (score -inf)
+                src.append(b * K)
+                toks.append(run.pad_id)
+                new_scores.append(neg_inf)
+                new_texts.append(None if texts is None else texts[b * K])
+        if last or all(done):
+            break
+        src_t = torch.tensor(src, dtype=torch.long, device=device)
+        tok_t = torch.tensor(toks, dtype=torch.long, device=device)
+        scores = torch.tensor(new_scores, dtype=scores.dtype, device=device)
+        cache.select(src_t)  # each beam continues the cache of the beam it extends
+        if seen is not None:
+            seen = seen.index_select(0, src_t)
+            seen.scatter_(1, tok_t[:, None], True)
+        beam_tokens = [[*beam_tokens[r], t] for r, t in zip(src, toks)]
+        if texts is not None:
+            texts = new_texts
+        out = model(
+            input_ids=tok_t[:, None],
+            attention_mask=None if mask_buf is None else mask_buf[:, : cache.length + 1],
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        positions.add_(1)
+        logits = out.logits[:, -1]
+    return finished
+
+
+# --------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------
 
@@ -932,9 +1205,13 @@ def generate(
         return_hidden_states=return_hidden_states,
         host_sync=False,
     )
-    for _ in run.run():
-        pass
-    out = run.output()
+    if run.config.num_beams > 1:
+        _check_beam_options(run.config, token_hook, return_hidden_states)
+        out = _beam_search(run)
+    else:
+        for _ in run.run():
+            pass
+        out = run.output()
     return out if return_dict else out.tokens
 
 
@@ -951,6 +1228,11 @@ def stream_batch(
 ) -> Iterator[StreamEvent]:
     """Like :func:`generate`, yielding a :class:`StreamEvent` per new token of each row as
     soon as it is chosen, and one final event per row (``token_id=None``) when it ends."""
+    if config is not None and config.num_beams > 1:
+        raise ValueError(
+            f"GenerationConfig.num_beams={config.num_beams}: beam search cannot stream tokens "
+            "(the best sequence is known only at the end); use generate, or generate_text"
+        )
     run = _Decoding(
         model,
         prompts,
@@ -1055,9 +1337,16 @@ def stream_text(
     tokenizer frames text) or token ids; or pass ``inputs_embeds`` (1, T, C) with
     ``prompt=None``. Generation also stops at the
     tokenizer's eos and stop ids (:func:`tokenizer_stop_ids`) unless ``stop_at_eos=False``.
+    With ``config.num_beams > 1`` (beam search cannot stream) the best sequence's text comes
+    as one chunk when the search ends; ``num_return_sequences`` must then be 1.
     """
     _check_single_embeds("stream_text", inputs_embeds)
     config = config if config is not None else GenerationConfig()
+    if config.num_return_sequences > 1:
+        raise ValueError(
+            f"GenerationConfig.num_return_sequences={config.num_return_sequences}: stream_text "
+            "gives one text; use generate(..., return_dict=True) for the n best"
+        )
     stops = tokenizer_stop_ids(tokenizer) if stop_at_eos else ()
     if any(t not in config.stop_token_ids for t in stops):
         from dataclasses import replace
@@ -1080,6 +1369,12 @@ def stream_text(
         return_hidden_states=False,
         host_sync=True,
     )
+    if config.num_beams > 1:
+        _check_beam_options(config, token_hook, False)
+        best = _beam_search(run).texts[0]
+        if best:
+            yield best
+        return
     text = run.texts[0]
     for _ in run.run():
         chunk = text.take()

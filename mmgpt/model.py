@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmgpt.adapters.directory import CONFIG_KEY as ADAPTERS_KEY
+from mmgpt.adapters.directory import load_adapters
 from mmgpt.config import (
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -524,6 +526,10 @@ class GPT(nn.Module):
             _check_shapes(cls.parameter_shapes(gpt), state, source, path / CONFIG_NAME)
             model = cls(gpt)
             load_model_state(model, state, source)
+            # adapters saved beside a Hugging Face directory (adapters/<name>/): by request,
+            # or the ones its config records (none: transformers writes no such record)
+            if adapter is not None and (adapter != "auto" or config.get(ADAPTERS_KEY)):
+                load_adapters(model, path, adapter, record=config.get(ADAPTERS_KEY))
             return model.to(map_location).eval()
         if "gpt" not in config:
             raise ValueError(

@@ -223,8 +223,9 @@ def merge_and_save(
         raise ValueError(f"{out_dir}: write the merged model to another directory")
     model = load_model(model_dir, adapter=adapter)
     fold_adapters(model, [adapter])
-    # a text GPT keeps the tokenizer of the directory it came from
-    tokenizer = load_tokenizer(model_dir, config) if config.get("tokenizer") else None
+    # a text GPT keeps the tokenizer of the directory it came from (mmgpt's or Hugging Face's)
+    has_tokenizer = config.get("tokenizer") or (model_dir / "tokenizer.json").is_file()
+    tokenizer = load_tokenizer(model_dir, config) if has_tokenizer else None
     return save_model(model, out_dir, tokenizer=tokenizer if isinstance(model, GPT) else None)
 
 

@@ -541,6 +541,15 @@ EXERCISED_BY: tuple[Rule, ...] = (
         ("tests/eval/test_t2i.py::test_evaluate_end_to_end_on_a_tiny_model",),
     ),
     Rule(
+        "mmgpt eval --task choice (--shots K)",
+        lambda i: i.command == "eval" and i.args.task == "choice",
+        (
+            "tests/eval/test_choice.py::test_cli_choice_on_mmlu_csvs_matches_a_hand_computation",
+            "tests/eval/test_choice.py::"
+            "test_multimodal_question_with_an_image_matches_a_hand_computation",
+        ),
+    ),
+    Rule(
         "mmgpt data check",
         lambda i: i.command == "data check",
         (

@@ -221,3 +221,38 @@ def test_a_recipe_written_for_scratch_training_runs_on_a_pretrained_model(
     assert "keeps its own architecture" in out and "pos_encoding='rotary'" in out
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["gpt"]["pos_encoding"] == "learned" and config["gpt"]["n_layer"] == 2
+
+
+def test_an_adapter_beside_a_hugging_face_directory_loads_merges_and_exports(
+    tmp_path, capsys
+) -> None:
+    """``adapters/<name>/`` next to a downloaded model: loaded by name, merged (with the
+    directory's tokenizer), and folded into an export."""
+    import mmgpt.adapters as adapters
+    from mmgpt.pretrained import load_model, merge_and_save
+
+    source = build_hf_model_dir(tmp_path / "hf", "llama")
+    model = load_model(source)
+    adapters.add_adapter(model, adapters.AdapterConfig(r=4, targets="decoder_attention"), "a1")
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    adapters.save_adapter(model, source / "adapters" / "a1", "a1")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        tuned = model.eval()(ids).logits
+        assert not torch.allclose(tuned, load_model(source)(ids).logits)  # the base differs
+        torch.testing.assert_close(load_model(source, adapter="a1")(ids).logits, tuned)
+    merged = merge_and_save(source, tmp_path / "merged", adapter="a1")
+    assert (merged / "tokenizer.json").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(merged)(ids).logits, tuned, atol=1e-5, rtol=1e-5)
+    code, _, err = run(
+        ["export", "--model", str(source), "--out", str(tmp_path / "exp"), "--adapter", "a1"],
+        capsys,
+    )
+    assert code == 0, err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exp").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, tuned, atol=1e-4, rtol=1e-4)

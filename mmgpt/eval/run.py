@@ -9,6 +9,9 @@ prompt; batched with left padding) and returns a JSON-ready dict of metrics:
   position and count (:mod:`mmgpt.eval.caption`).
 - ``vqa``: ``exact_match`` overall and ``per_type`` (:mod:`mmgpt.eval.vqa`).
 
+``--task choice`` (multiple-choice questions, text or multimodal models) goes to
+:func:`mmgpt.eval.choice.run_choice_eval`, ``--task t2i`` to :func:`mmgpt.eval.t2i.run_t2i_eval`.
+
 ``data`` is an imagefolder, a LLaVA JSON or ``shapes[:KEY=VALUE,...]``
 (:mod:`mmgpt.eval.data`, which also holds the helpers this module re-exports).
 """
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 
 from mmgpt.eval.caption import caption_metrics
+from mmgpt.eval.choice import run_choice_eval
 from mmgpt.eval.data import EVAL_TASKS, EvalItem, eval_items, load_eval_data, parse_shapes_spec
 from mmgpt.eval.t2i import run_t2i_eval
 from mmgpt.eval.vqa import infer_question_type, vqa_metrics
@@ -94,29 +98,48 @@ def run_eval(
     limit: int | None = None,
     device: str = "auto",
     num_examples: int = NUM_EXAMPLES,
+    shots: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate the multimodal model in ``model_dir`` on ``data`` for ``task``.
 
     Args:
         model_dir: a directory written by ``MultimodalGPT.save_pretrained`` (e.g. ``run/model``).
         data: an imagefolder dir, a LLaVA JSON, or ``shapes[:KEY=VALUE,...]``.
-        task: ``"caption"`` or ``"vqa"`` (``"t2i"`` goes to :func:`mmgpt.eval.t2i.run_t2i_eval`).
+        task: ``"caption"`` or ``"vqa"`` (``"t2i"`` goes to :func:`mmgpt.eval.t2i.run_t2i_eval`,
+            ``"choice"`` to :func:`mmgpt.eval.choice.run_choice_eval`, for any model).
         batch_size: prompts generated together (default 16).
         max_new_tokens: longest reply (default 64; also capped by the model's context).
         limit: evaluate the first ``limit`` samples only.
         device: ``auto``, ``cpu``, ``cuda``…
         num_examples: how many (prompt, prediction, reference) examples to include.
+        shots: ``choice`` only: k-shot examples before each question (default 0).
 
     Returns a JSON-ready dict: ``task``, ``data``, ``model``, ``num_samples`` (replies scored),
     the task's metrics (module docstring) and ``examples``.
     """
+    if shots is not None and task != "choice":
+        raise ValueError(f"--shots applies to --task choice, not {task}")
+    if task == "choice":
+        if max_new_tokens is not None:
+            raise ValueError("--max-new-tokens applies to --task caption and vqa, not choice")
+        return run_choice_eval(
+            model_dir,
+            data,
+            shots=shots or 0,
+            limit=limit,
+            batch_size=16 if batch_size is None else batch_size,
+            device=_resolve_device(device),
+            num_examples=num_examples,
+        )
     if task == "t2i":
         if max_new_tokens is not None:
             raise ValueError("max_new_tokens applies to --task caption and vqa, not t2i")
         options = {"batch_size": batch_size} if batch_size is not None else {}
         return run_t2i_eval(model_dir, data, limit=limit, device=device, **options)
     if task not in EVAL_TASKS:
-        raise ValueError(f"task must be one of {', '.join((*EVAL_TASKS, 't2i'))}, got {task!r}")
+        raise ValueError(
+            f"task must be one of {', '.join((*EVAL_TASKS, 't2i', 'choice'))}, got {task!r}"
+        )
     batch_size = 16 if batch_size is None else batch_size
     max_new_tokens = 64 if max_new_tokens is None else max_new_tokens
     require_architecture(model_dir, ARCHITECTURE, f"--task {task}")

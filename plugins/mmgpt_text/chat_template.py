@@ -4,7 +4,8 @@ A pretrained chat model's ``tokenizer_config.json`` (or ``chat_template.jinja``)
 template that turns ``messages`` (``[{"role": ..., "content": ...}, ...]``) into the exact text
 the model was trained on. Templates come from model repositories, so they are untrusted code:
 they run in Jinja's :class:`~jinja2.sandbox.ImmutableSandboxedEnvironment` (no attribute access
-to Python internals, no mutation of the arguments), with the same settings and helpers as
+to Python internals, no mutation of the arguments) with caps on the size of what they compute
+and render (:data:`MAX_VALUE`, :data:`MAX_EXPONENT`, :data:`MAX_OUTPUT`), and with the same settings and helpers as
 ``transformers`` (``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, ``raise_exception``,
 ``strftime_now``, a ``tojson`` that keeps non-ASCII characters, ``{% generation %}`` blocks).
 """
@@ -18,6 +19,12 @@ from functools import lru_cache
 from typing import Any
 
 MIN_JINJA = (3, 1, 6)  # older versions have known sandbox escapes
+# Resource caps (the sandbox alone limits what a template can reach, not how much it computes):
+# no operation may build a string or list longer than MAX_VALUE, no power may use an exponent
+# above MAX_EXPONENT, and a rendering stops past MAX_OUTPUT characters.
+MAX_VALUE = 1_000_000
+MAX_EXPONENT = 256
+MAX_OUTPUT = 4_000_000
 
 
 class ChatTemplateError(ValueError):
@@ -36,6 +43,25 @@ def _jinja() -> Any:
             f'{jinja2.__version__}: pip install -U "jinja2>=3.1.6"'
         )
     return jinja2
+
+
+def _size(value: Any) -> int | None:
+    return len(value) if isinstance(value, (str, list, tuple)) else None
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    """Refuse an operation whose result would exceed the caps (checked before computing it)."""
+    if operator == "**":
+        if isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
+            raise ChatTemplateError(f"the chat template computes a power above {MAX_EXPONENT}")
+        return
+    sizes = (_size(left), _size(right))
+    if operator == "*":
+        size, times = (sizes[0], right) if sizes[0] is not None else (sizes[1], left)
+        if size is not None and isinstance(times, int) and size * times > MAX_VALUE:
+            raise ChatTemplateError(f"the chat template builds a value over {MAX_VALUE} long")
+    elif operator == "+" and None not in sizes and sizes[0] + sizes[1] > MAX_VALUE:
+        raise ChatTemplateError(f"the chat template builds a value over {MAX_VALUE} long")
 
 
 @lru_cache(maxsize=32)
@@ -80,7 +106,17 @@ def compile_chat_template(source: str) -> Any:
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
         )
 
-    env = ImmutableSandboxedEnvironment(
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox, with ``*``, ``**`` and ``+`` checked before they compute: a template
+        cannot make a huge string (``'a' * 10**11``) or number (``9**9**9``)."""
+
+        intercepted_binops = frozenset({"*", "**", "+"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols]
     )
     env.filters["tojson"] = tojson
@@ -113,11 +149,17 @@ def render_chat_template(
     variables = {k: v for k, v in (special_tokens or {}).items() if v is not None}
     variables.update(kwargs)
     try:
-        return template.render(
+        chunks, length = [], 0
+        for chunk in template.generate(
             messages=[dict(m) for m in messages],
             add_generation_prompt=add_generation_prompt,
             **variables,
-        )
+        ):
+            length += len(chunk)
+            if length > MAX_OUTPUT:
+                raise ChatTemplateError(f"the chat template renders more than {MAX_OUTPUT} chars")
+            chunks.append(chunk)
+        return "".join(chunks)
     except (jinja2.exceptions.TemplateError, TypeError) as exc:
         raise ChatTemplateError(f"the chat template failed: {exc}") from exc
 

@@ -300,3 +300,22 @@ def test_setting_a_broken_template_fails_at_once(qwen2_dir: Path) -> None:
     with pytest.raises(ChatTemplateError, match="does not compile"):
         tok.chat_template = "{% if %}"
     assert tok.chat_template == CHATML_TEMPLATE
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ('a' * 50000000)|length }}",  # a huge string
+        "{% set x = 99999999 %}{{ 9 ** x }}",  # a huge number
+        "{% for i in range(100000) %}{{ 'x' * 50 }}{% endfor %}",  # a huge rendering
+        "{% set a = 'y' * 900000 %}{{ (a + a)|length }}",  # concatenation past the cap
+    ],
+)
+def test_a_hostile_chat_template_is_refused_before_it_allocates(template: str) -> None:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ChatTemplateError, match="over|above|more than"):
+        render_chat_template(template, CONVERSATION)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 40
