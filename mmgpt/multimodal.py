@@ -459,9 +459,12 @@ class MultimodalGPT(nn.Module):
             return_dict=True,
             **kwargs,
         )
-        # chat replies start with the template's separator (" "), which is not part of the answer
+        # chat replies start with the template's separator (" "), which is not part of the answer;
+        # beam search gives num_return_sequences rows per prompt
+        per_prompt = len(out.tokens) // len(prompts)
         out.texts = [
-            t.lstrip() if not isinstance(p, str) else t for t, p in zip(out.texts or [], prompts)
+            t.lstrip() if not isinstance(prompts[i // per_prompt], str) else t
+            for i, t in enumerate(out.texts or [])
         ]
         return out
 

@@ -323,3 +323,35 @@ def test_generate_refuses_sampling_with_beams(model_dir, capsys):
     argv = ["generate", "--model", str(model_dir[0]), "--prompt", "the"]
     code = cli.main([*argv, "--num-beams", "2", "--top-k", "5"])
     assert code == 2 and "GenerationConfig.top_k: beam search" in capsys.readouterr().err
+
+
+def test_multimodal_generate_passes_beams_through(tmp_path: Path):
+    pytest.importorskip("timm")
+    from PIL import Image
+
+    from mmgpt.data.sample import Turn
+    from mmgpt.multimodal import MultimodalGPT
+    from mmgpt_text import TextTokenizer
+
+    (tmp_path / "corpus.txt").write_text("User: What colour is it?\nAssistant: red\n" * 20)
+    tok = TextTokenizer.train([tmp_path / "corpus.txt"], vocab_size=300)
+    torch.manual_seed(0)
+    mm = MultimodalGPT.build("gpt-nano", tok, block_size=64).eval()
+    prompts = [[Turn("user", "<image>\nWhat colour is it?")], "<image> red"]
+    images = [[Image.new("RGB", (32, 32), (200, 30, 30))], [Image.new("RGB", (32, 32), 90)]]
+    config = GenerationConfig(max_new_tokens=5, num_beams=3, num_return_sequences=2)
+    out = mm.generate(prompts, images, config)
+    embeds, mask = mm.prepare_prompts(prompts, images)
+    direct = generate(
+        mm.gpt,
+        None,
+        mm._generation_config(config, True),
+        pad_id=int(tok.pad_id),
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        return_dict=True,
+    )
+    assert out.tokens == direct.tokens and len(out.texts) == 4
+    assert out.texts[2:] == [tok.decode(t, skip_special_tokens=True) for t in out.tokens[2:]]
+    best = mm.generate_text(prompts[0], images[0], GenerationConfig(max_new_tokens=5, num_beams=3))
+    assert best == out.texts[0]
