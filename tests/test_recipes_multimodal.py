@@ -259,3 +259,19 @@ def test_changing_a_component_type_replaces_the_component() -> None:
     # the same type again keeps the file's arguments
     same = apply_overrides(load_recipe("caption"), ["model.encoder.type=vit"])
     assert same["model"]["encoder"] == {"type": "vit", "name": "vit_tiny_custom"}
+
+
+def test_an_explicit_block_size_is_the_window_of_a_run_from_a_model_directory(tmp_path) -> None:
+    import mmgpt_text
+    from mmgpt.multimodal import MultimodalGPT
+
+    world = ShapesWorld(task="caption", size=50, max_shapes=1, image_size=32)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(world[i].meta["caption"] for i in range(50)))
+    tok = mmgpt_text.TextTokenizer.train([corpus], vocab_size=300)
+    MultimodalGPT.build("gpt-nano", tok, block_size=128).save_pretrained(tmp_path / "mm")
+    small = [o for o in TINY if not o.startswith("model.block_size")]
+    common = [f"model.from={tmp_path / 'mm'}", *small, "train.max_steps=1", "data.size=64"]
+    with pytest.raises(ValueError, match="exceed max_length=16"):
+        run_training("caption", out=tmp_path / "a", overrides=[*common, "model.block_size=16"])
+    assert run_training("caption", out=tmp_path / "b", overrides=common)["step"] == 1

@@ -53,7 +53,7 @@ from mmgpt.data.parquet import (
     require_pyarrow,
 )
 from mmgpt.data.records import Problem, RecordError, outside_root
-from mmgpt.data.sample import Turn
+from mmgpt.data.sample import IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER, Turn
 from mmgpt.data.shards import Entry, entry_row, iter_entries, resolve_shards
 from mmgpt.files import atomic_directory
 
@@ -218,7 +218,7 @@ def _read_coco(
         if not isinstance(caption, str) or not caption.strip():
             yield Problem(str(path), None, "missing_field", f"{where} has no caption")
             continue
-        if ident not in names or isinstance(ident, bool):
+        if isinstance(ident, bool) or not isinstance(ident, (int, str)) or ident not in names:
             yield Problem(
                 str(path), None, "bad_value", f"{where}: image_id {ident!r} not in images"
             )
@@ -238,9 +238,9 @@ def _caption_of(record: Any) -> str | None:
     """The caption of an imagefolder record read with task caption (``None``: a
     conversation row)."""
     text = record.meta.get("text")
-    if isinstance(text, str) and record.data == caption_turns(text):
-        return text
-    return None
+    if not isinstance(text, str) or IMAGE_PLACEHOLDER in text or IMAGE_OUT_PLACEHOLDER in text:
+        return None
+    return text if record.data == caption_turns(text) else None
 
 
 def read_rows(

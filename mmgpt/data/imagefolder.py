@@ -83,14 +83,28 @@ TASKS = ("caption", "vqa", "t2i")
 DEFAULT_PROMPT_TEMPLATE = "{text}"
 
 
+def _text_only(caption: str) -> str:
+    """A caption is text: an image placeholder in it would not match the row's one image
+    (a problem for that row, found when the data is read rather than mid-training)."""
+    if IMAGE_PLACEHOLDER in caption or IMAGE_OUT_PLACEHOLDER in caption:
+        raise RecordError(
+            "bad_value",
+            f"the caption holds an image placeholder ({IMAGE_PLACEHOLDER!r} or "
+            f"{IMAGE_OUT_PLACEHOLDER!r}); a caption is text only",
+        )
+    return caption
+
+
 def caption_turns(caption: str, prompt: str = DEFAULT_CAPTION_PROMPT) -> list[Turn]:
     """The conversation of a captioned image."""
+    caption = _text_only(caption)
     return [Turn("user", f"{IMAGE_PLACEHOLDER}\n{prompt}"), Turn("assistant", caption)]
 
 
 def drawing_turns(caption: str, template: str = DEFAULT_PROMPT_TEMPLATE) -> list[Turn]:
     """The conversation of a drawing: the prompt (``template`` around the caption), then the
     assistant's image."""
+    caption = _text_only(caption)
     return [
         Turn("user", template.replace("{text}", caption)),
         Turn("assistant", IMAGE_OUT_PLACEHOLDER),

@@ -429,9 +429,14 @@ class ContrastiveObjective:
                 f"ContrastiveModel.collator()), got {type(batch).__name__}"
             )
         if len(batch) < 2:
+            if not model.training:
+                # an evaluation's last, partial batch (or a rank's padding batch) of one pair
+                # has no negatives: it counts for nothing rather than stopping the run
+                device = next(model.parameters()).device
+                return ObjectiveOutput(loss=torch.zeros((), device=device), metrics={}, weight=0.0)
             raise ValueError(
-                "contrastive objective: a batch needs at least 2 pairs (the other pairs are each "
-                f"pair's negatives), got {len(batch)}; raise train.batch_size"
+                "contrastive objective: a training batch needs at least 2 pairs (the other pairs "
+                f"are each pair's negatives), got {len(batch)}; raise train.batch_size"
             )
         out = model(batch)
         img, txt = out.image_embeds.float(), out.text_embeds.float()

@@ -269,13 +269,17 @@ def run_multimodal(run: Run, data: str | os.PathLike | None = None) -> dict[str,
     train_data, eval_data = split_dataset(dataset, own.get("eval_fraction", 0.02))
     _check_drawings_have_a_decoder(model, train_data)
     truncation = bool(own.get("truncation", False))
+    # samples may fill the model's whole context (a pretrained model's chat template adds to
+    # every sample) unless the user set model.block_size: then that is the window
+    window = {}
+    if "model.block_size" in run.explicit:
+        window["max_length"] = context_length(model_section, model.gpt)
     return _fit(
         run,
         model,
         train_data,
         eval_data,
-        # the model's whole context: a pretrained model's chat template adds to every sample
-        collate_fn=model.processor(truncation=truncation),
+        collate_fn=model.processor(truncation=truncation, **window),
         truncation=truncation,
     )
 

@@ -179,3 +179,21 @@ def test_output_appears_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None
     with pytest.raises(DataError, match="no usable row"):
         convert.convert_dataset(tmp_path / "empty", tmp_path / "nothing", "imagefolder")
     assert not (tmp_path / "nothing").exists()
+
+
+def test_an_unhashable_coco_image_id_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    from mmgpt.data.convert import convert_dataset
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png"}],
+        "annotations": [
+            {"image_id": 1, "caption": "a black square"},
+            {"image_id": [1], "caption": "a list as an id"},
+        ],
+    }
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    report = convert_dataset(tmp_path / "c.json", tmp_path / "out", "imagefolder")
+    rows = (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and "a black square" in rows[0]
+    assert "image_id [1] not in images" in str(report)

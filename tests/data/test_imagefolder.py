@@ -370,3 +370,22 @@ def test_output_image_in_a_human_turn_is_a_problem_of_its_line(drawings):
     (problem,) = data.problems
     assert (problem.line, problem.reason) == (5, "bad_value")
     assert "belongs in a 'gpt' turn" in problem.message
+
+
+@pytest.mark.parametrize("task", ["caption", "t2i"])
+def test_a_caption_holding_an_image_placeholder_is_a_problem_of_its_row(tmp_path, task) -> None:
+    import json
+
+    from PIL import Image
+
+    from mmgpt.data.imagefolder import read_imagefolder
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    rows = [
+        {"file_name": "a.png", "text": "a red <image> square"},
+        {"file_name": "b.png", "text": "ok"},
+    ]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, problems = read_imagefolder(tmp_path, task=task)
+    assert len(records) == 1 and [(p.line, p.reason) for p in problems] == [(1, "bad_value")]

@@ -8,12 +8,12 @@ import pytest
 pytest.importorskip("gradio")
 pytest.importorskip("transformers")
 
-from gradio_client import Client, handle_file  # noqa: E402
-from PIL import Image  # noqa: E402
+from gradio_client import Client, handle_file
+from PIL import Image
 
-from mmgpt.generation import GenerationConfig  # noqa: E402
-from mmgpt.hf_fixtures import build_llava_dir  # noqa: E402
-from mmgpt.pretrained import load_model  # noqa: E402
+from mmgpt.generation import GenerationConfig
+from mmgpt.hf_fixtures import build_llava_dir
+from mmgpt.pretrained import load_model
 
 
 def test_the_chat_serves_a_llava_checkpoint_with_images(demo_helpers, tmp_path) -> None:

@@ -247,3 +247,33 @@ def test_clip_recipe_trains_the_encoder_and_hands_it_to_caption(tmp_path: Path) 
     for key in encoder_keys:  # ... and stayed close to it at a tenth of the lr
         change = (tuned[key] - clip_weights[key]).abs().max()
         assert change <= 2 * 3 * 0.1 * 4e-3, key  # AdamW moves a weight by ~lr per step
+
+
+def test_an_evaluation_tail_of_one_pair_counts_for_nothing(tmp_path) -> None:
+    """Evaluation keeps its last, partial batch: one pair there has no negatives, and must
+    neither stop the run nor move the held-out loss; in training it stays an error."""
+    import mmgpt_text
+    from mmgpt.data.shapes import ShapesWorld
+    from mmgpt.multimodal import MultimodalGPT
+    from mmgpt.objectives.contrastive import ContrastiveObjective
+    from mmgpt.trainer import TrainConfig
+
+    world = ShapesWorld(task="caption", size=64, max_shapes=1, image_size=32)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(world[i].meta["caption"] for i in range(64)))
+    tok = mmgpt_text.TextTokenizer.train([corpus], vocab_size=300)
+    torch.manual_seed(0)
+    backbone = MultimodalGPT.build("gpt-nano", tok, block_size=24)
+    objective = ContrastiveObjective(loss="clip", embed_dim=16)
+    train = ShapesWorld(task="caption", size=8, max_shapes=1, image_size=32)
+    held_out = ShapesWorld(task="caption", size=3, max_shapes=1, image_size=32, seed=5)
+    config = TrainConfig.from_dict(
+        {"batch_size": 2, "max_steps": 1, "eval_every": 1, "device": "cpu", "progress": False}
+    )
+    trainer = objective.build_trainer(backbone, train, config, eval_data=held_out, out_dir=tmp_path)
+    result = trainer.fit()
+    assert result["step"] == 1 and math.isfinite(result["eval"]["loss"])
+    pair = trainer.model.collator()([held_out[0]])
+    trainer.model.train()
+    with pytest.raises(ValueError, match="a training batch needs at least 2 pairs"):
+        objective(trainer.model, pair)
