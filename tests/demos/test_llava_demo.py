@@ -23,9 +23,7 @@ def test_the_chat_serves_a_llava_checkpoint_with_images(demo_helpers, tmp_path) 
     with demo_helpers.launched(directory, "chat") as app:
         client = Client(app.local_url, verbose=False)
         message = {"text": "What is in the picture?", "files": [handle_file(str(image))]}
-        reply, images = client.predict(
-            message, temperature=0.0, max_new_tokens=6, api_name="/chat"
-        )
+        reply, images = client.predict(message, temperature=0.0, max_new_tokens=6, api_name="/chat")
     model = load_model(directory)
     conversation = [{"role": "user", "text": "<image>\nWhat is in the picture?"}]
     expected = model.generate(
