@@ -273,23 +273,7 @@ class ViTEncoder(nn.Module):
 
         A ``(3, H, W)`` tensor at the model's input size is taken as already preprocessed.
         """
-        if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
-            items = [items]
-        out = []
-        for i, item in enumerate(items):
-            if isinstance(item, Tensor):
-                if tuple(item.shape) != self.input_size:
-                    raise ValueError(
-                        f"ViTEncoder.preprocess: image {i} is a tensor of shape "
-                        f"{tuple(item.shape)}; tensors must be preprocessed already, "
-                        f"of shape {self.input_size}"
-                    )
-                out.append(item.float())
-                continue
-            out.append(self._transform(to_rgb(item, index=i)))
-        if not out:
-            return torch.empty(0, *self.input_size)
-        return torch.stack(out)  # (N, 3, H, W)
+        return preprocess_images(items, self.input_size, self._transform, "ViTEncoder")
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
@@ -362,6 +346,33 @@ class ViTEncoder(nn.Module):
             f"name={self.name!r}, num_tokens={self.num_tokens}, output_dim={self.output_dim}, "
             f"feature_layer={self.feature_layer}, pool={self.pool!r}, frozen={self.frozen}"
         )
+
+
+def preprocess_images(
+    items: Sequence[Any] | Any,
+    input_size: tuple[int, int, int],
+    transform: Any,
+    owner: str,
+) -> Tensor:
+    """``items`` (PIL images of any mode, numpy arrays, paths, or tensors already at
+    ``input_size``) → ``(N, 3, H, W)`` float32, each image through ``transform`` (one RGB PIL
+    image → ``(3, H, W)``); shared by every image encoder of this plugin."""
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+        items = [items]
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, Tensor):
+            if tuple(item.shape) != input_size:
+                raise ValueError(
+                    f"{owner}.preprocess: image {i} is a tensor of shape {tuple(item.shape)}; "
+                    f"tensors must be preprocessed already, of shape {input_size}"
+                )
+            out.append(item.float())
+            continue
+        out.append(transform(to_rgb(item, index=i)))
+    if not out:
+        return torch.empty(0, *input_size)
+    return torch.stack(out)  # (N, 3, H, W)
 
 
 def to_rgb(item: Any, *, index: int = 0) -> Any:

@@ -55,7 +55,7 @@ from mmgpt.interop.llava import (
 )
 from mmgpt.registry import register
 from mmgpt.weights import load_model_state
-from mmgpt_vit.encoder import to_rgb
+from mmgpt_vit.encoder import preprocess_images
 
 SELECT_FEATURES = ("patch", "cls_patch")
 # Published architectures by their Hugging Face Hub names, for building without files
@@ -394,23 +394,7 @@ class HFVisionTower(nn.Module):
 
         A ``(3, H, W)`` tensor at the tower's input size is taken as already preprocessed.
         """
-        if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
-            items = [items]
-        out = []
-        for i, item in enumerate(items):
-            if isinstance(item, Tensor):
-                if tuple(item.shape) != self.input_size:
-                    raise ValueError(
-                        f"{type(self).__name__}.preprocess: image {i} is a tensor of shape "
-                        f"{tuple(item.shape)}; tensors must be preprocessed already, of shape "
-                        f"{self.input_size}"
-                    )
-                out.append(item.float())
-                continue
-            out.append(self.pixel_values(to_rgb(item, index=i)))
-        if not out:
-            return torch.empty(0, *self.input_size)
-        return torch.stack(out)  # (N, 3, H, W)
+        return preprocess_images(items, self.input_size, self.pixel_values, type(self).__name__)
 
     def pixel_values(self, image: Any) -> Tensor:
         """One RGB PIL image → ``(3, H, W)``: resize, centre crop, rescale, normalise."""
