@@ -625,6 +625,11 @@ EXERCISED_BY: tuple[Rule, ...] = (
         ("tests/rlhf/test_ppo.py::test_ppo_raises_a_toy_reward",),
     ),
     Rule(
+        "mmgpt train, objective grpo or rloo",
+        lambda i: _train("grpo")(i) or _train("rloo")(i),
+        ("tests/rlhf/test_group.py::test_group_objective_raises_a_toy_reward",),
+    ),
+    Rule(
         "mmgpt train --model DIR of a Hugging Face model (lm, full or LoRA; caption)",
         lambda i: i.command == "train" and _hf_start(i),
         (

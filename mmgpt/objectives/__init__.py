@@ -4,6 +4,7 @@ from mmgpt.objectives import (  # noqa: F401  (RLHF)
     contrastive,
     diffusion,
     dpo,
+    group,
     lm,
     ppo,
     reward,
