@@ -40,7 +40,7 @@ EXTRAS = {
     "sacrebleu": "eval",
     "pyarrow": "data",
 }
-EVAL_TASKS = ("caption", "vqa", "lm", "t2i", "choice")
+EVAL_TASKS = ("caption", "vqa", "lm", "t2i", "choice", "preferences", "reward")
 
 
 class CommandError(Exception):
@@ -275,9 +275,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmgpt.config import CONFIG_NAME, read_model_config
     from mmgpt.pretrained import architecture
 
-    model_dir = _model_dir(args.model)
-    config = read_model_config(model_dir)
-    arch = architecture(config, model_dir / CONFIG_NAME)
+    if args.task == "preferences":  # a preference file only: no model
+        if args.model is not None:
+            raise CommandError("--task preferences reads only --data; leave out --model")
+        model_dir, arch = None, None
+    elif args.model is None:
+        raise CommandError(f"--model is required for --task {args.task or 'caption|vqa|lm'}")
+    else:
+        model_dir = _model_dir(args.model)
+        config = read_model_config(model_dir)
+        arch = architecture(config, model_dir / CONFIG_NAME)
     task = args.task or ("caption" if arch == "multimodal" else "lm")
     if args.shots is not None and task != "choice":
         raise CommandError(f"--shots applies to --task choice, not {task}")
@@ -536,23 +543,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", parents=[debug], help="evaluate a model; prints JSON metrics")
-    p.add_argument("--model", metavar="DIR", required=True, help="model directory")
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        help="model directory (every task but preferences); a reward model for --task reward",
+    )
     p.add_argument(
         "--data",
         metavar="PATH",
         required=True,
         help="evaluation data: text files (lm); an imagefolder dir, a LLaVA JSON, or "
         "'shapes[:seed=1,size=200,...]' for the synthetic shapes world (caption, vqa); "
-        "multiple-choice JSONL or MMLU-style CSVs (choice)",
+        "multiple-choice JSONL or MMLU-style CSVs (choice); a preference JSONL "
+        "(preferences, reward)",
     )
     p.add_argument(
         "--task",
         choices=EVAL_TASKS,
         help="lm: perplexity on text files (default for text models); "
-        "caption (default for multimodal models), vqa, t2i; choice: multiple-choice accuracy",
+        "caption (default for multimodal models), vqa, t2i; choice: multiple-choice accuracy; "
+        "preferences: win rates and Bradley-Terry scores of the players of a preference file "
+        "(no --model); reward: a reward model's pair and best-of-n accuracy",
     )
     p.add_argument(
-        "--batch-size", metavar="N", type=_positive_int, help="caption/vqa/t2i/choice: batch"
+        "--batch-size", metavar="N", type=_positive_int, help="caption/vqa/t2i/choice/reward: batch"
     )
     p.add_argument(
         "--limit", metavar="N", type=_positive_int, help="caption/vqa/t2i/choice: first N samples"

@@ -550,6 +550,19 @@ EXERCISED_BY: tuple[Rule, ...] = (
         ),
     ),
     Rule(
+        "mmgpt eval --task preferences (no --model)",
+        lambda i: i.command == "eval" and i.args.task == "preferences",
+        ("tests/eval/test_preference_reports.py::test_cli_preferences_needs_no_model",),
+    ),
+    Rule(
+        "mmgpt eval --task reward",
+        lambda i: i.command == "eval" and i.args.task == "reward",
+        (
+            "tests/eval/test_preference_reports.py::test_cli_reward_and_its_errors",
+            "tests/eval/test_preference_reports.py::test_reward_report_hand_checkable_accuracy",
+        ),
+    ),
+    Rule(
         "mmgpt data check",
         lambda i: i.command == "data check",
         (

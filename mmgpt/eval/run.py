@@ -10,7 +10,10 @@ prompt; batched with left padding) and returns a JSON-ready dict of metrics:
 - ``vqa``: ``exact_match`` overall and ``per_type`` (:mod:`mmgpt.eval.vqa`).
 
 ``--task choice`` (multiple-choice questions, text or multimodal models) goes to
-:func:`mmgpt.eval.choice.run_choice_eval`, ``--task t2i`` to :func:`mmgpt.eval.t2i.run_t2i_eval`.
+:func:`mmgpt.eval.choice.run_choice_eval`, ``--task t2i`` to :func:`mmgpt.eval.t2i.run_t2i_eval`,
+``--task preferences`` (win rates in a preference file; no model) to
+:func:`mmgpt.eval.preferences.preference_report` and ``--task reward`` (a reward model's
+accuracy on a preference file) to :func:`mmgpt.eval.reward.reward_report`.
 
 ``data`` is an imagefolder, a LLaVA JSON or ``shapes[:KEY=VALUE,...]``
 (:mod:`mmgpt.eval.data`, which also holds the helpers this module re-exports).
@@ -27,6 +30,8 @@ import torch
 from mmgpt.eval.caption import caption_metrics
 from mmgpt.eval.choice import run_choice_eval
 from mmgpt.eval.data import EVAL_TASKS, EvalItem, eval_items, load_eval_data, parse_shapes_spec
+from mmgpt.eval.preferences import preference_report
+from mmgpt.eval.reward import reward_report
 from mmgpt.eval.t2i import run_t2i_eval
 from mmgpt.eval.vqa import infer_question_type, vqa_metrics
 from mmgpt.generation import GenerationConfig
@@ -89,7 +94,7 @@ def generate_replies(
 
 
 def run_eval(
-    model_dir: str | os.PathLike,
+    model_dir: str | os.PathLike | None,
     data: str | os.PathLike,
     task: str = "caption",
     *,
@@ -103,10 +108,13 @@ def run_eval(
     """Evaluate the multimodal model in ``model_dir`` on ``data`` for ``task``.
 
     Args:
-        model_dir: a directory written by ``MultimodalGPT.save_pretrained`` (e.g. ``run/model``).
+        model_dir: a directory written by ``MultimodalGPT.save_pretrained`` (e.g. ``run/model``);
+            a reward model directory for ``"reward"``; ``None`` (and only then) for
+            ``"preferences"``.
         data: an imagefolder dir, a LLaVA JSON, or ``shapes[:KEY=VALUE,...]``.
         task: ``"caption"`` or ``"vqa"`` (``"t2i"`` goes to :func:`mmgpt.eval.t2i.run_t2i_eval`,
-            ``"choice"`` to :func:`mmgpt.eval.choice.run_choice_eval`, for any model).
+            ``"choice"`` to :func:`mmgpt.eval.choice.run_choice_eval`, for any model;
+            ``"preferences"`` and ``"reward"`` as the module docstring says).
         batch_size: prompts generated together (default 16).
         max_new_tokens: longest reply (default 64; also capped by the model's context).
         limit: evaluate the first ``limit`` samples only.
@@ -119,6 +127,27 @@ def run_eval(
     """
     if shots is not None and task != "choice":
         raise ValueError(f"--shots applies to --task choice, not {task}")
+    if task in ("preferences", "reward"):
+        unused = {"max_new_tokens": max_new_tokens, "limit": limit}
+        if task == "preferences":
+            unused["batch_size"] = batch_size
+        named = [f"--{k.replace('_', '-')}" for k, v in unused.items() if v is not None]
+        if named:
+            raise ValueError(f"{', '.join(named)} does not apply to --task {task}")
+        if task == "preferences":
+            if model_dir is not None:
+                raise ValueError("--task preferences reads only --data; leave out --model")
+            return preference_report(data)
+        if model_dir is None:
+            raise ValueError("--task reward needs --model (a reward model directory)")
+        return reward_report(
+            model_dir,
+            data,
+            batch_size=16 if batch_size is None else batch_size,
+            device=_resolve_device(device),
+        )
+    if model_dir is None:
+        raise ValueError(f"--task {task} needs --model")
     if task == "choice":
         if max_new_tokens is not None:
             raise ValueError("--max-new-tokens applies to --task caption and vqa, not choice")
@@ -138,7 +167,8 @@ def run_eval(
         return run_t2i_eval(model_dir, data, limit=limit, device=device, **options)
     if task not in EVAL_TASKS:
         raise ValueError(
-            f"task must be one of {', '.join((*EVAL_TASKS, 't2i', 'choice'))}, got {task!r}"
+            "task must be one of "
+            f"{', '.join((*EVAL_TASKS, 't2i', 'choice', 'preferences', 'reward'))}, got {task!r}"
         )
     batch_size = 16 if batch_size is None else batch_size
     max_new_tokens = 64 if max_new_tokens is None else max_new_tokens
