@@ -237,10 +237,7 @@ def _stream_multimodal(
 
     model = MultimodalGPT.from_pretrained(model_dir, adapter=adapter)
     images = [load_image(p) for p in image_paths]
-    if images and "<image>" not in prompt:
-        # the images go before the question, one placeholder each
-        prompt = "<image>\n" * len(images) + prompt
-    conversation = [{"role": "user", "text": prompt}]
+    conversation = _user_turn(prompt, len(images))
     if model.image_decoder is None:
         yield from model.stream_text(conversation, images, gen_config)
         return
@@ -259,6 +256,45 @@ def _stream_multimodal(
             path.parent.mkdir(parents=True, exist_ok=True)
             event.image.save(path)
             print(f"\n{path}", flush=True)
+
+
+def _user_turn(prompt: str, n_images: int) -> list[dict[str, str]]:
+    """A one-turn conversation; without placeholders the images go before the question,
+    one ``<image>`` each."""
+    if n_images and "<image>" not in prompt:
+        prompt = "<image>\n" * n_images + prompt
+    return [{"role": "user", "text": prompt}]
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from mmgpt.config import CONFIG_NAME, read_model_config
+    from mmgpt.eval.attention import prompt_attentions, write_attention_maps
+    from mmgpt.pretrained import architecture
+
+    model_dir = _model_dir(args.model)
+    config = read_model_config(model_dir)
+    arch = architecture(config, model_dir / CONFIG_NAME)
+    adapter = _adapter_choice(args.adapter)
+    if arch == "multimodal":
+        from mmgpt.data.images import load_image
+        from mmgpt.multimodal import MultimodalGPT
+
+        model = MultimodalGPT.from_pretrained(model_dir, adapter=adapter)
+        images = [load_image(p) for p in args.image]
+        result = prompt_attentions(
+            model, model.tokenizer, _user_turn(args.prompt, len(images)), images
+        )
+    elif args.image:
+        raise ValueError(
+            f"{model_dir}: --image needs a multimodal model; this one is a text-only {arch!r} model"
+        )
+    else:
+        from mmgpt.pretrained import load_model
+
+        model = load_model(model_dir, adapter=adapter)
+        result = prompt_attentions(model, load_tokenizer(model_dir, config), args.prompt)
+    _print_result(write_attention_maps(result, args.out_dir, args.layers))
+    return 0
 
 
 def _image_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -541,6 +577,30 @@ def build_parser() -> argparse.ArgumentParser:
         "adapters saved with the model)",
     )
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "attention", parents=[debug], help="draw a prompt's attention maps as PNG heatmaps"
+    )
+    p.add_argument("--model", metavar="DIR", required=True, help="model directory")
+    p.add_argument("--prompt", metavar="TEXT", required=True, help="the prompt")
+    p.add_argument(
+        "--image", metavar="PATH", action="append", default=[], help="input image (repeatable)"
+    )
+    p.add_argument("--out-dir", metavar="DIR", required=True, help="where the PNGs and JSON go")
+    p.add_argument(
+        "--layers",
+        metavar="L",
+        type=int,
+        nargs="+",
+        help="layers to draw, counted from 0 (default: all)",
+    )
+    p.add_argument(
+        "--adapter",
+        metavar="NAME",
+        help="adapter under DIR/adapters/ to use; 'none': the base model (default: the "
+        "adapters saved with the model)",
+    )
+    p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("eval", parents=[debug], help="evaluate a model; prints JSON metrics")
     p.add_argument(

@@ -1302,7 +1302,11 @@ def stream(
             yield event.token_id
 
 
-def _text_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int] | None, add_bos: bool | None):
+def encode_prompt(
+    tokenizer: Tokenizer, prompt: str | Sequence[int] | None, add_bos: bool | None = None
+) -> Sequence[int] | None:
+    """A text prompt's ids as generation frames it (a bos as the tokenizer adds one, unless
+    ``add_bos`` says); ids and ``None`` pass through."""
     if prompt is None or not isinstance(prompt, str):
         return prompt
     if add_bos is None:  # as the tokenizer frames text (Llama: a bos; Qwen2, GPT-2: none)
@@ -1359,7 +1363,7 @@ def stream_text(
 
     run = _Decoding(
         model,
-        None if prompt is None else [_text_prompt(tokenizer, prompt, add_bos)],
+        None if prompt is None else [encode_prompt(tokenizer, prompt, add_bos)],
         config,
         pad_id=tokenizer.pad_id,
         inputs_embeds=inputs_embeds,

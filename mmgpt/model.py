@@ -211,7 +211,8 @@ class CausalSelfAttention(nn.Module):
         rotary: tuple[Tensor, Tensor] | None,
         cache: KVCache | None,
         layer: int,
-    ) -> Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:  # (B, T, C), attention weights (B, H, T, S) or None
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split((C, self.kv_dim, self.kv_dim), dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -221,19 +222,46 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H_kv, S, D), S = cached + T
-        # softmax(q kᵀ / sqrt(d_k)) v with the causal (and padding) mask; with enable_gqa,
-        # query head h reads k/v head h // (H / H_kv), as Llama's repeat_kv arranges them
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # (B, H, T, D)
+        if output_attentions:
+            y, weights = self._explicit_attention(q, k, v, mask, is_causal)
+        else:
+            # softmax(q kᵀ / sqrt(d_k)) v with the causal (and padding) mask; with enable_gqa,
+            # query head h reads k/v head h // (H / H_kv), as Llama's repeat_kv arranges them
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )  # (B, H, T, D)
+            weights = None
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y)), weights
+
+    def _explicit_attention(
+        self,
+        q: Tensor,  # (B, H, T, D)
+        k: Tensor,  # (B, H_kv, S, D)
+        v: Tensor,  # (B, H_kv, S, D)
+        mask: Tensor | None,  # bool (B, 1, T, S) or None
+        is_causal: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """The same attention as the SDPA call, written out so its weights can be returned:
+        ``(y (B, H, T, D), weights (B, H, T, S))``; used only when weights are asked for."""
+        T, S = q.size(-2), k.size(-2)
+        group = self.n_head // self.n_kv_head
+        k = k.repeat_interleave(group, dim=1)  # (B, H, S, D): q head h reads k/v head h // group
+        v = v.repeat_interleave(group, dim=1)  # (B, H, S, D)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S)
+        if is_causal:  # SDPA's is_causal: query i sees keys 0..i (top-left aligned)
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None, None]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # (B, H, T, S)
+        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # (B, H, T, S), rows sum to 1
+        dropped = F.dropout(weights, self.dropout, training=self.training)  # as SDPA's dropout_p
+        return dropped @ v, weights  # (B, H, T, D), (B, H, T, S)
 
 
 # --------------------------------------------------------------------------------------
@@ -292,9 +320,13 @@ class Block(nn.Module):
         rotary: tuple[Tensor, Tensor] | None,
         cache: KVCache | None,
         layer: int,
-    ) -> Tensor:
-        x = x + self.attn(self.ln_1(x), mask, is_causal, rotary, cache, layer)
-        return x + self.mlp(self.ln_2(x))
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:  # (B, T, C), attention weights (B, H, T, S) or None
+        a, weights = self.attn(
+            self.ln_1(x), mask, is_causal, rotary, cache, layer, output_attentions
+        )
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), weights
 
 
 # --------------------------------------------------------------------------------------
@@ -307,6 +339,8 @@ class GPTOutput:
     logits: Tensor | None  # (B, T_kept, V)
     hidden_states: Tensor  # (B, T, C), after the final norm
     past_key_values: KVCache | None = None
+    # output_attentions=True: one (B, H, T, S) tensor per layer, S = cached + T; else None
+    attentions: tuple[Tensor, ...] | None = None
 
 
 class GPT(nn.Module):
@@ -407,6 +441,7 @@ class GPT(nn.Module):
         use_cache: bool = False,
         logits_to_keep: int = 0,  # 0: logits for every position; n: only the last n
         return_logits: bool = True,
+        output_attentions: bool = False,  # also return each layer's weights (explicit path)
     ) -> GPTOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("GPT.forward: pass exactly one of input_ids or inputs_embeds")
@@ -459,8 +494,11 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)  # (B, T, C)
 
         mask, is_causal = self._attention_mask(attention_mask, B, T, past, x.device)
+        attentions: list[Tensor] = []
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, is_causal, rotary, cache, i)
+            x, weights = block(x, mask, is_causal, rotary, cache, i, output_attentions)
+            if weights is not None:
+                attentions.append(weights)  # (B, H, T, S)
         if cache is not None:
             cache.advance(T)
         x = self.transformer.ln_f(x)  # (B, T, C)
@@ -469,7 +507,12 @@ class GPT(nn.Module):
         if return_logits:
             kept = x[:, -logits_to_keep:] if logits_to_keep else x
             logits = self.lm_head(kept)  # (B, T_kept, V)
-        return GPTOutput(logits=logits, hidden_states=x, past_key_values=cache)
+        return GPTOutput(
+            logits=logits,
+            hidden_states=x,
+            past_key_values=cache,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
 
     @staticmethod
     def _attention_mask(

@@ -348,9 +348,10 @@ class MultimodalGPT(nn.Module):
         use_cache: bool = False,
         logits_to_keep: int = 0,
         return_logits: bool = True,
+        output_attentions: bool = False,
     ) -> GPTOutput:
         """Run the decoder on a batch (or on ids + images and other modalities' inputs and
-        positions, or on ready ``inputs_embeds``)."""
+        positions, or on ready ``inputs_embeds``); ``output_attentions``: as :meth:`GPT.forward`."""
         if batch is not None:
             if (
                 input_ids is not None
@@ -394,6 +395,7 @@ class MultimodalGPT(nn.Module):
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             return_logits=return_logits,
+            output_attentions=output_attentions,
         )
 
     # -- generation ------------------------------------------------------------------------

@@ -313,7 +313,7 @@ class Result:
 
 
 REAL = {"plan", "plugins list"}  # cheap: they run for real
-RECORDED = {"demo", "generate", "eval", "data check", "data convert", "export"}  # parsed only
+RECORDED = {"demo", "generate", "attention", "eval", "data check", "data convert", "export"}
 
 
 def validate_train(recipe: Any, data: Any, out: Any, resume: bool, overrides: list[str]) -> dict:
@@ -358,6 +358,7 @@ def run_cli(argv: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> Result:
         ("demo", "cmd_demo"),
         ("train", "cmd_train"),
         ("generate", "cmd_generate"),
+        ("attention", "cmd_attention"),
         ("eval", "cmd_eval"),
         ("data check", "cmd_data_check"),
         ("data convert", "cmd_data_convert"),
@@ -521,6 +522,14 @@ EXERCISED_BY: tuple[Rule, ...] = (
         "mmgpt generate --out-dir / drawing options (a model that draws writes PNGs)",
         lambda i: i.command == "generate" and _draws(i),
         ("tests/test_imagegen.py::test_cli_generate_writes_pngs_and_prints_their_paths",),
+    ),
+    Rule(
+        "mmgpt attention",
+        lambda i: i.command == "attention",
+        (
+            "tests/test_attention.py::test_attention_command_on_a_text_model",
+            "tests/test_attention.py::test_attention_command_on_a_multimodal_model_with_an_image",
+        ),
     ),
     Rule(
         "mmgpt eval --task lm",
