@@ -27,7 +27,6 @@ import dataclasses
 import difflib
 import math
 import os
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -394,23 +393,8 @@ class GroupTrainer(PPOTrainer):
         k = cfg.samples_per_prompt
         prompts = [p for micro in micro_batches for p in micro for _ in range(k)]
         batch, stats = self.rollout(prompts)
-        n = len(batch)
-        size = min(cfg.minibatch_size, n)
-        sums: dict[str, float] = defaultdict(float)
-        updates = 0
-        for _ in range(cfg.epochs):
-            order = torch.randperm(n)
-            for start in range(0, n, size):
-                minibatch = batch.select(order[start : start + size])
-                metrics = self.compute_gradients([minibatch])
-                metrics["grad_norm"] = self.clip_gradients()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                for key, value in metrics.items():
-                    sums[key] += value
-                updates += 1
+        means = self.update_on(batch, cfg.epochs, cfg.minibatch_size)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step += 1
-        return {**{key: v / updates for key, v in sums.items()}, **stats, "lr": lr}
+        return {**means, **stats, "lr": lr}

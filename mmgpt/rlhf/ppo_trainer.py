@@ -195,11 +195,22 @@ class PPOTrainer(Trainer):
         k = cfg.samples_per_prompt
         prompts = [p for micro in micro_batches for p in micro for _ in range(k)]
         batch, stats = self.rollout(prompts)
+        means = self.update_on(batch, cfg.ppo_epochs, cfg.minibatch_size)
+        self.tokens_seen += float(batch.response_mask.sum()) * cfg.ppo_epochs
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step += 1
+        self.kl_controller.update(stats["kl"], len(batch))
+        return {**means, **stats, "lr": lr}
+
+    def update_on(self, batch: Any, epochs: int, minibatch_size: int) -> dict[str, float]:
+        """``epochs`` passes of optimizer steps over shuffled minibatches of one rollout
+        ``batch``; returns the metrics averaged over the steps."""
         n = len(batch)
-        size = min(cfg.minibatch_size, n)
+        size = min(minibatch_size, n)
         sums: dict[str, float] = defaultdict(float)
         updates = 0
-        for _ in range(cfg.ppo_epochs):
+        for _ in range(epochs):
             order = torch.randperm(n)
             for start in range(0, n, size):
                 minibatch = batch.select(order[start : start + size])
@@ -211,12 +222,7 @@ class PPOTrainer(Trainer):
                 for key, value in metrics.items():
                     sums[key] += value
                 updates += 1
-        self.tokens_seen += float(batch.response_mask.sum()) * cfg.ppo_epochs
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        self.step += 1
-        self.kl_controller.update(stats["kl"], n)
-        return {**{k: v / updates for k, v in sums.items()}, **stats, "lr": lr}
+        return {key: value / updates for key, value in sums.items()}
 
     # -- evaluation -------------------------------------------------------------------
     @torch.no_grad()
