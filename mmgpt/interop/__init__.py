@@ -18,10 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmgpt.config import CONFIG_NAME, GPTConfig
+from mmgpt.config import CONFIG_NAME, GPTConfig, read_model_config
 from mmgpt.interop.gpt2 import gpt_config_from_hf as gpt2_config_from_hf
 from mmgpt.interop.gpt2 import read_hf_gpt2, write_hf_gpt2
-from mmgpt.interop.hf_files import read_hf_config
 from mmgpt.interop.llama import LLAMA_MODEL_TYPES, read_hf_llama, write_hf_llama
 from mmgpt.interop.llama import gpt_config_from_hf as llama_config_from_hf
 from mmgpt.interop.llava import LLAVA_MODEL_TYPE, is_llava_config
@@ -67,7 +66,7 @@ def read_hf(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], Path]
     """The config and the weights (in mmgpt's layout) of a local Hugging Face directory of a
     supported ``model_type``, and the file the weights came from."""
     path = Path(path)
-    model_type = hf_model_type(read_hf_config(path), path / CONFIG_NAME)
+    model_type = hf_model_type(read_model_config(path), path / CONFIG_NAME)
     return read_hf_gpt2(path) if model_type == "gpt2" else read_hf_llama(path)
 
 

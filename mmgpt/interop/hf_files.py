@@ -24,16 +24,6 @@ PYTORCH_NAME = "pytorch_model.bin"
 PYTORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 
 
-def read_hf_config(path: Path) -> dict[str, Any]:
-    """The ``config.json`` of the Hugging Face directory ``path``."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a model directory")
-    config = load_json(path / CONFIG_NAME)
-    if not isinstance(config, dict):
-        raise ValueError(f"{path / CONFIG_NAME}: expected a JSON object")
-    return config
-
-
 def read_hf_weights(path: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """All tensors of a HF checkpoint directory and the file (or index) they came from."""
     single = path / SAFETENSORS_NAME
@@ -105,7 +95,6 @@ __all__ = [
     "PYTORCH_NAME",
     "SAFETENSORS_INDEX_NAME",
     "SAFETENSORS_NAME",
-    "read_hf_config",
     "read_hf_weights",
     "write_hf_checkpoint",
 ]

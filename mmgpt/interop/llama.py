@@ -37,8 +37,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmgpt.config import CONFIG_NAME, GPTConfig
-from mmgpt.interop.hf_files import read_hf_config, read_hf_weights, write_hf_checkpoint
+from mmgpt.config import CONFIG_NAME, GPTConfig, read_model_config
+from mmgpt.interop.hf_files import read_hf_weights, write_hf_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -396,7 +396,7 @@ def read_hf_llama(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor],
     """The config and the weights (in mmgpt's layout) of a local Hugging Face Llama, Mistral
     or Qwen2 directory, and the file the weights came from."""
     path = Path(path)
-    config = gpt_config_from_hf(read_hf_config(path), path / CONFIG_NAME)
+    config = gpt_config_from_hf(read_model_config(path), path / CONFIG_NAME)
     raw, source = read_hf_weights(path)
     return config, hf_state_to_gpt(raw, config, source), source
 

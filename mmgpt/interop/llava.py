@@ -47,9 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmgpt.config import CONFIG_NAME, FORMAT_VERSION, GPTConfig
+from mmgpt.config import CONFIG_NAME, FORMAT_VERSION, GPTConfig, read_model_config
 from mmgpt.files import load_json, save_json
-from mmgpt.interop.hf_files import read_hf_config, read_hf_weights, write_hf_checkpoint
+from mmgpt.interop.hf_files import read_hf_weights, write_hf_checkpoint
 from mmgpt.interop.llama import (
     LLAMA_MODEL_TYPES,
     gpt_config_from_hf,
@@ -382,7 +382,7 @@ def read_vision_tower(
     when given, must be the directory's; ``weights=False`` reads the configs only."""
     path = Path(path)
     where = path / CONFIG_NAME
-    config = read_hf_config(path)
+    config = read_model_config(path)
     model_type = config.get("model_type")
     if model_type in _VISION_TYPES:
         found, vision, prefixes = _VISION_TYPES[model_type], config, ("",)
@@ -525,7 +525,7 @@ def read_llava(path: str | Path) -> LlavaCheckpoint:
     state dict (see the module docstring); needs its ``preprocessor_config.json``."""
     path = Path(path)
     where = path / CONFIG_NAME
-    hf = read_hf_config(path)
+    hf = read_model_config(path)
     if not is_llava_config(hf):
         raise ValueError(f"{where}: model_type is {hf.get('model_type')!r}, not 'llava'")
     parts = _llava_parts(hf, str(where))
