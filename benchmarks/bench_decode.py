@@ -12,16 +12,35 @@ implementation can reach. transformers runs with "gelu_new" (GPT-2's own config)
 SwiGLU, RMSNorm, rotary positions, untied head, vocab 8192) against transformers'
 LlamaForCausalLM on the directory ``mmgpt.pretrained.save_hf`` writes.
 
+Faster mmgpt paths, each a row of its own:
+
+- "mmgpt generate (compile)": ``GenerationConfig(compile=True)``, a static KV cache and a
+  ``torch.compile``'d decode step (the compile happens in the warm-up round; its time is
+  printed). On by default; ``--no-compile`` leaves it out.
+- ``--speculative``: speculative decoding at batch 1 with a draft model, eager and compiled.
+  A random model's greedy continuation repeats one token, which any draft predicts, so here
+  every contender uses the benchmark model TRAINED briefly (``--train-steps``) on shapes-world
+  captions (token = byte; template words are predictable, the shapes' attributes random), the
+  draft (``--draft-layers`` × ``--draft-width``) trained the same way, and the prompts are
+  held-out captions. The trained weights are kept in ``--trained-dir`` for later runs.
+- ``--int8``: the model quantised weight-only to int8 (``mmgpt.quantization``, when this
+  checkout has it), eager and with ``--speculative`` as the target of speculative decoding.
+  Its tokens are not the fp32 ones: the "quality" column gives where they first differ (and,
+  trained, the held-out loss).
+
     python benchmarks/bench_decode.py                  # batch 1 and 8, 200 new tokens
     python benchmarks/bench_decode.py --batch 1 --new-tokens 100 --repeats 9
     python benchmarks/bench_decode.py --n-embd 12      # per-step overhead only
     python benchmarks/bench_decode.py --family llama   # (--n-embd 12: MLP 32 wide)
+    python benchmarks/bench_decode.py --batch 1 --speculative --int8 --threads 1 --clock cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,17 +54,22 @@ from common import (
     alternate,
     bench_config,
     decode_floor,
+    held_out_loss,
     hf_contenders,
+    hf_twins,
     machine_line,
     ours_and_hf,
     print_table,
     setup,
+    shapes_text,
+    train_briefly,
 )
 
 from mmgpt.generation import GenerationConfig, generate
 from mmgpt.model import GPT, KVCache
 
 FLOOR = "floor: weight matmuls only"
+REFERENCE = "mmgpt bare loop"
 
 
 @torch.inference_mode()
@@ -60,7 +84,11 @@ def bare_loop(model: GPT, prompts: torch.Tensor, new_tokens: int) -> torch.Tenso
 
 
 def contenders(
-    ours: GPT, theirs: dict[str, torch.nn.Module], prompts: torch.Tensor, new_tokens: int
+    ours: GPT,
+    theirs: dict[str, torch.nn.Module],
+    prompts: torch.Tensor,
+    new_tokens: int,
+    fast: dict[str, Callable[[list[list[int]]], torch.Tensor]] | None = None,
 ) -> dict[str, Callable[[], torch.Tensor]]:
     config = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0)
     prompt_lists = prompts.tolist()
@@ -86,11 +114,124 @@ def contenders(
 
     runs = {
         "mmgpt generate": mmgpt_generate,
-        "mmgpt bare loop": lambda: bare_loop(ours, prompts, new_tokens),
+        REFERENCE: lambda: bare_loop(ours, prompts, new_tokens),
     }
+    for name, run in (fast or {}).items():
+        runs[name] = lambda run=run: run(prompt_lists)
     for act, model in theirs.items():
         runs[f"transformers generate ({act})"] = hf_generate(model)
     return runs
+
+
+def fast_paths(
+    ours: GPT, batch: int, new_tokens: int, args: argparse.Namespace, draft: GPT | None
+) -> dict[str, Callable[[list[list[int]]], torch.Tensor]]:
+    """The compiled, speculative and int8 contenders that apply at this batch size."""
+    greedy = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0)
+    compiled = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, compile=True)
+    k = args.draft_tokens
+    paths: dict[str, Callable[[list[list[int]]], torch.Tensor]] = {}
+
+    def add(name: str, model: GPT, config: GenerationConfig, **kwargs) -> None:
+        def run(prompts: list[list[int]]) -> torch.Tensor:
+            out = generate(model, prompts, config, pad_id=0, return_dict=True, **kwargs)
+            if out.speculative is not None:
+                ACCEPTANCE.setdefault(name, []).append(out.speculative.acceptance_rate)
+            return torch.tensor(out.tokens)
+
+        paths[name] = run
+
+    if args.compile:
+        add("mmgpt generate (compile)", ours, compiled)
+    if draft is not None and batch == 1:
+        add(f"mmgpt speculative (k={k})", ours, greedy, draft_model=draft, num_draft_tokens=k)
+        if args.compile:
+            add(
+                f"mmgpt speculative + compile (k={k})",
+                ours,
+                compiled,
+                draft_model=draft,
+                num_draft_tokens=k,
+            )
+    if args.int8:
+        quantized = int8_copy(ours)
+        if quantized is not None:
+            add("mmgpt generate (int8 weights)", quantized, greedy)
+            if draft is not None and batch == 1:
+                add(
+                    f"mmgpt speculative, int8 target (k={k})",
+                    quantized,
+                    greedy,
+                    draft_model=draft,
+                    num_draft_tokens=k,
+                )
+    return paths
+
+
+ACCEPTANCE: dict[str, list[float]] = {}  # acceptance rate of each speculative call, by row
+
+
+def int8_copy(model: GPT) -> GPT | None:
+    """A copy of ``model`` with int8 weight-only linear layers, when mmgpt has them."""
+    try:
+        from mmgpt.quantization import quantize_model
+    except ImportError:
+        print("--int8: this checkout has no mmgpt.quantization; int8 rows left out")
+        return None
+    quantized = copy.deepcopy(model)
+    quantize_model(quantized, "int8")
+    return quantized.eval()
+
+
+def first_divergence(tokens: torch.Tensor, reference: torch.Tensor) -> str:
+    """Quality of a contender's greedy tokens against the fp32 reference's."""
+    if torch.equal(tokens, reference):
+        return "identical"
+    differ = (tokens != reference).int()
+    first = differ.argmax(dim=1)  # first differing position of each row (0 where none)
+    rows = [int(f) for f, d in zip(first, differ.any(dim=1)) if d]
+    return f"first differs at token {min(rows)} of {reference.size(1)} ({len(rows)} rows differ)"
+
+
+def trained_models(
+    config, args: argparse.Namespace
+) -> tuple[GPT, GPT, torch.Tensor, dict[str, float]]:
+    """The benchmark model and a draft, trained briefly on shapes-world captions (or loaded
+    from ``--trained-dir``), the held-out text, and how the training went."""
+    from mmgpt.model import GPT as _GPT
+
+    data = torch.tensor(list(shapes_text(20_000, seed=args.seed)))
+    held_out = torch.tensor(list(shapes_text(400, seed=args.seed + 1)))
+    draft_config = bench_config(
+        args.family,
+        n_layer=args.draft_layers,
+        n_embd=args.draft_width,
+        n_head=max(1, args.draft_width // 64),
+        **({"n_kv_head": max(1, args.draft_width // 128)} if args.family == "llama" else {}),
+    )
+    out_dir = Path(args.trained_dir) / f"{args.family}-{config.n_embd}-{args.train_steps}"
+    info: dict[str, float] = {}
+    models = {}
+    for name, cfg in (("target", config), ("draft", draft_config)):
+        path = out_dir / name
+        if (path / "model.safetensors").is_file():
+            models[name] = _GPT.from_pretrained(path)
+            print(f"{name}: loaded from {path}")
+            continue
+        torch.manual_seed(args.seed)
+        model = _GPT(cfg)
+        start = time.process_time()
+        losses = train_briefly(model, data, args.train_steps, batch=4, seed=args.seed)
+        info[f"{name} training CPU s"] = time.process_time() - start
+        print(
+            f"{name}: trained {args.train_steps} steps (batch 4 × 256 bytes) in "
+            f"{info[f'{name} training CPU s']:.0f} CPU s, loss {losses[0]:.2f} → {losses[-1]:.3f}"
+        )
+        model.save_pretrained(path)
+        models[name] = model
+    for name, model in models.items():
+        info[f"{name} held-out loss"] = held_out_loss(model, held_out)
+    return models["target"], models["draft"], held_out, info
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,12 +255,45 @@ def main(argv: list[str] | None = None) -> None:
         help="transformers' name(s) for the tanh GELU; one contender per name (GPT-2 only; "
         "default: both)",
     )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time GenerationConfig(compile=True) (default: on)",
+    )
+    parser.add_argument(
+        "--speculative",
+        action="store_true",
+        help="batch 1: speculative decoding with a draft model; every contender then uses the "
+        "briefly trained benchmark model and held-out caption prompts",
+    )
+    parser.add_argument("--draft-tokens", type=int, default=4, help="tokens proposed per round")
+    parser.add_argument("--draft-layers", type=int, default=2, help="layers of the draft model")
+    parser.add_argument("--draft-width", type=int, default=192, help="width of the draft model")
+    parser.add_argument(
+        "--train-steps", type=int, default=300, help="--speculative: training steps per model"
+    )
+    parser.add_argument(
+        "--trained-dir",
+        default=str(Path.home() / ".cache" / "mmgpt-bench"),
+        help="--speculative: where the trained models are kept and looked for",
+    )
+    parser.add_argument(
+        "--int8", action="store_true", help="also time the model quantised to int8 weight-only"
+    )
     args = parser.parse_args(argv)
     setup(args)
 
     config = bench_config(args.family, n_embd=args.n_embd)
     hf_labels = hf_contenders(args.family, args.hf_activation)
-    ours, theirs = ours_and_hf(config, seed=args.seed, hf_activations=hf_labels, family=args.family)
+    draft, held_out, info = None, None, {}
+    if args.speculative:
+        ours, draft, held_out, info = trained_models(config, args)
+        theirs = hf_twins(ours, hf_labels, args.family)
+    else:
+        ours, theirs = ours_and_hf(
+            config, seed=args.seed, hf_activations=hf_labels, family=args.family
+        )
     ours.eval()
     for model in theirs.values():
         model.eval()
@@ -128,23 +302,53 @@ def main(argv: list[str] | None = None) -> None:
         f"model ({args.family}): {ours.num_parameters() / 1e6:.3g}M parameters, "
         f"{config.n_layer}×{config.n_embd}, {config.n_head} heads ({config.kv_heads} key/value), "
         f"vocab {config.vocab_size}; prompt {args.prompt_len} tokens, {args.new_tokens} new "
-        "tokens, greedy\n"
+        "tokens, greedy"
     )
-    rows, ratios = [], []
+    if draft is not None:
+        print(
+            f"draft: {draft.num_parameters() / 1e6:.3g}M parameters, "
+            f"{draft.config.n_layer}×{draft.config.n_embd}; held-out loss (nats/byte): target "
+            f"{info['target held-out loss']:.3f}, draft {info['draft held-out loss']:.3f}"
+        )
+    print()
+    rows, ratios, notes = [], [], []
     g = torch.Generator().manual_seed(args.seed)
     for batch in args.batch:
-        prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=g)
-        runs = contenders(ours, theirs, prompts, args.new_tokens)
-        outputs = {name: run() for name, run in runs.items()}
+        if held_out is not None:  # held-out captions, cut anywhere
+            starts = torch.randint(0, held_out.numel() - args.prompt_len, (batch,), generator=g)
+            prompts = torch.stack([held_out[s : s + args.prompt_len] for s in starts.tolist()])
+        else:
+            prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=g)
+        fast = fast_paths(ours, batch, args.new_tokens, args, draft)
+        runs = contenders(ours, theirs, prompts, args.new_tokens, fast)
+        outputs = {}
+        for name, run in runs.items():
+            start = time.perf_counter()
+            outputs[name] = run()
+            if "compile" in name:
+                notes.append(
+                    f"batch {batch}, {name}: first call (compiling) "
+                    f"{time.perf_counter() - start:.1f} s wall"
+                )
         runs[FLOOR] = decode_floor(ours, batch, args.new_tokens)
-        reference = outputs["mmgpt bare loop"]
+        reference = outputs[REFERENCE]
+        quality = {}
         for name, tokens in outputs.items():
-            if not torch.equal(tokens, reference):
+            quality[name] = first_divergence(tokens, reference)
+            # eager fp32 contenders must agree exactly, or the comparison is meaningless
+            if quality[name] != "identical" and name not in fast:
                 raise SystemExit(f"batch {batch}: the tokens of {name} differ from mmgpt's")
+            if "int8" in name and held_out is not None:
+                loss = held_out_loss(int8_copy(ours), held_out)
+                quality[name] += (
+                    f"; held-out loss {loss:.3f} (fp32 {info['target held-out loss']:.3f})"
+                )
+        ACCEPTANCE.clear()
         timings = alternate(runs, repeats=args.repeats, warmup=args.warmup, clock=args.clock)
         hf_names = [n for n in timings if n.startswith("transformers")]
         hf = timings[hf_names[0]].median
         for name, t in timings.items():
+            accepted = ACCEPTANCE.get(name)
             rows.append(
                 [
                     batch,
@@ -153,23 +357,48 @@ def main(argv: list[str] | None = None) -> None:
                     batch * args.new_tokens / t.median,
                     f"{hf / t.median:.2f}×",
                     f"±{50 * t.spread:.0f}%",
+                    f"{100 * sum(accepted) / len(accepted):.0f}%" if accepted else "",
+                    quality.get(name, ""),
                 ]
             )
         for name in hf_names:
             hf_t = timings[name].median
+            fastest = min(
+                (n for n in timings if n.startswith("mmgpt")), key=lambda n: timings[n].median
+            )
             ratios.append(
-                (batch, name, hf_t / timings["mmgpt generate"].median, hf_t / timings[FLOOR].median)
+                (
+                    batch,
+                    name,
+                    hf_t / timings["mmgpt generate"].median,
+                    hf_t / timings[FLOOR].median,
+                    fastest,
+                    hf_t / timings[fastest].median,
+                )
             )
     first_hf = hf_labels[0]
     print_table(
-        ["batch", "", "ms/step", "tokens/s", f"vs transformers ({first_hf})", "spread"], rows
+        [
+            "batch",
+            "",
+            "ms/token",
+            "tokens/s",
+            f"vs transformers ({first_hf})",
+            "spread",
+            "draft accepted",
+            "quality (greedy tokens vs fp32 eager)",
+        ],
+        rows,
     )
     print()
-    for batch, name, ratio, bound in ratios:
+    for batch, name, ratio, bound, fastest, fastest_ratio in ratios:
         print(
             f"decode speed at batch {batch}, mmgpt generate / {name}: {ratio:.2f}× "
-            f"(bound if all but the weight matmuls were free: {bound:.2f}×)"
+            f"(bound if all but the weight matmuls were free: {bound:.2f}×); fastest mmgpt "
+            f"path, {fastest}: {fastest_ratio:.2f}×"
         )
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,16 @@
 
 Reported per mode: trainable parameters, median optimizer-step time, peak RSS of the
 process (``resource.getrusage``; torch's CPU allocations are invisible to tracemalloc), and
-caption exact match. ``--memory-model`` adds the same full-vs-LoRA memory comparison for a
-larger GPT (random tokens, a few steps), where optimizer state is no longer lost in the
-interpreter's own footprint.
+caption exact match. ``--memory-model`` adds a memory comparison for a larger GPT (25.5M
+parameters, random tokens, a few steps), where weights and optimizer state are no longer lost
+in the interpreter's own footprint: full fine-tuning, LoRA on the fp32 base, and LoRA on an
+int8 or int4 base (QLoRA, :func:`mmgpt.adapters.quantize.quantize_base`), each in its own
+process; ``--memory-only`` runs just that. Besides the peak RSS (which, for QLoRA, is the
+fp32 model built before it is quantised), the resident memory during the training steps is
+sampled from ``/proc/self/statm``.
 
     python benchmarks/bench_lora.py --out runs/bench_lora --memory-model   # ~10 min, 2 cores
+    python benchmarks/bench_lora.py --memory-only                          # ~1 min
 
 Everything runs through the public entry points (``mmgpt.recipe.run_training`` = ``mmgpt
 train``, ``mmgpt.eval.run``), so the figures are what a user gets. Not a test.
@@ -41,6 +46,8 @@ HERE = Path(__file__).resolve()
 ALL_COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink"]
 MODES = ("full", "lora", "lora-emb")
 LORA_MODES = ("lora", "lora-emb")
+# --memory-model: full fine-tuning, LoRA on the fp32 base, LoRA on an int8 / int4 base (QLoRA)
+MEMORY_MODES = ("memory-full", "memory-lora", "memory-qlora-int8", "memory-qlora-int4")
 
 
 def common_overrides(args: argparse.Namespace, steps: int) -> list[str]:
@@ -152,35 +159,57 @@ def memory_worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     config = gpt_config("gpt-nano", n_layer=8, n_head=8, n_embd=512, block_size=128, vocab_size=512)
     model = GPT(config)
-    if args.worker == "memory-lora":
+    if args.worker != "memory-full":
         add_adapter(model, AdapterConfig(r=args.rank, alpha=2 * args.rank, targets=["decoder"]))
-    trainable, total = trainable_summary(model)
+    trainable, total = trainable_summary(model)  # total: of the fp32 model
+    if args.worker.startswith("memory-qlora-"):
+        from mmgpt.adapters.quantize import quantize_base
+
+        method = args.worker.removeprefix("memory-qlora-")
+        quantize_base(model, method, 128 if method == "int4" else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 512, (4, 65))  # small batch: weights and optimizer state dominate
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = []
+    current_before = current_rss_mb()
+    times, training_rss = [], []
     for _ in range(4):
         start = time.perf_counter()
         logits = model(ids[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        training_rss.append(current_rss_mb())  # activations and gradients still alive here
         optimizer.step()
         times.append(time.perf_counter() - start)
+        training_rss.append(current_rss_mb())
     record = {
         "mode": args.worker,
         "trainable": trainable,
         "total": total,
         "rss_before_training_mb": before,
+        "current_rss_before_training_mb": current_before,
+        "max_current_rss_in_training_mb": max(training_rss),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "step_time_s": statistics.median(times[1:]),
     }
     print(json.dumps(record))
 
 
+def current_rss_mb() -> float:
+    """This process's resident memory now (ru_maxrss only rises: a QLoRA run's float model,
+    freed when its layers are quantised, would hide what training itself holds)."""
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def run_process(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     cmd = [sys.executable, str(HERE), "--worker", mode, *sys.argv[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if mode.startswith("memory"):
+        # a fixed mmap threshold: glibc then returns every freed tensor of 64 KiB or more to
+        # the system at once, so resident memory follows the live tensors; by default it
+        # raises the threshold after the first large free and keeps later ones in its heap
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -264,13 +293,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--memory-model", action="store_true", help="also the larger-GPT test")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only the larger-GPT memory test"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker in ("memory-full", "memory-lora"):
+    if args.worker in MEMORY_MODES:
         memory_worker(args)
         return
     if args.worker:
         worker(args)
+        return
+    if args.memory_only:
+        print_memory_rows({mode: run_process(args, mode) for mode in MEMORY_MODES})
         return
 
     out = Path(args.out)
@@ -292,7 +327,7 @@ def main() -> None:
         if mode == "base":
             results[mode].update(results.get("base_run", {}))
     if args.memory_model:
-        for mode in ("memory-full", "memory-lora"):
+        for mode in MEMORY_MODES:
             print(f"{mode} ...", flush=True)
             results[mode] = run_process(args, mode)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -315,13 +350,23 @@ def main() -> None:
             f"{r['exact_match_new_colour']:.1f} | {r['exact_match_seen_colours']:.1f} |"
         )
     if args.memory_model:
-        for mode in ("memory-full", "memory-lora"):
-            r = results[mode]
-            print(
-                f"{mode}: {r['trainable']:,} / {r['total']:,} trainable, step "
-                f"{r['step_time_s']:.2f} s, RSS before training {r['rss_before_training_mb']:.0f}"
-                f" MB, peak {r['peak_rss_mb']:.0f} MB"
-            )
+        print_memory_rows({mode: results[mode] for mode in MEMORY_MODES})
+
+
+def print_memory_rows(results: dict[str, dict[str, Any]]) -> None:
+    print(
+        "\n| mode | trainable | RSS before training (MB) | RSS in training, max (MB) "
+        "| peak RSS (MB) | step (s) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for mode, r in results.items():
+        share = 100 * r["trainable"] / r["total"]
+        print(
+            f"| {mode.removeprefix('memory-')} | {r['trainable']:,} ({share:.1f}%) | "
+            f"{r['current_rss_before_training_mb']:.0f} | "
+            f"{r['max_current_rss_in_training_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['step_time_s']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -12,15 +12,27 @@ FLOP utilisation (MFU) against the machine's measured fp32 matmul peak.
 RMSNorm, rotary positions, untied head, vocab 8192) against transformers' LlamaForCausalLM,
 which loads the directory ``mmgpt.pretrained.save_hf`` writes.
 
+``--variants`` adds mmgpt rows for what the trainer's ``train.compile: true`` and
+``train.precision: bf16`` do: ``torch.compile(model)`` (as :func:`mmgpt.distributed.wrap_model`
+compiles a single-process model) and the forward under ``torch.autocast("cpu", torch.bfloat16)``
+(fp32 master weights and optimizer, as the trainer runs it), alone and together, each on its own
+copy of the same initial weights. The first-step loss of each must match fp32 eager (compile
+within 1e-4, bf16 within 2%), and the loss after the timed steps is printed beside the speed.
+The compile happens in the untimed first step; its time is printed.
+
     python benchmarks/bench_train.py                   # 6×384, context 256, batch 8
     python benchmarks/bench_train.py --repeats 9 --steps 3
     python benchmarks/bench_train.py --family llama
+    python benchmarks/bench_train.py --variants compile bf16 bf16+compile --hf-activation gelu_pytorch_tanh
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,20 +58,36 @@ from common import (
 FLOOR = "floor: matmuls + attention only"
 
 
-def make_step(model: torch.nn.Module, batch: torch.Tensor, is_hf: bool, optimizer_impl: str):
+VARIANTS = ("compile", "bf16", "bf16+compile")
+
+
+def make_step(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    is_hf: bool,
+    optimizer_impl: str,
+    variant: str = "",
+):
+    """One training step of ``model``; ``variant`` "compile" / "bf16" / "bf16+compile" does
+    what the trainer's train.compile / train.precision=bf16 do."""
     x, y = batch[:, :-1], batch[:, 1:]
     opts = (
         {"fused": True} if optimizer_impl == "fused" else {"foreach": optimizer_impl == "foreach"}
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **opts)
     model.train()
+    forward = torch.compile(model) if "compile" in variant else model
+    bf16 = "bf16" in variant
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        if is_hf:
-            logits = model(input_ids=x, use_cache=False).logits
-        else:
-            logits = model(input_ids=x).logits
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:
+            if is_hf:
+                logits = forward(input_ids=x, use_cache=False).logits
+            else:
+                logits = forward(input_ids=x).logits
+        logits = logits.float()  # the loss in fp32, as under the trainer's autocast
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         loss.backward()
         optimizer.step()
@@ -85,6 +113,13 @@ def main(argv: list[str] | None = None) -> None:
         help="transformers' name(s) for the tanh GELU; one contender per name (GPT-2 only; "
         "default: both)",
     )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        choices=VARIANTS,
+        default=[],
+        help="also time mmgpt with train.compile / train.precision=bf16 (module docstring)",
+    )
     args = parser.parse_args(argv)
     setup(args)
 
@@ -99,18 +134,42 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(args.seed)
     batch = torch.randint(0, config.vocab_size, (args.batch, args.context + 1), generator=g)
 
+    initial = copy.deepcopy(ours.state_dict())
     steps = {"mmgpt": make_step(ours, batch, False, args.optimizer)}
+    for variant in args.variants:
+        twin = copy.deepcopy(ours)
+        twin.load_state_dict(initial)
+        steps[f"mmgpt ({variant})"] = make_step(twin, batch, False, args.optimizer, variant)
     for act, model in theirs.items():
         steps[f"transformers ({act})"] = make_step(model, batch, True, args.optimizer)
     # Same weights, same data: the first losses must agree, or the comparison is meaningless.
-    first = {name: step() for name, step in steps.items()}
-    if max(first.values()) - min(first.values()) > 1e-4:
+    first, first_call = {}, {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        first[name] = step()
+        first_call[name] = time.perf_counter() - start
+    fp32 = {n: v for n, v in first.items() if "bf16" not in n}
+    if max(fp32.values()) - min(fp32.values()) > 1e-4:
         raise SystemExit(f"first-step losses differ: {first}")
+    for name, loss in first.items():
+        if "bf16" in name and abs(loss - first["mmgpt"]) > 0.02 * first["mmgpt"]:
+            raise SystemExit(f"{name}: first-step loss {loss} is not within 2% of fp32's")
+    last: dict[str, float] = {}
 
     steps[FLOOR] = training_floor(ours, args.batch, args.context)
     peak_before = matmul_flops_per_s(2048, clock=args.clock)
+
+    def timed(name: str, step):
+        def run() -> None:
+            for _ in range(args.steps):
+                loss = step()
+            if loss is not None:
+                last[name] = loss
+
+        return run
+
     timings = alternate(
-        {n: (lambda s=s: [s() for _ in range(args.steps)]) for n, s in steps.items()},
+        {n: timed(n, s) for n, s in steps.items()},
         repeats=args.repeats,
         warmup=args.warmup,
         clock=args.clock,
@@ -140,10 +199,30 @@ def main(argv: list[str] | None = None) -> None:
                 f"{tok_s * flops_per_token / 1e9:.1f}",
                 f"{100 * tok_s * flops_per_token / peak:.0f}%",
                 f"±{50 * t.spread:.0f}%",
+                f"{timings['mmgpt'].median / t.median:.2f}×",
+                f"{first[name]:.4f}" if name in first else "",
+                f"{last[name]:.4f}" if name in last else "",
             ]
         )
-    print_table(["", "ms/step", "tokens/s", "GFLOP/s", "MFU", "spread"], rows)
+    steps_done = 1 + (args.warmup + args.repeats) * args.steps
+    print_table(
+        [
+            "",
+            "ms/step",
+            "tokens/s",
+            "GFLOP/s",
+            "MFU",
+            "spread",
+            "vs mmgpt fp32 eager",
+            "first-step loss",
+            f"loss after {steps_done} steps",
+        ],
+        rows,
+    )
     print()
+    for name in steps:
+        if name.startswith("mmgpt ("):
+            print(f"{name}: first step (compiling, if any) {first_call[name]:.1f} s wall")
     ours_t, floor_t = timings["mmgpt"].median, timings[FLOOR].median
     for name, t in timings.items():
         if name.startswith("transformers"):

@@ -344,3 +344,91 @@ def training_floor(model: GPT, batch: int, context: int) -> Callable[[], None]:
             out.backward(grad)
 
     return run
+
+
+# --------------------------------------------------------------------------------------
+# A briefly trained benchmark model (for speculative decoding: a random model's greedy
+# continuation repeats one token, which any draft predicts, so acceptance would mean nothing)
+# --------------------------------------------------------------------------------------
+
+
+def shapes_text(n_captions: int, seed: int) -> bytes:
+    """Captions of random shapes-world scenes, ". "-separated, as UTF-8 bytes (token = byte).
+    Template words are predictable, the shapes' attributes are not (uniformly random)."""
+    import random
+
+    from mmgpt.data.shapes import COLORS, KINDS, POSITIONS, SIZES, Shape, caption
+
+    rng = random.Random(seed)
+    captions = []
+    for _ in range(n_captions):
+        cells = rng.sample(POSITIONS, rng.randint(1, 3))
+        scene = [
+            Shape(rng.choice(KINDS), rng.choice(list(COLORS)), rng.choice(SIZES), cell)
+            for cell in cells
+        ]
+        captions.append(caption(scene))
+    return (". ".join(captions) + ". ").encode()
+
+
+def train_briefly(
+    model: nn.Module,
+    data: torch.Tensor,  # (N,) token ids
+    steps: int,
+    *,
+    batch: int = 8,
+    context: int = 256,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> list[float]:
+    """AdamW on random windows of ``data`` (linear warmup over 10% of the steps, then
+    constant); returns the losses. The model is left in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        starts = torch.randint(0, data.numel() - context - 1, (batch,), generator=g)
+        windows = torch.stack([data[s : s + context + 1] for s in starts.tolist()])
+        logits = model(input_ids=windows[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def held_out_loss(model: nn.Module, data: torch.Tensor, context: int = 256) -> float:
+    """Mean next-token cross-entropy over consecutive windows of ``data``."""
+    n = (data.numel() - 1) // context
+    x = data[: n * context].view(n, context)
+    y = data[1 : n * context + 1].view(n, context)
+    logits = model(input_ids=x).logits
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
+
+
+def hf_twins(
+    ours: GPT, hf_activations: Sequence[str], family: str = "gpt2"
+) -> dict[str, nn.Module]:
+    """transformers' models with the weights of ``ours`` (as :func:`ours_and_hf` builds them)."""
+    if family == "llama":
+        return {"LlamaForCausalLM": _hf_llama(ours, "sdpa").eval()}
+    from transformers import GPT2LMHeadModel
+
+    theirs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_gpt2(ours, tmp)
+        config_path = Path(tmp) / "config.json"
+        hf_config = json.loads(config_path.read_text())
+        for act in hf_activations:
+            config_path.write_text(json.dumps({**hf_config, "activation_function": act}))
+            model = GPT2LMHeadModel.from_pretrained(tmp, attn_implementation="sdpa").float()
+            theirs[act] = model.eval()
+    return theirs

@@ -1,5 +1,6 @@
-"""Multimodal chat: attach images (drag and drop, paste, upload), ask; the answer streams in,
-and images the model draws appear inline. A text-only model (an mmgpt GPT, or a Hugging Face
+"""Multimodal chat: attach images (drag and drop, paste, upload) or files of any other modality
+the model reads (a plugin's ``.wav`` audio…), ask; the answer streams in, and images the model
+draws appear inline. A text-only model (an mmgpt GPT, or a Hugging Face
 gpt2 / llama / qwen2 / mistral directory) gets the same chat without image upload or drawing
 options; its prompts use the tokenizer's chat template when it has one.
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import gradio as gr
 
-from demos import ui
+from demos import attention_view, ui
 from demos.common import (
     DemoModel,
     ImageFolder,
@@ -32,7 +33,7 @@ from demos.common import (
     user_message,
 )
 from demos.examples import chat_examples
-from mmgpt.data.sample import IMAGE_OUT_PLACEHOLDER
+from mmgpt.data.sample import output_placeholder
 
 TITLE = "mmgpt chat"
 
@@ -81,7 +82,7 @@ def to_messages(history: Sequence[dict[str, Any]] | None) -> list[Message]:
             paths = [p for kind, p in parts if kind == "file"]
             message = user_message(text, paths) if (text or paths) else None
         else:
-            chunks = [t if kind == "text" else IMAGE_OUT_PLACEHOLDER for kind, t in parts]
+            chunks = [t if kind == "text" else _output_mark(t) for kind, t in parts]
             message = Message("assistant", "".join(chunks).strip(), [])
         if message is None:
             continue
@@ -92,6 +93,15 @@ def to_messages(history: Sequence[dict[str, Any]] | None) -> list[Message]:
         else:
             messages.append(message)
     return messages
+
+
+def _output_mark(path: str) -> str:
+    """The placeholder of a file the assistant produced: ``<image_out>`` for an image, else
+    the output placeholder of the modality whose loader reads its suffix (``<audio_out>``)."""
+    from mmgpt.data.loaders import accepted_extensions
+
+    modality = accepted_extensions().get(Path(path).suffix.lower(), "image")
+    return output_placeholder(modality)
 
 
 def user_entry(text: str, files: Sequence[str]) -> dict[str, Any]:
@@ -250,6 +260,9 @@ class ChatApp:
         ):
             if isinstance(event, str):
                 reply += event
+            elif isinstance(getattr(event, "modality", None), str):
+                # the API's gallery holds images only: another output is marked in the text
+                reply += output_placeholder(event.modality)
             else:
                 drawn = [*drawn, self._save(event)]
             yield reply, drawn
@@ -286,11 +299,17 @@ def build_app(model: DemoModel, *, image_dir: str | Path | None = None) -> gr.Bl
     """The chat app for ``model`` (not launched; see :func:`mmgpt.demo.launch_demo`)."""
     app = ChatApp(model, image_dir)
     sees, draws = model.can_see, model.can_draw
+    # files of every modality the model reads (images, a plugin's audio…) can be attached
+    reads = model.input_modalities
+    others = [m for m in reads if m != "image"]
     title = ui.title(TITLE, model)
     hint = " · ".join(
         p
         for p in (
             "Drop, paste or upload an image and ask about it" if sees else "",
+            f"Upload {' or '.join(others)} ({', '.join(model.file_types)}) and ask about it"
+            if others
+            else "",
             "ask for a drawing (“draw a red circle…”)" if draws else "",
         )
         if p
@@ -312,7 +331,7 @@ def build_app(model: DemoModel, *, image_dir: str | Path | None = None) -> gr.Bl
                     # load_user_image says which file is wrong and what to upload
                     file_types=None,
                     file_count="multiple",
-                    sources=["upload"] if sees else [],
+                    sources=["upload"] if reads else [],
                     show_label=False,
                     elem_id="message",
                 )
@@ -344,6 +363,10 @@ def build_app(model: DemoModel, *, image_dir: str | Path | None = None) -> gr.Bl
                 if sees:
                     gr.Markdown(f"Images: {model.limits.describe()}.", elem_classes=["mmgpt-note"])
         settings = [temperature, top_p, max_new, guidance, steps, seed, adapter, remember]
+        # below the chat: what the last reply attended to (demos/attention_view.py)
+        attention_view.add_attention_view(
+            model, chatbot, to_messages, remember=remember, max_new_tokens=max_new, adapter=adapter
+        )
         unlock = {"fn": lambda: gr.MultimodalTextbox(interactive=True), "outputs": [box]}
         private: dict[str, Any] = {"api_visibility": "private"}
 

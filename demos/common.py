@@ -23,6 +23,12 @@ GPT directory, or a Hugging Face gpt2 / llama / qwen2 / mistral one) with its to
   ``max_new_tokens`` loses its oldest exchanges (whole turns, with their images) and the app
   says so; if the last message alone does not fit, that is an error naming the numbers.
   An image sent to a model without an image encoder (a text model) is refused.
+* **Other modalities**: an attached file whose extension a plugin's loader claims (``.wav``
+  for ``mmgpt-audio``) is read by that loader (:func:`mmgpt.data.loaders.load_input`: its
+  size limit and its errors) for a model with an encoder of that modality, and placed with
+  the modality's placeholder; :meth:`DemoModel.fit` returns it as a :class:`ModalityItem`
+  beside the images. A file of a modality the model does not read is refused, naming the
+  types it reads.
 * **Concurrency**: requests run in Gradio's worker threads; every decoding step takes one
   lock, with the request's adapter switched on for that step. Concurrent requests thus
   interleave step by step, each computing exactly what it would alone.
@@ -53,7 +59,7 @@ from mmgpt.data.images import (
     load_image,
     open_image,
 )
-from mmgpt.data.sample import DEFAULT_CAPTION_PROMPT, IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER
+from mmgpt.data.sample import DEFAULT_CAPTION_PROMPT, IMAGE_OUT_PLACEHOLDER, output_placeholder
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -202,12 +208,20 @@ class ImageFolder:
         # every folder (and its app) alive until then
         self._finalizer = weakref.finalize(self, _remove_images, self.directory, owned, self._files)
 
-    def save(self, image: Image.Image) -> str:
-        """Write ``image`` as a new PNG file; returns its path."""
+    def save(self, image: Any) -> str:
+        """Write ``image`` as a new PNG file (or an output of another modality, an
+        :class:`~mmgpt.imagegen.OutputEvent`, with its loader's ``save`` and suffix); returns
+        its path."""
         path = self.directory / f"{uuid.uuid4().hex}.png"
         # again each time: a temp cleaner may remove an idle server's folder
         self.directory.mkdir(parents=True, exist_ok=True)
-        image.save(path, format="PNG")
+        modality = getattr(image, "modality", None)
+        if isinstance(modality, str):  # the page shows it by its suffix (audio player, file)
+            from mmgpt.data.loaders import save_output
+
+            path = save_output(modality, image.item, path.with_suffix(""))
+        else:
+            image.save(path, format="PNG")
         size = path.stat().st_size
         with self._lock:
             self._files[path] = size
@@ -307,33 +321,81 @@ class Settings:
 
 @dataclass
 class Message:
-    """One turn as the model reads it: text with placeholders, and the input images' paths."""
+    """One turn as the model reads it: text with placeholders, and the paths of its input
+    files (images, or any modality a plugin's loader reads, e.g. ``.wav`` audio)."""
 
     role: str  # "user" | "assistant"
     text: str
-    images: list[str]
+    images: list[str]  # attached files of every modality, in the order attached
+
+
+@dataclass(frozen=True)
+class ModalityItem:
+    """A loaded input of a modality other than images (a plugin's ``"audio"``…); user
+    images stay PIL images in the item lists :meth:`DemoModel.fit` returns."""
+
+    modality: str
+    value: Any
+
+
+def file_modality(path: str | os.PathLike) -> str:
+    """The modality of an attached file, told by its extension from the registered loaders
+    (:mod:`mmgpt.data.loaders`); a file no loader claims counts as an image, which
+    :func:`load_user_image` then refuses with its own message."""
+    from mmgpt.data.errors import DataError
+    from mmgpt.data.loaders import accepted_extensions
+
+    try:
+        table = accepted_extensions()
+    except DataError as exc:  # two plugins' loaders claim one extension
+        raise UserInputError(f"'{Path(path).name}': {exc}") from None
+    return table.get(Path(path).suffix.lower(), "image")
+
+
+def split_items(items: Sequence[Any]) -> tuple[list[Any], dict[str, list[Any]]]:
+    """``(images, {modality: items})`` of a list of loaded inputs, each in order."""
+    images: list[Any] = []
+    inputs: dict[str, list[Any]] = {}
+    for item in items:
+        if isinstance(item, ModalityItem):
+            inputs.setdefault(item.modality, []).append(item.value)
+        else:
+            images.append(item)
+    return images, inputs
 
 
 def user_message(text: str | None, image_paths: Sequence[str] = ()) -> Message:
-    """A user turn from typed text and attached images.
+    """A user turn from typed text and attached files.
 
-    Images go before the text, one ``"<image>"`` each (LLaVA's convention, the one the
-    shapes world and the preference JSONL use), unless the text places them itself. An image
-    with no text asks for a caption.
+    Files go before the text, one placeholder each (``"<image>"``, ``"<audio>"``… as their
+    modality's loader names it; LLaVA's convention, the one the shapes world and the
+    preference JSONL use), unless the text places that modality's files itself. A file with
+    no text asks for a caption.
     """
+    from mmgpt.data.loaders import placeholder_of
+
     text = (text or "").strip()
     paths = [str(p) for p in image_paths]
     if not text and not paths:
         raise UserInputError("The message is empty: type a question or attach an image.")
-    placed = text.count(IMAGE_PLACEHOLDER)
-    if placed and placed != len(paths):
-        raise UserInputError(
-            f"The message mentions {IMAGE_PLACEHOLDER} {placed} time(s) but has {len(paths)} "
-            f"image(s) attached; attach one image per {IMAGE_PLACEHOLDER}, or leave "
-            f"{IMAGE_PLACEHOLDER} out."
-        )
-    if not placed and paths:
-        text = f"{IMAGE_PLACEHOLDER}\n" * len(paths) + (text or DEFAULT_CAPTION_PROMPT)
+    by_modality: dict[str, int] = {"image": 0}
+    for path in paths:
+        modality = file_modality(path)
+        by_modality[modality] = by_modality.get(modality, 0) + 1
+    prefix = ""
+    for modality, count in by_modality.items():
+        mark = placeholder_of(modality)
+        placed = text.count(mark)
+        noun = "image" if modality == "image" else f"{modality} file"
+        if placed and placed != count:
+            raise UserInputError(
+                f"The message mentions {mark} {placed} time(s) but has {count} {noun}(s) "
+                f"attached; attach one {noun} per {mark}, or leave {mark} out."
+            )
+        if not placed:
+            prefix += f"{mark}\n" * count
+    if prefix:
+        text = prefix + (text or DEFAULT_CAPTION_PROMPT)
     return Message("user", text, paths)
 
 
@@ -434,12 +496,59 @@ class DemoModel:
         return "image" in getattr(self.model, "encoders", {})
 
     @property
+    def input_modalities(self) -> list[str]:
+        """The modalities the model reads from files: its encoders' that have a loader."""
+        from mmgpt.data.loaders import loader_modalities
+
+        return [m for m in getattr(self.model, "encoders", {}) if m in loader_modalities()]
+
+    @property
+    def file_types(self) -> list[str]:
+        """Extensions of the files the model reads (``[".png", …, ".wav"]``)."""
+        from mmgpt.data.loaders import accepted_extensions
+
+        return sorted(accepted_extensions(self.input_modalities))
+
+    def _item(self, path: str, warn: Warn) -> Any:
+        """An attached file loaded for the model: a PIL image, or a :class:`ModalityItem`
+        read by its modality's loader (its limits; errors for the person uploading)."""
+        modality = file_modality(path)
+        if modality == "image" or not self.input_modalities:
+            if self.input_modalities and not self.can_see:
+                raise UserInputError(self._unreadable(path))
+            return self.image(path, warn)
+        if modality not in self.input_modalities:
+            raise UserInputError(self._unreadable(path))
+        from mmgpt.data.errors import DataError
+        from mmgpt.data.loaders import load_input
+
+        try:
+            return ModalityItem(modality, load_input(modality, path))
+        except DataError as exc:
+            name = Path(path).name
+            detail = getattr(exc, "detail", str(exc))
+            raise UserInputError(f"'{name}' could not be read as {modality} ({detail}).") from None
+
+    def _unreadable(self, path: str) -> str:
+        types = ", ".join(self.file_types)
+        return (
+            f"'{Path(path).name}' is not a file this model reads ({', '.join(self.input_modalities)}"
+            f"). Upload a {types} file."
+        )
+
+    @property
     def can_draw(self) -> bool:
         return (
             getattr(self.model, "image_decoder", None) is not None
             and getattr(self.model, "output_projector", None) is not None
             and bool(getattr(self.tokenizer, "signal_token_ids", None))
         )
+
+    @property
+    def output_modalities(self) -> list[str]:
+        """The modalities the model's replies may hold besides text (``"image"`` first)."""
+        others = list(getattr(self.model, "decoders", None) or [])
+        return (["image"] if self.can_draw else []) + others
 
     @property
     def uses_own_chat_template(self) -> bool:
@@ -487,9 +596,11 @@ class DemoModel:
         return image
 
     def prompt_ids(self, turns: Sequence[dict[str, str]], images: Sequence[Any] = ()) -> list[int]:
-        """The generation prompt for ``turns`` as token ids (image slots included)."""
+        """The generation prompt for ``turns`` as token ids (slots of ``images``, the items
+        :meth:`fit` returns, included)."""
+        images, inputs = split_items(images)
         try:
-            ids = self._processor.encode_prompt(turns, images).input_ids
+            ids = self._processor.encode_prompt(turns, images, inputs=inputs).input_ids
         except ValueError as exc:
             raise UserInputError(str(exc)) from None
         unknown = sorted({i for i in ids if not 0 <= i < self.vocab_size})
@@ -513,7 +624,7 @@ class DemoModel:
         if not messages or messages[-1].role != "user":
             raise UserInputError("There is no question to answer: send a message first.")
         for message in messages:
-            if message.images and not self.can_see:
+            if message.images and not self.input_modalities:
                 what = "is a text model" if self.is_text_model else "has no image encoder"
                 raise UserInputError(
                     f"The model '{self.name}' cannot see images (it {what}); send text only."
@@ -528,7 +639,8 @@ class DemoModel:
         while True:
             kept = messages[start:]
             turns = [{"role": m.role, "text": m.text} for m in kept]
-            images = [self.image(p, warn) for m in kept for p in m.images]
+            # PIL images, and ModalityItems for the other modalities (split_items)
+            images = [self._item(p, warn) for m in kept for p in m.images]
             length = self.prompt_length(turns, images)
             if length <= budget:
                 break
@@ -607,9 +719,10 @@ class DemoModel:
         settings: Settings,
         seed: int,
         adapter: str = NO_ADAPTER,
-    ) -> Iterator[str | Image.Image]:
-        """The assistant's reply to ``turns``: text chunks (``str``) as they are sampled and
-        images (PIL) where the model draws one (with ``seed``, ``seed + 1``… in order)."""
+    ) -> Iterator[Any]:
+        """The assistant's reply to ``turns``: text chunks (``str``) as they are sampled,
+        images (PIL) where the model draws one (with ``seed``, ``seed + 1``… in order) and
+        :class:`~mmgpt.imagegen.OutputEvent` s where it produces another output modality."""
         config = settings.generation_config(seed)
         if self.is_text_model:
             if images:
@@ -623,19 +736,25 @@ class DemoModel:
             # mmgpt's template puts a space before the reply, as MultimodalGPT.stream_text drops
             yield from _strip_leading_space(chunks)
             return
-        if not self.can_draw:
+        images, inputs = split_items(images)
+        if not self.output_modalities:
             yield from self.locked(
-                lambda: self.model.stream_text(list(turns), list(images), config), adapter
+                lambda: self.model.stream_text(list(turns), images, config, inputs=inputs),
+                adapter,
             )
             return
-        from mmgpt.imagegen import TextEvent
+        from mmgpt.imagegen import ImageEvent, TextEvent
 
         image_config = self.image_config(settings, seed)
         events = self.locked(
-            lambda: self.model.stream(list(turns), list(images), config, image_config), adapter
+            lambda: self.model.stream(list(turns), images, config, image_config, inputs=inputs),
+            adapter,
         )
         for event in events:
-            yield event.text if isinstance(event, TextEvent) else event.image
+            if isinstance(event, TextEvent):
+                yield event.text
+            else:
+                yield event.image if isinstance(event, ImageEvent) else event
 
     def image_config(self, settings: Settings, seed: int) -> Any:
         from mmgpt.imagegen import ImageGenerationConfig
@@ -680,11 +799,14 @@ class DemoModel:
         seed: int,
         adapter: str = NO_ADAPTER,
     ) -> tuple[str, list[Image.Image]]:
-        """The whole reply: its text (an image's place marked ``<image_out>``) and images."""
+        """The whole reply: its text (an image's place marked ``<image_out>``, another
+        output's ``<modality_out>``) and images."""
         text, drawn = [], []
         for event in self.stream_reply(turns, images, settings, seed, adapter):
             if isinstance(event, str):
                 text.append(event)
+            elif isinstance(getattr(event, "modality", None), str):
+                text.append(output_placeholder(event.modality))
             else:
                 drawn.append(event)
                 text.append(IMAGE_OUT_PLACEHOLDER)

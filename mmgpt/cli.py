@@ -162,6 +162,7 @@ def _generation_config(args: argparse.Namespace) -> Any:
         "stop_strings": args.stop,
         "num_beams": args.num_beams,
         "length_penalty": args.length_penalty,
+        "compile": True if args.compile else None,
     }
     # Unset options keep GenerationConfig's defaults, so they are defined in one place.
     # Generation stops at the tokenizer's eos (stream_text's default).
@@ -176,19 +177,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = read_model_config(model_dir)
     arch = architecture(config, model_dir / CONFIG_NAME)
     gen_config = _generation_config(args)
+    inputs = _named_inputs(args.image, args.input)
+    if args.draft_tokens is not None and args.draft_model is None:
+        raise CommandError("--draft-tokens: goes with --draft-model DIR (the draft model)")
+    if args.draft_model is not None and arch != "gpt":
+        raise CommandError(
+            f"--draft-model: speculative decoding needs a text-only model; {model_dir} is a "
+            f"{arch!r} model"
+        )
+    stats = None
     if arch == "multimodal":
         chunks = _stream_multimodal(
             model_dir,
             args.prompt,
-            args.image,
+            inputs,
             gen_config,
             _adapter_choice(args.adapter),
             out_dir=args.out_dir,
             image_options=_image_options(args),
         )
-    elif args.image:
+    elif inputs:
+        flag = "--image" if args.image else "--input"
         raise ValueError(
-            f"{model_dir}: --image needs a multimodal model; this one is a text-only {arch!r} model"
+            f"{model_dir}: {flag} needs a multimodal model; this one is a text-only {arch!r} model"
         )
     else:
         from mmgpt.generation import stream_text
@@ -196,13 +207,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         model = load_model(model_dir, adapter=_adapter_choice(args.adapter))
         tokenizer = load_tokenizer(model_dir, config)
-        chunks = stream_text(model, tokenizer, args.prompt, gen_config)
+        speculative: dict[str, Any] = {}
+        if args.draft_model is not None:
+            from mmgpt.speculative import SpeculativeStats
+
+            stats = SpeculativeStats()
+            speculative = {
+                "draft_model": load_model(_model_dir(args.draft_model)),
+                "num_draft_tokens": args.draft_tokens or 4,
+                "speculative_stats": stats,
+            }
+        chunks = stream_text(model, tokenizer, args.prompt, gen_config, **speculative)
     pieces = []
     for chunk in chunks:
         pieces.append(chunk)
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if stats is not None:
+        print(
+            f"draft tokens accepted: {stats.accepted}/{stats.proposed} "
+            f"({100 * stats.acceptance_rate:.1f}%), {stats.tokens_per_round:.2f} tokens per "
+            "target forward",
+            file=sys.stderr,
+        )
     if args.out_dir is not None:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -217,53 +245,104 @@ def _adapter_choice(name: str | None) -> str | None:
     return None if name == "none" else name
 
 
+def _named_inputs(images: Sequence[str], inputs: Sequence[str]) -> list[tuple[str, str]]:
+    """``(modality, path)`` of ``--image PATH`` and ``--input MODALITY=PATH`` (or ``--input
+    PATH``, the modality told by the extension from the loaders), in the order given."""
+    from mmgpt.data.loaders import loader_modalities, modality_of_file
+
+    named = [("image", p) for p in images]
+    for spec in inputs:
+        modality, sep, path = spec.partition("=")
+        if sep and modality in loader_modalities():
+            named.append((modality, path))
+        elif sep and not Path(spec).exists():
+            raise CommandError(
+                f"--input {spec}: no loader reads {modality!r} files (modalities: "
+                f"{', '.join(loader_modalities())}); install the plugin of that modality"
+            )
+        else:
+            named.append((modality_of_file(spec), spec))
+    return named
+
+
 def _stream_multimodal(
     model_dir: Path,
     prompt: str,
-    image_paths: Sequence[str],
+    inputs: Sequence[tuple[str, str]],
     gen_config: Any,
     adapter: str | None = "auto",
     *,
     out_dir: str | None = None,
     image_options: dict[str, Any] | None = None,
 ) -> Iterator[str]:
-    """The reply of a multimodal model to one user turn with its images, as text chunks.
+    """The reply of a multimodal model to one user turn with its inputs (``(modality, path)``
+    pairs, each read by its modality's loader), as text chunks.
 
     A model with an image decoder may draw: each image is written to ``out_dir`` as
-    ``image_N.png`` and its path printed on a line of its own as soon as it is decoded.
+    ``image_N.png`` and its path printed on a line of its own as soon as it is decoded. Items
+    of its other output modalities are written the same way by their loader's ``save``, as
+    ``{modality}_N`` with the loader's suffix (``audio_0.wav``).
     """
-    from mmgpt.data.images import load_image
+    from mmgpt.data.loaders import load_input
     from mmgpt.multimodal import MultimodalGPT
 
     model = MultimodalGPT.from_pretrained(model_dir, adapter=adapter)
-    images = [load_image(p) for p in image_paths]
-    conversation = _user_turn(prompt, len(images))
-    if model.image_decoder is None:
-        yield from model.stream_text(conversation, images, gen_config)
+    missing = sorted({m for m, _ in inputs} - set(model.encoders))
+    if missing:
+        reads = ", ".join(sorted(model.encoders)) or "no modality but text"
+        raise CommandError(
+            f"{model_dir}: the model has no encoder for {', '.join(missing)} inputs (it reads "
+            f"{reads})"
+        )
+    items: dict[str, list[Any]] = {}
+    for modality, path in inputs:
+        # the modality is named (or told by the extension): the loader judges the content,
+        # as --image always read images by their content whatever their name
+        item = load_input(modality, path, check_extension=False)
+        items.setdefault(modality, []).append(item)
+    images = items.pop("image", [])
+    counts = {"image": len(images), **{m: len(v) for m, v in items.items()}}
+    conversation = _user_turn(prompt, counts, model.processor())
+    if not model.output_modalities():
+        yield from model.stream_text(conversation, images, gen_config, inputs=items)
         return
-    from mmgpt.imagegen import ImageEvent, ImageGenerationConfig
+    from mmgpt.data.loaders import save_output
+    from mmgpt.imagegen import ImageEvent, ImageGenerationConfig, OutputEvent
 
     image_config = ImageGenerationConfig(
         **{k: v for k, v in (image_options or {}).items() if v is not None}
     )
-    for event in model.stream(conversation, images, gen_config, image_config):
-        if not isinstance(event, ImageEvent):
+    for event in model.stream(conversation, images, gen_config, image_config, inputs=items):
+        if not isinstance(event, (ImageEvent, OutputEvent)):
             yield event.text
-        elif out_dir is None:
-            print(f"\n[image {event.index} not saved: pass --out-dir DIR]", flush=True)
-        else:
-            path = Path(out_dir) / f"image_{event.index}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
+            continue
+        modality = event.modality if isinstance(event, OutputEvent) else "image"
+        if out_dir is None:
+            print(f"\n[{modality} {event.index} not saved: pass --out-dir DIR]", flush=True)
+            continue
+        path = Path(out_dir) / f"{modality}_{event.index}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(event, ImageEvent):
+            path = path.with_suffix(".png")
             event.image.save(path)
-            print(f"\n{path}", flush=True)
+        else:  # the modality's loader writes it (and chooses the suffix)
+            path = save_output(modality, event.item, path)
+        print(f"\n{path}", flush=True)
 
 
-def _user_turn(prompt: str, n_images: int) -> list[dict[str, str]]:
-    """A one-turn conversation; without placeholders the images go before the question,
-    one ``<image>`` each."""
-    if n_images and "<image>" not in prompt:
-        prompt = "<image>\n" * n_images + prompt
-    return [{"role": "user", "text": prompt}]
+def _user_turn(
+    prompt: str, counts: int | dict[str, int], processor: Any = None
+) -> list[dict[str, str]]:
+    """A one-turn conversation; a modality whose placeholder the prompt lacks gets its items
+    before the question, one placeholder each (``<image>``, ``<audio>``…, as the model's
+    processor names them), images first."""
+    if isinstance(counts, int):
+        counts = {"image": counts}
+    marks = {"image": "<image>"}
+    if processor is not None:
+        marks.update({m: spec.placeholder for m, spec in processor.modalities.items()})
+    prefix = "".join(f"{marks[m]}\n" * n for m, n in counts.items() if n and marks[m] not in prompt)
+    return [{"role": "user", "text": prefix + prompt}]
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
@@ -324,8 +403,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = args.task or ("caption" if arch == "multimodal" else "lm")
     if args.shots is not None and task != "choice":
         raise CommandError(f"--shots applies to --task choice, not {task}")
+    t2i_options = {
+        "judge_dir": args.judge,
+        "clip_dir": args.clip,
+        "prompt_template": args.prompt_template,
+    }
+    flags = {"judge_dir": "--judge", "clip_dir": "--clip", "prompt_template": "--prompt-template"}
+    named = [flags[k] for k, v in t2i_options.items() if v is not None]
+    if named and task != "t2i":
+        raise CommandError(f"{', '.join(named)} applies to --task t2i, not {task}")
     if task == "lm":
         metrics = _eval_lm(model_dir, config, Path(args.data))
+    elif task == "t2i":
+        from mmgpt.eval.t2i import run_t2i_eval
+
+        if args.max_new_tokens is not None:
+            raise CommandError("--max-new-tokens applies to --task caption and vqa, not t2i")
+        options = {"batch_size": args.batch_size, "limit": args.limit, **t2i_options}
+        options = {k: v for k, v in options.items() if v is not None}
+        metrics = run_t2i_eval(model_dir, args.data, **options)
     else:
         options = {
             "batch_size": args.batch_size,
@@ -407,6 +503,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             "causal language model and were not exported; they stay in the mmgpt directory",
             file=sys.stderr,
         )
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from mmgpt.pretrained import quantize_directory
+
+    report = quantize_directory(_model_dir(args.model), args.out, args.method, args.group_size)
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -534,6 +638,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--image", metavar="PATH", action="append", default=[], help="input image (repeatable)"
     )
+    p.add_argument(
+        "--input",
+        metavar="MODALITY=PATH",
+        action="append",
+        default=[],
+        help="input of any modality with a loader, e.g. audio=tone.wav (repeatable; a bare "
+        "PATH: the modality from its extension)",
+    )
     p.add_argument("--prompt", metavar="TEXT", required=True, help="the prompt")
     p.add_argument("--max-new-tokens", metavar="N", type=_positive_int)
     p.add_argument("--temperature", type=_nonnegative_float, help="0 = greedy")
@@ -563,6 +675,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="X",
         type=_finite_float,
         help="beam search: score = log-prob / length**X (default 1.0)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with a static KV cache and a torch.compile'd step (first call compiles)",
+    )
+    p.add_argument(
+        "--draft-model",
+        metavar="DIR",
+        help="speculative decoding with this smaller model (same tokenizer; text models)",
+    )
+    p.add_argument(
+        "--draft-tokens",
+        metavar="K",
+        type=_positive_int,
+        help="tokens the draft model proposes per round (default 4)",
     )
     p.add_argument("--out-dir", metavar="DIR", help="also write outputs (text, images) here")
     p.add_argument("--steps", type=_positive_int, help="diffusion steps per generated image")
@@ -640,6 +768,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-new-tokens", metavar="N", type=_positive_int, help="caption/vqa: longest reply"
     )
+    p.add_argument(
+        "--judge",
+        metavar="DIR",
+        help="t2i on an imagefolder: a judge from `mmgpt train judge` scores the drawings",
+    )
+    p.add_argument(
+        "--clip",
+        metavar="DIR",
+        help="t2i on an imagefolder: a local CLIPModel + CLIPProcessor directory (CLIP score)",
+    )
+    p.add_argument(
+        "--prompt-template",
+        metavar="TEXT",
+        help="t2i on an imagefolder: the drawing prompt around {text} (default: the one the "
+        "model's training run used)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", parents=[debug], help="dataset tools")
@@ -716,6 +860,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="the adapter to merge before exporting (default: the saved ones; none: the base)",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "quantize",
+        parents=[debug],
+        help="write a weight-only int8/int4 copy of a model (faster decoding, less memory)",
+    )
+    p.add_argument("--model", metavar="DIR", required=True, help="model directory (float)")
+    p.add_argument("--out", metavar="DIR", required=True, help="the directory to write")
+    p.add_argument(
+        "--method",
+        choices=("int8", "int4"),
+        required=True,
+        help="int8: one scale per output row; int4: a scale and minimum per group",
+    )
+    p.add_argument(
+        "--group-size",
+        type=_positive_int,
+        metavar="N",
+        help="int4 only: input features per group, 32, 64, 128 or 256 (default 128)",
+    )
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("plan", parents=[debug], help="plan a training run over GPUs")
     p.add_argument("recipe", metavar="RECIPE", help="a shipped recipe name or a YAML file")

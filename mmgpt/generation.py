@@ -28,6 +28,33 @@ a short context still answers. A prompt that fills the whole context is an error
 ``truncate_prompt="left"``, keeps its last ``block_size - min(64, block_size // 2)`` tokens).
 An explicit ``max_new_tokens`` is used as given: one that leaves no room is an error.
 
+Compiled decoding (``GenerationConfig(compile=True)``)
+------------------------------------------------------
+On a CPU, eager decoding of a small model at batch 1 spends about as long in Python and
+operator dispatch as in reading the weights. ``compile=True`` decodes on a
+:class:`~mmgpt.static_cache.StaticKVCache` (buffers of a fixed capacity, ``T + max_new_tokens``
+rounded up to a multiple of 64, written in place at a slot tensor; attention over the whole
+capacity under a mask), so that every step has the same shapes, and runs the step through
+``torch.compile(fullgraph=True, dynamic=False)`` (:mod:`mmgpt.compiled_step`; CUDA graphs with
+``mode="reduce-overhead"`` on CUDA). The prefill stays eager. The first call compiles (tens of
+seconds on a CPU); later calls with the same model, batch size and capacity reuse the compiled
+step. The tokens are those of eager decoding: the same operations, differently fused, so they
+agree up to float rounding, which only matters at an exact near-tie of two logits. Where
+compiling is not possible (no C++ compiler for inductor, or a compiler error) one warning says
+so and the static cache decodes eagerly. Multimodal models decode through their ``.gpt``.
+Not with beam search.
+
+Speculative decoding (``draft_model=``)
+---------------------------------------
+``generate(..., draft_model=small, num_draft_tokens=k)`` (also ``stream_batch`` and
+``stream_text``) lets a small model with the same tokenizer propose ``k`` tokens per round and
+the model verify them in one forward (:mod:`mmgpt.speculative`): greedy output is the model's
+own greedy output, and sampling keeps its distribution exactly (the standard accept/reject
+rule). One prompt at a time; not with ``inputs_embeds``, token hooks, hidden states, beams or
+a repetition penalty. ``GenerationOutput.speculative`` holds the acceptance rate. With
+``compile=True`` both models decode on static caches and the verify and draft steps are
+compiled.
+
 Output conventions
 ------------------
 - Only new tokens are returned. A stop token (``stop_token_ids``) ends its row and is NOT part
@@ -106,7 +133,10 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import torch
 from torch import Tensor, nn
 
+from mmgpt.compiled_step import DecodeStep, static_capacity, static_decoder
 from mmgpt.model import KVCache
+from mmgpt.speculative import SpeculativeStats, check_draft, speculative_tokens
+from mmgpt.static_cache import StaticKVCache
 
 if TYPE_CHECKING:
     from mmgpt.interfaces import Tokenizer
@@ -147,6 +177,8 @@ class GenerationConfig:
     num_beams: int = 1  # > 1: deterministic beam search (module docstring)
     length_penalty: float = 1.0  # beams: score = sum logprob / new_tokens ** length_penalty
     num_return_sequences: int = 1  # beams: the n best sequences per prompt (<= num_beams)
+    # decode on a static-shape KV cache with a torch.compile'd step (module docstring)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is not None and (
@@ -166,8 +198,9 @@ class GenerationConfig:
             raise _config_error(
                 "temperature", f"expected a finite number >= 0, got {self.temperature!r}"
             )
-        if not isinstance(self.do_sample, bool):
-            raise _config_error("do_sample", f"expected a bool, got {self.do_sample!r}")
+        for name in ("do_sample", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise _config_error(name, f"expected a bool, got {getattr(self, name)!r}")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise _config_error(
                 "top_k", f"expected an integer >= 1 or None (off), got {self.top_k!r}"
@@ -259,6 +292,12 @@ class GenerationConfig:
             )
         if self.num_beams == 1:
             return
+        if self.compile:
+            raise _config_error(
+                "compile",
+                f"not available with beam search (num_beams={self.num_beams}): beams reorder "
+                "the cache every step; use compile=False",
+            )
         beams = f"beam search (num_beams={self.num_beams}) is deterministic and does not sample"
         for name in ("top_k", "top_p"):
             if getattr(self, name) is not None:
@@ -323,6 +362,17 @@ def _exponential_noise(
     return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
 
 
+def sampling_probs(logits: Tensor, config: GenerationConfig) -> Tensor:
+    """The distribution sampling draws from: ``logits`` (B, V) after temperature, top-k and
+    top-p, softmaxed (float32)."""
+    logits = logits.float() / config.temperature
+    if config.top_k is not None:
+        logits = top_k_filter(logits, config.top_k)
+    if config.top_p is not None:
+        logits = top_p_filter(logits, config.top_p)
+    return logits.softmax(dim=-1)
+
+
 def sample_next_token(
     logits: Tensor,
     config: GenerationConfig,
@@ -340,12 +390,7 @@ def sample_next_token(
         logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
     if config.greedy:
         return logits.max(dim=-1).indices  # = argmax (first maximum), faster on CPU
-    logits = logits / config.temperature
-    if config.top_k is not None:
-        logits = top_k_filter(logits, config.top_k)
-    if config.top_p is not None:
-        logits = top_p_filter(logits, config.top_p)
-    probs = logits.softmax(dim=-1)
+    probs = sampling_probs(logits, config)
     noise = _exponential_noise(probs.shape, probs.device, generator)
     return probs.div_(noise).max(dim=-1).indices  # exponential race: P(i wins) = p_i
 
@@ -512,6 +557,7 @@ class GenerationOutput:
     texts: list[str] | None = None  # decoded, cut before a stop string (when decode was given)
     hidden_states: list[Tensor] | None = None  # (len(tokens[row]), C) with return_hidden_states
     scores: list[float] | None = None  # beam search: sum logprob / len ** length_penalty
+    speculative: SpeculativeStats | None = None  # with a draft model: its acceptance rate
 
 
 @dataclass
@@ -545,6 +591,10 @@ def _length_error(what: str, length: int, max_new: int, block_size: int) -> Valu
     )
 
 
+# forward(tokens (B, 1), positions (B, 1)) -> (logits (B, V), final hidden state (B, C))
+StepForward = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
+
+
 class _Decoding:
     """Prepared prompts + state of one generate/stream call; ``run()`` drives it."""
 
@@ -561,6 +611,8 @@ class _Decoding:
         token_hook: TokenHook | None,
         return_hidden_states: bool,
         host_sync: bool,
+        draft_model: nn.Module | None = None,
+        num_draft_tokens: int = 4,
     ) -> None:
         self.model = model
         self.config = config = config if config is not None else GenerationConfig()
@@ -623,6 +675,34 @@ class _Decoding:
         self.finish_reasons: list[str | None] = [None] * B
         self.stop_reasons: list[int | str | None] = [None] * B
         self.hidden: Tensor | None = None
+        self.draft = draft_model
+        self.num_draft_tokens = num_draft_tokens
+        self.speculative: SpeculativeStats | None = None
+        if draft_model is not None:
+            self._check_speculative(inputs_embeds, token_hook, return_hidden_states)
+
+    def _check_speculative(
+        self, inputs_embeds: Tensor | None, token_hook: TokenHook | None, hidden: bool
+    ) -> None:
+        k, cfg = self.num_draft_tokens, self.config
+        if not _is_int(k) or k < 1:
+            raise ValueError(f"num_draft_tokens: expected an integer >= 1, got {k!r}")
+        refused = {
+            "inputs_embeds (the draft model reads token ids)": inputs_embeds is not None,
+            "token_hook": token_hook is not None,
+            "return_hidden_states": hidden,
+            f"beam search (num_beams={cfg.num_beams})": cfg.num_beams > 1,
+            f"repetition_penalty={cfg.repetition_penalty}": cfg.repetition_penalty != 1.0,
+        }
+        for what, present in refused.items():
+            if present:
+                raise ValueError(f"draft_model: speculative decoding does not support {what}")
+        if self.batch_size != 1:
+            raise ValueError(
+                f"draft_model: speculative decoding takes one prompt at a time, got "
+                f"{self.batch_size} (rows would accept different numbers of draft tokens)"
+            )
+        check_draft(self.model, self.draft, self.prompt_len + self.max_new)
 
     # -- preparation -----------------------------------------------------------------
     def _seed_count_error(self, B: int) -> ValueError:
@@ -790,23 +870,27 @@ class _Decoding:
     # -- the loop --------------------------------------------------------------------
     def run(self) -> Iterator[tuple[list[tuple[int, int]], list[int]]]:
         """Decode; with host sync, yield per step (appended (row, token) pairs, finished rows)."""
-        was_training = self.model.training
-        self.model.eval()  # dropout off: generation is deterministic given the seed
+        models = [self.model] if self.draft is None else [self.model, self.draft]
+        was_training = [m.training for m in models]
+        for m in models:
+            m.eval()  # dropout off: generation is deterministic given the seed
         try:
-            yield from self._loop()
+            yield from self._loop() if self.draft is None else self._speculative_loop()
         finally:
-            self.model.train(was_training)
+            for m, mode in zip(models, was_training):
+                m.train(mode)
         for row in range(self.batch_size):
             if not self.finished[row]:
                 self.finish_reasons[row] = "length"
 
-    @torch.inference_mode()
-    def _loop(self) -> Iterator[tuple[list[tuple[int, int]], list[int]]]:
-        model, cfg, B = self.model, self.config, self.batch_size
-        max_new, T, device = self.max_new, self.prompt_len, self.device
-        # T + max_new - 1 positions get fed; the extra one lets return_hidden_states feed the
-        # last chosen tokens once more (the prompt check guarantees it fits in block_size)
-        cache = KVCache.for_model(model.config, capacity=T + max_new)
+    def _prefill(self, capacity: int) -> tuple[Tensor, Tensor, StepForward]:
+        """Read the prompts into a KV cache of ``capacity`` positions; return the last
+        position's (logits (B, V), hidden (B, C)) and ``forward(tokens (B, 1), positions (B,
+        1)) -> (logits (B, V), hidden (B, C))``, which reads one more position per call."""
+        if self.config.compile:
+            return self._static_prefill(capacity)
+        model, T = self.model, self.prompt_len
+        cache = KVCache.for_model(model.config, capacity=capacity)
         out = model(
             input_ids=self.input_ids,
             inputs_embeds=self.inputs_embeds,
@@ -815,11 +899,64 @@ class _Decoding:
             use_cache=True,
             logits_to_keep=1,
         )
-        logits, hidden = out.logits[:, -1], out.hidden_states[:, -1]  # (B, V), (B, C)
         mask_buf = None
         if self.attention_mask is not None:  # new positions are all real tokens
-            mask_buf = torch.ones(B, T + max_new, dtype=torch.long, device=device)
+            mask_buf = torch.ones(self.batch_size, capacity, dtype=torch.long, device=self.device)
             mask_buf[:, :T] = self.attention_mask
+
+        def forward(tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+            length = cache.length + 1
+            out = model(
+                input_ids=tokens,
+                attention_mask=None if mask_buf is None else mask_buf[:, :length],
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            return out.logits[:, -1], out.hidden_states[:, -1]
+
+        return out.logits[:, -1], out.hidden_states[:, -1], forward
+
+    def _static_prefill(self, capacity: int) -> tuple[Tensor, Tensor, StepForward]:
+        """``_prefill`` on a :class:`StaticKVCache`: the prefill runs eagerly (its length
+        varies), every later step through one compiled :class:`DecodeStep`."""
+        decoder = static_decoder(self.model, "GenerationConfig.compile")
+        device, T = self.device, self.prompt_len
+        cache = StaticKVCache.for_model(
+            decoder.config,
+            self.batch_size,
+            static_capacity(capacity, decoder.config.block_size),
+            device=device,
+            dtype=next(decoder.parameters()).dtype,
+        )
+        step = DecodeStep(device, compile=True)
+        step.prepare(cache)
+        if self.attention_mask is not None:
+            cache.set_padding(self.attention_mask)
+        out = decoder(
+            input_ids=self.input_ids,
+            inputs_embeds=self.inputs_embeds,
+            past_key_values=cache,
+            cache_position=torch.arange(T, device=device),
+            logits_to_keep=1,
+        )
+        slot = torch.tensor([T], device=device)  # (1,) the slot the next step writes
+
+        def forward(tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+            logits, hidden = step(decoder, tokens, positions, cache, slot)
+            slot.add_(1)
+            return logits[:, -1], hidden[:, -1]
+
+        return out.logits[:, -1], out.hidden_states[:, -1], forward
+
+    @torch.inference_mode()
+    def _loop(self) -> Iterator[tuple[list[tuple[int, int]], list[int]]]:
+        cfg, B = self.config, self.batch_size
+        max_new, T, device = self.max_new, self.prompt_len, self.device
+        # T + max_new - 1 positions get fed; the extra one lets return_hidden_states feed the
+        # last chosen tokens once more (the prompt check guarantees it fits in block_size)
+        logits, hidden, forward = self._prefill(T + max_new)  # (B, V), (B, C)
         positions = self.lengths.clone()[:, None]  # (B, 1) position of the next fed token
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         hid_buf = None
@@ -828,19 +965,11 @@ class _Decoding:
         chosen: list[Tensor] = []  # device-side tokens when there is no host sync
 
         def feed(tokens: Tensor, step: int) -> tuple[Tensor, Tensor]:
-            length = cache.length + 1
-            out = model(
-                input_ids=tokens[:, None],
-                attention_mask=None if mask_buf is None else mask_buf[:, :length],
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            logits, hidden = forward(tokens[:, None], positions)
             positions.add_(1)
             if hid_buf is not None:
-                hid_buf[:, step] = out.hidden_states[:, 0]
-            return out.logits[:, -1], out.hidden_states[:, -1]
+                hid_buf[:, step] = hidden
+            return logits, hidden
 
         step = 0
         for step in range(max_new):
@@ -871,6 +1000,34 @@ class _Decoding:
             self.hidden = hid_buf
         if chosen:
             self.tokens = torch.stack(chosen, dim=1).tolist()
+
+    @torch.inference_mode()
+    def _speculative_loop(self) -> Iterator[tuple[list[tuple[int, int]], list[int]]]:
+        cfg = self.config
+        generator = self.generator
+        single = generator[0] if isinstance(generator, list) else generator
+
+        def first_token(logits: Tensor) -> int:  # exactly as the plain loop chooses
+            return int(sample_next_token(logits, cfg, generator=generator)[0])
+
+        self.speculative = SpeculativeStats()
+        rounds = speculative_tokens(
+            self.model,
+            self.draft,
+            self.input_ids,
+            self.max_new,
+            self.num_draft_tokens,
+            first_token=first_token,
+            probs=None if cfg.greedy else lambda logits: sampling_probs(logits, cfg),
+            generator=single,
+            compile=cfg.compile,
+            stats=self.speculative,
+        )
+        for tokens in rounds:
+            for tok in tokens:
+                yield self._record([tok])
+                if self.n_finished:
+                    return
 
     def _apply_forced(self, nxt: Tensor, forced: Mapping[int, int]) -> Tensor:
         rows, ids = [], []
@@ -929,6 +1086,7 @@ class _Decoding:
             prompt_lengths=self.prompt_lengths,
             texts=texts,
             hidden_states=hidden,
+            speculative=self.speculative,
         )
 
 
@@ -1150,6 +1308,8 @@ def generate(
     token_hook: TokenHook | None = ...,
     return_hidden_states: bool = ...,
     return_dict: Literal[False] = ...,
+    draft_model: nn.Module | None = ...,
+    num_draft_tokens: int = ...,
 ) -> list[list[int]]: ...
 @overload
 def generate(
@@ -1164,6 +1324,8 @@ def generate(
     token_hook: TokenHook | None = ...,
     return_hidden_states: bool = ...,
     return_dict: Literal[True],
+    draft_model: nn.Module | None = ...,
+    num_draft_tokens: int = ...,
 ) -> GenerationOutput: ...
 def generate(
     model: nn.Module,
@@ -1177,6 +1339,8 @@ def generate(
     token_hook: TokenHook | None = None,
     return_hidden_states: bool = False,
     return_dict: bool = False,
+    draft_model: nn.Module | None = None,
+    num_draft_tokens: int = 4,
 ) -> list[list[int]] | GenerationOutput:
     """Generate new tokens for a batch of prompts.
 
@@ -1192,6 +1356,10 @@ def generate(
         token_hook: called each step; may force the next token of rows (module docstring).
         return_hidden_states: final hidden states of the returned tokens in the output.
         return_dict: return a :class:`GenerationOutput` instead of the token lists.
+        draft_model: a smaller model with the same tokenizer: speculative decoding
+            (:mod:`mmgpt.speculative`; one prompt; ``GenerationOutput.speculative`` holds the
+            acceptance rate).
+        num_draft_tokens: tokens the draft proposes per round.
     """
     run = _Decoding(
         model,
@@ -1204,6 +1372,8 @@ def generate(
         token_hook=token_hook,
         return_hidden_states=return_hidden_states,
         host_sync=False,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
     )
     if run.config.num_beams > 1:
         _check_beam_options(run.config, token_hook, return_hidden_states)
@@ -1225,6 +1395,8 @@ def stream_batch(
     attention_mask: Tensor | None = None,
     decode: Callable[[list[int]], str] | None = None,
     token_hook: TokenHook | None = None,
+    draft_model: nn.Module | None = None,
+    num_draft_tokens: int = 4,
 ) -> Iterator[StreamEvent]:
     """Like :func:`generate`, yielding a :class:`StreamEvent` per new token of each row as
     soon as it is chosen, and one final event per row (``token_id=None``) when it ends."""
@@ -1244,6 +1416,8 @@ def stream_batch(
         token_hook=token_hook,
         return_hidden_states=False,
         host_sync=True,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
     )
     for appended, done in run.run():
         for row, tok in appended:
@@ -1332,6 +1506,9 @@ def stream_text(
     stop_at_eos: bool = True,
     skip_special_tokens: bool = True,
     token_hook: TokenHook | None = None,
+    draft_model: nn.Module | None = None,
+    num_draft_tokens: int = 4,
+    speculative_stats: SpeculativeStats | None = None,
 ) -> Iterator[str]:
     """Yield the generated text in chunks as it is produced.
 
@@ -1343,6 +1520,8 @@ def stream_text(
     tokenizer's eos and stop ids (:func:`tokenizer_stop_ids`) unless ``stop_at_eos=False``.
     With ``config.num_beams > 1`` (beam search cannot stream) the best sequence's text comes
     as one chunk when the search ends; ``num_return_sequences`` must then be 1.
+    ``draft_model`` / ``num_draft_tokens``: speculative decoding, as :func:`generate`;
+    ``speculative_stats`` (a :class:`~mmgpt.speculative.SpeculativeStats`) is filled in.
     """
     _check_single_embeds("stream_text", inputs_embeds)
     config = config if config is not None else GenerationConfig()
@@ -1372,6 +1551,8 @@ def stream_text(
         token_hook=token_hook,
         return_hidden_states=False,
         host_sync=True,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
     )
     if config.num_beams > 1:
         _check_beam_options(config, token_hook, False)
@@ -1384,6 +1565,8 @@ def stream_text(
         chunk = text.take()
         if chunk:
             yield chunk
+    if speculative_stats is not None and run.speculative is not None:
+        vars(speculative_stats).update(vars(run.speculative))
     rest = text.finish()
     if rest:
         yield rest
@@ -1406,6 +1589,7 @@ __all__ = [
     "ForceAfter",
     "GenerationConfig",
     "GenerationOutput",
+    "SpeculativeStats",
     "StepState",
     "StreamEvent",
     "TokenHook",
@@ -1413,6 +1597,7 @@ __all__ = [
     "generate",
     "generate_text",
     "sample_next_token",
+    "sampling_probs",
     "stream",
     "stream_batch",
     "stream_text",

@@ -1,8 +1,9 @@
 """Tiny Hugging Face directories built offline: byte-level BPE tokenizers in the layout of a
 Llama-3 or a Qwen2 repository (special tokens, chat template), small random causal language
 models of the families mmgpt reads, CLIP and SigLIP vision towers and LLaVA models (with their
-``preprocessor_config.json``). For tests — mmgpt's own and a plugin's — that must not download
-anything. Needs ``tokenizers`` (always installed) and, for models, ``transformers``.
+``preprocessor_config.json``), and a CLIP model with its processor (for CLIP scores). For
+tests — mmgpt's own and a plugin's — that must not download anything. Needs ``tokenizers``
+(always installed) and, for models, ``transformers``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "LLAMA3_TEMPLATE",
     "STRINGS",
     "add_special_token",
+    "build_hf_clip_dir",
     "build_hf_dir",
     "build_hf_model_dir",
     "build_hf_vision_dir",
@@ -305,6 +307,30 @@ def build_hf_vision_dir(
     randomize_(model, seed)
     model.save_pretrained(str(path))
     _save_image_processor(path, family, vision["image_size"])
+    return path
+
+
+def build_hf_clip_dir(path: Path, *, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny random ``CLIPModel`` (text and vision towers, 32 wide) with its
+    ``CLIPProcessor`` (a character-level CLIP tokenizer: lowercase letters and digits, no
+    merges; the image processor at ``image_size``), saved by transformers into ``path`` as
+    ``CLIPModel.from_pretrained`` / ``CLIPProcessor.from_pretrained`` read them."""
+    import string
+
+    import transformers
+
+    build_hf_vision_dir(path, "clip", dual=True, seed=seed, image_size=image_size)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}  # the ids the text config names
+    for suffix in ("", "</w>"):  # CLIP marks a word's last character with </w>
+        for ch in string.ascii_lowercase + string.digits:
+            vocab[ch + suffix] = len(vocab)
+    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[])
+    image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    processor = transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor.save_pretrained(str(path))
     return path
 
 

@@ -10,8 +10,12 @@ The GPT draws by writing the signal tokens ``[IMG0]..[IMGk-1]``:
 3. The ``image_decoder`` samples an image from it (:class:`ImageGenerationConfig`: steps,
    guidance scale, sampler, seed). Text generation then continues after the image.
 
-:func:`stream` yields, in order, :class:`TextEvent` (a chunk of text) and :class:`ImageEvent`
-(a PIL image). Text chunks follow the rules of :func:`mmgpt.generation.stream_text` (no
+Any other output modality of the model (``model.decoders[m]``) is produced the same way from
+its own signal tokens (``[AUD0]..``): the span is forced once started, its states go through
+``model.output_projectors[m]``, and ``decoders[m].generate(condition, seed=…)`` makes the item.
+
+:func:`stream` yields, in order, :class:`TextEvent` (a chunk of text), :class:`ImageEvent`
+(a PIL image) and :class:`OutputEvent` (an item of another output modality). Text chunks follow the rules of :func:`mmgpt.generation.stream_text` (no
 partial UTF-8 characters, nothing of a stop string) and never contain signal tokens. An image
 is a boundary for text: text before it is released before the image, and a stop string must
 lie within the text between two images. A signal span cut short by ``max_new_tokens`` draws
@@ -52,6 +56,7 @@ __all__ = [
     "ImageEvent",
     "ImageGenerationConfig",
     "MultimodalOutput",
+    "OutputEvent",
     "StandardizedSignalProjector",
     "TextEvent",
     "decode_images",
@@ -129,10 +134,27 @@ class ImageEvent:
 
 
 @dataclass
-class MultimodalOutput:
-    """A whole reply: its events in order, the text (all chunks) and the images."""
+class OutputEvent:
+    """An item of a non-image output modality (what ``decoders[modality].generate`` returns
+    for one span; the modality's loader ``save`` writes it): ``index`` counts that modality's
+    items of the reply from 0; ``seed`` regenerates it from the same conditioning."""
 
-    events: list[TextEvent | ImageEvent] = field(default_factory=list)
+    modality: str
+    item: Any
+    index: int
+    seed: int
+
+
+@dataclass
+class MultimodalOutput:
+    """A whole reply: its events in order, the text (all chunks), the images and the items
+    of the other output modalities."""
+
+    events: list[TextEvent | ImageEvent | OutputEvent] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> list[OutputEvent]:
+        return [e for e in self.events if isinstance(e, OutputEvent)]
 
     @property
     def text(self) -> str:
@@ -351,21 +373,23 @@ class StandardizedSignalProjector(nn.Module):
 
 
 class _SignalHook:
-    """Forces ``[IMG1]..`` after ``[IMG0]``, optionally a start of each row's reply
-    (``prefixes[row]``, e.g. the chat separator + ``[IMG0]``), and records the
-    final hidden state of every signal token as it is fed (``hidden[(row, index)]``)."""
+    """Forces ``[IMG1]..`` after ``[IMG0]`` (and each of ``other_spans`` after its first
+    token), optionally a start of each row's reply (``prefixes[row]``, e.g. the chat separator
+    + ``[IMG0]``), and records the final hidden state of every signal token as it is fed
+    (``hidden[(row, index)]``)."""
 
     def __init__(
         self,
         signal_ids: Sequence[int],
         user_hook: TokenHook | None = None,
         prefixes: Sequence[Sequence[int]] | None = None,
+        *,
+        other_spans: Sequence[Sequence[int]] = (),
     ) -> None:
         self.signal_ids = list(signal_ids)
-        self.signal_set = frozenset(self.signal_ids)
-        self.force = (
-            ForceAfter(self.signal_ids[0], self.signal_ids[1:]) if len(signal_ids) > 1 else None
-        )
+        spans = [list(ids) for ids in ([signal_ids] if signal_ids else []) + list(other_spans)]
+        self.signal_set = frozenset(t for ids in spans for t in ids)
+        self.forces = [ForceAfter(ids[0], ids[1:]) for ids in spans if len(ids) > 1]
         self.user_hook = user_hook
         self.prefixes = [list(p) for p in prefixes] if prefixes is not None else None
         self.hidden: dict[tuple[int, int], Tensor] = {}
@@ -382,8 +406,8 @@ class _SignalHook:
             forced.update(
                 {r: p[state.step] for r, p in enumerate(self.prefixes) if state.step < len(p)}
             )
-        if self.force is not None:
-            forced.update(self.force(state) or {})  # a started span always completes
+        for force in self.forces:
+            forced.update(force(state) or {})  # a started span always completes
         return forced or None
 
 
@@ -416,18 +440,21 @@ def stream(
     stop_at_eos: bool = True,
     skip_special_tokens: bool = True,
     token_hook: TokenHook | None = None,
-) -> Iterator[TextEvent | ImageEvent]:
-    """Reply to one prompt (a conversation or a raw string) with text and image events.
+) -> Iterator[TextEvent | ImageEvent | OutputEvent]:
+    """Reply to one prompt (a conversation or a raw string) with text, image and other output
+    events, in the order the model writes them.
 
     ``config`` drives the text (its ``stop_strings`` apply within the text between images);
     ``image_config`` the decoder. ``token_hook`` may force tokens too (the signal span wins
-    once started). ``inputs``: the prompt's items of non-image modalities. A model without an
-    image decoder streams its text only.
+    once started). ``inputs``: the prompt's items of non-image modalities. A model without
+    decoders streams its text only. Items of other output modalities take ``image_config``'s
+    seed rule (item ``i`` of a modality: ``seed + i``).
     """
     tokenizer = model.tokenizer
     can_draw = model.image_decoder is not None and model.output_projector is not None
-    if image_config is not None or can_draw:
-        signal_ids = require_image_generation(model)  # an image config needs a decoder
+    # an image config needs a decoder, unless it only seeds another modality's outputs
+    if can_draw or (image_config is not None and not len(model.decoders)):
+        signal_ids = require_image_generation(model)
     else:  # text only: signal tokens are merely kept out of the text
         signal_ids = list(getattr(tokenizer, "signal_token_ids", None) or [])
     image_config = image_config if image_config is not None else ImageGenerationConfig()
@@ -437,9 +464,21 @@ def stream(
     stop_strings = gen_config.stop_strings
     embeds, _ = model.prepare_prompts([prompt], [images], [inputs])  # (1, T, C)
     collector = _SignalHook(signal_ids, token_hook) if can_draw else None
-    signal_set = frozenset(signal_ids)
+    others = {
+        m: model.output_signal_token_ids(m) for m in model.output_modalities() if m != "image"
+    }
+    if others:
+        collector = _SignalHook(
+            signal_ids if can_draw else [], token_hook, other_spans=list(others.values())
+        )
+    # the first token of each span → (modality, its signal ids)
+    spans_by_first = {ids[0]: (m, ids) for m, ids in others.items()}
+    if signal_ids:
+        spans_by_first[signal_ids[0]] = ("image", signal_ids)
+    signal_set = frozenset(signal_ids) | {t for ids in others.values() for t in ids}
     k = len(signal_ids)
-    base_seed = _base_seed(image_config) if can_draw else 0
+    base_seed = _base_seed(image_config) if can_draw or others else 0
+    counts = dict.fromkeys(others, 0)
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -454,8 +493,9 @@ def stream(
     )
     tokens: list[int] = []
     segment = IncrementalText(decode, stop_strings)
-    span_start: int | None = None  # index of the [IMG0] of the span being written
-    pending: int | None = None  # start of a complete span waiting for its last state
+    span_start: int | None = None  # index of the first token of the span being written
+    span: tuple[str, list[int]] | None = None  # its modality and signal ids
+    pending: tuple[str, int] | None = None  # a complete span waiting for its last state
     n_images = 0
     strip = not isinstance(prompt, str)  # chat replies start with the template's space
 
@@ -478,10 +518,29 @@ def stream(
         n_images += 1
         return ImageEvent(image, n_images - 1, seed)
 
+    def produce(modality: str, start: int) -> OutputEvent:
+        ids = others[modality]
+        states = [collector.hidden.get((0, start + j)) for j in range(len(ids))]
+        if any(s is None for s in states):
+            stacked = _missing_states(model, embeds, tokens, start, len(ids))
+        else:
+            stacked = torch.stack(states)  # (k_m, C)
+        decoder, projector = model.decoders[modality], model.output_projectors[modality]
+        seed = base_seed + counts[modality]
+        with _eval_mode(projector, decoder):
+            condition = projector(stacked[None].to(model.device))  # (1, N, D)
+            item = decoder.generate(condition, seed=seed)[0]
+        counts[modality] += 1
+        return OutputEvent(modality, item, counts[modality] - 1, seed)
+
+    def emit(done: tuple[str, int]) -> ImageEvent | OutputEvent:
+        modality, start = done
+        return draw(start) if modality == "image" else produce(modality, start)
+
     try:
         for event in events:
             if pending is not None:  # the span's last state was recorded before this event
-                yield draw(pending)
+                yield emit(pending)
                 pending = None
             if event.token_id is None:
                 break
@@ -489,19 +548,20 @@ def stream(
             tokens.append(tok)
             index = len(tokens) - 1
             if tok in signal_set:
-                if tok == signal_ids[0]:
-                    # the image is a boundary: text before it is final
+                if tok in spans_by_first:
+                    # an output is a boundary: text before it is final
                     out = text_event(segment.finish())
                     if out is not None:
                         yield out
                     segment = IncrementalText(decode, stop_strings)
-                    span_start = index
-                if span_start is not None and index - span_start == k - 1:
-                    if tokens[span_start:] == signal_ids and can_draw:
-                        pending = span_start
-                    span_start = None
+                    span_start, span = index, spans_by_first[tok]
+                if span is not None and index - span_start == len(span[1]) - 1:
+                    modality, ids = span
+                    if tokens[span_start:] == ids and (modality != "image" or can_draw):
+                        pending = (modality, span_start)
+                    span_start = span = None
                 continue
-            span_start = None  # a text token inside a span: the span is broken
+            span_start = span = None  # a text token inside a span: the span is broken
             stop = segment.push(tok)
             out = text_event(segment.take())
             if out is not None:
@@ -509,7 +569,7 @@ def stream(
             if stop is not None:
                 return
         if pending is not None:  # generation ended on the span's last token
-            yield draw(pending)
+            yield emit(pending)
         out = text_event(segment.finish())
         if out is not None:
             yield out

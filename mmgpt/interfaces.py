@@ -83,16 +83,56 @@ class Projector(Protocol):
 
 
 @runtime_checkable
-class ModalityDecoder(Protocol):
-    """Turns conditioning vectors (from the GPT's signal-token hidden states) into a modality."""
+class OutputDecoder(Protocol):
+    """Turns conditioning vectors (from the GPT's signal-token hidden states) into items of one
+    output modality (registry kind ``decoder``).
+
+    A model holds at most one decoder per ``modality``. Its signal tokens: ``[IMG0]..`` for
+    ``"image"`` (the tokenizer's own), else ``[{signal_prefix}0]..[{signal_prefix}{k-1}]``
+    with ``k = num_signal_tokens`` (optional attributes; defaults: the modality's first three
+    letters upper-cased, and 4), added to the tokenizer when the model is built. The GPT's
+    final hidden states at those ``k`` tokens ``(M, k, n_embd)`` go through the modality's
+    output projector into ``condition`` ``(M, num_condition_tokens, condition_dim)``.
+
+    ``training_loss(condition, targets)`` is the decoder's own loss (a scalar) against
+    ``targets``, the batch of target items made by ``preprocess(items)`` (the items are what
+    the modality's loader ``load`` returns). ``generate(condition, seed=…)`` returns one item
+    per row of ``condition``, as the modality's loader ``save(item, path)`` writes it (the
+    image decoder takes more sampling options and returns PIL images).
+    """
 
     modality: str
     condition_dim: int
     num_condition_tokens: int
 
+    def preprocess(self, items: Sequence[Any]) -> torch.Tensor: ...
     def training_loss(self, condition: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
     def generate(self, condition: torch.Tensor, **kwargs: Any) -> Any: ...
     def config_dict(self) -> dict[str, Any]: ...
+
+
+# The earlier name of the same contract.
+ModalityDecoder = OutputDecoder
+
+
+@runtime_checkable
+class ModalityLoader(Protocol):
+    """Reads the files of one modality (registry kind ``loader``, registered under the modality's
+    name: ``@register("loader", "audio")``).
+
+    ``extensions`` (lower case, with the dot: ``(".wav",)``) are the files it reads; datasets,
+    ``mmgpt data check``, ``mmgpt generate --input`` and the chat demo route a file to it by
+    modality name or extension. ``load(path)`` returns one item as the modality's encoder's
+    ``preprocess`` takes it, or raises ``ValueError`` saying what is wrong; mmgpt checks that
+    the file exists and fits ``max_bytes`` first (see :mod:`mmgpt.data.loaders`). Optional:
+    ``placeholder`` (default ``f"<{modality}>"``, as the encoder's), ``max_bytes``, and, for an
+    output modality, ``save(item, path) -> Path`` (writes an item; the suffix is the loader's).
+    """
+
+    modality: str
+    extensions: tuple[str, ...]
+
+    def load(self, path: Path) -> Any: ...
 
 
 @dataclass

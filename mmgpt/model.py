@@ -41,6 +41,7 @@ from mmgpt.config import (
     read_model_config,
 )
 from mmgpt.interop import HF_MODEL_TYPES, is_hf_config, read_hf
+from mmgpt.static_cache import StaticKVCache
 from mmgpt.weights import (
     check_weights_file,
     load_model_files,
@@ -135,7 +136,9 @@ class KVCache:
     """Per-layer key/value buffers of shape (B, H_kv, capacity, D), written in place.
 
     Preallocating avoids a concatenation per generated token; the buffers grow (doubling)
-    if a caller writes past the capacity it asked for.
+    if a caller writes past the capacity it asked for. Each forward returns the filled part,
+    so shapes grow by one position per step; :class:`mmgpt.static_cache.StaticKVCache` keeps
+    them fixed for compiled decoding.
     """
 
     def __init__(self, n_layer: int, capacity: int = 0) -> None:
@@ -149,8 +152,11 @@ class KVCache:
     def for_model(cls, config: GPTConfig, capacity: int | None = None) -> KVCache:
         return cls(config.n_layer, capacity or config.block_size)
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, H_kv, T, D) after the cached positions; return all keys and values."""
+    def update(
+        self, layer: int, k: Tensor, v: Tensor, cache_position: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, H_kv, T, D) after the cached positions; return all keys and values.
+        (``cache_position`` is for the static cache's signature: this one appends.)"""
         start, end = self.length, self.length + k.size(2)
         buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or buf_k.size(2) < end or buf_k.size(0) != k.size(0):
@@ -209,9 +215,10 @@ class CausalSelfAttention(nn.Module):
         mask: Tensor | None,  # bool (B, 1, T, S) or None
         is_causal: bool,
         rotary: tuple[Tensor, Tensor] | None,
-        cache: KVCache | None,
+        cache: KVCache | StaticKVCache | None,
         layer: int,
         output_attentions: bool = False,
+        cache_position: Tensor | None = None,  # (T,) slots of a StaticKVCache
     ) -> tuple[Tensor, Tensor | None]:  # (B, T, C), attention weights (B, H, T, S) or None
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split((C, self.kv_dim, self.kv_dim), dim=2)
@@ -221,7 +228,8 @@ class CausalSelfAttention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H_kv, S, D), S = cached + T
+            k, v = cache.update(layer, k, v, cache_position)  # (B, H_kv, S, D), S = cached + T
+            # (static cache: S = capacity, the slots not written yet masked out)
         if output_attentions:
             y, weights = self._explicit_attention(q, k, v, mask, is_causal)
         else:
@@ -318,12 +326,13 @@ class Block(nn.Module):
         mask: Tensor | None,
         is_causal: bool,
         rotary: tuple[Tensor, Tensor] | None,
-        cache: KVCache | None,
+        cache: KVCache | StaticKVCache | None,
         layer: int,
         output_attentions: bool = False,
+        cache_position: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:  # (B, T, C), attention weights (B, H, T, S) or None
         a, weights = self.attn(
-            self.ln_1(x), mask, is_causal, rotary, cache, layer, output_attentions
+            self.ln_1(x), mask, is_causal, rotary, cache, layer, output_attentions, cache_position
         )
         x = x + a
         return x + self.mlp(self.ln_2(x)), weights
@@ -338,7 +347,7 @@ class Block(nn.Module):
 class GPTOutput:
     logits: Tensor | None  # (B, T_kept, V)
     hidden_states: Tensor  # (B, T, C), after the final norm
-    past_key_values: KVCache | None = None
+    past_key_values: KVCache | StaticKVCache | None = None
     # output_attentions=True: one (B, H, T, S) tensor per layer, S = cached + T; else None
     attentions: tuple[Tensor, ...] | None = None
 
@@ -437,11 +446,12 @@ class GPT(nn.Module):
         inputs_embeds: Tensor | None = None,  # (B, T, C)
         attention_mask: Tensor | None = None,  # (B, S) 1 = token, 0 = padding; S = cached + T
         position_ids: Tensor | None = None,  # (B, T)
-        past_key_values: KVCache | None = None,
+        past_key_values: KVCache | StaticKVCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,  # 0: logits for every position; n: only the last n
         return_logits: bool = True,
         output_attentions: bool = False,  # also return each layer's weights (explicit path)
+        cache_position: Tensor | None = None,  # (T,) slots written in a StaticKVCache
     ) -> GPTOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("GPT.forward: pass exactly one of input_ids or inputs_embeds")
@@ -458,32 +468,49 @@ class GPT(nn.Module):
             )
         B, T, _ = inputs_embeds.shape
         cache = past_key_values
-        if cache is None and use_cache:
-            cache = KVCache.for_model(self.config, capacity=T)
-        past = cache.length if cache is not None else 0
-        total = past + T
-        if total > self.config.block_size:
-            raise ValueError(
-                f"sequence of {total} positions exceeds the model's context "
-                f"(block_size={self.config.block_size})"
-            )
-        if attention_mask is not None:
-            if attention_mask.shape != (B, total):
+        if isinstance(cache, StaticKVCache):
+            # Fixed shapes and no Python state that changes per step (what compiling needs):
+            # slots, mask and positions all come from tensors.
+            if cache_position is None:
                 raise ValueError(
-                    f"GPT.forward: attention_mask must have shape ({B}, {total}) "
-                    f"(cached + new positions), got {tuple(attention_mask.shape)}"
+                    "GPT.forward: a StaticKVCache needs cache_position, the (T,) slots to write"
                 )
-            attention_mask = attention_mask.bool()
-            if bool(attention_mask.all()):
-                attention_mask = None  # no padding: take the fast causal path
-
-        if position_ids is None:
             if attention_mask is not None:
-                # left padding: count real tokens so padded and unpadded rows agree
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, total, device=inputs_embeds.device)[None]
-                position_ids = position_ids.expand(B, T)
+                raise ValueError(
+                    "GPT.forward: with a StaticKVCache, record the prompt's padding with "
+                    "cache.set_padding(attention_mask) instead of passing attention_mask"
+                )
+            if position_ids is None:
+                position_ids = cache.position_ids(cache_position)  # (B, T)
+            mask, is_causal = cache.attention_mask(cache_position), False  # (B, 1, T, capacity)
+        else:
+            if cache is None and use_cache:
+                cache = KVCache.for_model(self.config, capacity=T)
+            past = cache.length if cache is not None else 0
+            total = past + T
+            if total > self.config.block_size:
+                raise ValueError(
+                    f"sequence of {total} positions exceeds the model's context "
+                    f"(block_size={self.config.block_size})"
+                )
+            if attention_mask is not None:
+                if attention_mask.shape != (B, total):
+                    raise ValueError(
+                        f"GPT.forward: attention_mask must have shape ({B}, {total}) "
+                        f"(cached + new positions), got {tuple(attention_mask.shape)}"
+                    )
+                attention_mask = attention_mask.bool()
+                if bool(attention_mask.all()):
+                    attention_mask = None  # no padding: take the fast causal path
+
+            if position_ids is None:
+                if attention_mask is not None:
+                    # left padding: count real tokens so padded and unpadded rows agree
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+                else:
+                    position_ids = torch.arange(past, total, device=inputs_embeds.device)[None]
+                    position_ids = position_ids.expand(B, T)
+            mask, is_causal = self._attention_mask(attention_mask, B, T, past, inputs_embeds.device)
 
         x = inputs_embeds
         if self.config.pos_encoding == "learned":
@@ -493,14 +520,15 @@ class GPT(nn.Module):
         rotary = self.rotary(position_ids) if self.rotary is not None else None
         x = self.transformer.drop(x)  # (B, T, C)
 
-        mask, is_causal = self._attention_mask(attention_mask, B, T, past, x.device)
         attentions: list[Tensor] = []
         for i, block in enumerate(self.transformer.h):
-            x, weights = block(x, mask, is_causal, rotary, cache, i, output_attentions)
+            x, weights = block(
+                x, mask, is_causal, rotary, cache, i, output_attentions, cache_position
+            )
             if weights is not None:
                 attentions.append(weights)  # (B, H, T, S)
-        if cache is not None:
-            cache.advance(T)
+        if isinstance(cache, KVCache):
+            cache.advance(T)  # (a static cache's fill is counted by its caller)
         x = self.transformer.ln_f(x)  # (B, T, C)
 
         logits = None

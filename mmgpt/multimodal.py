@@ -10,8 +10,13 @@ its placeholder (``encoder.placeholder``, e.g. ``"<audio>"``) becomes ``num_toke
 whose slots are whose, so adding a modality changes neither the tokenizer nor the vocabulary.
 Optional ``image_decoder`` and ``output_projector`` (registry kinds ``decoder``
 and ``projector``) turn the hidden states of the signal tokens ``[IMG0]..`` back into images;
-this class holds, saves and loads them, and :meth:`MultimodalGPT.stream` draws with them
-(:mod:`mmgpt.imagegen`).
+any other output modality has its decoder in ``decoders[modality]`` and its projector in
+``output_projectors[modality]``, reading its own signal tokens (``[AUD0]..``, see
+:class:`~mmgpt.interfaces.OutputDecoder`). This class holds, saves and loads them, and
+:meth:`MultimodalGPT.stream` produces every output modality with them (:mod:`mmgpt.imagegen`).
+The image decoder keeps its own attributes (and weight prefixes ``image_decoder.`` /
+``output_projector.``) so that model directories written before other output modalities
+existed load unchanged.
 
 A saved model is one directory::
 
@@ -19,7 +24,8 @@ A saved model is one directory::
                         "tokenizer": {"name": "bpe", ...},
                         "encoders": {"image": {"name": "vit", "config": {...}}},
                         "projectors": {"image": {"name": "mlp2x_gelu", "config": {...}}},
-                        "image_decoder": {...}, "output_projector": {...}}   (when present)
+                        "image_decoder": {...}, "output_projector": {...},   (when present)
+                        "decoders": {"audio": {...}}, "output_projectors": {"audio": {...}}}
     model.safetensors  every weight, prefixed gpt. / encoders.image. / projectors.image. / …
     tokenizer.json     (and the tokenizer's other files)
 
@@ -51,8 +57,15 @@ from mmgpt.config import (
     gpt_config,
     read_model_config,
 )
+from mmgpt.data.loaders import placeholder_of
 from mmgpt.generation import GenerationConfig, GenerationOutput
-from mmgpt.imagegen import ImageEvent, ImageGenerationConfig, MultimodalOutput, TextEvent
+from mmgpt.imagegen import (
+    ImageEvent,
+    ImageGenerationConfig,
+    MultimodalOutput,
+    OutputEvent,
+    TextEvent,
+)
 from mmgpt.interfaces import Tokenizer
 from mmgpt.interop.llava import is_llava_config, read_llava
 from mmgpt.model import GPT, GPTOutput, KVCache
@@ -70,7 +83,13 @@ PARTS = {
     "image_decoder": "image_decoder",
     "decoder": "image_decoder",
     "output_projector": "output_projector",
+    "decoders": "decoders",
+    "output_projectors": "output_projectors",
 }
+# Signal tokens of an output modality whose decoder does not say (``num_signal_tokens``).
+DEFAULT_OUTPUT_SIGNAL_TOKENS = 4
+# The output projector of a non-image modality when none is named.
+DEFAULT_OUTPUT_PROJECTOR = "signal_mlp"
 
 
 class MultimodalGPT(nn.Module):
@@ -84,6 +103,10 @@ class MultimodalGPT(nn.Module):
         image_decoder: optional decoder that turns signal-token conditions into images.
         output_projector: optional projector from signal-token states to the decoder's
             conditioning width.
+        decoders: decoders of other output modalities, ``{modality: decoder}`` (a
+            ``"image"`` entry is the same as ``image_decoder``); the tokenizer must already
+            have each one's signal tokens (:meth:`build` adds them).
+        output_projectors: their output projectors, ``{modality: projector}``.
         component_names: registry names of the components, keyed ``"encoders.image"``,
             ``"projectors.image"``, ``"image_decoder"``, ``"output_projector"``; needed by
             :meth:`save_pretrained` for components whose class is not itself the registered
@@ -100,8 +123,23 @@ class MultimodalGPT(nn.Module):
         image_decoder: nn.Module | None = None,
         output_projector: nn.Module | None = None,
         component_names: Mapping[str, str] | None = None,
+        decoders: Mapping[str, nn.Module] | None = None,
+        output_projectors: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
+        decoders, output_projectors = dict(decoders or {}), dict(output_projectors or {})
+        if "image" in decoders:
+            if image_decoder is not None:
+                raise ValueError("pass the image decoder once: image_decoder or decoders['image']")
+            image_decoder = decoders.pop("image")
+        if "image" in output_projectors:
+            if output_projector is not None:
+                raise ValueError(
+                    "pass the image output projector once: output_projector or "
+                    "output_projectors['image']"
+                )
+            output_projector = output_projectors.pop("image")
+        _check_output_decoders(tokenizer, decoders, output_projectors)
         if gpt.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(
                 f"the GPT's vocabulary ({gpt.config.vocab_size}) does not cover the tokenizer's "
@@ -129,12 +167,15 @@ class MultimodalGPT(nn.Module):
                     f"encoder outputs {enc.output_dim} and the GPT's width is {n_embd}"
                 )
             _slots(modality, enc, proj)  # a projector that cannot take the tokens fails here
+            _check_loader_placeholder(modality, enc)
         self.gpt = gpt
         self.tokenizer = tokenizer
         self.encoders = nn.ModuleDict(encoders)
         self.projectors = nn.ModuleDict(projectors)
         self.image_decoder = image_decoder
         self.output_projector = output_projector
+        self.decoders = nn.ModuleDict(decoders)
+        self.output_projectors = nn.ModuleDict(output_projectors)
         self.component_names: dict[str, str] = dict(component_names or {})
         if encoders and getattr(tokenizer, "image_token_id", None) is None:
             raise ValueError(
@@ -157,9 +198,19 @@ class MultimodalGPT(nn.Module):
         image_decoder_kwargs: Mapping[str, Any] | None = None,
         output_projector: str | None = None,
         output_projector_kwargs: Mapping[str, Any] | None = None,
+        encoders: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
+        projectors: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
+        decoders: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
+        output_projectors: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
         **gpt_overrides: Any,
     ) -> MultimodalGPT:
         """Assemble a model from registry names.
+
+        Several encoders: ``encoders={modality: (name, kwargs)}`` (e.g. ``{"image": ("vit",
+        {}), "audio": ("spectrogram", {"sample_rate": 8000})}``), each with its own projector,
+        ``projectors[modality] = (name, kwargs)`` or else ``projector``/``projector_kwargs``.
+        ``encoder`` is the one-encoder form (keyed by the encoder's ``modality``); both may be
+        given for different modalities. Each key must be its encoder's ``modality``.
 
         ``gpt`` is a preset name (``"gpt-nano"``…), a config (dataclass or dict) or a built GPT;
         for a preset or dict, ``vocab_size`` defaults to the tokenizer's. The encoder is
@@ -168,7 +219,47 @@ class MultimodalGPT(nn.Module):
         The output projector gets ``in_dim=n_embd`` and, where its
         signature names them, ``out_dim``/``num_condition_tokens`` from the image decoder and
         ``num_signal_tokens`` from the tokenizer, unless given.
+
+        Several output modalities: ``decoders={modality: (name, kwargs)}`` (``"image"`` is
+        the ``image_decoder`` form), each with its output projector
+        ``output_projectors[modality] = (name, kwargs)``, else ``output_projector`` for the
+        image and :data:`DEFAULT_OUTPUT_PROJECTOR` for the others. Each non-image decoder's
+        signal tokens are added to ``tokenizer`` first (which grows; the GPT's default
+        ``vocab_size`` covers them).
         """
+        names: dict[str, str] = {}
+        decoders = dict(decoders or {})
+        output_projectors = dict(output_projectors or {})
+        unknown = sorted(set(output_projectors) - set(decoders) - {"image"})
+        if unknown:
+            raise ValueError(f"output_projectors given for modalities without a decoder: {unknown}")
+        if "image" in decoders:
+            if image_decoder is not None:
+                raise ValueError("give the image decoder once: image_decoder or decoders['image']")
+            image_decoder, image_decoder_kwargs = decoders.pop("image")
+        if "image" in output_projectors:
+            if output_projector is not None:
+                raise ValueError(
+                    "give the image output projector once: output_projector or "
+                    "output_projectors['image']"
+                )
+            output_projector, output_projector_kwargs = output_projectors.pop("image")
+        built_decoders: dict[str, nn.Module] = {}
+        for key, (name, kwargs) in decoders.items():
+            dec = registry.create("decoder", name, **dict(kwargs))
+            modality = getattr(dec, "modality", None)
+            if modality != key:
+                raise ValueError(
+                    f"decoders[{key!r}] is {name!r}, a decoder of modality {modality!r}; key "
+                    "decoders by their modality"
+                )
+            tokenizer.add_output_signal_tokens(
+                key,
+                getattr(dec, "signal_prefix", None) or key[:3].upper(),
+                int(getattr(dec, "num_signal_tokens", DEFAULT_OUTPUT_SIGNAL_TOKENS)),
+            )
+            built_decoders[key] = dec
+            names[f"decoders.{key}"] = name
         if isinstance(gpt, GPT):
             if gpt_overrides:
                 raise ValueError("gpt overrides apply to a preset or config, not to a built GPT")
@@ -189,46 +280,65 @@ class MultimodalGPT(nn.Module):
                 )
             model = GPT(config)
         n_embd = model.config.n_embd
-        names: dict[str, str] = {}
-        encoders, projectors = {}, {}
+        built_encoders: dict[str, nn.Module] = {}
+        built_projectors: dict[str, nn.Module] = {}
+        wanted: list[tuple[str | None, str, Mapping[str, Any], str, Mapping[str, Any]]] = []
         if encoder is not None:
-            enc = registry.create("encoder", encoder, **dict(encoder_kwargs or {}))
+            wanted.append((None, encoder, encoder_kwargs or {}, projector, projector_kwargs or {}))
+        per_modality = dict(projectors or {})
+        unknown = sorted(set(per_modality) - set(encoders or {}))
+        if unknown:
+            raise ValueError(f"projectors given for modalities without an encoder: {unknown}")
+        for key, (name, kwargs) in (encoders or {}).items():
+            proj_name, proj_kwargs = per_modality.get(key, (projector, projector_kwargs or {}))
+            wanted.append((key, name, kwargs, proj_name, proj_kwargs))
+        for key, name, kwargs, proj_name, proj_kwargs in wanted:
+            enc = registry.create("encoder", name, **dict(kwargs))
             modality = enc.modality
-            proj_kwargs = {"in_dim": enc.output_dim, "out_dim": n_embd, **(projector_kwargs or {})}
-            if _takes_argument(registry.get("projector", projector), "num_tokens"):
+            if key is not None and key != modality:
+                raise ValueError(
+                    f"encoders[{key!r}] is {name!r}, an encoder of modality {modality!r}; key "
+                    "encoders by their modality"
+                )
+            if modality in built_encoders:
+                raise ValueError(
+                    f"two encoders for modality {modality!r} ({names[f'encoders.{modality}']!r} "
+                    f"and {name!r}); a model has one encoder per modality"
+                )
+            full_kwargs = {"in_dim": enc.output_dim, "out_dim": n_embd, **proj_kwargs}
+            if _takes_argument(registry.get("projector", proj_name), "num_tokens"):
                 # a projector that depends on the token count (pixel_shuffle) learns it here
-                proj_kwargs.setdefault("num_tokens", enc.num_tokens)
-            encoders[modality] = enc
-            projectors[modality] = registry.create("projector", projector, **proj_kwargs)
-            names[f"encoders.{modality}"] = encoder
-            names[f"projectors.{modality}"] = projector
+                full_kwargs.setdefault("num_tokens", enc.num_tokens)
+            built_encoders[modality] = enc
+            built_projectors[modality] = registry.create("projector", proj_name, **full_kwargs)
+            names[f"encoders.{modality}"] = name
+            names[f"projectors.{modality}"] = proj_name
         decoder = out_proj = None
         if image_decoder is not None:
             decoder = registry.create("decoder", image_decoder, **dict(image_decoder_kwargs or {}))
             names["image_decoder"] = image_decoder
         if output_projector is not None:
-            kwargs = dict(output_projector_kwargs or {})
-            kwargs.setdefault("in_dim", n_embd)
-            defaults = {
-                "out_dim": getattr(decoder, "condition_dim", None),
-                "num_condition_tokens": getattr(decoder, "num_condition_tokens", None),
-                "num_signal_tokens": len(getattr(tokenizer, "signal_token_ids", None) or [])
-                or None,
-            }
-            factory = registry.get("projector", output_projector)
-            for key, value in defaults.items():
-                if value is not None and _takes_argument(factory, key):
-                    kwargs.setdefault(key, value)
-            out_proj = registry.create("projector", output_projector, **kwargs)
+            k = len(getattr(tokenizer, "signal_token_ids", None) or [])
+            out_proj = _output_projector(
+                output_projector, output_projector_kwargs, decoder, n_embd, k
+            )
             names["output_projector"] = output_projector
+        built_out_projs: dict[str, nn.Module] = {}
+        for key, dec in built_decoders.items():
+            proj_name, proj_kwargs = output_projectors.get(key, (DEFAULT_OUTPUT_PROJECTOR, {}))
+            k = len(tokenizer.output_signal_token_ids(key))
+            built_out_projs[key] = _output_projector(proj_name, proj_kwargs, dec, n_embd, k)
+            names[f"output_projectors.{key}"] = proj_name
         return cls(
             model,
             tokenizer,
-            encoders,
-            projectors,
+            built_encoders,
+            built_projectors,
             image_decoder=decoder,
             output_projector=out_proj,
             component_names=names,
+            decoders=built_decoders,
+            output_projectors=built_out_projs,
         )
 
     # -- properties -------------------------------------------------------------------------
@@ -254,6 +364,22 @@ class MultimodalGPT(nn.Module):
         modalities (the batch's per-modality positions tell them apart)."""
         return int(self.tokenizer.image_token_id)
 
+    def output_modalities(self) -> dict[str, tuple[nn.Module, nn.Module]]:
+        """``{modality: (decoder, output projector)}`` of every output modality the model can
+        produce, the image first."""
+        out: dict[str, tuple[nn.Module, nn.Module]] = {}
+        if self.image_decoder is not None and self.output_projector is not None:
+            out["image"] = (self.image_decoder, self.output_projector)
+        for modality, dec in self.decoders.items():
+            out[modality] = (dec, self.output_projectors[modality])
+        return out
+
+    def output_signal_token_ids(self, modality: str) -> list[int]:
+        """The signal token ids of output ``modality`` (``[IMG0]..`` for ``"image"``)."""
+        if modality == "image":
+            return list(getattr(self.tokenizer, "signal_token_ids", None) or [])
+        return list(self.tokenizer.output_signal_token_ids(modality))
+
     def num_slots(self, modality: str) -> int:
         """Placeholder slots one item of ``modality`` fills: the encoder's ``num_tokens``, or
         what its projector makes of them (``output_tokens``, e.g. ``pixel_shuffle``)."""
@@ -266,6 +392,14 @@ class MultimodalGPT(nn.Module):
         kwargs.setdefault("slot_counts", {m: self.num_slots(m) for m in self.encoders})
         if self.image_decoder is not None and hasattr(self.image_decoder, "preprocess"):
             kwargs.setdefault("output_image_transform", self.image_decoder.preprocess)
+        if len(self.decoders):
+            kwargs.setdefault(
+                "output_signals", {m: self.output_signal_token_ids(m) for m in self.decoders}
+            )
+            kwargs.setdefault(
+                "output_transforms",
+                {m: d.preprocess for m, d in self.decoders.items() if hasattr(d, "preprocess")},
+            )
         return MultimodalProcessor(self.tokenizer, self.encoders, **kwargs)
 
     # -- fusion --------------------------------------------------------------------------------
@@ -519,9 +653,11 @@ class MultimodalGPT(nn.Module):
         config: GenerationConfig | None = None,
         image_config: ImageGenerationConfig | None = None,
         **kwargs: Any,
-    ) -> Iterator[TextEvent | ImageEvent]:
+    ) -> Iterator[TextEvent | ImageEvent | OutputEvent]:
         """Reply to one prompt with :class:`~mmgpt.imagegen.TextEvent` s and, where the model
-        writes ``[IMG0]..``, :class:`~mmgpt.imagegen.ImageEvent` s; see :func:`mmgpt.imagegen.stream`."""
+        writes ``[IMG0]..``, :class:`~mmgpt.imagegen.ImageEvent` s (another output modality's
+        signal tokens: :class:`~mmgpt.imagegen.OutputEvent` s); see
+        :func:`mmgpt.imagegen.stream`."""
         return imagegen.stream(self, prompt, images, config, image_config, **kwargs)
 
     def generate_multimodal(
@@ -532,7 +668,8 @@ class MultimodalGPT(nn.Module):
         image_config: ImageGenerationConfig | None = None,
         **kwargs: Any,
     ) -> MultimodalOutput:
-        """The whole reply of :meth:`stream`: ``.events``, ``.text`` and ``.images``."""
+        """The whole reply of :meth:`stream`: ``.events``, ``.text``, ``.images`` and
+        ``.outputs`` (the other output modalities' events)."""
         return imagegen.generate_multimodal(self, prompt, images, config, image_config, **kwargs)
 
     # -- training stages ---------------------------------------------------------------------
@@ -590,6 +727,10 @@ class MultimodalGPT(nn.Module):
             yield "image_decoder", self.image_decoder
         if self.output_projector is not None:
             yield "output_projector", self.output_projector
+        for modality, dec in self.decoders.items():
+            yield f"decoders.{modality}", dec
+        for modality, proj in self.output_projectors.items():
+            yield f"output_projectors.{modality}", proj
 
     def _component_spec(self, key: str, kind: str, module: nn.Module) -> dict[str, Any]:
         name = self.component_names.get(key) or _registered_name(kind, module)
@@ -605,7 +746,12 @@ class MultimodalGPT(nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         """The content of ``config.json``."""
-        kinds = {"encoders": "encoder", "projectors": "projector"}
+        kinds = {
+            "encoders": "encoder",
+            "projectors": "projector",
+            "decoders": "decoder",
+            "output_projectors": "projector",
+        }
         config: dict[str, Any] = {
             "architecture": ARCHITECTURE,
             "format_version": FORMAT_VERSION,
@@ -616,8 +762,9 @@ class MultimodalGPT(nn.Module):
         }
         for key, module in self._components():
             group, _, modality = key.partition(".")
-            if modality:
-                config[group][modality] = self._component_spec(key, kinds[group], module)
+            if modality:  # decoders/output_projectors appear only when the model has them
+                spec = self._component_spec(key, kinds[group], module)
+                config.setdefault(group, {})[modality] = spec
             else:
                 kind = "decoder" if key == "image_decoder" else "projector"
                 config[key] = self._component_spec(key, kind, module)
@@ -686,7 +833,14 @@ class MultimodalGPT(nn.Module):
             gpt = GPT(gpt_cfg)
             names: dict[str, str] = {}
             built: dict[str, dict[str, nn.Module]] = {"encoders": {}, "projectors": {}}
-            for group, kind in (("encoders", "encoder"), ("projectors", "projector")):
+            built["decoders"], built["output_projectors"] = {}, {}
+            groups = (
+                ("encoders", "encoder"),
+                ("projectors", "projector"),
+                ("decoders", "decoder"),
+                ("output_projectors", "projector"),
+            )
+            for group, kind in groups:
                 for modality, spec in config.get(group, {}).items():
                     built[group][modality] = registry.create(kind, spec["name"], **spec["config"])
                     names[f"{group}.{modality}"] = spec["name"]
@@ -709,6 +863,8 @@ class MultimodalGPT(nn.Module):
             image_decoder=extras["image_decoder"],
             output_projector=extras["output_projector"],
             component_names=names,
+            decoders=built["decoders"],
+            output_projectors=built["output_projectors"],
         )
 
     @classmethod
@@ -746,6 +902,58 @@ def _takes_argument(factory: Any, name: str) -> bool:
         return False
 
 
+def _output_projector(
+    name: str, kwargs: Mapping[str, Any] | None, decoder: Any, n_embd: int, k: int
+) -> nn.Module:
+    """An output projector ``name``: ``in_dim=n_embd`` and, where its signature names them,
+    ``out_dim``/``num_condition_tokens`` from ``decoder`` and ``num_signal_tokens=k``, unless
+    ``kwargs`` gives them."""
+    kwargs = dict(kwargs or {})
+    kwargs.setdefault("in_dim", n_embd)
+    defaults = {
+        "out_dim": getattr(decoder, "condition_dim", None),
+        "num_condition_tokens": getattr(decoder, "num_condition_tokens", None),
+        "num_signal_tokens": k or None,
+    }
+    factory = registry.get("projector", name)
+    for key, value in defaults.items():
+        if value is not None and _takes_argument(factory, key):
+            kwargs.setdefault(key, value)
+    return registry.create("projector", name, **kwargs)
+
+
+def _check_output_decoders(
+    tokenizer: Tokenizer, decoders: Mapping[str, nn.Module], projectors: Mapping[str, nn.Module]
+) -> None:
+    """Each non-image decoder: keyed by its modality, with an output projector and signal
+    tokens in the tokenizer that the projector reads."""
+    if set(decoders) != set(projectors):
+        raise ValueError(
+            f"every output decoder needs an output projector of the same modality: decoders "
+            f"for {sorted(decoders)}, output projectors for {sorted(projectors)}"
+        )
+    for modality, dec in decoders.items():
+        declared = getattr(dec, "modality", None)
+        if declared != modality:
+            raise ValueError(
+                f"decoder under key {modality!r} declares modality {declared!r}; key decoders "
+                "by their modality"
+            )
+        ids = getattr(tokenizer, "output_signal_token_ids", None)
+        ids = ids(modality) if callable(ids) else []
+        if not ids:
+            raise ValueError(
+                f"the tokenizer has no signal tokens for output modality {modality!r}; build "
+                "the model with MultimodalGPT.build(decoders=...), which adds them"
+            )
+        reads = getattr(projectors[modality], "num_signal_tokens", len(ids))
+        if reads != len(ids):
+            raise ValueError(
+                f"the {modality!r} output projector reads {reads} signal tokens but the "
+                f"tokenizer has {len(ids)} for {modality!r}"
+            )
+
+
 def _slots(modality: str, encoder: nn.Module, projector: nn.Module) -> int:
     """Slots per item: the encoder's ``num_tokens``, through the projector's
     ``output_tokens`` when it has one (a projector that merges tokens)."""
@@ -762,6 +970,20 @@ def _slots(modality: str, encoder: nn.Module, projector: nn.Module) -> int:
     return slots
 
 
+def _check_loader_placeholder(modality: str, encoder: nn.Module) -> None:
+    """Files of ``modality`` are marked in data by its loader's placeholder and read by the
+    model at its encoder's: they must be the same text."""
+    if modality == "image" or modality not in registry.names("loader"):
+        return
+    ours = getattr(encoder, "placeholder", None) or f"<{modality}>"
+    theirs = placeholder_of(modality)
+    if ours != theirs:
+        raise ValueError(
+            f"the {modality!r} encoder's placeholder is {ours!r} but the {modality!r} loader's "
+            f"is {theirs!r}; give both the same placeholder (default '<{modality}>')"
+        )
+
+
 def _registered_name(kind: str, module: nn.Module) -> str | None:
     """The registry name whose entry is ``module``'s class (or an explicit ``registry_name``)."""
     explicit = getattr(module, "registry_name", None)
@@ -773,4 +995,9 @@ def _registered_name(kind: str, module: nn.Module) -> str | None:
     return None
 
 
-__all__ = ["ARCHITECTURE", "MultimodalGPT"]
+__all__ = [
+    "ARCHITECTURE",
+    "DEFAULT_OUTPUT_PROJECTOR",
+    "DEFAULT_OUTPUT_SIGNAL_TOKENS",
+    "MultimodalGPT",
+]

@@ -374,7 +374,14 @@ def _vocab_size(spec: Mapping[str, Any], preset_vocab: int) -> int:
 def _meta_model(spec: dict[str, Any]) -> tuple[nn.Module, Any, int]:
     """(model on the meta device, its GPTConfig, encoder tokens per sample)."""
     section = dict(spec["model"])
-    multimodal = recipe_architecture(spec) == "multimodal"
+    arch = recipe_architecture(spec)
+    if arch not in ("gpt", "multimodal"):
+        # judge and autoencoder recipes train small image models on one device: nothing to plan
+        raise ValueError(
+            f"mmgpt plan estimates GPT and multimodal recipes; this recipe's model.architecture "
+            f"is {arch!r} (a small image model that trains on one device)"
+        )
+    multimodal = arch == "multimodal"
     overrides = gpt_overrides(section)
     with torch.device("meta"):
         if section.get("from"):

@@ -24,7 +24,8 @@ from torch import nn
 
 from mmgpt.adapters.directory import CONFIG_KEY, AdapterChoice, adapter_dirs, has_adapters
 from mmgpt.adapters.lora import fold_adapters
-from mmgpt.config import CONFIG_NAME, read_model_config
+from mmgpt.adapters.quantized import check_method, is_quantized
+from mmgpt.config import CONFIG_NAME, WEIGHTS_NAME, read_model_config
 from mmgpt.files import atomic_directory, save_json
 from mmgpt.interfaces import Tokenizer
 from mmgpt.interop import hf_family, hf_model_type, is_hf_config, write_hf
@@ -35,6 +36,7 @@ from mmgpt.model import ARCHITECTURE as GPT_ARCHITECTURE
 from mmgpt.model import GPT
 from mmgpt.multimodal import ARCHITECTURE as MULTIMODAL_ARCHITECTURE
 from mmgpt.multimodal import MultimodalGPT
+from mmgpt.quantization import QUANTIZATION_KEY, quantize_model
 from mmgpt.registry import create
 from mmgpt.weights import model_state_dict
 
@@ -47,6 +49,7 @@ __all__ = [
     "load_tokenizer",
     "merge_and_save",
     "model_config",
+    "quantize_directory",
     "require_architecture",
     "resolve_model_dir",
     "save_hf",
@@ -229,6 +232,48 @@ def merge_and_save(
     return save_model(model, out_dir, tokenizer=tokenizer if isinstance(model, GPT) else None)
 
 
+def quantize_directory(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    method: str,
+    group_size: int | None = None,
+) -> dict[str, Any]:
+    """Write ``out_dir``: the model of ``model_dir`` with its decoder quantised weight-only
+    (:func:`mmgpt.quantization.quantize_model`; adapters are folded in first), a directory
+    every loader reads; the function behind ``mmgpt quantize``. Returns a report:
+    ``{"out", "method", "group_size", "layers", "weights_bytes_before", "weights_bytes_after"}``.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.resolve() == model_dir.resolve():
+        raise ValueError(f"{out_dir}: write the quantised model to another directory (--out)")
+    config = read_model_config(model_dir)
+    if config.get(QUANTIZATION_KEY) is not None:
+        raise ValueError(
+            f"{model_dir} (--model) is already quantised "
+            f"({config[QUANTIZATION_KEY].get('method')}); quantise its float original"
+        )
+    check_method(method, group_size)  # before the model loads
+    model = load_model(model_dir)
+    if has_adapters(model):
+        fold_adapters(model)  # the active adapter, merged into the weights it then quantises
+    record = quantize_model(model, method, group_size)
+    has_tokenizer = config.get("tokenizer") or (model_dir / "tokenizer.json").is_file()
+    tokenizer = load_tokenizer(model_dir, config) if has_tokenizer else None
+    save_model(model, out_dir, tokenizer=tokenizer if isinstance(model, GPT) else None)
+    return {
+        "out": str(out_dir),
+        "method": record["method"],
+        "group_size": record["group_size"],
+        "layers": len(record["modules"]),
+        "weights_bytes_before": _weights_bytes(model_dir / WEIGHTS_NAME),
+        "weights_bytes_after": (out_dir / WEIGHTS_NAME).stat().st_size,
+    }
+
+
+def _weights_bytes(path: Path) -> int | None:
+    return path.stat().st_size if path.is_file() else None  # a sharded HF directory: unknown
+
+
 def load_hf_gpt2(path: str | os.PathLike, map_location: str = "cpu") -> GPT:
     """Load a local Hugging Face GPT-2 directory into a :class:`GPT` (in eval mode)."""
     path = Path(path)
@@ -307,6 +352,8 @@ def export_hf(
         raise ValueError(f"{out_dir}: export to another directory than the model's")
     config = read_model_config(model_dir)
     model = load_model(model_dir, adapter=adapter)
+    if is_quantized(model):
+        raise ValueError(f"{model_dir}: a quantised model does not export; export its original")
     if has_adapters(model):
         fold_adapters(model)  # the active adapter, merged into the weights
     if isinstance(model, MultimodalGPT) and not llava_blockers(model.config_dict()):

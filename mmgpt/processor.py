@@ -99,6 +99,10 @@ class MultimodalBatch:
     # non-image modality → its preprocessed items (N_m, …) and their (N_m, 2) first slots
     modality_inputs: dict[str, Tensor] = field(default_factory=dict)
     modality_positions: dict[str, Tensor] = field(default_factory=dict)
+    # non-image output modality → (M_m, 2) first slots of its "<modality_out>" signal spans,
+    # and their targets (the decoder's preprocessed tensor, or the items as given) when given
+    output_positions: dict[str, Tensor] = field(default_factory=dict)
+    outputs: dict[str, Tensor | list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if "image" in self.modality_inputs or "image" in self.modality_positions:
@@ -119,8 +123,11 @@ class MultimodalBatch:
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 value = value.to(device, non_blocking=non_blocking)
-            elif f.name in ("modality_inputs", "modality_positions"):
-                value = {k: v.to(device, non_blocking=non_blocking) for k, v in value.items()}
+            elif f.name in ("modality_inputs", "modality_positions", "output_positions", "outputs"):
+                value = {
+                    k: v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v
+                    for k, v in value.items()
+                }
             moved[f.name] = value
         return MultimodalBatch(**moved)
 
@@ -255,6 +262,9 @@ class EncodedSample:
     # non-image modalities: spans and items by modality, like image_spans/images
     modality_spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     modality_items: dict[str, list[Any]] = field(default_factory=dict)
+    # non-image output modalities: signal spans and target items by modality
+    output_spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    output_items: dict[str, list[Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -324,6 +334,11 @@ class MultimodalProcessor:
         max_length: longest sequence allowed (e.g. the decoder's ``block_size``).
         padding_side: ``"right"`` for training, ``"left"`` for batched generation.
         truncation: cut long sequences at ``max_length`` instead of raising.
+        output_signals: ``{modality: signal token ids}`` of the non-image output modalities;
+            each one's placeholder ``f"<{modality}_out>"`` becomes its signal tokens, like
+            ``"<image_out>"``, and ``sample.outputs[modality]`` its targets.
+        output_transforms: ``{modality: items → tensor}`` for those targets (the decoder's
+            ``preprocess``); without one ``batch.outputs[modality]`` holds the items.
     """
 
     def __init__(
@@ -339,6 +354,8 @@ class MultimodalProcessor:
         padding_side: str = "right",
         truncation: bool = False,
         slot_counts: Mapping[str, int] | None = None,
+        output_signals: Mapping[str, Sequence[int]] | None = None,
+        output_transforms: Mapping[str, Callable[[list[Any]], Tensor]] | None = None,
     ) -> None:
         if padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
@@ -374,7 +391,14 @@ class MultimodalProcessor:
             if m != "image"
         }
         fixed = (IMAGE_PLACEHOLDER, IMAGE_OUT_PLACEHOLDER)
-        placeholders = [*fixed, *(spec.placeholder for spec in self.modalities.values())]
+        self.output_signals = {m: list(ids) for m, ids in (output_signals or {}).items()}
+        self.output_transforms = dict(output_transforms or {})
+        self._output_placeholder = {f"<{m}_out>": m for m in self.output_signals}
+        placeholders = [
+            *fixed,
+            *(spec.placeholder for spec in self.modalities.values()),
+            *self._output_placeholder,
+        ]
         if len(set(placeholders)) != len(placeholders):
             raise ValueError(
                 f"modality placeholders must be distinct and differ from {fixed}, got "
@@ -421,12 +445,26 @@ class MultimodalProcessor:
             raise ValueError(f"{where}: {exc}") from exc
         images = list(getattr(sample, "images", None) or [])
         output_images = list(getattr(sample, "output_images", None) or [])
+        outputs = dict(getattr(sample, "outputs", None) or {})
+        output_images = output_images or list(outputs.pop("image", None) or [])
         items = self._modality_items(getattr(sample, "inputs", None), where)
         ids, labels, image_spans, signal_spans, spans = self._encode_turns(turns, where)
+        out_spans = self._pop_output_spans(spans)
         self._check_counts(where, len(image_spans), len(images), len(signal_spans), output_images)
         self._check_modality_counts(where, spans, items)
+        self._check_output_counts(where, out_spans, outputs)
         enc = EncodedSample(
-            ids, labels, image_spans, signal_spans, images, output_images, meta, spans, items
+            ids,
+            labels,
+            image_spans,
+            signal_spans,
+            images,
+            output_images,
+            meta,
+            spans,
+            items,
+            out_spans,
+            {m: list(v) for m, v in outputs.items() if v},
         )
         return self._fit_length(enc, where)
 
@@ -476,6 +514,7 @@ class MultimodalProcessor:
                     where,
                 )
         self._check_counts(where, len(image_spans), len(images), 0, [])
+        self._pop_output_spans(spans)  # a prompt may force an output; it has no target
         self._check_modality_counts(where, spans, items)
         enc = EncodedSample(
             ids, [IGNORE_INDEX] * len(ids), image_spans, signal_spans, images, [], {}, spans, items
@@ -531,6 +570,8 @@ class MultimodalProcessor:
         output_images: list[Any] = []
         positions: dict[str, list[tuple[int, int]]] = {m: [] for m in self.modalities}
         items: dict[str, list[Any]] = {m: [] for m in self.modalities}
+        out_positions: dict[str, list[tuple[int, int]]] = {m: [] for m in self.output_signals}
+        out_items: dict[str, list[Any]] = {m: [] for m in self.output_signals}
         with_outputs = [bool(e.output_images) for e in encoded if e.signal_spans]
         if any(with_outputs) and not all(with_outputs):
             raise ValueError(
@@ -550,6 +591,15 @@ class MultimodalProcessor:
             for m, spans in e.modality_spans.items():
                 positions[m] += [(row, offset + start) for start, _ in spans]
                 items[m] += e.modality_items.get(m, [])
+            for m, spans in e.output_spans.items():
+                out_positions[m] += [(row, offset + start) for start, _ in spans]
+                out_items[m] += e.output_items.get(m, [])
+        for m, found in out_items.items():
+            if found and len(found) != len(out_positions[m]):
+                raise ValueError(
+                    f"the batch mixes samples whose '<{m}_out>' spans have {m} outputs with "
+                    "samples whose spans have none; batch them separately"
+                )
         present = [m for m in self.modalities if items[m]]
         return MultimodalBatch(
             input_ids=input_ids,
@@ -564,6 +614,12 @@ class MultimodalProcessor:
             modality_positions={
                 m: torch.tensor(positions[m], dtype=torch.long).reshape(-1, 2) for m in present
             },
+            output_positions={
+                m: torch.tensor(p, dtype=torch.long).reshape(-1, 2)
+                for m, p in out_positions.items()
+                if p
+            },
+            outputs={m: self._preprocess_output(m, v) for m, v in out_items.items() if v},
         )
 
     # -- internals --------------------------------------------------------------------
@@ -697,7 +753,16 @@ class MultimodalProcessor:
             if not piece:
                 continue
             modality = self._placeholder_modality.get(piece)
-            if modality is not None:
+            output = self._output_placeholder.get(piece)
+            if output is not None:
+                if modality_spans is None:
+                    raise ValueError(f"{where}: unexpected {piece!r} placeholder")
+                signal = self.output_signals[output]
+                # kept under the placeholder (no modality name has "<") until _pop_output_spans
+                modality_spans.setdefault(piece, []).append((len(ids), len(signal)))
+                ids += signal
+                labels += signal if learn else [IGNORE_INDEX] * len(signal)
+            elif modality is not None:
                 if modality_spans is None:
                     raise ValueError(f"{where}: unexpected {piece!r} placeholder")
                 n = self.modalities[modality].num_tokens
@@ -743,6 +808,33 @@ class MultimodalProcessor:
                 f"{where}: the conversation has {n_out} '<image_out>' placeholder(s) but "
                 f"{len(output_images)} output image(s) were given"
             )
+
+    def _pop_output_spans(
+        self, spans: dict[str, list[tuple[int, int]]]
+    ) -> dict[str, list[tuple[int, int]]]:
+        """The output modalities' signal spans, taken out of the input modalities' ``spans``."""
+        return {
+            m: spans.pop(placeholder)
+            for placeholder, m in self._output_placeholder.items()
+            if placeholder in spans
+        }
+
+    def _check_output_counts(
+        self, where: str, spans: dict[str, list[tuple[int, int]]], outputs: Mapping[str, Any]
+    ) -> None:
+        unknown = sorted(m for m, v in outputs.items() if v and m not in self.output_signals)
+        if unknown:
+            known = ", ".join(sorted(self.output_signals)) or "none"
+            raise ValueError(
+                f"{where}: has {unknown} outputs but the model has no decoder for them "
+                f"(its non-image output modalities: {known})"
+            )
+        for m, items in outputs.items():
+            if items and len(items) != len(spans.get(m, [])):
+                raise ValueError(
+                    f"{where}: the conversation has {len(spans.get(m, []))} '<{m}_out>' "
+                    f"placeholder(s) but {len(items)} {m} output(s) were given"
+                )
 
     def _modality_items(self, inputs: Any, where: str) -> dict[str, list[Any]]:
         """``sample.inputs`` as lists, every modality known to this processor."""
@@ -796,7 +888,12 @@ class MultimodalProcessor:
                 "shorten the text, use fewer images, or pass truncation=True"
             )
         cut = self.max_length
-        other_spans = [span for spans in enc.modality_spans.values() for span in spans]
+        other_spans = [
+            span
+            for group in (enc.modality_spans, enc.output_spans)
+            for spans in group.values()
+            for span in spans
+        ]
         for start, length in enc.image_spans + enc.signal_spans + other_spans:
             if start < cut < start + length:
                 cut = min(cut, start)  # never cut through a span: drop it whole
@@ -805,6 +902,10 @@ class MultimodalProcessor:
         kept = {
             m: [span for span in spans if span[0] + span[1] <= cut]
             for m, spans in enc.modality_spans.items()
+        }
+        kept_out = {
+            m: [span for span in spans if span[0] + span[1] <= cut]
+            for m, spans in enc.output_spans.items()
         }
         return EncodedSample(
             input_ids=enc.input_ids[:cut],
@@ -818,6 +919,10 @@ class MultimodalProcessor:
             modality_items={
                 m: items[: len(kept.get(m, []))] for m, items in enc.modality_items.items()
             },
+            output_spans=kept_out,
+            output_items={
+                m: items[: len(kept_out.get(m, []))] for m, items in enc.output_items.items()
+            },
         )
 
     def _preprocess_images(self, images: list[Any]) -> Tensor | None:
@@ -826,6 +931,10 @@ class MultimodalProcessor:
         if self.image_transform is None:
             raise ValueError("the processor has no image encoder to preprocess images with")
         return self.image_transform(images)  # (N, 3, H, W)
+
+    def _preprocess_output(self, modality: str, items: list[Any]) -> Tensor | list[Any]:
+        transform = self.output_transforms.get(modality)
+        return items if transform is None else transform(items)
 
     def _preprocess_outputs(self, images: list[Any]) -> Tensor | list[Any] | None:
         if not images:

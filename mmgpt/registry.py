@@ -39,6 +39,7 @@ KINDS = (
     "dataset",
     "model",
     "metric",
+    "loader",
 )
 # mmgpt modules whose import registers built-in (non-plugin) entries. Imported on first
 # lookup rather than with `import mmgpt`, because several of them import torch.

@@ -7,6 +7,9 @@ so a model directory is written and read one way::
     model.safetensors    the weights; with adapters, the BASE weights (adapters stripped)
     adapters/<name>/     each adapter in peft's format (see mmgpt.adapters.directory)
 
+A weight-only quantised model (mmgpt.quantization) stores its quantised tensors and records
+them in config.json's "quantization"; a quantised base under LoRA saves its FLOAT base.
+
 Before any weight is allocated, :func:`check_weights_file` compares the tensor shapes a config
 implies with the safetensors header, so a damaged or mismatched ``config.json`` is reported by
 name instead of allocating a huge model first. Which class a directory holds is decided by
@@ -24,8 +27,11 @@ from torch import nn
 
 from mmgpt.adapters.directory import CONFIG_KEY, AdapterChoice, load_adapters, save_model_adapters
 from mmgpt.adapters.lora import base_state_dict
+from mmgpt.adapters.quantize import copy_float_base
+from mmgpt.adapters.quantized import is_quantized
 from mmgpt.config import CONFIG_NAME, WEIGHTS_NAME
 from mmgpt.files import load_tensors, read_safetensors_header, save_json, save_tensors
+from mmgpt.quantization import QUANTIZATION_KEY, prepare_quantized, quantization_record
 
 __all__ = [
     "check_weights_file",
@@ -98,10 +104,17 @@ def save_model_files(model: nn.Module, path: str | os.PathLike, config: dict[str
     record = save_model_adapters(model, path)
     if record is not None:
         config[CONFIG_KEY] = record
-        weights = base_state_dict(model)
+    if record is not None and is_quantized(model):
+        # a quantised base under LoRA (QLoRA): its float weights were written to a file
+        # before quantising (mmgpt.adapters.quantize); they are the directory's base
+        copy_float_base(model, path / WEIGHTS_NAME)
+    elif record is not None:
+        save_tensors(base_state_dict(model), path / WEIGHTS_NAME, metadata={"format": "pt"})
     else:
-        weights = model_state_dict(model)
-    save_tensors(weights, path / WEIGHTS_NAME, metadata={"format": "pt"})
+        quantized = quantization_record(model)  # a quantised model records how (its loader)
+        if quantized is not None:
+            config[QUANTIZATION_KEY] = quantized
+        save_tensors(model_state_dict(model), path / WEIGHTS_NAME, metadata={"format": "pt"})
     save_json(config, path / CONFIG_NAME)
 
 
@@ -121,6 +134,8 @@ def load_model_files(
     """
     path = Path(path)
     weights = path / WEIGHTS_NAME
+    if config.get(QUANTIZATION_KEY) is not None:  # quantised layers take the recorded places
+        prepare_quantized(model, config[QUANTIZATION_KEY], path / CONFIG_NAME)
     load_model_state(model, load_tensors(weights, map_location), weights)
     if adapter is not None and (adapter != "auto" or config.get(CONFIG_KEY)):
         load_adapters(model, path, adapter, record=config.get(CONFIG_KEY))

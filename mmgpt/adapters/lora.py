@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmgpt.adapters.int8 import is_quantized
+from mmgpt.adapters.quantized import is_quantized
 from mmgpt.files import atomic_write_bytes, load_tensors, save_tensors
 from mmgpt.registry import register
 

@@ -1,64 +1,130 @@
-"""An int8 frozen base under LoRA (QLoRA-style): the one extension point.
+"""A quantised frozen base under LoRA (QLoRA): int8 per channel or int4 per group.
 
 :func:`quantize_base` swaps the frozen ``base_layer`` of every adapted ``nn.Linear`` for an
-:class:`Int8Linear`: int8 weights with one float scale per output row (symmetric, weight-only;
-activations stay in float). The LoRA branch stays in float and trains. The int8 matrix is
-dequantised on the fly in forward and again in backward (a custom autograd function), so no
-float copy of a frozen weight outlives its use: the adapted layers' weights take 4x less
-memory, in training too.
+:class:`~mmgpt.adapters.int8.Int8Linear` or :class:`~mmgpt.adapters.int4.Int4Linear`
+(weight-only: activations stay in float). The LoRA branch stays in float and trains. The
+quantised matrix is dequantised on the fly in forward and again in backward (a custom
+autograd function), so no float copy of a frozen weight outlives its use: the adapted
+layers' weights take 4x (int8) or about 7x (int4 with its group scales) less memory, in
+training too. QLoRA's NF4 data type is not offered: int4 with a float minimum and scale per
+group of 32-256 covers the same ground with PyTorch's own CPU kernel for inference.
 
 Why not PyTorch's own ``torch.ao.quantization.quantize_dynamic``: its quantised Linear is
 not an ``nn.Linear`` (peft cannot wrap it), its ops have no autograd kernel (PyTorch warns
 that gradients through it may be silently wrong: the input gradient of the frozen layer is
 lost, so LoRA layers below it train on a wrong signal), and the API is deprecated in favour
-of ``torchao``, which is not a dependency here. With torchao installed, its int8 weight-only
-``quantize_`` could replace the body of :func:`quantize_base`; nothing else would change.
+of ``torchao`` (see :mod:`mmgpt.adapters.int8` for why torchao's layers are not used).
 
-Limits: a quantised base cannot be merged or saved as base weights (the float weights are
-gone). Save the adapter alone (:func:`mmgpt.adapters.save_adapter`): it records the
-fingerprint of the FLOAT base taken before quantising and loads onto that base to deploy.
-Recipes do not offer it yet: their final model directory holds the float base, which a
-quantised run no longer has in memory.
+The float weights are gone from memory afterwards, so the base cannot be merged or saved
+from the model. Two ways to deploy what was trained:
+
+- ``float_base=PATH``: before quantising, the float base weights are written to ``PATH``
+  (safetensors; the ``model.safetensors`` a float LoRA run would save). The model then saves
+  as a normal model directory (``save_pretrained``, ``mmgpt.pretrained.save_model``): that
+  file as its base weights, plus ``adapters/<name>/``. Recipes do this
+  (``adapter.quantize``), keeping the file in the run's folder.
+- otherwise save the adapter alone (:func:`mmgpt.adapters.save_adapter`): it records the
+  fingerprint of the FLOAT base taken before quantising and loads onto that base.
+
+An adapter trained on a quantised base and deployed on the float one runs on weights that
+differ by the quantisation error, as in QLoRA; ``mmgpt quantize`` of the saved directory
+quantises base and adapter merged, which is close to, not equal to, the model that trained.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 from torch import nn
 
-from mmgpt.adapters.int8 import Int8Linear, is_quantized
-from mmgpt.adapters.lora import base_fingerprint, tuner_layers
+from mmgpt.adapters.int4 import Int4Linear, check_group_size
+from mmgpt.adapters.int8 import Int8Linear
+from mmgpt.adapters.lora import base_fingerprint, base_state_dict, tuner_layers
+from mmgpt.adapters.quantized import METHODS, check_method, is_quantized, quantize_linear
+from mmgpt.files import save_tensors
 
-__all__ = ["QUANTIZATION_METHODS", "Int8Linear", "is_quantized", "quantize_base"]
+__all__ = [
+    "FLOAT_BASE_ATTR",
+    "QUANTIZATION_METHODS",
+    "Int4Linear",
+    "Int8Linear",
+    "copy_float_base",
+    "is_quantized",
+    "quantize_base",
+]
 
-QUANTIZATION_METHODS = ("int8",)
+QUANTIZATION_METHODS = METHODS
+# The model attribute naming the file that holds the float base (mmgpt.weights reads it).
+FLOAT_BASE_ATTR = "_mmgpt_float_base"
 
 
-def quantize_base(model: nn.Module, method: str = "int8") -> list[str]:
+def quantize_base(
+    model: nn.Module,
+    method: str = "int8",
+    group_size: int | None = None,
+    *,
+    float_base: str | os.PathLike | None = None,
+) -> list[str]:
     """Quantise the frozen base of every adapted Linear of ``model`` in place (after
-    :func:`~mmgpt.adapters.add_adapter`); returns the names of the quantised layers."""
-    if method not in QUANTIZATION_METHODS:
-        raise ValueError(
-            f"quantize_base: method must be one of {', '.join(QUANTIZATION_METHODS)}, "
-            f"got {method!r}"
-        )
+    :func:`~mmgpt.adapters.add_adapter`); returns the names of the quantised layers.
+
+    ``group_size``: int4 only (32, 64, 128 or 256; default 128). ``float_base``: a file to
+    write the float base weights to first, so the model still saves as a model directory.
+    """
+    try:
+        group_size = check_method(method, group_size)
+    except ValueError as exc:
+        raise ValueError(f"quantize_base: {exc}") from None
     tuners = set(tuner_layers(model))
     layers = [(n, m) for n, m in model.named_modules() if m in tuners]
     if not layers:
         raise ValueError("quantize_base: add an adapter first (it quantises the adapted layers)")
     if any(getattr(m, "merged", False) for _, m in layers):
         raise ValueError("quantize_base: unmerge adapters first")
+    for name, layer in layers:
+        base = layer.base_layer
+        if isinstance(base, (Int8Linear, Int4Linear)):
+            continue
+        if not isinstance(base, nn.Linear) or base.weight.requires_grad:
+            raise ValueError(f"quantize_base: {name} has no frozen nn.Linear base")
+        if method == "int4":  # every layer is checked before any is replaced
+            check_group_size(group_size, base.in_features, name)
     if not is_quantized(model):
         # adapters saved from now on must still name the float base they belong to
         configs = model._mmgpt_adapter_configs.values()
         extras = [(), *(tuple(sorted(c.train_extra)) for c in configs)]
         model._mmgpt_base_fingerprints = {e: base_fingerprint(model, e) for e in extras}
+        if float_base is not None:
+            save_tensors(base_state_dict(model), Path(float_base), metadata={"format": "pt"})
+            setattr(model, FLOAT_BASE_ATTR, str(Path(float_base).resolve()))
     done = []
     for name, layer in layers:
-        base = layer.base_layer
-        if isinstance(base, Int8Linear):
+        if isinstance(layer.base_layer, (Int8Linear, Int4Linear)):
             continue
-        if not isinstance(base, nn.Linear) or base.weight.requires_grad:
-            raise ValueError(f"quantize_base: {name} has no frozen nn.Linear base")
-        layer.base_layer = Int8Linear(base)
+        layer.base_layer = quantize_linear(layer.base_layer, method, group_size, name)
         done.append(name)
     return done
+
+
+def copy_float_base(model: nn.Module, target: str | os.PathLike) -> None:
+    """Write the float base weights of a model quantised by :func:`quantize_base` to
+    ``target`` (a model directory's weights file), from the file ``float_base`` named."""
+    source = getattr(model, FLOAT_BASE_ATTR, None)
+    if source is None or not Path(source).is_file():
+        raise ValueError(
+            "cannot save the weights of a quantised base: its float weights are not on disk "
+            f"({source or 'quantize_base was not given float_base'}); pass float_base=PATH to "
+            "quantize_base, or save the adapter alone (save_adapter) and load it onto the float "
+            "base model"
+        )
+    # streamed to a temporary name, then renamed (atomic_write_bytes would hold the whole
+    # file in memory, the very thing a quantised base avoids)
+    target = Path(target)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -11,28 +11,58 @@
                             # projector, output_projector, unet) or regexes; list or a,b,c
       train_extra: []       # modules trained in full beside the adapter (e.g. projector)
       name: default         # the adapter's name: model_dir/adapters/<name>/
+      quantize: none        # int8 | int4: a quantised frozen base under the adapter (QLoRA)
+      group_size: 128       # int4 only: input features per scale (32, 64, 128, 256)
 
 ``mmgpt train RECIPE --adapter lora`` is ``adapter.method=lora``; ``adapter=lora`` works too.
 The recipe builds (or loads) the base model, then :func:`apply_adapter` injects the adapter
 and freezes everything else, then the Trainer optimises what still requires gradients.
+
+With ``quantize``, the adapted layers' frozen weights are then quantised
+(:func:`mmgpt.adapters.quantize.quantize_base`); their float values are first written to
+``OUT/float_base.safetensors``, which becomes the base weights of the final model directory
+(``OUT/model``: the float base plus the adapter, as a float LoRA run writes it), so the run
+never holds the float base in memory again.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from mmgpt.adapters.directory import has_adapters
 from mmgpt.adapters.lora import AdapterConfig, add_adapter, fold_adapters
+from mmgpt.adapters.quantize import quantize_base
+from mmgpt.adapters.quantized import check_method, is_quantized
 
-__all__ = ["ADAPTER_KEYS", "adapter_section", "apply_adapter", "fold_loaded_adapters"]
+__all__ = [
+    "ADAPTER_KEYS",
+    "FLOAT_BASE_NAME",
+    "adapter_section",
+    "apply_adapter",
+    "fold_loaded_adapters",
+]
 
-ADAPTER_KEYS = ("method", "r", "alpha", "dropout", "targets", "train_extra", "name")
+ADAPTER_KEYS = (
+    "method",
+    "r",
+    "alpha",
+    "dropout",
+    "targets",
+    "train_extra",
+    "name",
+    "quantize",
+    "group_size",
+)
+FLOAT_BASE_NAME = "float_base.safetensors"  # in the run's folder, with adapter.quantize
 METHODS = ("lora", "dora")
 NO_ADAPTER = ("none", "full")  # method values that mean: no adapter, train in full
+NO_QUANTIZATION = (None, "none", False)
 
 
 def adapter_section(value: Any) -> dict[str, Any]:
@@ -57,12 +87,21 @@ def adapter_section(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def apply_adapter(model: nn.Module, section: Any) -> str | None:
+def apply_adapter(
+    model: nn.Module, section: Any, *, out_dir: str | os.PathLike | None = None
+) -> str | None:
     """Inject the adapter ``section`` describes; return its name (``None``: no adapter).
 
     Only the adapter's weights and ``train_extra`` modules require gradients afterwards.
+    ``adapter.quantize`` then quantises the frozen base, keeping its float weights in
+    ``out_dir/float_base.safetensors`` (the final model directory's base).
     """
     section = adapter_section(section)
+    if is_quantized(model):  # its quantised layers have no parameters: nothing would train
+        raise ValueError(
+            "model.from is a quantised model (mmgpt quantize); train from its float original "
+            "(for a quantised base under an adapter: adapter.quantize=int8|int4)"
+        )
     method = section.get("method")
     if method is None or method in NO_ADAPTER:
         extra = sorted(k for k in section if k != "method")
@@ -77,7 +116,18 @@ def apply_adapter(model: nn.Module, section: Any) -> str | None:
             f"recipe key 'adapter.method' must be one of {', '.join(METHODS + NO_ADAPTER)}, "
             f"got {method!r}"
         )
-    args = {k: v for k, v in section.items() if k != "name"}
+    quantize = section.get("quantize")
+    quantize = None if quantize in NO_QUANTIZATION else quantize
+    if quantize is None and section.get("group_size") is not None:
+        raise ValueError("recipe key 'adapter.group_size' needs adapter.quantize=int4")
+    if quantize is not None:
+        try:
+            check_method(quantize, section.get("group_size"))
+        except ValueError as exc:
+            raise ValueError(f"recipe key 'adapter.quantize': {exc}") from None
+        if out_dir is None:
+            raise ValueError("adapter.quantize needs the run's folder for the float base weights")
+    args = {k: v for k, v in section.items() if k not in ("name", "quantize", "group_size")}
     name = section.get("name") or "default"
     if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(
@@ -89,6 +139,17 @@ def apply_adapter(model: nn.Module, section: Any) -> str | None:
         add_adapter(model, config, name)
     except ValueError as exc:
         raise ValueError(f"recipe section 'adapter': {exc}") from exc
+    if quantize is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            quantize_base(
+                model,
+                quantize,
+                section.get("group_size"),
+                float_base=Path(out_dir) / FLOAT_BASE_NAME,
+            )
+        except ValueError as exc:  # e.g. a group size that does not divide a layer's width
+            raise ValueError(f"recipe section 'adapter': {exc}") from exc
     return name
 
 

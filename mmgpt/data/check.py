@@ -37,6 +37,7 @@ from mmgpt.data.images import (
     load_image_bytes,
 )
 from mmgpt.data.llava import read_llava
+from mmgpt.data.loaders import load_input
 from mmgpt.data.parquet import (
     EmbeddedImage,
     hf_dataset_files,
@@ -92,6 +93,8 @@ class CheckReport:
     num_records: int = 0  # usable metadata entries (lines, list elements, text files)
     num_samples: int = 0  # samples a dataset would yield (preference: pairs)
     num_images: int = 0  # distinct image files that decoded
+    # distinct files of other modalities that their loaders read, by modality
+    num_inputs: dict[str, int] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     lengths: LengthStats | None = None
@@ -126,6 +129,7 @@ class CheckReport:
             "num_records": self.num_records,
             "num_samples": self.num_samples,
             "num_images": self.num_images,
+            "num_inputs": dict(self.num_inputs),
             "problem_counts": self.counts,
             "problems": [p.to_dict() for p in self.problems],
             "warnings": [p.to_dict() for p in self.warnings],
@@ -140,7 +144,8 @@ class CheckReport:
             f"dataset:  {self.path}",
             f"format:   {self.format}",
             f"entries:  {self.num_records} parsed, {self.num_samples} usable samples, "
-            f"{self.num_images} images decoded",
+            f"{self.num_images} images decoded"
+            + "".join(f", {n} {m} files read" for m, n in sorted(self.num_inputs.items())),
         ]
         for title, items in (("problems", self.problems), ("warnings", self.warnings)):
             if not items:
@@ -357,24 +362,30 @@ def _check_records(
         ]
     report.problems.extend(problems)
 
-    # Decode each image once; a record with any bad image is not a usable sample.
-    def load(source: Any) -> None:
-        if isinstance(source, EmbeddedImage) and rows is not None:
+    # Decode each file once (images, and every other modality's through its loader); a
+    # record with any bad file is not a usable sample.
+    def load(modality: str, source: Any) -> None:
+        if modality != "image":
+            load_input(modality, source)
+        elif isinstance(source, EmbeddedImage) and rows is not None:
             load_image_bytes(rows.image_bytes(source), name=str(source), max_pixels=max_pixels)
         else:
             load_image(source, max_pixels=max_pixels)
 
-    outcome: dict[Any, ImageLoadError | None] = {}
+    outcome: dict[Any, DataError | None] = {}
     reported: set[tuple[str, int, Any]] = set()
     lengths: list[int] = []
     for record in records:
         good = True
-        for image_path in record.image_paths:
+        files = [("image", p) for p in record.image_paths] + [
+            (m, p) for m, paths in record.inputs.items() for p in paths
+        ]
+        for modality, image_path in files:
             if image_path not in outcome:
                 try:
-                    load(image_path)
+                    load(modality, image_path)
                     outcome[image_path] = None
-                except ImageLoadError as exc:
+                except DataError as exc:
                     outcome[image_path] = exc
             error = outcome[image_path]
             if error is not None:
@@ -382,7 +393,8 @@ def _check_records(
                 key = (record.file, record.line, image_path)
                 if key not in reported:  # pairs of one preference line share their images
                     reported.add(key)
-                    report.problems.append(record.problem(error.reason, str(error)))
+                    reason = error.reason or "unreadable_input"
+                    report.problems.append(record.problem(reason, str(error)))
         if not good:
             continue
         report.num_samples += 1
@@ -393,7 +405,12 @@ def _check_records(
             lengths.append(measure("\n".join(turn.text for turn in record.data)))
     report.problems.sort(key=lambda p: (p.file, p.line or 0))
     report.num_records = len({(r.file, r.line) for r in records})
-    report.num_images = sum(error is None for error in outcome.values())
+    image_files = {p for r in records for p in r.image_paths}
+    report.num_images = sum(outcome.get(p, 1) is None for p in image_files)
+    read = {(m, p) for r in records for m, ps in r.inputs.items() for p in ps}
+    for modality, path in read:
+        if path in outcome and outcome[path] is None:
+            report.num_inputs[modality] = report.num_inputs.get(modality, 0) + 1
 
     leaving: set[tuple[str, int, str]] = set()
     for record in records:

@@ -26,6 +26,12 @@ data/
   task, with LLaVA's rules: ``"<image>"`` prepended to the first human turn when the text has
   none, and an ``"<image>"`` in a ``gpt`` turn is the image the model draws (see
   :mod:`mmgpt.data.llava`). ``conversations`` wins when a row has both.
+- **Other modalities.** A row may name files of any modality with a registered loader
+  (:mod:`mmgpt.data.loaders`): a column ``<modality>_file_name`` (``audio_file_name``) or
+  ``inputs`` (``{"audio": ["a.wav"]}``; in ``metadata.csv`` a JSON cell), relative to the
+  metadata file like ``file_name``, which a row with other files may leave out. A caption
+  row's user turn starts with one placeholder per file (``"<image>\n<audio>\n"`` + prompt);
+  a ``conversations`` row follows LLaVA's rules for each modality.
 - Other columns go to ``Sample.meta``; in ``metadata.csv`` a ``conversations`` cell holds JSON.
 """
 
@@ -41,10 +47,15 @@ from typing import Any
 
 from mmgpt.data.llava import (
     check_images_exist,
+    check_inputs_exist,
     insert_image_placeholders,
+    insert_input_placeholders,
     mark_output_images,
     parse_conversation,
+    parse_image_field,
+    parse_inputs,
 )
+from mmgpt.data.loaders import loader_modalities, placeholder_of
 from mmgpt.data.records import (
     DataError,
     Problem,
@@ -95,10 +106,13 @@ def _text_only(caption: str) -> str:
     return caption
 
 
-def caption_turns(caption: str, prompt: str = DEFAULT_CAPTION_PROMPT) -> list[Turn]:
-    """The conversation of a captioned image."""
+def caption_turns(
+    caption: str, prompt: str = DEFAULT_CAPTION_PROMPT, placeholders: str = IMAGE_PLACEHOLDER
+) -> list[Turn]:
+    """The conversation of a captioned image (or of the items whose ``placeholders`` lead
+    the user turn)."""
     caption = _text_only(caption)
-    return [Turn("user", f"{IMAGE_PLACEHOLDER}\n{prompt}"), Turn("assistant", caption)]
+    return [Turn("user", f"{placeholders}\n{prompt}"), Turn("assistant", caption)]
 
 
 def drawing_turns(caption: str, template: str = DEFAULT_PROMPT_TEMPLATE) -> list[Turn]:
@@ -198,6 +212,15 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, Any]]:
             if any(_UNDECODED.search(f"{key}{value}") for key, value in row.items()):
                 yield line, RecordError("bad_encoding", "row (or the header) is not UTF-8")
                 continue
+            inputs = row.get("inputs")
+            if inputs:
+                try:
+                    row["inputs"] = parse_json(inputs)
+                except RecordError as exc:
+                    yield line, RecordError("bad_json", f"'inputs' cell: {exc}")
+                    continue
+            else:
+                row.pop("inputs", None)
             conversations = row.get("conversations")
             if conversations:
                 try:
@@ -263,35 +286,71 @@ def _parse_row(
     if not isinstance(row, dict):
         raise RecordError("bad_type", f"a metadata row must be an object, got {type(row).__name__}")
     name = row.get("file_name")
-    if name is None:
+    other_names = _row_inputs(row)
+    if name == "" and other_names:
+        name = None  # an empty file_name cell of a CSV row that names other files
+    if name is None and not other_names:
         raise RecordError("missing_field", "missing field 'file_name'")
-    if not isinstance(name, str) or not name:
+    if name is not None and (not isinstance(name, str) or not name):
         raise RecordError("bad_type", f"'file_name' must be a non-empty string, got {name!r:.80}")
+    names = [name] if name is not None else []
     if row.get("conversations") is not None:
         turns = mark_output_images(parse_conversation(row["conversations"]))
-        conversations = [insert_image_placeholders(turns, 1)]
+        turns = insert_image_placeholders(turns, len(names))
+        conversations = [insert_input_placeholders(turns, other_names)]
     elif "text" in row and row["text"] is not None:
         text = row["text"]
         if not isinstance(text, str):
             raise RecordError("bad_type", f"'text' must be a string, got {type(text).__name__}")
         if not text.strip():
             raise RecordError("bad_value", "'text' is empty")
+        if "t2i" in tasks and not names:
+            raise RecordError(
+                "bad_value", "task t2i needs an image ('file_name') to draw, and this row has none"
+            )
+        marks = [IMAGE_PLACEHOLDER] * len(names) + [
+            placeholder_of(m) for m, ns in other_names.items() for _ in ns
+        ]
         conversations = [
-            caption_turns(text, caption_prompt)
+            caption_turns(text, caption_prompt, "\n".join(marks))
             if task == "caption"
             else drawing_turns(text, prompt_template)
             for task in tasks
         ]
     else:
         raise RecordError("missing_field", "needs a 'text' or a 'conversations' field")
-    path = meta_file.parent / name
-    check_images_exist([path])
-    meta = {k: v for k, v in row.items() if k not in ("conversations",)}
-    leaving = outside_root(base, [path])
+    paths = [meta_file.parent / n for n in names]
+    inputs = {m: [meta_file.parent / n for n in ns] for m, ns in other_names.items()}
+    check_images_exist(paths)
+    check_inputs_exist(inputs)
+    used = {"conversations", "inputs", *(f"{m}_file_name" for m in inputs)}
+    meta = {k: v for k, v in row.items() if k not in used}
+    leaving = outside_root(base, paths + [p for ps in inputs.values() for p in ps])
     return [
-        Record(str(meta_file), line, None, [path], turns, dict(meta), leaving)
+        Record(str(meta_file), line, None, paths, turns, dict(meta), leaving, dict(inputs))
         for turns in conversations
     ]
+
+
+def _row_inputs(row: dict[str, Any]) -> dict[str, list[str]]:
+    """Other modalities' files of a metadata row: ``<modality>_file_name`` columns and
+    ``inputs`` (module docstring)."""
+    nested = {"inputs": row["inputs"]} if row.get("inputs") is not None else {}
+    images, others = parse_inputs(nested)
+    if images:
+        raise RecordError(
+            "bad_value", "an imagefolder row names its image in 'file_name', not 'inputs.image'"
+        )
+    for modality in [m for m in loader_modalities() if m != "image"]:
+        column = f"{modality}_file_name"
+        if row.get(column) in (None, ""):
+            continue
+        if modality in others:
+            raise RecordError(
+                "bad_value", f"{modality!r} files are given twice, in {column!r} and in 'inputs'"
+            )
+        others[modality] = parse_image_field(row[column], column)
+    return others
 
 
 @register("dataset", "imagefolder")

@@ -25,6 +25,14 @@
 
   becomes a drawing sample with ``output_images=[cat.png]``; with ``"image": ["a.png",
   "b.png"]``, ``"<image>\\nmake it blue"`` → ``"<image>"`` reads ``a.png`` and draws ``b.png``.
+- **Other modalities.** A modality with a registered loader (:mod:`mmgpt.data.loaders`;
+  e.g. a plugin's ``"audio"``) names its files under its own key, like ``image``
+  (``"audio": "clip.wav"`` or a list), or all modalities at once under ``inputs``
+  (``"inputs": {"audio": ["a.wav"], "image": ["x.png"]}``; ``image`` there is the same as the
+  top-level key, which must then be absent). Each file needs one placeholder of its modality
+  (the loader's ``placeholder``, e.g. ``"<audio>"``) in the text, in file order; a record
+  with files and no placeholder of that modality gets them prepended to its first human turn,
+  as images do. The files are read by the modality's loader into ``Sample.inputs``.
 - Keys other than these go to ``Sample.meta``.
 """
 
@@ -35,6 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmgpt.data.loaders import loader_modalities, placeholder_of
 from mmgpt.data.records import (
     DataError,
     FileRecordDataset,
@@ -46,16 +55,25 @@ from mmgpt.data.records import (
     outside_root,
     record_meta,
 )
-from mmgpt.data.sample import IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER, Sample, Turn, split_images
+from mmgpt.data.sample import (
+    IMAGE_OUT_PLACEHOLDER,
+    IMAGE_PLACEHOLDER,
+    Sample,
+    Turn,
+    output_placeholder,
+    split_images,
+)
 from mmgpt.registry import register
 
 __all__ = [
     "LlavaDataset",
     "count_placeholders",
     "insert_image_placeholders",
+    "insert_input_placeholders",
     "mark_output_images",
     "parse_conversation",
     "parse_image_field",
+    "parse_inputs",
     "read_llava",
     "turns_to_llava",
 ]
@@ -111,6 +129,71 @@ def parse_image_field(value: Any, field: str = "image") -> list[str]:
     raise RecordError("bad_type", f"{field!r} must be a path or a list of paths, got {value!r:.80}")
 
 
+def parse_inputs(obj: dict[str, Any]) -> tuple[list[str], dict[str, list[str]]]:
+    """A record's files: ``(image paths, {other modality: paths})`` from its ``image`` key,
+    the keys named after modalities with a loader, and ``inputs`` (module docstring)."""
+    images = parse_image_field(obj.get("image"))
+    known = [m for m in loader_modalities() if m != "image"]
+    others = {m: parse_image_field(obj[m], m) for m in known if obj.get(m) is not None}
+    nested = obj.get("inputs")
+    if nested is None:
+        return images, {m: paths for m, paths in others.items() if paths}
+    if not isinstance(nested, dict):
+        raise RecordError(
+            "bad_type",
+            f"'inputs' must be an object {{modality: [paths]}}, got {type(nested).__name__}",
+        )
+    for modality, value in nested.items():
+        if modality != "image" and modality not in known:
+            raise RecordError(
+                "unknown_modality",
+                f"inputs[{modality!r}]: no loader reads {modality!r} files (modalities with a "
+                f"loader: {', '.join(['image', *known])}); install the plugin of that modality",
+            )
+        if (modality == "image" and images) or modality in others:
+            raise RecordError(
+                "bad_value",
+                f"{modality!r} files are given twice, under '{modality}' and under "
+                f"'inputs.{modality}'; keep one",
+            )
+        paths = parse_image_field(value, f"inputs.{modality}")
+        if modality == "image":
+            images = paths
+        else:
+            others[modality] = paths
+    return images, {m: paths for m, paths in others.items() if paths}
+
+
+def insert_input_placeholders(turns: list[Turn], inputs: dict[str, Sequence[Any]]) -> list[Turn]:
+    """:func:`insert_image_placeholders` for the other modalities: each modality's
+    placeholders must number its files; with none at all they are prepended to the first user
+    turn. Also checks that a modality without files has no placeholder in the text."""
+    for modality in [m for m in loader_modalities() if m != "image"]:
+        placeholder = placeholder_of(modality)
+        count = len(inputs.get(modality, ()))
+        # an assistant turn's placeholder is an output (mark_output_images) and takes a file too
+        found = sum(
+            t.text.count(placeholder) + t.text.count(output_placeholder(modality)) for t in turns
+        )
+        if found == count:
+            continue
+        if found == 0:
+            i = next((i for i, t in enumerate(turns) if t.role == "user"), None)
+            if i is None:
+                raise RecordError(
+                    "placeholder_mismatch",
+                    f"{count} {modality} file(s) but no human turn to put {placeholder!r} in",
+                )
+            prefix = f"{placeholder}\n" * count
+            turns = [*turns[:i], Turn("user", prefix + turns[i].text), *turns[i + 1 :]]
+            continue
+        raise RecordError(
+            "placeholder_mismatch",
+            f"{found} {placeholder!r} placeholder(s) in the text but {count} {modality} file(s)",
+        )
+    return turns
+
+
 def count_placeholders(texts: Sequence[str]) -> int:
     """The ``"<image>"`` placeholders of ``texts`` (input images)."""
     return sum(text.count(IMAGE_PLACEHOLDER) for text in texts)
@@ -118,8 +201,12 @@ def count_placeholders(texts: Sequence[str]) -> int:
 
 def mark_output_images(turns: list[Turn], field: str = "conversations") -> list[Turn]:
     """The images a conversation's assistant turns hold are images the model draws: their
-    ``"<image>"`` becomes ``"<image_out>"``. ``"<image_out>"`` in a user turn is a
-    ``RecordError`` (a person's turn cannot ask the model to have drawn something)."""
+    ``"<image>"`` becomes ``"<image_out>"`` (and any other modality's placeholder, e.g.
+    ``"<audio>"``, becomes ``"<audio_out>"``: an output the model produces). ``"<image_out>"``
+    in a user turn is a ``RecordError`` (a person's turn cannot ask the model to have drawn
+    something)."""
+    others = [(placeholder_of(m), output_placeholder(m)) for m in loader_modalities()]
+    others = [(p, o) for p, o in others if o != IMAGE_OUT_PLACEHOLDER]
     out = []
     for i, turn in enumerate(turns):
         if turn.role == "user":
@@ -131,7 +218,10 @@ def mark_output_images(turns: list[Turn], field: str = "conversations") -> list[
                 )
             out.append(turn)
         else:
-            out.append(Turn(turn.role, turn.text.replace(IMAGE_PLACEHOLDER, IMAGE_OUT_PLACEHOLDER)))
+            text = turn.text.replace(IMAGE_PLACEHOLDER, IMAGE_OUT_PLACEHOLDER)
+            for placeholder, output in others:
+                text = text.replace(placeholder, output)
+            out.append(Turn(turn.role, text))
     return out
 
 
@@ -184,6 +274,19 @@ def check_images_exist(paths: Sequence[Path]) -> None:
             raise RecordError("missing_image", f"{path}: file not found")
 
 
+def check_inputs_exist(inputs: dict[str, list[Path]]) -> None:
+    """Like :func:`check_images_exist` for other modalities' files (reason ``missing_file``)."""
+    for modality, paths in inputs.items():
+        for path in paths:
+            try:
+                found = path.is_file()
+            except OSError as exc:
+                detail = f"{str(path)[:200]}: unusable path ({exc.strerror})"
+                raise RecordError("bad_path", detail) from None
+            if not found:
+                raise RecordError("missing_file", f"{path}: {modality} file not found")
+
+
 def record_id(obj: dict[str, Any]) -> str | None:
     value = obj.get("id")
     return None if value is None else str(value)
@@ -232,13 +335,19 @@ def read_llava(
 def _parse_record(obj: Any, root: Path, base: Path, file: str, line: int) -> Record:
     if not isinstance(obj, dict):
         raise RecordError("bad_type", f"a record must be an object, got {type(obj).__name__}")
-    names = parse_image_field(obj.get("image"))
+    names, other_names = parse_inputs(obj)
     turns = mark_output_images(parse_conversation(obj.get("conversations")))
     turns = insert_image_placeholders(turns, len(names))
+    turns = insert_input_placeholders(turns, other_names)
     paths = [resolve_image(root, name) for name in names]
+    inputs = {m: [resolve_image(root, n) for n in ns] for m, ns in other_names.items()}
+    others = [p for ps in inputs.values() for p in ps]
     check_images_exist(paths)
-    meta = {k: v for k, v in obj.items() if k not in ("image", "conversations")}
-    return Record(file, line, record_id(obj), paths, turns, meta, outside_root(base, paths))
+    check_inputs_exist(inputs)
+    used = ("image", "conversations", "inputs", *inputs)
+    meta = {k: v for k, v in obj.items() if k not in used}
+    leaving = outside_root(base, paths + others)
+    return Record(file, line, record_id(obj), paths, turns, meta, leaving, inputs)
 
 
 @register("dataset", "llava")

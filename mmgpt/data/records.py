@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +22,9 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from mmgpt.data.errors import DataError
-from mmgpt.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from mmgpt.data.images import DEFAULT_MAX_PIXELS, load_image
+from mmgpt.data.loaders import load_input, placeholder_of
+from mmgpt.data.sample import output_placeholder
 
 __all__ = [
     "DataError",
@@ -51,8 +54,10 @@ class Problem:
 
     ``reason`` is a category such as ``bad_json``, ``missing_field``, ``bad_type``,
     ``bad_value``, ``placeholder_mismatch``, ``missing_image``, ``not_an_image``,
-    ``unsupported_format``, ``truncated_image``, ``corrupt_image``, ``too_large``; as a
-    warning of ``mmgpt data check``, also ``outside_root``.
+    ``unsupported_format``, ``truncated_image``, ``corrupt_image``, ``too_large``; for files
+    of other modalities (:mod:`mmgpt.data.loaders`) also ``missing_file``,
+    ``unknown_modality`` and ``unreadable_input``; as a warning of ``mmgpt data check``, also
+    ``outside_root``.
     """
 
     file: str
@@ -77,8 +82,11 @@ class Problem:
 class Record:
     """One usable entry: where it came from, the image files it needs, its parsed content.
 
-    ``outside_root`` says, for each image path that leaves the dataset root (``..``, an
-    absolute path, a symlink out), where it leads (see :func:`outside_root`).
+    ``inputs`` holds the files of other modalities by modality (``{"audio": [a.wav]}``), in
+    the order of their placeholders; they are read by the modality's registered loader
+    (:mod:`mmgpt.data.loaders`) into ``Sample.inputs``. ``outside_root`` says, for each path
+    (image or other) that leaves the dataset root (``..``, an absolute path, a symlink out),
+    where it leads (see :func:`outside_root`).
     """
 
     file: str
@@ -88,6 +96,7 @@ class Record:
     data: Any
     meta: dict[str, Any] = field(default_factory=dict)
     outside_root: list[str] = field(default_factory=list)
+    inputs: dict[str, list[Path]] = field(default_factory=dict)
 
     def problem(self, reason: str, message: str) -> Problem:
         return Problem(self.file, self.line, reason, message, self.id)
@@ -264,6 +273,7 @@ class RecordDataset(Dataset):
         self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
         self._bad_paths: dict[Path, Problem] = {}
         self._bad_indices: set[int] = set()
+        self._loaded_inputs: dict[int, dict[str, list[Any]]] = {}
         if problems and strict:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
             first = problems[0]
@@ -273,6 +283,7 @@ class RecordDataset(Dataset):
         if verify_images:
             for index in range(len(records)):
                 self._load_images(index, warn=False)
+                self._loaded_inputs.pop(index, None)  # checked, not kept
         if self.problems:
             warnings.warn(
                 f"{self.format_name} {source}: skipped {len(self.problems)} unusable entries "
@@ -297,7 +308,7 @@ class RecordDataset(Dataset):
             k = (index + step) % n
             images = self._load_images(k, warn=True)
             if images is not None:
-                return self.build(self.records[k], images)
+                return self._with_inputs(self.build(self.records[k], images), k)
         raise DataError(
             f"{self.format_name} {self.source}: none of the {n} samples has loadable images "
             f"({summarize_problems(self.problems)})"
@@ -312,22 +323,59 @@ class RecordDataset(Dataset):
         memory (parquet cells) override it. Raises ``ImageLoadError``."""
         return load_image(source, max_pixels=self.max_pixels)
 
+    def load_record_input(self, modality: str, path: Path) -> Any:
+        """One of a record's ``inputs[modality]`` files, read by that modality's registered
+        loader. Raises ``DataError`` (``InputLoadError``)."""
+        return load_input(modality, path)
+
+    def _with_inputs(self, sample: Any, index: int) -> Any:
+        """``sample`` with its record's other-modality items (loaded and checked already by
+        ``_load_images``) in ``sample.inputs``, or in ``sample.outputs`` for the files whose
+        placeholder is an output one (``"<audio_out>"``: an assistant turn's ``"<audio>"``)."""
+        loaded = self._loaded_inputs.pop(index, None)
+        if not loaded:
+            return sample
+        inputs, outputs = dict(sample.inputs), dict(getattr(sample, "outputs", {}))
+        for modality, items in loaded.items():
+            # files are listed in the order of the modality's placeholders, inputs and outputs
+            marks = (placeholder_of(modality), output_placeholder(modality))
+            either = re.compile("|".join(re.escape(m) for m in marks))
+            order = [m for turn in sample.conversation for m in either.findall(turn.text)]
+            if marks[1] not in order or len(order) != len(items):
+                inputs[modality] = items
+                continue
+            inputs[modality] = [x for x, m in zip(items, order) if m == marks[0]]
+            outputs[modality] = [x for x, m in zip(items, order) if m == marks[1]]
+        sample.inputs = {m: v for m, v in inputs.items() if v}
+        if outputs:
+            sample.outputs = outputs
+        return sample
+
     def _load_images(self, index: int, *, warn: bool) -> list[Any] | None:
+        """The record's images, its other-modality items kept aside for ``_with_inputs``;
+        ``None`` when any file cannot be used (counted and warned about once)."""
         if index in self._bad_indices:
             return None
         record = self.records[index]
         images = []
-        for path in record.image_paths:
+        files = [("image", path) for path in record.image_paths] + [
+            (modality, path) for modality, paths in record.inputs.items() for path in paths
+        ]
+        loaded: dict[str, list[Any]] = {}
+        for modality, path in files:
             if path in self._bad_paths:
                 self._bad_indices.add(index)
                 return None
             try:
-                images.append(self.load_record_image(path))
-            except ImageLoadError as exc:
-                problem = record.problem(exc.reason, str(exc))
+                if modality == "image":
+                    images.append(self.load_record_image(path))
+                else:
+                    loaded.setdefault(modality, []).append(self.load_record_input(modality, path))
+            except DataError as exc:
+                problem = record.problem(exc.reason or "unreadable_input", str(exc))
                 if self.strict:
                     raise DataError(
-                        str(problem), file=record.file, line=record.line, reason=exc.reason
+                        str(problem), file=record.file, line=record.line, reason=problem.reason
                     ) from None
                 self._bad_paths[path] = problem
                 self._bad_indices.add(index)
@@ -340,6 +388,8 @@ class RecordDataset(Dataset):
                         stacklevel=4,
                     )
                 return None
+        if loaded:
+            self._loaded_inputs[index] = loaded
         return images
 
     def _count(self, problem: Problem) -> None:

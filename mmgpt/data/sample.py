@@ -34,6 +34,7 @@ __all__ = [
     "count_drawing_samples",
     "describe_dataset",
     "is_drawing",
+    "output_placeholder",
     "split_images",
 ]
 
@@ -43,6 +44,15 @@ IMAGE_OUT_PLACEHOLDER = "<image_out>"
 # The user turn of a caption sample is "<image>\n" + this prompt (shapes world and imagefolder
 # share it, so a shapes world exported as an imagefolder loads back as the same samples).
 DEFAULT_CAPTION_PROMPT = "Describe the image."
+# An output of any modality the assistant produces: "<image_out>", "<audio_out>", …
+_OUTPUT_PLACEHOLDER = re.compile(r"<\w+_out>")
+
+
+def output_placeholder(modality: str) -> str:
+    """The text that marks an output of ``modality`` in an assistant turn: ``"<image_out>"``
+    for images, ``f"<{modality}_out>"`` for the others (the processor expands it into that
+    modality's signal tokens)."""
+    return IMAGE_OUT_PLACEHOLDER if modality == "image" else f"<{modality}_out>"
 
 
 @dataclass
@@ -73,6 +83,9 @@ class Sample:
     output_images: list[Image.Image] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, list[Any]] = field(default_factory=dict)
+    # output targets by modality, {modality: [item, …]}, one per "<modality_out>" placeholder
+    # (outputs["image"] is another spelling of output_images)
+    outputs: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for i, turn in enumerate(self.conversation):
@@ -94,6 +107,15 @@ class Sample:
                     f"Sample.inputs[{modality!r}] must be a list of items, got "
                     f"{type(items).__name__}"
                 )
+        if not isinstance(self.outputs, dict) or not all(
+            isinstance(m, str) and m and isinstance(v, list) for m, v in self.outputs.items()
+        ):
+            raise TypeError("Sample.outputs must be a dict {modality: [items]}")
+        if self.outputs.get("image") and self.output_images:
+            raise ValueError(
+                "Sample: output images given both in output_images and outputs['image']; "
+                "give them once"
+            )
 
     @property
     def num_image_placeholders(self) -> int:
@@ -129,16 +151,19 @@ def split_images(conversation: Sequence[Turn], images: Sequence[Any]) -> tuple[l
     return inputs, outputs
 
 
-def is_drawing(conversation: Sequence[Any]) -> bool:
+def is_drawing(conversation: Sequence[Any], *, any_output: bool = False) -> bool:
     """Whether an assistant turn of ``conversation`` holds ``"<image_out>"`` (an image to
     draw). Turns are :class:`Turn` s, anything with ``role`` and ``text``, or such dicts (the
-    text may be under ``content``), as the processor takes them."""
+    text may be under ``content``), as the processor takes them. ``any_output``: an output of
+    any modality counts (``"<audio_out>"``…)."""
     for turn in conversation:
         if isinstance(turn, Mapping):
             role, text = turn.get("role"), turn.get("text", turn.get("content"))
         else:
             role, text = getattr(turn, "role", None), getattr(turn, "text", None)
-        if role == "assistant" and isinstance(text, str) and IMAGE_OUT_PLACEHOLDER in text:
+        if role != "assistant" or not isinstance(text, str):
+            continue
+        if IMAGE_OUT_PLACEHOLDER in text or (any_output and _OUTPUT_PLACEHOLDER.search(text)):
             return True
     return False
 
@@ -177,8 +202,11 @@ def describe_dataset(dataset: Any) -> str:
     return type(base).__name__ + (f" (task={task!r})" if task is not None else "")
 
 
-def count_drawing_samples(dataset: Any, probe: int = 64) -> DrawingCount | None:
-    """How many samples of ``dataset`` ask the model to draw (:func:`is_drawing`).
+def count_drawing_samples(
+    dataset: Any, probe: int = 64, *, any_output: bool = False
+) -> DrawingCount | None:
+    """How many samples of ``dataset`` ask the model to draw (:func:`is_drawing`; with
+    ``any_output``, to produce an output of any modality).
 
     File datasets (``records`` whose ``data`` are turns, e.g. imagefolder and LLaVA; also
     behind a ``Subset``) are counted completely from their parsed records. Other map-style
@@ -191,7 +219,7 @@ def count_drawing_samples(dataset: Any, probe: int = 64) -> DrawingCount | None:
         isinstance(getattr(r, "data", None), list) for r in records
     ):
         chosen = records if indices is None else [records[i] for i in indices]
-        drawing = sum(is_drawing(r.data) for r in chosen)
+        drawing = sum(is_drawing(r.data, any_output=any_output) for r in chosen)
         return DrawingCount(drawing, len(chosen), complete=True)
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         return None
@@ -205,5 +233,5 @@ def count_drawing_samples(dataset: Any, probe: int = 64) -> DrawingCount | None:
         conversation = getattr(dataset[i], "conversation", None)
         if conversation is None:
             return None
-        drawing += is_drawing(conversation)
+        drawing += is_drawing(conversation, any_output=any_output)
     return DrawingCount(drawing, len(picked), complete=len(picked) == n)

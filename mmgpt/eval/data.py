@@ -15,11 +15,12 @@ Shared by ``--task caption|vqa`` (:mod:`mmgpt.eval.run`) and ``--task t2i``
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmgpt.data.check import detect_format
+from mmgpt.data.loaders import placeholder_of
 from mmgpt.data.sample import IMAGE_PLACEHOLDER
 from mmgpt.files import parse_scalar
 from mmgpt.registry import create
@@ -39,12 +40,14 @@ SHAPES_DEFAULTS: dict[str, Any] = {"seed": 1, "size": 200}
 
 @dataclass
 class EvalItem:
-    """One reply to generate: the conversation before it, its images, the reference reply."""
+    """One reply to generate: the conversation before it, its images (and items of other
+    modalities, ``{modality: [item, …]}``), the reference reply."""
 
     prompt: list[Any]  # turns, ending with a user turn
     images: list[Any]
     reference: str
     meta: dict[str, Any]
+    inputs: dict[str, list[Any]] = field(default_factory=dict)
 
 
 def parse_shapes_spec(spec: str) -> dict[str, Any] | None:
@@ -107,7 +110,12 @@ def eval_items(dataset: Any, limit: int | None = None) -> list[EvalItem]:
             if prompt[-1].role != "user":
                 continue  # two replies in a row: only the first has a question
             n_images = sum(t.text.count(IMAGE_PLACEHOLDER) for t in prompt)
-            items.append(EvalItem(prompt, list(sample.images[:n_images]), turn.text, sample.meta))
+            inputs = {}  # the items of the placeholders before this reply
+            for modality, values in (getattr(sample, "inputs", None) or {}).items():
+                mark = placeholder_of(modality)
+                inputs[modality] = list(values[: sum(t.text.count(mark) for t in prompt)])
+            item = EvalItem(prompt, list(sample.images[:n_images]), turn.text, sample.meta, inputs)
+            items.append(item)
     if not items:
         raise ValueError("the evaluation data has no assistant reply to compare with")
     return items

@@ -1,6 +1,14 @@
-"""A judge for generated shapes-world images: a small CNN trained on REAL rendered scenes.
+"""Judges of generated images: a small CNN classifier trained on REAL images only.
 
-The judge predicts the four attributes of a one-shape scene (``shape``, ``color``, ``size``,
+:class:`ImageJudge` has one head per attribute, each over its own labels. Two kinds exist:
+
+- the shapes judge (:class:`ShapeJudge`, below), trained on rendered scenes and cached;
+- a judge of the user's own labelled images, trained by ``mmgpt train judge``
+  (:mod:`mmgpt.eval.judge_training`) and saved as a directory (:func:`save_judge`,
+  :func:`load_judge`): ``judge.safetensors`` + ``judge.json`` (labels, architecture, where
+  the labels came from, held-out accuracy).
+
+The shapes judge predicts the four attributes of a one-shape scene (``shape``, ``color``, ``size``,
 ``position``) from a ``(3, S, S)`` image. It is trained only on images the shapes world
 renders (with light pixel noise and colour jitter, so that the slightly noisy output of a
 diffusion decoder is in its range), never on generated ones, and reports its accuracy on
@@ -18,7 +26,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +43,18 @@ from mmgpt.files import atomic_write_bytes, load_tensors, save_tensors
 
 __all__ = [
     "ATTRIBUTES",
+    "ImageJudge",
     "JudgeConfig",
     "ShapeJudge",
+    "augment",
+    "center_crop",
     "images_to_tensor",
+    "judge_accuracy",
     "judge_dir",
+    "judge_loss",
+    "load_judge",
     "load_or_train_judge",
+    "save_judge",
     "train_judge",
 ]
 
@@ -110,17 +125,36 @@ class JudgeConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-class ShapeJudge(nn.Module):
-    """Three conv layers (S → S/4 spatially) and one linear head per attribute.
+class ImageJudge(nn.Module):
+    """An image classifier with one head per attribute: three conv layers (S → S/4 spatially),
+    a linear trunk and one linear head per attribute.
 
-    The features are flattened, not pooled, so the heads see *where* the shape is. Small on
+    The features are flattened, not pooled, so the heads see *where* things are. Small on
     purpose (~0.6M multiply-adds per image at 32 px): it trains in seconds on a CPU.
+    ``labels`` maps each attribute to the names of its classes, in head order.
     """
 
-    def __init__(self, config: JudgeConfig) -> None:
+    def __init__(
+        self,
+        labels: Mapping[str, Sequence[str]],
+        *,
+        image_size: int = 32,
+        width: int = 16,
+        hidden: int = 128,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
-        self.config = config
-        w = config.width
+        if not labels or any(len(v) < 1 for v in labels.values()):
+            raise ValueError(
+                "a judge needs at least one attribute, each with its labels, got "
+                f"{ {a: list(v) for a, v in labels.items()} }"
+            )
+        if image_size < 8 or image_size % 4:
+            raise ValueError(f"judge image_size must be a multiple of 4 and >= 8, got {image_size}")
+        self.labels = {str(a): tuple(str(x) for x in v) for a, v in labels.items()}
+        self.image_size = image_size
+        self.arch = {"image_size": image_size, "width": width, "hidden": hidden, "dropout": dropout}
+        w = width
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(
@@ -130,22 +164,47 @@ class ShapeJudge(nn.Module):
             )
 
         self.features = nn.Sequential(block(3, w, 1), block(w, 2 * w, 2), block(2 * w, 4 * w, 2))
-        side = config.image_size // 4
+        side = image_size // 4
         self.trunk = nn.Sequential(
-            nn.Flatten(), nn.Linear(4 * w * side * side, 128), nn.SiLU(), nn.Dropout(0.1)
+            nn.Flatten(), nn.Linear(4 * w * side * side, hidden), nn.SiLU(), nn.Dropout(dropout)
         )
-        self.heads = nn.ModuleDict({a: nn.Linear(128, len(config.labels(a))) for a in ATTRIBUTES})
+        self.heads = nn.ModuleDict({a: nn.Linear(hidden, len(v)) for a, v in self.labels.items()})
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """``(N, 3, S, S)`` in [0, 1] → logits per attribute."""
-        size = self.config.image_size
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        return tuple(self.labels)
+
+    def _check(self, images: Tensor) -> None:
+        size = self.image_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(
                 f"the judge takes images of shape (N, 3, {size}, {size}) in [0, 1], got "
                 f"{tuple(images.shape)}"
             )
-        h = self.trunk(self.features(images * 2 - 1))  # (N, 128)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """``(N, 3, S, S)`` in [0, 1] → logits per attribute."""
+        self._check(images)
+        h = self.trunk(self.features(images * 2 - 1))  # (N, hidden)
         return {a: head(h) for a, head in self.heads.items()}
+
+    @torch.no_grad()
+    def embed(self, images: Tensor | Sequence[Any], batch_size: int = 256) -> Tensor:
+        """The trunk's features ``(N, hidden)`` (eval mode): the space the heads separate
+        classes in, used for Fréchet distances."""
+        if not isinstance(images, Tensor):
+            images = images_to_tensor(images, self.image_size)
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            chunks = [
+                self.trunk(self.features(c.to(device) * 2 - 1)).cpu()
+                for c in images.split(batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.arch["hidden"])
 
     @torch.no_grad()
     def predict(
@@ -153,7 +212,7 @@ class ShapeJudge(nn.Module):
     ) -> list[dict[str, str]]:
         """The judged attributes of each image (PIL images or an ``(N, 3, S, S)`` tensor)."""
         if not isinstance(images, Tensor):
-            images = images_to_tensor(images, self.config.image_size)
+            images = images_to_tensor(images, self.image_size)
         was_training = self.training
         self.eval()
         try:
@@ -162,19 +221,43 @@ class ShapeJudge(nn.Module):
                 logits = self(chunk.to(next(self.parameters()).device))
                 idx = {a: v.argmax(-1).tolist() for a, v in logits.items()}
                 for i in range(chunk.size(0)):
-                    out.append({a: self.config.labels(a)[idx[a][i]] for a in ATTRIBUTES})
+                    out.append({a: self.labels[a][idx[a][i]] for a in self.labels})
             return out
         finally:
             self.train(was_training)
 
 
-def images_to_tensor(images: Sequence[Any], image_size: int) -> Tensor:
-    """PIL images → ``(N, 3, S, S)`` float in [0, 1] (resized when needed)."""
+class ShapeJudge(ImageJudge):
+    """The judge of one-shape scenes of the shapes world: heads ``shape``, ``color``,
+    ``size``, ``position`` over the subsets ``config`` names."""
+
+    def __init__(self, config: JudgeConfig) -> None:
+        super().__init__(
+            {a: config.labels(a) for a in ATTRIBUTES},
+            image_size=config.image_size,
+            width=config.width,
+        )
+        self.config = config
+
+
+def center_crop(image: Image.Image) -> Image.Image:
+    """The largest centred square of ``image`` (what the diffusion decoder trains on)."""
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def images_to_tensor(images: Sequence[Any], image_size: int, *, crop: bool = False) -> Tensor:
+    """PIL images → ``(N, 3, S, S)`` float in [0, 1] (resized when needed; ``crop``: centre
+    square first, as the diffusion decoder's ``preprocess`` does, rather than squashing)."""
     arrays = []
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
             raise TypeError(f"images[{i}] is {type(image).__name__}, expected a PIL image")
         image = image.convert("RGB")
+        if crop:
+            image = center_crop(image)
         if image.size != (image_size, image_size):
             image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
         arrays.append(np.asarray(image, dtype=np.float32))
@@ -213,25 +296,63 @@ def _render(config: JudgeConfig, n: int, rng: random.Random) -> _Scenes:
     return _Scenes(images, labels)
 
 
-def _augment(images: Tensor, config: JudgeConfig, generator: torch.Generator) -> Tensor:
+def augment(
+    images: Tensor,
+    *,
+    noise: float,
+    jitter: float,
+    shift: int = 0,
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Light Gaussian pixel noise (std up to ``noise``) and per-channel gain (up to
+    ±``jitter``), so that the slightly noisy output of a diffusion decoder is in range; with
+    ``shift``, a random translation by up to that many pixels (edges repeated), with
+    ``flip``, a random horizontal flip (only for labels that do not say left or right)."""
     n = images.size(0)
-    gain = 1 + (torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1) * config.jitter
-    sigma = torch.rand(n, 1, 1, 1, generator=generator) * config.noise
-    noise = torch.randn(images.shape, generator=generator) * sigma
-    return (images * gain + noise).clamp(0, 1)
+    if shift:
+        offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator).tolist()
+        padded = F.pad(images, (shift,) * 4, mode="replicate")
+        h, w = images.shape[-2:]
+        images = torch.stack(
+            [padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)]
+        )
+    if flip:
+        mirrored = torch.rand(n, generator=generator) < 0.5
+        images = torch.where(mirrored.view(n, 1, 1, 1).to(images.device), images.flip(-1), images)
+    # drawn on the CPU (where a seeded generator lives), then moved to the images' device
+    gain = 1 + (torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1) * jitter
+    sigma = torch.rand(n, 1, 1, 1, generator=generator) * noise
+    noise_ = torch.randn(images.shape, generator=generator) * sigma
+    return (images * gain.to(images.device) + noise_.to(images.device)).clamp(0, 1)
 
 
-def _accuracy(judge: ShapeJudge, scenes: _Scenes) -> dict[str, float]:
+def judge_loss(logits: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor:
+    """The sum over attributes of the cross-entropy of each head."""
+    return sum(F.cross_entropy(logits[a], labels[a]) for a in logits)  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def judge_accuracy(
+    judge: ImageJudge, images: Tensor, labels: Mapping[str, Tensor], batch_size: int = 256
+) -> dict[str, float]:
+    """Accuracy of each head on ``images`` against ``labels`` (class indices), and ``all``:
+    every head right."""
+    was_training = judge.training
     judge.eval()
-    with torch.no_grad():
-        logits = judge(scenes.images)
-    correct_all = torch.ones(scenes.images.size(0), dtype=torch.bool)
+    try:
+        device = next(judge.parameters()).device
+        parts = [judge(c.to(device)) for c in images.split(batch_size)]
+    finally:
+        judge.train(was_training)
+    correct_all = torch.ones(images.size(0), dtype=torch.bool)
     out = {}
-    for a in ATTRIBUTES:
-        hit = logits[a].argmax(-1) == scenes.labels[a]
+    for a in judge.attributes:
+        predicted = torch.cat([p[a].argmax(-1).cpu() for p in parts]) if parts else labels[a]
+        hit = predicted == labels[a]
         correct_all &= hit
-        out[a] = float(hit.float().mean())
-    out["all"] = float(correct_all.float().mean())
+        out[a] = float(hit.float().mean()) if len(hit) else float("nan")
+    out["all"] = float(correct_all.float().mean()) if len(correct_all) else float("nan")
     return out
 
 
@@ -266,17 +387,90 @@ def _train(config: JudgeConfig, verbose: bool) -> tuple[ShapeJudge, dict[str, fl
             for a in ATTRIBUTES:
                 pool.labels[a][at : at + pool_size // 4] = fresh.labels[a]
         idx = torch.randint(0, pool_size, (config.batch_size,), generator=generator)
-        logits = judge(_augment(pool.images[idx], config, generator))
-        loss = sum(F.cross_entropy(logits[a], pool.labels[a][idx]) for a in ATTRIBUTES)
+        x = augment(pool.images[idx], noise=config.noise, jitter=config.jitter, generator=generator)
+        loss = judge_loss(judge(x), {a: pool.labels[a][idx] for a in ATTRIBUTES})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         if verbose and (step + 1) % 250 == 0:
             print(f"judge step {step + 1}/{config.steps}: loss {loss.item():.4f}", flush=True)
-    accuracy = _accuracy(judge, heldout)
+    accuracy = judge_accuracy(judge, heldout.images, heldout.labels)
     judge.eval()
     return judge, accuracy
+
+
+# --------------------------------------------------------------------------------------
+# Judge directories (``mmgpt train judge``): judge.safetensors + judge.json
+# --------------------------------------------------------------------------------------
+
+JUDGE_DIR_FORMAT = "mmgpt-image-judge"
+
+
+def save_judge(judge: ImageJudge, directory: str | os.PathLike, info: Mapping[str, Any]) -> Path:
+    """Write ``judge.safetensors`` (weights) and ``judge.json`` (labels, architecture and
+    ``info``: label sources, held-out accuracy, …) into ``directory``, each file atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tensors(
+        {k: v.detach().cpu().contiguous() for k, v in judge.state_dict().items()},
+        directory / WEIGHTS_NAME,
+        metadata={"format": "pt"},
+    )
+    payload = {
+        "format": JUDGE_DIR_FORMAT,
+        "version": JUDGE_FORMAT,
+        "labels": {a: list(v) for a, v in judge.labels.items()},
+        "architecture": dict(judge.arch),
+        **info,
+    }
+    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(payload, indent=2) + "\n").encode())
+    return directory
+
+
+def load_judge(path: str | os.PathLike) -> tuple[ImageJudge, dict[str, Any]]:
+    """The judge in ``path`` and its ``judge.json``: a directory written by ``mmgpt train
+    judge`` (the run folder or its ``model/``), or a cached shapes judge."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"judge {path}: no such directory (train one: mmgpt train judge)")
+    if not (path / CONFIG_NAME).is_file() and (path / "model" / CONFIG_NAME).is_file():
+        path = path / "model"
+    meta_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for required in (meta_file, weights):
+        if not required.is_file():
+            raise FileNotFoundError(
+                f"judge {path}: {required.name} is missing (a judge directory holds "
+                f"{CONFIG_NAME} and {WEIGHTS_NAME}, written by mmgpt train judge)"
+            )
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{meta_file}: invalid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_file}: expected a JSON object")
+    try:
+        if "config" in meta:  # a cached shapes judge
+            judge: ImageJudge = ShapeJudge(JudgeConfig.from_dict(meta["config"]))
+            meta = {**meta, "labels": {a: list(v) for a, v in judge.labels.items()}}
+        else:
+            if meta.get("format") != JUDGE_DIR_FORMAT:
+                raise ValueError(f"'format' is {meta.get('format')!r}, not {JUDGE_DIR_FORMAT!r}")
+            if meta.get("version") != JUDGE_FORMAT:
+                raise ValueError(
+                    f"'version' is {meta.get('version')!r}; this mmgpt reads version "
+                    f"{JUDGE_FORMAT} (train the judge again)"
+                )
+            judge = ImageJudge(meta["labels"], **meta["architecture"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{meta_file}: not a judge description ({exc})") from exc
+    try:
+        judge.load_state_dict(load_tensors(weights))
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{weights}: the weights do not match {meta_file} ({str(exc).splitlines()[0]})"
+        ) from exc
+    return judge.eval(), meta
 
 
 # --------------------------------------------------------------------------------------

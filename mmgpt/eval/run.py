@@ -74,7 +74,11 @@ def generate_replies(
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         lengths = [
-            len(processor.encode_prompt(item.prompt, item.images, index=start + i).input_ids)
+            len(
+                processor.encode_prompt(
+                    item.prompt, item.images, inputs=item.inputs, index=start + i
+                ).input_ids
+            )
             for i, item in enumerate(chunk)
         ]
         room = block_size - max(lengths)
@@ -88,7 +92,12 @@ def generate_replies(
         config = GenerationConfig(
             max_new_tokens=min(max_new_tokens, room), temperature=0.0, do_sample=False
         )
-        out = model.generate([i.prompt for i in chunk], [i.images for i in chunk], config)
+        out = model.generate(
+            [i.prompt for i in chunk],
+            [i.images for i in chunk],
+            config,
+            inputs=[i.inputs for i in chunk],
+        )
         replies += list(out.texts)
     return replies
 

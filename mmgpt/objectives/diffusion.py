@@ -13,6 +13,12 @@ For a :class:`~mmgpt.processor.MultimodalBatch` whose assistant turns contain ``
    target and its condition dropout for classifier-free guidance);
 4. ``loss = lm_weight · lm + diffusion_weight · diffusion``.
 
+Other output modalities work the same way: a sample's ``"<audio_out>"`` becomes the audio
+decoder's signal tokens (labels on), the states at those spans (``batch.output_positions``)
+go through ``output_projectors["audio"]``, and ``decoders["audio"].training_loss(condition,
+targets)`` against ``batch.outputs["audio"]`` is added with its weight (``output_weights``,
+default 1), so one run trains every decoder of the model.
+
 ``backprop_into_gpt=False`` detaches the hidden states: the image loss then trains only the
 output projector and the decoder (GILL's frozen-LLM setting), while the LM loss still trains
 the GPT. A batch without output images (caption or VQA samples of a mixed dataset) has a
@@ -64,12 +70,15 @@ class DiffusionObjective:
         lm_weight: weight of the next-token loss (0: not computed into the graph).
         diffusion_weight: weight of the decoder's loss.
         backprop_into_gpt: let the image loss train the GPT (and input encoders) too.
+        output_weights: ``{modality: weight}`` of the other output modalities' decoder
+            losses (default 1 each).
         learn_forced_tokens: also learn to predict ``[IMG1]..[IMGk-1]`` (default, every
             labelled token); ``False`` leaves them out of the LM loss, since generation forces
             them anyway, so the LM loss does not pull the signal states towards predicting the
             next signal token (only ``[IMG0]``, *when* to draw, and what follows are learned).
 
-    Metrics: ``lm_loss``, ``diffusion_loss``, ``images`` (output images per batch).
+    Metrics: ``lm_loss``, ``diffusion_loss``, ``images`` (output images per batch); for each
+    other output modality ``m``: ``{m}_loss`` and ``{m}_outputs``.
     ``weight`` is the number of samples of the batch. :meth:`check_data` refuses a dataset
     without drawing samples before training.
     """
@@ -80,6 +89,7 @@ class DiffusionObjective:
         diffusion_weight: float = 1.0,
         backprop_into_gpt: bool = True,
         learn_forced_tokens: bool = True,
+        output_weights: dict[str, float] | None = None,
     ) -> None:
         self.lm_weight = _weight("lm_weight", lm_weight)
         self.diffusion_weight = _weight("diffusion_weight", diffusion_weight)
@@ -95,6 +105,14 @@ class DiffusionObjective:
                 f"{learn_forced_tokens!r}"
             )
         self.learn_forced_tokens = learn_forced_tokens
+        if output_weights is not None and not isinstance(output_weights, dict):
+            raise ValueError(
+                "diffusion objective: output_weights must map output modalities to weights, "
+                f"got {output_weights!r}"
+            )
+        self.output_weights = {
+            str(m): _weight(f"output_weights.{m}", w) for m, w in (output_weights or {}).items()
+        }
 
     def check_data(self, dataset: Any) -> None:
         """Raise ``DataError`` when ``dataset`` holds no drawing sample (an assistant turn
@@ -105,7 +123,7 @@ class DiffusionObjective:
         """
         if self.diffusion_weight == 0:
             return
-        found = count_drawing_samples(dataset)
+        found = count_drawing_samples(dataset, any_output=True)
         if found is None or found.drawing:
             return
         which = (
@@ -133,9 +151,19 @@ class DiffusionObjective:
         if batch.labels is None:
             raise ValueError("diffusion objective: the batch has no labels")
         base = _unwrap(model)
-        signal_ids = require_image_generation(base)
+        others = dict(getattr(base, "decoders", None) or {})
+        draws = base.image_decoder is not None or not others
+        signal_ids = require_image_generation(base) if draws else []
         batch = batch.to(base.device)
-        targets = self._targets(base, batch)
+        if not draws and batch.signal_positions.numel():
+            raise ValueError(
+                "diffusion objective: the batch has '<image_out>' spans but the model has no "
+                f"image decoder (its output modalities: {sorted(others)})"
+            )
+        targets = self._targets(base, batch) if draws else None
+        unknown = sorted(set(batch.output_positions) - set(others))
+        if unknown:
+            raise ValueError(f"diffusion objective: the model has no decoder for {unknown}")
 
         out = model(batch)  # logits (B, T, V), hidden_states (B, T, C)
         labels = batch.labels
@@ -144,6 +172,12 @@ class DiffusionObjective:
             rows, cols = batch.signal_positions[:, 0], batch.signal_positions[:, 1]
             for j in range(1, len(signal_ids)):  # [IMG1].. are forced at generation time
                 labels[rows, cols + j] = IGNORE_INDEX
+        if not self.learn_forced_tokens:
+            for m, positions in batch.output_positions.items():
+                labels = labels.clone()
+                rows, cols = positions[:, 0], positions[:, 1]
+                for j in range(1, len(base.output_signal_token_ids(m))):
+                    labels[rows, cols + j] = IGNORE_INDEX
         logits, labels = out.logits[:, :-1], labels[:, 1:]
         lm = F.cross_entropy(
             logits.float().reshape(-1, logits.size(-1)),
@@ -157,7 +191,7 @@ class DiffusionObjective:
 
         n_images = batch.signal_positions.size(0)
         if n_images:
-            self._check_spans(batch, signal_ids)
+            self._check_spans(batch, signal_ids, batch.signal_positions, "[IMG0]..[IMGk-1]")
             states = gather_signal_states(
                 out.hidden_states, batch.signal_positions, len(signal_ids)
             )
@@ -168,15 +202,45 @@ class DiffusionObjective:
         else:
             diffusion = torch.zeros((), device=lm.device)
         loss = self.lm_weight * lm + self.diffusion_weight * diffusion
-        return ObjectiveOutput(
-            loss=loss,
-            metrics={
-                "lm_loss": float(lm.detach()),
-                "diffusion_loss": float(diffusion.detach()),
-                "images": float(n_images),
-            },
-            weight=float(len(batch)),
-        )
+        metrics = {
+            "lm_loss": float(lm.detach()),
+            "diffusion_loss": float(diffusion.detach()),
+            "images": float(n_images),
+        }
+        for m, decoder in others.items():
+            positions = batch.output_positions.get(m)
+            n = 0 if positions is None else positions.size(0)
+            if n:
+                ids = base.output_signal_token_ids(m)
+                self._check_spans(batch, ids, positions, f"<{m}_out>")
+                states = gather_signal_states(out.hidden_states, positions, len(ids))
+                if not self.backprop_into_gpt:
+                    states = states.detach()
+                condition = base.output_projectors[m](states)  # (M, N, D)
+                part = decoder.training_loss(condition, self._output_targets(base, batch, m, n))
+                loss = loss + self.output_weights.get(m, 1.0) * part
+            else:
+                part = torch.zeros((), device=lm.device)
+            metrics[f"{m}_loss"] = float(part.detach())
+            metrics[f"{m}_outputs"] = float(n)
+        return ObjectiveOutput(loss=loss, metrics=metrics, weight=float(len(batch)))
+
+    @staticmethod
+    def _output_targets(model: Any, batch: MultimodalBatch, modality: str, n: int) -> Any:
+        targets = batch.outputs.get(modality)
+        if targets is None:
+            raise ValueError(
+                f"diffusion objective: the batch has {n} '<{modality}_out>' span(s) but no "
+                f"{modality} outputs to learn them from"
+            )
+        if not isinstance(targets, torch.Tensor):  # items: the processor had no transform
+            targets = model.decoders[modality].preprocess(list(targets))
+        if targets.size(0) != n:
+            raise ValueError(
+                f"diffusion objective: {n} '<{modality}_out>' span(s) but {targets.size(0)} "
+                f"{modality} output(s)"
+            )
+        return targets.to(model.device)
 
     @staticmethod
     def _targets(model: Any, batch: MultimodalBatch) -> torch.Tensor | None:
@@ -198,12 +262,13 @@ class DiffusionObjective:
         return images.to(model.device)
 
     @staticmethod
-    def _check_spans(batch: MultimodalBatch, signal_ids: list[int]) -> None:
+    def _check_spans(
+        batch: MultimodalBatch, signal_ids: list[int], positions: torch.Tensor, what: str
+    ) -> None:
         k = len(signal_ids)
-        ids = gather_signal_states(batch.input_ids[..., None], batch.signal_positions, k)[..., 0]
+        ids = gather_signal_states(batch.input_ids[..., None], positions, k)[..., 0]
         expected = torch.tensor(signal_ids, device=ids.device)
         if not bool((ids == expected).all()):
             raise ValueError(
-                "diffusion objective: signal_positions do not point at [IMG0]..[IMGk-1] spans "
-                "of input_ids"
+                f"diffusion objective: signal positions do not point at {what} spans of input_ids"
             )

@@ -16,6 +16,7 @@ from mmgpt.adapters.training import fold_loaded_adapters
 from mmgpt.config import GPTConfig, gpt_config, read_model_config
 from mmgpt.data.check import detect_format
 from mmgpt.data.loader import StreamDataset
+from mmgpt.data.loaders import placeholders
 from mmgpt.data.sample import IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER
 from mmgpt.data.text import is_heldout, resolve_text_files
 from mmgpt.files import atomic_write_bytes
@@ -27,6 +28,7 @@ from mmgpt.processor import DEFAULT_TEMPLATE
 from mmgpt.recipe.spec import (
     COMPONENTS,
     DATA_PATH_ARGS,
+    MODALITY_COMPONENTS,
     MULTIMODAL_FORMATS,
     STAGES,
     factory_parameters,
@@ -218,6 +220,20 @@ def component_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
             )
         kwargs[component] = type_name
         kwargs[f"{component}_kwargs"] = body
+    for group, kind in MODALITY_COMPONENTS.items():
+        bodies = section.get(group)
+        if not bodies:
+            continue
+        built = {}
+        for modality, body in dict(bodies).items():
+            body = dict(body)
+            type_name = body.pop("type", None)
+            if not type_name:
+                raise ValueError(
+                    f"recipe key 'model.{group}.{modality}' needs a 'type' (a registry {kind})"
+                )
+            built[str(modality)] = (type_name, body)
+        kwargs[group] = built
     return kwargs
 
 
@@ -263,6 +279,26 @@ def _override_gpt(
     return tuned.train(gpt.training)
 
 
+def build_autoencoder(section: Mapping[str, Any]) -> Any:
+    """The image autoencoder of a recipe with ``model.architecture: autoencoder``: the
+    registry ``model`` entry ``preset`` (e.g. ``autoencoder-kl``) called with the section's
+    other keys."""
+    preset = section.get("preset")
+    if not preset:
+        raise ValueError(
+            "recipe section 'model' (architecture: autoencoder) needs 'preset', a registry "
+            "model entry that builds an autoencoder (e.g. autoencoder-kl)"
+        )
+    args = {k: v for k, v in section.items() if k not in ("architecture", "preset")}
+    model = create("model", preset, **args)
+    if not (hasattr(model, "encode") and hasattr(model, "decode")):
+        raise ValueError(
+            f"recipe key 'model.preset': {preset!r} built a {type(model).__name__}, not an "
+            "image autoencoder (encode/decode); use e.g. autoencoder-kl"
+        )
+    return model
+
+
 def build_multimodal_model(
     section: Mapping[str, Any],
     tokenizer: Tokenizer | None = None,
@@ -305,7 +341,14 @@ def _build(cls: Any, gpt: Any, tokenizer: Any, components: dict[str, Any], overr
     try:
         return cls.build(gpt, tokenizer, **components, **overrides)
     except TypeError as exc:  # a component argument its registry entry does not take
-        names = ", ".join(f"model.{c}.type={components[c]}" for c in COMPONENTS if c in components)
+        names = ", ".join(
+            [f"model.{c}.type={components[c]}" for c in COMPONENTS if c in components]
+            + [
+                f"model.{g}.{m}.type={name}"
+                for g in MODALITY_COMPONENTS
+                for m, (name, _) in components.get(g, {}).items()
+            ]
+        )
         raise ValueError(f"recipe section 'model' ({names}): {exc}") from exc
 
 
@@ -321,10 +364,15 @@ def conversation_text(dataset: Any, limit: int = 5000) -> str:
         conversations = stream_conversations(dataset, limit)
     else:
         conversations = [dataset[i].conversation for i in range(min(len(dataset), limit))]
+    # every modality's placeholder, longest first so that none is cut inside another
+    marks = sorted({IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER, *placeholders().values()}, key=len)
+    marks.reverse()
     lines = []
     for turns in conversations:
         for turn in turns:
-            text = turn.text.replace(IMAGE_PLACEHOLDER, "").replace(IMAGE_OUT_PLACEHOLDER, "")
+            text = turn.text
+            for mark in marks:  # items' places are slots, not text the tokenizer learns
+                text = text.replace(mark, "")
             text = text.strip()
             if turn.role == "user":
                 lines.append(f"{t.user_prefix}{text}{t.user_suffix}")

@@ -3,7 +3,10 @@
 - :func:`run_text`: a text GPT (``lm`` and text fine-tuning);
 - :func:`run_multimodal`: a :class:`~mmgpt.multimodal.MultimodalGPT` (caption, vqa, t2i,
   shapes-tiny) and, through the same runner, the RLHF recipes (reward, dpo, ppo), whose
-  objectives build their own trainer (:class:`~mmgpt.interfaces.BuildsTrainer`).
+  objectives build their own trainer (:class:`~mmgpt.interfaces.BuildsTrainer`);
+- :func:`run_judge`: an image judge on labelled images (``mmgpt train judge``);
+- :func:`run_autoencoder`: an image autoencoder on the images of image data (``mmgpt train
+  autoencoder``), by an objective that builds its trainer.
 
 Both share :func:`_prepare` (recipe, overrides, validation, the output folder) and
 :func:`_fit` (the trainer an objective asks for, then ``fit``).
@@ -26,11 +29,13 @@ from mmgpt import distributed
 from mmgpt.adapters.training import apply_adapter
 from mmgpt.data.errors import DataError
 from mmgpt.data.sample import count_drawing_samples, describe_dataset
+from mmgpt.eval.judge_training import build_judge_parts
 from mmgpt.files import exclusive_lock
 from mmgpt.interfaces import BuildsTrainer, Tokenizer
 from mmgpt.multimodal import MultimodalGPT
 from mmgpt.recipe.build import (
     TOKENIZER_DIR,
+    build_autoencoder,
     build_model,
     build_multimodal_model,
     build_tokenizer,
@@ -62,7 +67,7 @@ from mmgpt.recipe.spec import (
 from mmgpt.registry import create, get
 from mmgpt.trainer import TrainConfig, Trainer, check_no_checkpoints, seed_everything
 
-__all__ = ["main", "run_multimodal", "run_text", "run_training"]
+__all__ = ["main", "run_autoencoder", "run_judge", "run_multimodal", "run_text", "run_training"]
 
 
 @dataclass
@@ -101,6 +106,10 @@ def run_training(
     with lock:
         if recipe_architecture(run.spec) == "multimodal":
             return run_multimodal(run, data)
+        if recipe_architecture(run.spec) == "judge":
+            return run_judge(run, data)
+        if recipe_architecture(run.spec) == "autoencoder":
+            return run_autoencoder(run, data)
         return run_text(run, data)
 
 
@@ -211,7 +220,7 @@ def run_text(run: Run, data: str | os.PathLike | None = None) -> dict[str, Any]:
         )
     else:
         model = build_model(dict(spec["model"]), tokenizer)
-    apply_adapter(model, spec.get("adapter"))  # then only the adapter (+ extras) trains
+    apply_adapter(model, spec.get("adapter"), out_dir=out_dir)  # then only it (+ extras) trains
 
     context = {"tokenizer": tokenizer, "block_size": context_length(spec["model"], model)}
     train_data = factory(**dataset_kwargs(factory, data_section, {**context, "split": "train"}))
@@ -260,7 +269,7 @@ def run_multimodal(run: Run, data: str | os.PathLike | None = None) -> dict[str,
         model_section, tokenizer, tokenizer_section=spec["tokenizer"], explicit=run.explicit
     )
     model.trainable(parts)
-    apply_adapter(model, spec.get("adapter"))  # with an adapter, it decides what trains
+    apply_adapter(model, spec.get("adapter"), out_dir=out_dir)  # it decides what trains
 
     encoder = dict(model.encoders.items()).get("image")
     input_size = getattr(encoder, "input_size", None)
@@ -282,6 +291,59 @@ def run_multimodal(run: Run, data: str | os.PathLike | None = None) -> dict[str,
         collate_fn=model.processor(truncation=truncation, **window),
         truncation=truncation,
     )
+
+
+def run_judge(run: Run, data: str | os.PathLike | None = None) -> dict[str, Any]:
+    """An image judge (``model.architecture: judge``) on an imagefolder's labels
+    (:mod:`mmgpt.eval.judge_training`); ``out/model`` holds the judge and its held-out
+    accuracy, which the result repeats."""
+    if run.spec.get("adapter"):
+        raise ValueError("a judge recipe trains the whole judge; remove the adapter section")
+    parts = build_judge_parts(run.spec, data, run.train_config.seed)  # bad data: before writes
+    run.spec["data"] = {"name": run.spec["data"]["name"], **parts.data_section}
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    record_recipe(run.out_dir / "recipe.yaml", run.spec, run.resume)
+    seed_everything(run.train_config.seed)
+    trainer = Trainer(
+        parts.model,
+        parts.objective,
+        parts.train_data,
+        run.train_config,
+        eval_data=parts.eval_data,
+        out_dir=run.out_dir,
+        save_model_fn=parts.save_fn,
+    )
+    result = trainer.fit(resume=run.resume)
+    saved = json.loads((Path(result["model_dir"]) / "judge.json").read_text(encoding="utf-8"))
+    return {"out_dir": str(run.out_dir), **result, "heldout_accuracy": saved["heldout_accuracy"]}
+
+
+def run_autoencoder(run: Run, data: str | os.PathLike | None = None) -> dict[str, Any]:
+    """An image autoencoder (``model.architecture: autoencoder``) on the images of image-text
+    data; its objective builds the trainer (image batches, the model's own directory format)."""
+    spec, out_dir = run.spec, run.out_dir
+    for section in ("tokenizer", "adapter"):
+        if spec.get(section):
+            raise ValueError(
+                f"an autoencoder recipe has no {section}; remove its {section} section"
+            )
+    objective = spec["objective"]["name"]
+    if not hasattr(get("objective", objective), "build_trainer"):
+        raise ValueError(
+            f"recipe key 'objective.name': {objective!r} trains token models; an autoencoder "
+            "recipe needs an objective for image batches (e.g. autoencoder)"
+        )
+    data_section = dict(spec["data"])
+    own = {k: data_section.pop(k) for k in MULTIMODAL_DATA_KEYS if k in data_section}
+    dataset_name, dataset_args = multimodal_data_source(data_section, data)
+    spec["data"] = {"name": dataset_name, **dataset_args, **own}
+    dataset = make_dataset(dataset_name, dataset_args, None)  # bad data fails before any write
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record_recipe(out_dir / "recipe.yaml", spec, run.resume)
+    seed_everything(run.train_config.seed)  # model init is part of the reproducible run
+    model = build_autoencoder(spec["model"])
+    train_data, eval_data = split_dataset(dataset, own.get("eval_fraction", 0.02))
+    return _fit(run, model, train_data, eval_data)
 
 
 def _check_drawings_have_a_decoder(model: MultimodalGPT, data: Any) -> None:

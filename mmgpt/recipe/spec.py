@@ -3,6 +3,8 @@
 A recipe has the sections
 
 - ``model``: ``preset`` plus :class:`~mmgpt.config.GPTConfig` overrides, or ``from: DIR``;
+  with ``architecture: autoencoder`` (``mmgpt train autoencoder``) the ``preset`` names a
+  registry ``model`` entry that builds an image autoencoder, the other keys its arguments;
 - ``tokenizer``: ``name`` plus training arguments (``vocab_size``, …) or ``from: PATH``;
 - ``data``: ``name`` of a dataset entry plus its arguments;
 - ``objective``: ``name`` of an objective entry plus its arguments;
@@ -37,6 +39,7 @@ import yaml
 
 from mmgpt.adapters.training import ADAPTER_KEYS
 from mmgpt.config import GPTConfig
+from mmgpt.eval.judge_training import JUDGE_SECTION_KEYS
 from mmgpt.files import YamlLoader, atomic_write_bytes, parse_scalar
 from mmgpt.registry import get
 from mmgpt.trainer import TrainConfig
@@ -46,7 +49,9 @@ SECTIONS = ("description", "model", "tokenizer", "data", "objective", "train", "
 # Arguments the recipe supplies to a dataset factory (when its signature accepts them).
 DATASET_CONTEXT = ("tokenizer", "block_size", "split")
 DATA_PATH_ARGS = ("paths", "path", "root")
-ARCHITECTURES = ("gpt", "multimodal")
+# judge: an image classifier on labelled images (mmgpt.eval.judge_training), no GPT
+# autoencoder: an image autoencoder (a registry `model` entry) on the images of image data
+ARCHITECTURES = ("gpt", "multimodal", "judge", "autoencoder")
 # Multimodal recipes: model components ({type: registry name, **its arguments}) by the registry
 # kind of their type, the recipe-level keys of `train` that choose what trains, and the keys
 # of `data` the recipe handles itself (not passed to the dataset).
@@ -55,6 +60,17 @@ COMPONENTS = {
     "projector": "projector",
     "image_decoder": "decoder",
     "output_projector": "projector",
+}
+# Components by modality: ``model.encoders: {image: {type: vit}, audio: {type: spectrogram}}``
+# (each encoder with its projector, ``model.projectors.<modality>``, else ``model.projector``);
+# output decoders likewise, ``model.decoders: {image: {type: diffusion}, audio: {...}}``, each
+# with ``model.output_projectors.<modality>`` (else ``model.output_projector`` for the image,
+# ``signal_mlp`` for the others).
+MODALITY_COMPONENTS = {
+    "encoders": "encoder",
+    "projectors": "projector",
+    "decoders": "decoder",
+    "output_projectors": "projector",
 }
 STAGES = ("full", "align", "finetune")
 STAGE_KEYS = ("stage", "train_encoder")
@@ -146,10 +162,13 @@ def apply_overrides(
     pairs.sort(key=lambda kv: not _is_component_type(kv[0]))
     for key, value in pairs:
         if _is_component_type(key):
-            component = key.split(".")[1]
-            body = recipe.get("model", {}).get(component)
+            path = key.split(".")[1:-1]  # [component] or [group, modality]
+            parent = recipe.get("model", {})
+            for part in path[:-1]:
+                parent = parent.get(part) if isinstance(parent, dict) else None
+            body = parent.get(path[-1]) if isinstance(parent, dict) else None
             if isinstance(body, dict) and body.get("type") != value:
-                recipe["model"][component] = {}
+                parent[path[-1]] = {}
         parts = ["adapter", "method"] if key == "adapter" else key.split(".")
         if any(not p for p in parts):
             raise ValueError(f"override key {key!r} is malformed")
@@ -173,6 +192,8 @@ def apply_overrides(
 
 def _is_component_type(key: str) -> bool:
     parts = key.split(".")
+    if len(parts) == 4 and parts[0] == "model" and parts[1] in MODALITY_COMPONENTS:
+        return parts[3] == "type"
     return len(parts) == 3 and parts[0] == "model" and parts[1] in COMPONENTS and parts[2] == "type"
 
 
@@ -180,18 +201,25 @@ def section_keys(recipe: dict[str, Any], section: str) -> set[str] | None:
     """Valid keys of a section, or None when any key is accepted."""
     body = recipe.get(section) or {}
     multimodal = recipe_architecture(recipe) == "multimodal"
+    if recipe_architecture(recipe) == "judge" and section in JUDGE_SECTION_KEYS:
+        return set(JUDGE_SECTION_KEYS[section])
     if section == "adapter":
         return set(ADAPTER_KEYS)
     if section == "train":
         return {f.name for f in dataclasses.fields(TrainConfig)} | (
             set(STAGE_KEYS) if multimodal else set()
         )
+    autoencoder = recipe_architecture(recipe) == "autoencoder"
+    if section == "model" and autoencoder:
+        params = factory_parameters(get("model", body["preset"])) if body.get("preset") else None
+        return None if params is None else {"architecture", "preset"} | params
     if section == "model":
         keys = {"architecture", "preset", "from"} | {f.name for f in dataclasses.fields(GPTConfig)}
-        return keys | (set(COMPONENTS) if multimodal else set())
+        return keys | (set(COMPONENTS) | set(MODALITY_COMPONENTS) if multimodal else set())
     kind = {"tokenizer": "tokenizer", "data": "dataset", "objective": "objective"}[section]
     extra = {"name", "from"} if section == "tokenizer" else {"name"}
-    if section == "data" and multimodal:
+    image_data = multimodal or autoencoder  # image-text data: --data picks a file format
+    if section == "data" and image_data:
         extra |= set(MULTIMODAL_DATA_KEYS)
     name = body.get("name")
     if name is None:
@@ -200,7 +228,7 @@ def section_keys(recipe: dict[str, Any], section: str) -> set[str] | None:
     params = factory_parameters(get(kind, name))
     if params is None:
         return None
-    if section == "data" and multimodal:
+    if section == "data" and image_data:
         # --data may switch a multimodal recipe to a file format: its options are valid too
         for fmt in MULTIMODAL_FORMATS:
             params |= factory_parameters(get("dataset", fmt)) or set()
@@ -231,6 +259,9 @@ def _check_key(recipe: dict[str, Any], parts: list[str]) -> None:
         return  # the registry names the known entries when it is looked up
     if parts[0] == "model" and parts[1] in COMPONENTS and len(parts) > 2:
         _check_component_key(recipe, parts)
+        return
+    if parts[0] == "model" and parts[1] in MODALITY_COMPONENTS and len(parts) > 3:
+        _check_modality_key(recipe, parts)
         return
     valid = section_keys(recipe, parts[0])
     if valid is not None and parts[1] not in valid:
@@ -267,6 +298,31 @@ def _check_component_key(recipe: dict[str, Any], parts: list[str]) -> None:
     )
 
 
+def _check_modality_key(recipe: dict[str, Any], parts: list[str]) -> None:
+    """``model.encoders.<modality>.<key>``: ``type`` or an argument of the entry it names."""
+    dotted = ".".join(parts)
+    group, modality, key = parts[1], parts[2], parts[3]
+    if recipe_architecture(recipe) != "multimodal":
+        raise ValueError(
+            f"unknown recipe key {dotted!r}: model components need model.architecture=multimodal"
+        )
+    bodies = recipe.get("model", {}).get(group)
+    body = bodies.get(modality) if isinstance(bodies, Mapping) else None
+    type_name = body.get("type") if isinstance(body, Mapping) else None
+    if key == "type" or type_name is None or len(parts) > 4:
+        return
+    kind = MODALITY_COMPONENTS[group]
+    params = factory_parameters(get(kind, type_name))
+    if params is None or key in params:
+        return
+    close = difflib.get_close_matches(key, sorted(params), n=1)
+    hint = f" (did you mean model.{group}.{modality}.{close[0]}?)" if close else ""
+    raise ValueError(
+        f"unknown recipe key {dotted!r}{hint}; {kind} {type_name!r} takes: "
+        f"type, {', '.join(sorted(params))}"
+    )
+
+
 def validate_recipe(recipe: dict[str, Any]) -> None:
     """Check every section and key; an unknown one is an error listing the valid ones."""
     recipe_architecture(recipe)  # an unknown architecture is an error
@@ -286,6 +342,23 @@ def validate_recipe(recipe: dict[str, Any]) -> None:
             )
         for key in body:
             _check_key(recipe, ["model", component, str(key)])
+    for group in MODALITY_COMPONENTS:
+        bodies = recipe.get("model", {}).get(group)
+        if bodies is None:
+            continue
+        if not isinstance(bodies, dict):
+            raise ValueError(
+                f"recipe key 'model.{group}' must map modalities to components, e.g. "
+                f"{{audio: {{type: NAME, ...}}}}, got {bodies!r}"
+            )
+        for modality, body in bodies.items():
+            if not isinstance(body, dict) or not body.get("type"):
+                raise ValueError(
+                    f"recipe key 'model.{group}.{modality}' must be a mapping with a 'type' (a "
+                    f"registry {MODALITY_COMPONENTS[group]} entry) and its arguments, got {body!r}"
+                )
+            for key in body:
+                _check_key(recipe, ["model", group, str(modality), str(key)])
     for section in ("data", "objective"):
         if not recipe.get(section, {}).get("name"):
             raise ValueError(f"recipe section {section!r} needs a 'name' (a registry entry)")

@@ -13,11 +13,14 @@ images and text through MultimodalGPT, so the objectives work on our own log-pro
 - :mod:`mmgpt.rlhf.ppo` — PPO's settings and minibatch loss (:class:`PPOConfig`,
   :class:`PPOLoss`); :mod:`mmgpt.rlhf.rollout` / :mod:`mmgpt.rlhf.ppo_trainer` — its loop
   (:class:`PPOTrainer`).
+- :mod:`mmgpt.rlhf.guards` — guards against reward hacking shared by PPO, GRPO and RLOO: the
+  hard KL stop, format penalty, early stopping and :class:`RewardHackingDetector`.
 - :mod:`mmgpt.rlhf.prompts` — the ``"prompts"`` dataset; :mod:`mmgpt.rlhf.shapes` — shapes-world
-  preference pairs.
+  preference pairs and ranked reward-model data (with a policy's own samples).
 """
 
 from mmgpt.rlhf.data import ImageOutputPair, PreferenceBatch, PreferenceCollator, as_prompt
+from mmgpt.rlhf.guards import EarlyStopping, GuardConfig, RewardHackingDetector
 from mmgpt.rlhf.losses import (
     AdaptiveKLController,
     bradley_terry_loss,
@@ -38,6 +41,8 @@ from mmgpt.rlhf.reward_model import RewardModel, reward_statistics
 
 __all__ = [
     "AdaptiveKLController",
+    "EarlyStopping",
+    "GuardConfig",
     "ImageOutputPair",
     "PPOConfig",
     "PPOLoss",
@@ -45,6 +50,7 @@ __all__ = [
     "PreferenceBatch",
     "PreferenceCollator",
     "ReferencePolicy",
+    "RewardHackingDetector",
     "RewardModel",
     "as_prompt",
     "bradley_terry_loss",

@@ -38,9 +38,10 @@ from mmgpt.data.sample import Sample
 from mmgpt.interfaces import ObjectiveOutput
 from mmgpt.rlhf.data import collate_prompts
 from mmgpt.rlhf.group import as_groups, grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
+from mmgpt.rlhf.guards import GuardConfig
 from mmgpt.rlhf.losses import masked_mean
 from mmgpt.rlhf.policy import ReferencePolicy, save_policy
-from mmgpt.rlhf.ppo_trainer import EvalFn, PPOTrainer
+from mmgpt.rlhf.ppo_trainer import EvalFn, FormatFn, PPOTrainer
 from mmgpt.rlhf.reward_model import RewardModel
 from mmgpt.rlhf.rollout import ResponseBatch, generate_responses, response_forward
 from mmgpt.trainer import TrainConfig, Trainer
@@ -59,7 +60,7 @@ __all__ = [
 
 
 @dataclass
-class GroupConfig:
+class GroupConfig(GuardConfig):
     """Settings shared by GRPO and RLOO: sampling, reward shaping, optimisation epochs.
 
     The prompts of one rollout are ``train.batch_size × train.grad_accum_steps``, each answered
@@ -82,6 +83,7 @@ class GroupConfig:
     missing_eos_penalty: float = 0.0  # subtracted from the score of answers cut off unfinished
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         name = type(self).__name__
         k = self.samples_per_prompt
         if isinstance(k, bool) or not isinstance(k, int) or k < 2:
@@ -292,6 +294,10 @@ class GroupTrainer(PPOTrainer):
             :class:`RLOOLoss`), or a :class:`GRPOConfig` / :class:`RLOOConfig`.
         eval_prompts: held-out prompts; ``evaluate`` reports the greedy answers' mean reward.
         eval_fn: ``(prompts, answers) -> metrics`` added to each evaluation.
+        format_fn: ``(prompt, answer) -> bool``; answers it rejects lose ``format_penalty``.
+
+    The reward-hacking guards (KL stop, format penalty, early stopping, the hacking detector)
+    are PPO's: see :mod:`mmgpt.rlhf.ppo_trainer`.
     """
 
     def __init__(
@@ -305,6 +311,7 @@ class GroupTrainer(PPOTrainer):
         eval_prompts: Any = None,
         out_dir: str | os.PathLike,
         eval_fn: EvalFn | None = None,
+        format_fn: FormatFn | None = None,
     ) -> None:
         if isinstance(objective, GRPOConfig):
             objective = GRPOLoss(**objective.to_dict())
@@ -331,13 +338,14 @@ class GroupTrainer(PPOTrainer):
         self.reference.to(self.device)
         self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
         self.eval_fn = eval_fn
+        self._init_guards(format_fn)
 
-    # no KL controller: nothing beyond the Trainer's own state to checkpoint
+    # no KL controller: only the guards' state beyond the Trainer's own
     def _extra_state(self) -> dict[str, Any]:
-        return {}
+        return self._guard_state()
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        return None
+        self._load_guard_state(state)
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[Sample]) -> tuple[GroupBatch, dict[str, float]]:
@@ -348,12 +356,7 @@ class GroupTrainer(PPOTrainer):
         sampled, answers, ended = generate_responses(self.policy, prompts, self.generation_config())
         batch = GroupBatch(sampled.prompt, sampled.response_ids, sampled.response_mask)
         batch = batch.to(self.device)
-        raw = self.score(prompts, answers)  # (B,)
-        scores = self.reward_model.normalize(raw) if cfg.normalize_reward else raw
-        if cfg.reward_clip is not None:
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        unfinished = ~torch.tensor(ended, device=self.device)
-        scores = scores - cfg.missing_eos_penalty * unfinished.float()
+        raw, scores, guard_stats = self.shaped_scores(prompts, answers, ended)  # (B,) each
 
         self.wrapped_model.eval()
         logprobs, _ = self.wrapped_model(batch, with_entropy=False)  # (B, R)
@@ -384,17 +387,21 @@ class GroupTrainer(PPOTrainer):
             "kl": float(sequence_kl.mean()),
             "response_length": float(batch.lengths.mean()),
             "ended_with_eos": float(torch.tensor(ended, dtype=torch.float).mean()),
+            "ref_logp": float(masked_mean(ref_logprobs, mask)),
+            **guard_stats,
         }
         return batch, stats
 
     def train_step(self, micro_batches: Sequence[Any]) -> dict[str, float]:
         """A rollout of groups, then ``epochs`` of minibatch updates; one scheduler step."""
         cfg = self.group
+        self._baseline_evaluation()
         k = cfg.samples_per_prompt
         prompts = [p for micro in micro_batches for p in micro for _ in range(k)]
         batch, stats = self.rollout(prompts)
-        means = self.update_on(batch, cfg.epochs, cfg.minibatch_size)
+        stopping = self._kl_stop(stats)
+        means = {} if stopping else self.update_on(batch, cfg.epochs, cfg.minibatch_size)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step += 1
-        return {**means, **stats, "lr": lr}
+        return {"loss": float("nan"), **means, **stats, "lr": lr}

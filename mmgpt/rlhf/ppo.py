@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from mmgpt.interfaces import ObjectiveOutput
+from mmgpt.rlhf.guards import GuardConfig
 from mmgpt.rlhf.losses import clipped_policy_loss, clipped_value_loss, masked_mean
 from mmgpt.rlhf.rollout import ResponseBatch
 
@@ -30,7 +31,7 @@ __all__ = ["PPOConfig", "PPOLoss"]
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(GuardConfig):
     """Settings of PPO: sampling, KL control, advantages and the optimisation epochs.
 
     The prompts of one rollout are ``train.batch_size × train.grad_accum_steps``, each answered
@@ -58,12 +59,16 @@ class PPOConfig:
     kl_horizon: int = 10000  # the controller's horizon (in answers)
     normalize_reward: bool = True  # (score − mean) / std with the reward model's statistics
     reward_clip: float | None = None  # clip the (normalised) score to ±reward_clip
+    # whiten the scores over each rollout (zero mean, unit variance) before the KL penalty is
+    # added: the penalty then weighs the same against every reward model's scale
+    whiten_rewards: bool = False
     missing_eos_penalty: float = 0.0  # subtracted from the score of answers cut off unfinished
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         positive_int = (
             "samples_per_prompt",
             "max_new_tokens",
@@ -94,7 +99,7 @@ class PPOConfig:
             )
         if self.top_p is not None:
             _number("top_p", self.top_p, minimum=0.0, strict=True)
-        for name in ("normalize_reward", "whiten_advantages"):
+        for name in ("normalize_reward", "whiten_advantages", "whiten_rewards"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PPOConfig.{name}: expected true or false")
 

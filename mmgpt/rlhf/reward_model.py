@@ -214,16 +214,32 @@ class RewardModel(nn.Module):
 
 @torch.no_grad()
 def reward_statistics(
-    model: RewardModel, dataset: Any, collate_fn: Any, *, batch_size: int = 32
+    model: RewardModel,
+    dataset: Any,
+    collate_fn: Any,
+    *,
+    batch_size: int = 32,
+    max_pairs: int | None = 8192,
 ) -> dict[str, float]:
-    """Mean and std of the scores of every answer (chosen and rejected) of ``dataset``."""
+    """Mean and std of the scores of the answers (chosen and rejected) of ``dataset``.
+
+    ``max_pairs``: at most that many pairs, evenly spread over the dataset (``None``: all).
+    Ranked lists expand into many pairs per prompt (50 and more); two moments need far fewer,
+    and scoring them all would cost as much as the training did.
+    """
+    if max_pairs is not None and max_pairs < 1:
+        raise ValueError(f"reward_statistics: max_pairs must be >= 1 or None, got {max_pairs}")
+    n = len(dataset)
+    indices = list(range(n))
+    if max_pairs is not None and n > max_pairs:
+        indices = [i * n // max_pairs for i in range(max_pairs)]
     was_training = model.training
     model.eval()
     total = total_sq = 0.0
     count = 0
     try:
-        for start in range(0, len(dataset), batch_size):
-            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        for start in range(0, len(indices), batch_size):
+            items = [dataset[i] for i in indices[start : start + batch_size]]
             scores = model(collate_fn(items).pairs).double()
             total += float(scores.sum())
             total_sq += float((scores**2).sum())

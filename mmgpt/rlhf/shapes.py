@@ -9,6 +9,16 @@ image — exactly what a multimodal reward model or DPO has to learn.
 ``write_shapes_preferences(dir, n)`` writes ``preferences.jsonl`` + ``images/`` in the
 preference JSONL format (``prompt``, ``image``, ``chosen``, ``rejected``; ``corruption`` and
 ``scene`` kept as metadata), which also serves as PPO prompt data (``"prompts"`` dataset).
+
+A reward model trained on those pairs learns to tell the right caption from ONE corruption of
+it, which is not what PPO asks of it: PPO climbs toward whatever caption the reward model
+scores highest among everything the policy can say. ``write_shapes_reward_data(dir, n)``
+writes ranked lists instead — per image the right caption, captions wrong in one to three
+attributes (size included) and, given a ``policy``, that policy's own sampled captions — each
+ranked by :func:`caption_errors`, the programmatic preference (fewer wrong attributes is
+better; a caption off the grammar is worst). Every ordered pair of a list is a training pair
+(:func:`mmgpt.data.preference.ranked_pairs`), so the reward model also learns that partly
+right beats more wrong: a graded reward over the answers PPO will actually sample.
 """
 
 from __future__ import annotations
@@ -21,11 +31,38 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmgpt.data.shapes import COLORS, KINDS, POSITIONS, SIZES, Shape, ShapesWorld, caption
+from mmgpt.data.shapes import (
+    COLORS,
+    KINDS,
+    POSITIONS,
+    SIZES,
+    Shape,
+    ShapesWorld,
+    caption,
+    parse_caption,
+)
 
-__all__ = ["CORRUPTIONS", "corrupt_scene", "shapes_preference", "write_shapes_preferences"]
+__all__ = [
+    "ATTRIBUTE_CORRUPTIONS",
+    "CORRUPTIONS",
+    "MALFORMED_ERRORS",
+    "caption_errors",
+    "corrupt_attributes",
+    "corrupt_scene",
+    "shapes_preference",
+    "shapes_ranked_answers",
+    "write_shapes_preferences",
+    "write_shapes_reward_data",
+]
 
 CORRUPTIONS = ("color", "shape", "position", "count")
+# what corrupt_attributes may change: the pair corruptions plus a shape's size (the pairs of
+# write_shapes_preferences never change the size, so a reward model trained on them ignores it)
+ATTRIBUTE_CORRUPTIONS = (*CORRUPTIONS, "size")
+_ATTRIBUTES = ("shape", "color", "size", "position")
+# caption_errors of a caption off the grammar: above the 4 errors per shape of any well-formed
+# caption in a world of nine cells
+MALFORMED_ERRORS = 4 * len(POSITIONS) + 1
 
 
 def corrupt_scene(
@@ -107,6 +144,106 @@ def shapes_preference(
     raise ValueError(f"shapes sample {index}: no corruption of {list(corruptions)} applies")
 
 
+def caption_errors(text: str, scene: Sequence[Shape | dict[str, Any]]) -> int:
+    """How wrong the caption ``text`` of ``scene`` is: the programmatic preference.
+
+    Shape ``i`` of the caption is compared with shape ``i`` of the scene in reading order;
+    each wrong attribute (shape, colour, size, position) counts 1 and each missing or extra
+    shape 4. A caption off the caption grammar (``parse_caption(strict=True)`` fails: e.g.
+    ``"a small blue right"``) counts :data:`MALFORMED_ERRORS`, more than any well-formed
+    caption of a scene of at most nine shapes can. 0 means exactly right.
+    """
+    truth = sorted(
+        (s.to_dict() if isinstance(s, Shape) else dict(s) for s in scene),
+        key=lambda s: POSITIONS.index(s["position"]),
+    )
+    try:
+        described = parse_caption(text, strict=True)
+    except ValueError:
+        return MALFORMED_ERRORS
+    errors = 4 * abs(len(described) - len(truth))
+    for said, real in zip(described, truth):
+        errors += sum(said[a] != real[a] for a in _ATTRIBUTES)
+    return errors
+
+
+def corrupt_attributes(
+    scene: Sequence[Shape],
+    attributes: Sequence[str],
+    rng: random.Random,
+    **options: Sequence[str],
+) -> list[Shape] | None:
+    """``scene`` changed in each of ``attributes`` (names of :data:`ATTRIBUTE_CORRUPTIONS`),
+    one after the other; ``None`` when one of them does not apply. ``options``: ``kinds``,
+    ``colors``, ``sizes``, ``positions`` of the world."""
+    unknown = [a for a in attributes if a not in ATTRIBUTE_CORRUPTIONS]
+    if unknown:
+        raise ValueError(f"attributes must be among {ATTRIBUTE_CORRUPTIONS}, got {unknown}")
+    shapes: list[Shape] | None = list(scene)
+    sizes = options.get("sizes", SIZES)
+    for attribute in attributes:
+        if attribute == "size":
+            i = rng.randrange(len(shapes))
+            s = shapes[i]
+            others = [z for z in sizes if z != s.size]
+            if not others:
+                return None
+            shapes[i] = Shape(s.shape, s.color, rng.choice(others), s.position)
+        else:
+            shapes = corrupt_scene(shapes, attribute, rng, **options)
+            if shapes is None:
+                return None
+    return shapes
+
+
+def shapes_ranked_answers(
+    world: ShapesWorld,
+    index: int,
+    *,
+    negatives: int = 6,
+    max_corrupted: int = 3,
+    extra_answers: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The ranked-list preference record of sample ``index`` (without the image path):
+    ``{"id", "prompt", "responses", "ranking", "scene"}``.
+
+    ``responses``: the right caption, up to ``negatives`` corruptions of it, each changing
+    1 to ``max_corrupted`` attributes drawn from :data:`ATTRIBUTE_CORRUPTIONS`, and
+    ``extra_answers`` (e.g. a policy's samples); duplicates dropped. ``ranking``:
+    :func:`caption_errors` of each (lower is better; equal ranks form no pair).
+    Deterministic in ``(world.seed, index, extra_answers)``.
+    """
+    if negatives < 0 or max_corrupted < 1:
+        raise ValueError(
+            f"negatives must be >= 0 and max_corrupted >= 1, got {negatives}, {max_corrupted}"
+        )
+    scene = world.scene(index)
+    rng = random.Random((world.seed * 1_000_003 + index) * 37 + 11)
+    options = dict(
+        kinds=world.kinds, colors=world.colors, sizes=world.sizes, positions=world.positions
+    )
+    right = caption(scene)
+    responses = [right]
+    # a bounded number of tries: small worlds may have fewer distinct corruptions than asked
+    for _ in range(4 * negatives):
+        if len(responses) > negatives:
+            break
+        n = rng.randint(1, min(max_corrupted, len(ATTRIBUTE_CORRUPTIONS)))
+        corrupted = corrupt_attributes(scene, rng.sample(ATTRIBUTE_CORRUPTIONS, n), rng, **options)
+        if corrupted is not None and caption(corrupted) not in responses:
+            responses.append(caption(corrupted))
+    for answer in extra_answers:
+        if answer not in responses:
+            responses.append(answer)
+    return {
+        "id": f"{index:06d}",
+        "prompt": world.caption_prompt,
+        "responses": responses,
+        "ranking": [caption_errors(r, scene) for r in responses],
+        "scene": [s.to_dict() for s in scene],
+    }
+
+
 def write_shapes_preferences(
     directory: str | os.PathLike,
     n: int,
@@ -139,6 +276,99 @@ def write_shapes_preferences(
     path = directory / "preferences.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def write_shapes_reward_data(
+    directory: str | os.PathLike,
+    n: int,
+    *,
+    start: int = 0,
+    negatives: int = 6,
+    max_corrupted: int = 3,
+    policy: Any = None,
+    policy_samples: int = 8,
+    temperature: float = 1.0,
+    max_new_tokens: int = 24,
+    sample_seed: int = 0,
+    batch_images: int = 64,
+    **world_options: Any,
+) -> Path:
+    """Write ``n`` ranked-list records (samples ``start..start+n-1``) for reward modelling:
+    see :func:`shapes_ranked_answers`. With ``policy`` (a MultimodalGPT captioner, usually the
+    SFT model PPO starts from), its ``policy_samples`` sampled captions of each image join the
+    list, ranked by the same programmatic preference — the reward model then learns to rank
+    what that policy actually says (answers it did not finish within ``max_new_tokens`` are
+    left out). Returns the path of ``preferences.jsonl``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if policy is not None and policy_samples < 1:
+        raise ValueError(f"policy_samples must be >= 1 with a policy, got {policy_samples}")
+    world = ShapesWorld(size=start + n, task="caption", **world_options)
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    indices = list(range(start, start + n))
+    sampled: dict[int, list[str]] = {}
+    if policy is not None:
+        sampled = _sample_captions(
+            policy,
+            world,
+            indices,
+            samples=policy_samples,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=sample_seed,
+            batch_images=batch_images,
+        )
+    lines = []
+    for index in indices:
+        record = shapes_ranked_answers(
+            world,
+            index,
+            negatives=negatives,
+            max_corrupted=max_corrupted,
+            extra_answers=sampled.get(index, ()),
+        )
+        name = f"images/{index:06d}.png"
+        world.render(world.scene(index)).save(directory / name)
+        lines.append(json.dumps({**record, "image": name}))
+    path = directory / "preferences.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _sample_captions(
+    policy: Any,
+    world: ShapesWorld,
+    indices: Sequence[int],
+    *,
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    batch_images: int,
+) -> dict[int, list[str]]:
+    """``samples`` captions of each image sampled from ``policy`` (one seed per row, so the
+    samples do not depend on the batching)."""
+    from mmgpt.generation import GenerationConfig
+    from mmgpt.rlhf.data import as_prompt
+    from mmgpt.rlhf.rollout import generate_responses
+
+    out: dict[int, list[str]] = {}
+    for begin in range(0, len(indices), batch_images):
+        chunk = indices[begin : begin + batch_images]
+        prompts = [as_prompt(world[i]) for i in chunk for _ in range(samples)]
+        seeds = [seed * 1_000_003 + i * samples + j for i in chunk for j in range(samples)]
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seeds
+        )
+        _, texts, ended = generate_responses(policy, prompts, config)
+        for row, index in enumerate(chunk):
+            rows = range(row * samples, (row + 1) * samples)
+            # an answer cut off at max_new_tokens is left out: it may not fit the model's
+            # context with the prompt, and PPO penalises it on its own (missing_eos_penalty)
+            out[index] = [texts[r] for r in rows if ended[r]]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

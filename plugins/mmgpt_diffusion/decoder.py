@@ -2,7 +2,7 @@
 
 The GPT's signal-token hidden states go through an output projector (``signal_mlp`` or
 ``signal_resampler``) into ``condition`` of shape ``(B, num_condition_tokens, condition_dim)``;
-the UNet cross-attends to it. Two ways to build the decoder:
+the UNet cross-attends to it. Three ways to build the decoder:
 
 * **Pixel space, from scratch** (default): a tiny ``UNet2DConditionModel`` on ``(B, 3, H, W)``
   images that trains on a CPU. Noise schedule: cosine (``squaredcos_cap_v2``) with
@@ -15,7 +15,16 @@ the UNet cross-attends to it. Two ways to build the decoder:
   stays well-conditioned (x₀ = αx − σv). Every choice is a constructor argument.
 * **A pretrained pipeline directory** (``from_pipeline_dir``): the UNet, VAE and noise
   schedule of e.g. a Stable Diffusion folder; diffusion runs in the VAE's latent space and
-  the conditioning space is the text-embedding space (e.g. 77 × 768).
+  the conditioning space is the text-embedding space (e.g. 77 × 768). A saved decoder
+  records the folder's configs (``pipeline_config``), not its path.
+* **Latent space, a fresh UNet** (``vae``): the from-scratch UNet, trained in the latent
+  space of a pretrained ``AutoencoderKL`` from a local directory (Stable Diffusion's
+  ``vae/``, or one trained by ``mmgpt train autoencoder``). The VAE is frozen; training
+  targets are encoded through it without gradients, scaled by its config's
+  ``shift_factor``/``scaling_factor``. A 4× VAE makes each UNet step work on 16× fewer
+  positions, which is what makes 64–256 px images trainable on a CPU. The model directory
+  holds the VAE itself (its weights in ``model.safetensors``, its config as ``vae_config``
+  in ``config.json``), so it loads on a machine without the VAE's folder.
 
 Classifier-free guidance: during training the condition of each sample is replaced, with
 probability ``p_uncond``, by a learned null condition; at sampling time
@@ -35,7 +44,15 @@ from torch import nn
 
 from mmgpt.registry import register
 from mmgpt_diffusion._deps import require_diffusers
-from mmgpt_diffusion.pipeline_dir import DEFAULT_TEXT_TOKENS, load_pipeline_parts
+from mmgpt_diffusion.autoencoder import autoencoder_from_config, load_autoencoder
+from mmgpt_diffusion.images import images_to_tensor
+from mmgpt_diffusion.pipeline_dir import (
+    DEFAULT_TEXT_TOKENS,
+    PipelineParts,
+    json_config,
+    load_pipeline_parts,
+    pipeline_parts_from_config,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -104,6 +121,15 @@ class DiffusionDecoder(nn.Module):
         pipeline_dir: build from a local diffusers pipeline directory instead (see
             ``from_pipeline_dir``); then schedule arguments left at ``None`` come from its
             ``scheduler/`` folder and ``condition_dim`` is the UNet's cross_attention_dim.
+        vae: a local ``AutoencoderKL`` directory (``save_pretrained``'s, a pipeline's
+            ``vae/``, or ``mmgpt train autoencoder``'s ``OUT/model``): the fresh UNet then
+            denoises its latents (``image_size`` default: the VAE's ``sample_size``).
+        vae_config: the VAE's architecture alone, as ``config_dict()`` records it: how a
+            saved model directory rebuilds the decoder before loading its weights (the VAE
+            would otherwise keep random weights; give ``vae`` to train).
+        pipeline_config: likewise for a pipeline directory's decoder: the configs of its
+            ``unet/``, ``vae/`` and ``scheduler/``, so that a saved model loads without the
+            folder.
 
     ``config_dict()`` returns arguments that rebuild an identical module with
     ``mmgpt.registry.create("decoder", "diffusion", **config)``.
@@ -126,6 +152,9 @@ class DiffusionDecoder(nn.Module):
         p_uncond: float = 0.1,
         channels_last: bool | None = None,
         pipeline_dir: str | Path | None = None,
+        vae: str | Path | None = None,
+        vae_config: dict[str, Any] | None = None,
+        pipeline_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         diffusers = require_diffusers()
@@ -142,21 +171,51 @@ class DiffusionDecoder(nn.Module):
             "timestep_spacing",
         )
         schedule = {k: v for k, v in zip(schedule_keys, given) if v is not None}
-        if pipeline_dir is None:
+        if vae is not None and vae_config is not None:
+            raise ValueError("give vae (a directory) or vae_config (a saved model's), not both")
+        latent_vae = None
+        if vae is not None:
+            latent_vae = load_autoencoder(vae)
+        elif vae_config is not None:
+            latent_vae = autoencoder_from_config(dict(vae_config))
+        if pipeline_dir is not None and pipeline_config is not None:
+            raise ValueError("give pipeline_dir or pipeline_config (a saved model's), not both")
+        pipeline = pipeline_dir if pipeline_dir is not None else pipeline_config
+        if pipeline is not None and latent_vae is not None:
+            raise ValueError(
+                "vae cannot be combined with pipeline_dir: a pipeline directory brings its "
+                f"own vae/ ({pipeline_dir or 'pipeline_config'})"
+            )
+        if pipeline is None:
             self._build_pixel_unet(
-                diffusers, condition_dim, num_condition_tokens, image_size, channels, unet_config
+                diffusers,
+                condition_dim,
+                num_condition_tokens,
+                image_size,
+                channels,
+                unet_config,
+                latent_vae,
             )
             scheduler_config: dict[str, Any] = {k: PIXEL_DEFAULTS[k] for k in schedule_keys}
-            # pixels live in [-1, 1]: clipping the predicted x0 there keeps samplers in range
-            scheduler_config.update(clip_sample=True, clip_sample_range=1.0)
+            if latent_vae is None:
+                # pixels live in [-1, 1]: clipping the predicted x0 there keeps samplers in range
+                scheduler_config.update(clip_sample=True, clip_sample_range=1.0)
+            else:
+                scheduler_config.update(clip_sample=False)  # scaled latents are unbounded
         else:
+            source = str(pipeline_dir) if pipeline_dir is not None else "pipeline_config"
             if unet_config is not None:
                 raise ValueError(
                     "unet_config cannot be combined with pipeline_dir: the UNet comes from "
-                    f"{pipeline_dir}/unet"
+                    f"{source}/unet"
                 )
+            parts = (
+                load_pipeline_parts(pipeline_dir)
+                if pipeline_dir is not None
+                else pipeline_parts_from_config(dict(pipeline_config or {}))
+            )
             scheduler_config = self._load_pipeline(
-                pipeline_dir, condition_dim, num_condition_tokens, image_size
+                parts, source, condition_dim, num_condition_tokens, image_size
             )
         scheduler_config.update(schedule)
         self._check_schedule(scheduler_config)
@@ -178,13 +237,25 @@ class DiffusionDecoder(nn.Module):
         image_size: int | None,
         channels: int,
         unet_config: dict[str, Any] | None,
+        vae: Any = None,
     ) -> None:
+        """A fresh UNet over pixels, or over the latents of ``vae`` (frozen) when given."""
         self.condition_dim = int(condition_dim or PIXEL_DEFAULTS["condition_dim"])
         self.num_condition_tokens = int(
             num_condition_tokens or PIXEL_DEFAULTS["num_condition_tokens"]
         )
-        self.image_size = int(image_size or PIXEL_DEFAULTS["image_size"])
-        self.channels = int(channels)
+        if vae is None:
+            self.image_size = int(image_size or PIXEL_DEFAULTS["image_size"])
+            self.channels = int(channels)
+            self.vae_scale_factor = 1
+            unet_channels = self.channels
+        else:
+            self._set_vae(vae)
+            sample_size = vae.config.sample_size
+            if isinstance(sample_size, (list, tuple)):
+                sample_size = sample_size[0]
+            self.image_size = int(image_size or sample_size)
+            unet_channels = int(vae.config.latent_channels)
         overrides = dict(unet_config or {})
         derived = sorted(set(overrides) & set(_DERIVED_UNET_KEYS))
         if derived:
@@ -203,30 +274,41 @@ class DiffusionDecoder(nn.Module):
             k: list(v) if isinstance(v, tuple) else v
             for k, v in {**TINY_UNET_CONFIG, **overrides}.items()
         }
-        factor = 2 ** (len(self.unet_config["block_out_channels"]) - 1)
+        unet_factor = 2 ** (len(self.unet_config["block_out_channels"]) - 1)
+        factor = unet_factor * self.vae_scale_factor
         if self.image_size % factor:
+            vae_part = f" × the VAE's {self.vae_scale_factor}" if vae is not None else ""
             raise ValueError(
                 f"image_size {self.image_size} must be divisible by {factor} (the UNet "
-                f"downsamples {len(self.unet_config['block_out_channels']) - 1} times)"
+                f"downsamples {len(self.unet_config['block_out_channels']) - 1} times"
+                f"{vae_part})"
             )
         self.unet = diffusers.UNet2DConditionModel(
-            sample_size=self.image_size,
-            in_channels=self.channels,
-            out_channels=self.channels,
+            sample_size=self.image_size // self.vae_scale_factor,
+            in_channels=unet_channels,
+            out_channels=unet_channels,
             cross_attention_dim=self.condition_dim,
             **self.unet_config,
         )
-        self.vae = None
-        self.vae_scale_factor = 1
+        if vae is None:
+            self.vae = None
+
+    def _set_vae(self, vae: Any) -> None:
+        """Attach ``vae`` as the fixed codec: frozen, in eval mode (see ``train``)."""
+        self.vae = vae
+        self.vae.requires_grad_(False)
+        self.vae.eval()
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.channels = int(vae.config.in_channels)
 
     def _load_pipeline(
         self,
-        pipeline_dir: str | Path,
+        parts: PipelineParts,
+        pipeline_dir: str,
         condition_dim: int | None,
         num_condition_tokens: int | None,
         image_size: int | None,
     ) -> dict[str, Any]:
-        parts = load_pipeline_parts(pipeline_dir)
         self.unet = parts.unet
         self.unet_config = None
         width = int(self.unet.config.cross_attention_dim)
@@ -239,13 +321,9 @@ class DiffusionDecoder(nn.Module):
         self.num_condition_tokens = int(
             num_condition_tokens or parts.text_tokens or DEFAULT_TEXT_TOKENS
         )
-        self.vae = parts.vae
-        if self.vae is not None:
-            # The VAE is a fixed codec; only the UNet (and the projector) learn.
-            self.vae.requires_grad_(False)
-            self.vae.eval()
-            self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-            self.channels = int(self.vae.config.in_channels)
+        self.vae = None
+        if parts.vae is not None:
+            self._set_vae(parts.vae)  # a fixed codec: only the UNet (and the projector) learn
         else:
             self.vae_scale_factor = 1
             self.channels = int(self.unet.config.in_channels)
@@ -323,11 +401,36 @@ class DiffusionDecoder(nn.Module):
             "p_uncond": self.p_uncond,
             "channels_last": self.channels_last,
         }
-        if self.pipeline_dir is None:
+        # architectures only, never paths: the weights are in the model's safetensors
+        if self.unet_config is not None:
             config["unet_config"] = dict(self.unet_config)
+            if self.vae is not None:
+                config["vae_config"] = json_config(self.vae)
         else:
-            config["pipeline_dir"] = self.pipeline_dir
+            config["pipeline_config"] = {
+                "unet": json_config(self.unet),
+                "vae": None if self.vae is None else json_config(self.vae),
+                "scheduler": {k: v for k, v in sched.items() if not k.startswith("_")},
+            }
         return config
+
+    # -- the frozen VAE ------------------------------------------------------------------
+    def train(self, mode: bool = True) -> DiffusionDecoder:
+        """As ``nn.Module.train``; the VAE, a fixed codec, stays in eval mode."""
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> DiffusionDecoder:
+        """As ``nn.Module.requires_grad_`` (``MultimodalGPT.trainable`` calls it), except
+        that what no loss reaches stays frozen: the VAE (targets are encoded without
+        gradients) and, at ``p_uncond=0``, the null condition."""
+        super().requires_grad_(requires_grad)
+        if self.vae is not None:
+            self.vae.requires_grad_(False)
+        self.null_condition.requires_grad_(requires_grad and self._p_uncond > 0)
+        return self
 
     @classmethod
     def conformance_example(cls) -> DiffusionDecoder:
@@ -407,25 +510,7 @@ class DiffusionDecoder(nn.Module):
     # -- images <-> model space ----------------------------------------------------------
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images → ``(B, channels, image_size, image_size)`` in [-1, 1] (center crop)."""
-        import numpy as np
-        from PIL import Image
-
-        out = []
-        for i, image in enumerate(images):
-            if not isinstance(image, Image.Image):
-                raise TypeError(f"images[{i}] is {type(image).__name__}, expected a PIL image")
-            image = image.convert("RGB" if self.channels == 3 else "L")
-            w, h = image.size
-            side = min(w, h)
-            left, top = (w - side) // 2, (h - side) // 2
-            image = image.crop((left, top, left + side, top + side)).resize(
-                (self.image_size, self.image_size), Image.Resampling.BICUBIC
-            )
-            array = np.asarray(image, dtype=np.float32).reshape(
-                self.image_size, self.image_size, -1
-            )
-            out.append(torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0)
-        return torch.stack(out)
+        return images_to_tensor(images, self.image_size, self.channels)
 
     def encode_images(
         self, images: torch.Tensor, generator: torch.Generator | None = None

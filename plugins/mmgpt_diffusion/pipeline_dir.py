@@ -31,6 +31,31 @@ class PipelineParts:
     text_tokens: int | None  # max_position_embeddings of text_encoder/, when present
 
 
+def json_config(component: Any) -> dict[str, Any]:
+    """A diffusers model's or scheduler's config as JSON values (lists, not tuples), without
+    diffusers' bookkeeping keys (``_class_name`` kept; ``_diffusers_version``,
+    ``_name_or_path``, ``_use_default_values`` dropped)."""
+    config = {}
+    for key, value in dict(component.config).items():
+        if key.startswith("_") and key != "_class_name":
+            continue
+        config[key] = list(value) if isinstance(value, tuple) else value
+    return config
+
+
+def pipeline_parts_from_config(config: dict[str, Any]) -> PipelineParts:
+    """The parts a ``pipeline_config`` describes (``{"unet": …, "vae": … or None,
+    "scheduler": …}``, the configs a saved decoder records), with fresh weights: a model
+    directory's weights are loaded into them after."""
+    diffusers = require_diffusers()
+    missing = [k for k in ("unet", "vae", "scheduler") if k not in config]
+    if missing:
+        raise ValueError(f"pipeline_config lacks {missing}; expected unet, vae and scheduler")
+    unet = diffusers.UNet2DConditionModel.from_config(config["unet"])
+    vae = None if config["vae"] is None else diffusers.AutoencoderKL.from_config(config["vae"])
+    return PipelineParts(unet, vae, dict(config["scheduler"]), None)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

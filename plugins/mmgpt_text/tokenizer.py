@@ -4,6 +4,9 @@ A tokenizer trained here is byte-level BPE with no normalizer and a ByteLevel pr
 without an added prefix space, so every UTF-8 string round-trips losslessly:
 ``decode(encode(s)) == s``. Its first ids are the special tokens ``<pad> <bos> <eos> <image>``
 and the reserved signal tokens ``[IMG0]..[IMG{k-1}]`` that a model emits to produce images.
+Each other output modality of a model gets its own signal tokens (``[AUD0]..`` for a decoder
+whose ``signal_prefix`` is ``"AUD"``), appended as special tokens by
+:meth:`TextTokenizer.add_output_signal_tokens` and recorded in ``mmgpt_tokenizer.json``.
 
 A pretrained model's tokenizer directory (``tokenizer.json`` with ``tokenizer_config.json``,
 ``special_tokens_map.json``, ``chat_template.jinja``, ``generation_config.json``, as
@@ -86,6 +89,11 @@ def signal_token_names(num_signal_tokens: int) -> list[str]:
     return [f"[IMG{i}]" for i in range(num_signal_tokens)]
 
 
+def output_signal_token_names(prefix: str, count: int) -> list[str]:
+    """The signal tokens ``[{prefix}0]..[{prefix}{count-1}]`` of an output modality."""
+    return [f"[{prefix}{i}]" for i in range(count)]
+
+
 def _special(content: str) -> AddedToken:
     # normalized=False and no stripping: the token matches its literal text exactly and
     # never swallows surrounding whitespace, which would break the lossless round trip.
@@ -122,6 +130,7 @@ class TextTokenizer:
         stop_tokens: Sequence[str] | None = None,
         hf_special_tokens: Mapping[str, str | None] | None = None,
         hf_config: Mapping[str, Any] | None = None,
+        output_signal_tokens: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         # Encoding must return exactly the ids of the text: no truncation, no padding, and the
         # post-processor (e.g. BERT's [CLS] … [SEP]) is bypassed with add_special_tokens=False.
@@ -139,6 +148,8 @@ class TextTokenizer:
         named = [*self._tokens.items(), *(("signal", t) for t in self._signal_tokens)]
         named += [("unk", unk_token)] if unk_token is not None else []
         named += [("stop", t) for t in stop_tokens or ()]
+        self._output_signals = {m: list(ts) for m, ts in (output_signal_tokens or {}).items()}
+        named += [(f"{m} signal", t) for m, ts in self._output_signals.items() for t in ts]
         for role, token in named:
             token_id = tokenizer.token_to_id(token)
             if token_id is None:
@@ -328,6 +339,12 @@ class TextTokenizer:
             roles = {key: meta[f"{key}_token"] for key in ("bos", "eos", "pad", "image")}
             signals = meta["signal_tokens"]
             stops = meta.get("stop_tokens")
+            outputs = meta.get("output_signal_tokens") or {}
+            if not isinstance(outputs, dict) or not all(
+                isinstance(ts, list) and all(isinstance(t, str) for t in ts)
+                for ts in outputs.values()
+            ):
+                raise TypeError("output_signal_tokens must map modalities to lists of strings")
             if not all(isinstance(v, str) for v in roles.values()) or not (
                 isinstance(signals, list) and all(isinstance(s, str) for s in signals)
             ):
@@ -361,6 +378,7 @@ class TextTokenizer:
                 stop_tokens=stops,
                 hf_special_tokens=files.special_tokens,
                 hf_config=files.config,
+                output_signal_tokens=outputs,
             )
         except ValueError as exc:
             raise ValueError(f"{meta_path}: {exc}") from exc
@@ -457,6 +475,63 @@ class TextTokenizer:
     @property
     def signal_tokens(self) -> list[str]:
         return list(self._signal_tokens)
+
+    @property
+    def output_signal_tokens(self) -> dict[str, list[str]]:
+        """The signal tokens of the non-image output modalities, ``{modality: tokens}``."""
+        return {m: list(ts) for m, ts in self._output_signals.items()}
+
+    def output_signal_token_ids(self, modality: str) -> list[int]:
+        """The signal token ids of an output modality (``"image"``: :attr:`signal_token_ids`);
+        empty when it has none."""
+        if modality == "image":
+            return self.signal_token_ids
+        return [self._ids[t] for t in self._output_signals.get(modality, [])]
+
+    def add_output_signal_tokens(self, modality: str, prefix: str, count: int) -> list[int]:
+        """Give output ``modality`` the signal tokens ``[{prefix}0]..[{prefix}{count-1}]``
+        (new special tokens at the end of the vocabulary, which grows); return their ids.
+
+        Idempotent for the same tokens. ``"image"`` keeps ``[IMG0]..``: ``count`` must be
+        their number."""
+        count = _check_num_signal_tokens(count)
+        if modality == "image":
+            if count != len(self._signal_tokens):
+                raise ValueError(
+                    f"the image decoder needs {count} signal tokens but the tokenizer has "
+                    f"{len(self._signal_tokens)} ([IMG0]..); build it with num_signal_tokens="
+                    f"{count}"
+                )
+            return self.signal_token_ids
+        if count == 0:
+            raise ValueError(f"output modality {modality!r} needs at least one signal token")
+        if not isinstance(prefix, str) or not prefix.isalnum():
+            raise ValueError(
+                f"the {modality!r} signal prefix must be letters/digits (e.g. 'AUD'), got "
+                f"{prefix!r}"
+            )
+        names = output_signal_token_names(prefix, count)
+        existing = self._output_signals.get(modality)
+        if existing is not None:
+            if existing != names:
+                raise ValueError(
+                    f"the tokenizer already has signal tokens {existing[0]}.. for {modality!r}; "
+                    f"they differ from {names[0]}..{names[-1]}"
+                )
+            return self.output_signal_token_ids(modality)
+        taken = set(self._signal_tokens) | {t for ts in self._output_signals.values() for t in ts}
+        clash = [t for t in names if t in taken or self._tok.token_to_id(t) is not None]
+        if clash:
+            raise ValueError(
+                f"signal tokens of {modality!r} ({names[0]}..) clash with tokens the tokenizer "
+                f"already has ({clash[0]}); give its decoder another signal_prefix"
+            )
+        self._tok.add_special_tokens([_special(t) for t in names])
+        for t in names:
+            self._ids[t] = self._tok.token_to_id(t)
+        self._output_signals[modality] = names
+        self._vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+        return self.output_signal_token_ids(modality)
 
     @property
     def backend(self) -> Tokenizer:
@@ -633,6 +708,8 @@ class TextTokenizer:
             **{f"{role}_token": token for role, token in self._tokens.items()},
             "signal_tokens": self._signal_tokens,
         }
+        if self._output_signals:
+            meta["output_signal_tokens"] = self._output_signals
         if self._explicit_stop_tokens is not None:  # a generation_config.json named them
             meta["stop_tokens"] = self._explicit_stop_tokens
         atomic_write_bytes(

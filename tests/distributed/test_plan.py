@@ -228,3 +228,10 @@ def test_plan_of_a_run_from_a_hugging_face_model(tmp_path) -> None:
     # the training window
     assert (p.config.n_layer, p.config.n_embd, p.config.n_kv_head) == (2, 64, 2)
     assert p.config.gated_mlp and p.config.block_size == 128
+
+
+@pytest.mark.parametrize("recipe", ["judge", "autoencoder"])
+def test_plan_refuses_image_model_recipes_by_name(recipe: str) -> None:
+    # these recipes have no GPT preset: the error must say why, not "needs 'preset'"
+    with pytest.raises(ValueError, match=f"model.architecture is '{recipe}'"):
+        plan_training(recipe, gpus=2)

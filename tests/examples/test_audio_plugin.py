@@ -1,6 +1,8 @@
 """The example plugin ``examples/mmgpt-audio``, pip-installed as users install it: mmgpt finds it
-with no edit to mmgpt, it passes ``mmgpt.testing``'s checks, a model with its encoder learns to
-name the pitch of a tone, and the tutorial shows exactly its code and runs as written.
+with no edit to mmgpt, it passes ``mmgpt.testing``'s checks, its data goes through ``mmgpt data
+check``, ``mmgpt train``, ``mmgpt eval``, ``mmgpt generate --input`` and the chat demo in
+Chromium (the tutorial's commands, run as written), a model with its encoder learns to name the
+pitch of a tone, and the tutorial shows exactly its code.
 
 Everything that needs the installed plugin runs in a subprocess with the install on
 ``PYTHONPATH`` (discovery starts cold there); the encoder's and dataset's own behaviour is
@@ -37,7 +39,9 @@ PLUGIN_FILES = (
     "pyproject.toml",
     "mmgpt_audio/__init__.py",
     "mmgpt_audio/encoder.py",
+    "mmgpt_audio/loader.py",
     "mmgpt_audio/tones.py",
+    "mmgpt_audio/make_data.py",
     "tests/test_conformance.py",
     "scripts/train_tones.py",
 )
@@ -64,22 +68,23 @@ def tutorial_commands() -> list[str]:
     ]
 
 
-def tutorial_command(program: str, tmp_path: Path) -> list[str]:
-    """The tutorial's command starting with ``program``, as an argv to run here: the console
-    scripts through this interpreter, repository paths absolute, outputs under ``tmp_path``."""
-    [line] = [c for c in tutorial_commands() if c.split()[0] == program]
+def tutorial_command(prefix: str, site: Path | None = None) -> list[str]:
+    """The tutorial's one command starting with ``prefix``, as an argv to run here (in a
+    working directory where its relative ``runs/`` paths land): ``mmgpt`` and ``pytest``
+    through this interpreter, the plugin's console script from the install at ``site``,
+    repository paths absolute."""
+    [line] = [c for c in tutorial_commands() if c == prefix or c.startswith(prefix + " ")]
     args = shlex.split(line)
     head = {
         "mmgpt": [sys.executable, "-m", "mmgpt"],
         "pytest": [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
         "python": [sys.executable],
+        "mmgpt-audio-data": [str((site or Path()) / "bin" / "mmgpt-audio-data")],
     }[args[0]]
     rest = []
     for arg in args[1:]:
         if arg.startswith(("examples/", "./examples/")):
             arg = str(ROOT / arg)
-        elif arg.startswith("runs/"):
-            arg = str(tmp_path / arg)
         rest.append(arg)
     return head + rest
 
@@ -115,10 +120,27 @@ def test_the_tutorial_shows_every_plugin_file_exactly() -> None:
         assert not text[pos:].strip(), f"{TUTORIAL.name} does not show the end of {title}"
 
 
+# the tutorial's commands after the install, each run by a test below
+RUN_COMMANDS = (
+    "mmgpt plugins list",
+    "pytest examples/mmgpt-audio/tests",
+    "mmgpt-audio-data --out runs/tones/train",
+    "mmgpt-audio-data --out runs/tones/test",
+    "mmgpt data check",
+    "mmgpt train vqa",
+    "mmgpt eval",
+    "mmgpt generate",
+    "mmgpt demo",
+    "python examples/mmgpt-audio/scripts/train_tones.py",
+)
+
+
 def test_every_tutorial_command_is_run_by_these_tests() -> None:
     commands = tutorial_commands()
     assert commands[0] == "pip install ./examples/mmgpt-audio"  # what the `site` fixture does
-    assert sorted(c.split()[0] for c in commands[1:]) == ["mmgpt", "pytest", "python"]
+    assert len(commands[1:]) == len(RUN_COMMANDS)
+    for prefix in RUN_COMMANDS:
+        tutorial_command(prefix)  # exactly one command of the tutorial starts with it
 
 
 # -- the installed plugin ----------------------------------------------------------------------
@@ -153,10 +175,10 @@ def table(output: str) -> set[tuple[str, ...]]:
 
 
 def test_mmgpt_finds_the_installed_plugin(site: Path, tmp_path: Path) -> None:
-    argv = tutorial_command("mmgpt", tmp_path)
-    rows = table(run(argv, site, tmp_path).stdout)
+    rows = table(run(tutorial_command("mmgpt plugins list"), site, tmp_path).stdout)
     assert ("encoder", "spectrogram", "mmgpt-audio") in rows
     assert ("dataset", "tones", "mmgpt-audio") in rows
+    assert ("loader", "audio", "mmgpt-audio") in rows
     assert ("encoder", "vit", "mmgpt") in rows  # the built-ins are still there
     # this environment does not have it: the entries came from the install's entry point
     installed = {ep.dist.name for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.dist}
@@ -164,7 +186,7 @@ def test_mmgpt_finds_the_installed_plugin(site: Path, tmp_path: Path) -> None:
 
 
 def test_the_plugin_passes_mmgpt_testing_checks(site: Path, tmp_path: Path) -> None:
-    out = run(tutorial_command("pytest", tmp_path), site, tmp_path).stdout
+    out = run(tutorial_command("pytest"), site, tmp_path).stdout
     assert re.search(r"\b\d+ passed\b", out) and "skipped" not in out, out
 
 
@@ -177,11 +199,11 @@ def test_the_tutorial_python_runs(site: Path, tmp_path: Path) -> None:
 
 def test_a_model_with_the_plugin_learns_pitch_and_reloads(site: Path, tmp_path: Path) -> None:
     """The tutorial's training script: 60 steps, greedy answers on held-out clips."""
-    out = run(tutorial_command("python", tmp_path), site, tmp_path, timeout=600).stdout
+    out = run(tutorial_command("python"), site, tmp_path, timeout=600).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["accuracy"] >= 0.8, result  # three pitches: chance is 1/3
     assert result["reload_identical"] is True
-    config = json.loads((tmp_path / "runs" / "tones" / "model" / "config.json").read_text())
+    config = json.loads((tmp_path / "runs" / "tones-python" / "model" / "config.json").read_text())
     assert config["encoders"]["audio"]["name"] == "spectrogram"
     assert config["encoders"]["audio"]["config"]["sample_rate"] == 8000
 
@@ -378,3 +400,129 @@ def test_tone_answers_are_what_the_audio_says(audio) -> None:
         audio.ToneDataset(duration=0.5, max_tones=2)
     with pytest.raises(ValueError, match="question_types must be a non-empty subset"):
         audio.ToneDataset(question_types=["colour"])
+
+
+# -- the plugin through mmgpt's commands ---------------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"mmgpt demo exited:\n{process.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"mmgpt demo did not serve {url} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_the_plugin_goes_through_train_eval_generate_and_the_demo(
+    site: Path, tmp_path: Path
+) -> None:
+    """The tutorial's commands, as written, by subprocess: the plugin's command writes a
+    LLaVA-style dataset of ``.wav`` clips; ``mmgpt data check`` reads every clip with the
+    plugin's loader; ``mmgpt train vqa`` with the plugin's encoder (a recipe override) learns
+    the pitch; ``mmgpt eval`` measures it; ``mmgpt generate --input audio=…`` answers; the
+    chat demo in Chromium takes the uploaded WAV and answers it."""
+    run(tutorial_command("mmgpt-audio-data --out runs/tones/train", site), site, tmp_path)
+    run(tutorial_command("mmgpt-audio-data --out runs/tones/test", site), site, tmp_path)
+    data = tmp_path / "runs" / "tones"
+    answers = {
+        r["audio"]: r["conversations"][1]["value"]
+        for r in json.loads((data / "test" / "tones.json").read_text())
+    }
+
+    check = tutorial_command("mmgpt data check")
+    report = json.loads(run([*check, "--json"], site, tmp_path).stdout)
+    assert report["ok"] and report["format"] == "llava", report
+    assert report["num_samples"] == 300 and report["num_inputs"] == {"audio": 300}
+
+    run(tutorial_command("mmgpt train vqa"), site, tmp_path)
+    config = json.loads((data / "run" / "model" / "config.json").read_text())
+    assert set(config["encoders"]) == {"audio"}
+    assert config["encoders"]["audio"]["name"] == "spectrogram"
+
+    metrics = json.loads(run(tutorial_command("mmgpt eval"), site, tmp_path).stdout)
+    assert metrics["task"] == "vqa" and metrics["num_samples"] == len(answers) == 24
+    assert metrics["exact_match"] >= 0.8, metrics  # three pitches: chance is 1/3
+
+    generate = tutorial_command("mmgpt generate")
+    assert generate[-2:] == ["--temperature", "0"]  # greedy: the reply is the model's best
+    [clip] = [a.partition("=")[2] for a in generate if a.startswith("audio=")]
+    expected = answers[str(Path(clip).relative_to("runs/tones/test"))]
+    reply = run([*generate, "--max-new-tokens", "4"], site, tmp_path)
+    assert reply.stdout.strip() == expected
+    # a bare path: the modality comes from the suffix, through the plugin's loader
+    other = next(c for c, a in sorted(answers.items()) if a != expected)
+    bare = [a if not a.startswith("audio=") else f"runs/tones/test/{other}" for a in generate]
+    reply = run([*bare, "--max-new-tokens", "4"], site, tmp_path)
+    assert reply.stdout.strip() == answers[other]
+
+    demo = tutorial_command("mmgpt demo")
+    question = generate[generate.index("--prompt") + 1]
+    chat_in_the_browser(demo, site, tmp_path, data / "test" / other, question, answers[other])
+
+
+def chat_in_the_browser(
+    demo: list[str], site: Path, cwd: Path, wav: Path, question: str, answer: str
+) -> None:
+    """``demo`` (``mmgpt demo --model …``) served in a subprocess; Chromium uploads ``wav``
+    and asks ``question``; the streamed reply must be ``answer``."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.is_file():
+        pytest.skip("/usr/bin/chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from demos.screenshots import CHROMIUM_ARGS
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != DISABLE_ENV}
+    env.update(PYTHONPATH=str(site), OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False")
+    process = subprocess.Popen(
+        [*demo, "--port", str(port)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_for_server(url, process)
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(30_000)
+                sync_api.expect.set_options(timeout=30_000)
+                page.goto(url)
+                # greedy, as mmgpt eval decodes: the reply is the model's most likely one
+                temperature = page.get_by_label("number input for Temperature")
+                temperature.fill("0")
+                temperature.press("Enter")
+                slider = page.get_by_label("range slider for Temperature")
+                sync_api.expect(slider).to_have_value("0")
+                page.set_input_files("#message input[type=file]", str(wav))
+                box = page.locator("#message textarea")
+                box.fill(question)
+                box.press("Enter")
+                bot = page.locator("#chatbot [data-testid=bot]")
+                sync_api.expect(bot.last).to_have_text(answer)
+                # the upload is shown in the conversation as audio, with a player
+                sync_api.expect(page.locator("#chatbot [data-testid=user] audio")).to_have_count(1)
+            finally:
+                browser.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

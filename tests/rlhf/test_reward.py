@@ -134,3 +134,25 @@ def test_reward_model_scores_generated_images(tok, rl, tmp_path) -> None:
         answer_images=[[rl.square("red", rng)], [rl.square("blue", rng)]],
     )
     assert scores[0] > scores[1]
+
+
+def test_reward_statistics_over_an_even_subset_of_the_pairs(tok, rl) -> None:
+    """Ranked lists make many pairs per prompt: the statistics read at most ``max_pairs``,
+    evenly spread, and equal the moments of exactly those pairs' scores."""
+    torch.manual_seed(0)
+    model = RewardModel(rl.build(tok)).eval()
+    pairs = rl.colour_pairs(10, seed=3)
+    collate = PreferenceCollator(model.processor())
+    with torch.no_grad():
+        scores = model(collate(pairs).pairs).double()  # (20,): chosen, then rejected
+    full = reward_statistics(model, pairs, collate, batch_size=3, max_pairs=None)
+    assert full["count"] == 20
+    assert full["mean"] == pytest.approx(float(scores.mean()), abs=1e-5)
+    assert full["std"] == pytest.approx(float(scores.std(unbiased=False)), abs=1e-5)
+    subset = reward_statistics(model, pairs, collate, max_pairs=4)
+    picked = torch.cat([scores[[0, 2, 5, 7]], scores[[10, 12, 15, 17]]])  # pairs 0, 2, 5, 7
+    assert subset["count"] == 8
+    assert subset["mean"] == pytest.approx(float(picked.mean()), abs=1e-5)
+    assert subset["std"] == pytest.approx(float(picked.std(unbiased=False)), abs=1e-5)
+    with pytest.raises(ValueError, match="max_pairs must be >= 1"):
+        reward_statistics(model, pairs, collate, max_pairs=0)
