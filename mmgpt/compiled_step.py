@@ -75,7 +75,7 @@ def compile_mode(device: torch.device) -> str | None:
     return "reduce-overhead" if device.type == "cuda" else None
 
 
-def _missing_compiler() -> str | None:
+def missing_compiler() -> str | None:
     """Why inductor cannot build CPU code here, or None (it needs a C++ compiler)."""
     names = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
     if any(name and shutil.which(name) for name in names):
@@ -104,7 +104,7 @@ class DecodeStep:
         if not compile or _UNAVAILABLE:
             return
         if device.type == "cpu":
-            missing = _missing_compiler()
+            missing = missing_compiler()
             if missing is not None:
                 _fall_back(missing)
                 return

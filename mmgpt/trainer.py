@@ -52,6 +52,7 @@ from mmgpt.checkpoint import (
     verify_checkpoint_dir,
     write_checkpoint_dir,
 )
+from mmgpt.compiled_step import missing_compiler
 from mmgpt.config import from_dict
 from mmgpt.data.loader import ResumableLoader
 from mmgpt.distributed import STRATEGIES
@@ -421,6 +422,11 @@ class Trainer:
     def _wrap_model(self, model: nn.Module) -> nn.Module:
         """The module the objective calls (DDP/FSDP wrap here); compiled when asked."""
         cfg = self.config
+        if cfg.compile and self.device.type == "cpu":
+            missing = missing_compiler()
+            if missing is not None:
+                # inductor fails only at the first step, deep in its stack: say it up front
+                raise RuntimeError(f"train.compile=true: {missing}; set train.compile=false")
         # FSDP shards the model in place: keep a weightless skeleton to write full models
         self._template = distributed.meta_copy(model) if cfg.strategy == "fsdp" else None
         return distributed.wrap_model(

@@ -193,6 +193,29 @@ def test_llava_records_name_files_per_modality(sensor, tmp_path: Path) -> None:
     ]
 
 
+def test_convert_reports_rows_with_other_modalities_instead_of_dropping_files(
+    sensor, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from mmgpt.data.convert import convert_dataset
+
+    write_sensor(tmp_path / "hi.sensor", HIGH)
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "x.png")
+    records = [
+        {"id": "img", "image": "x.png", "conversations": convo("<image>\ncolour?", "red")},
+        {
+            "id": "mix",
+            "inputs": {"sensor": "hi.sensor", "image": "x.png"},
+            "conversations": convo("<image><sensor>?", "red, high"),
+        },
+    ]
+    report = convert_dataset(llava_file(tmp_path, records), tmp_path / "out", "parquet")
+    assert report.rows == 1
+    assert [(p.id, p.reason) for p in report.problems] == [("mix", "unsupported_modality")]
+    assert "sensor files" in report.problems[0].message
+
+
 def test_an_unreadable_file_skips_its_sample_or_fails_under_strict(sensor, tmp_path) -> None:
     from mmgpt.data.llava import LlavaDataset
 

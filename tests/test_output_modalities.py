@@ -184,6 +184,15 @@ def test_a_decoder_gets_its_own_signal_tokens_and_round_trips(sensor, tmp_path: 
     assert replies[0].text == replies[1].text
 
 
+def test_a_frozen_encoder_run_still_trains_every_output_decoder(sensor, tmp_path: Path) -> None:
+    from mmgpt.recipe.build import trainable_parts
+
+    model = build(train_tokenizer(tmp_path))
+    model.trainable(trainable_parts("full", False))  # train.train_encoder=false
+    assert all(p.requires_grad for p in model.decoders["sensor"].parameters())
+    assert all(p.requires_grad for p in model.output_projectors["sensor"].parameters())
+
+
 def test_a_model_without_the_tokens_is_refused(sensor, tmp_path: Path) -> None:
     tok = train_tokenizer(tmp_path)
     model = build(tok)
@@ -331,3 +340,28 @@ def test_generate_out_dir_writes_outputs_with_the_loader(
     assert str(written) in capsys.readouterr().out
     values = SensorLoader().load(written)
     assert values.shape == (READINGS,) and bool((values < -0.3).all()), values
+
+
+def test_the_chat_demo_shows_other_outputs_as_files(sensor_run, tmp_path: Path) -> None:
+    from demos.chat import to_messages
+    from demos.common import DemoModel, ImageFolder, Settings, user_message
+
+    demo = DemoModel.load(sensor_run["model"])
+    assert demo.output_modalities == ["sensor"] and not demo.can_draw
+    turns, items = demo.fit([user_message("draw rising")], 6)
+    settings = Settings.from_values(temperature=0, max_new_tokens=6)
+    events = list(demo.stream_reply(turns, items, settings, 0))
+    outputs = [e for e in events if isinstance(e, OutputEvent)]
+    assert len(outputs) == 1 and bool((outputs[0].item > 0.3).all())
+
+    folder = ImageFolder(tmp_path / "shown")
+    path = Path(folder.save(outputs[0]))
+    assert path.suffix == ".sensor" and torch.allclose(SensorLoader().load(path), outputs[0].item)
+    history = [
+        {"role": "user", "content": "draw rising"},
+        {"role": "assistant", "content": [{"path": str(path)}]},
+    ]
+    assert to_messages(history)[-1].text == "<sensor_out>"  # read back as the model's output
+    text, drawn = demo.reply(turns, items, settings, 0)
+    assert text.endswith("<sensor_out>") and drawn == []
+    folder.close()

@@ -119,7 +119,9 @@ def test_shipped_recipes_are_valid_and_reject_unknown_keys(tmp_path: Path) -> No
 
 def test_stages_select_the_trainable_parts() -> None:
     assert trainable_parts() == trainable_parts("full", True) == "all"
-    assert trainable_parts("full", False) == "gpt+projector+image_decoder+output_projector"
+    assert trainable_parts("full", False) == (
+        "gpt+projector+image_decoder+output_projector+decoders+output_projectors"
+    )
     assert trainable_parts("align") == "projector"
     assert trainable_parts("finetune") == "projector+gpt"
     assert trainable_parts("finetune", True) == "projector+gpt+encoder"

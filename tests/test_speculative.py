@@ -91,7 +91,7 @@ def test_a_draft_equal_to_the_target_is_always_accepted(k):
 def test_speculative_on_the_static_cache_equals_plain_greedy(monkeypatch):
     """compile=True with the compiler unavailable: the static cache's rewind path, eagerly."""
     monkeypatch.setattr(compiled_step, "_UNAVAILABLE", [])
-    monkeypatch.setattr(compiled_step, "_missing_compiler", lambda: "no C++ compiler (test)")
+    monkeypatch.setattr(compiled_step, "missing_compiler", lambda: "no C++ compiler (test)")
     target = tiny("rotary")
     draft = noisy_copy(target, 0.05)
     static = GenerationConfig(max_new_tokens=20, temperature=0, compile=True)
@@ -296,7 +296,7 @@ def test_generate_command_compile_flag(model_dirs, capsys, monkeypatch):
     from mmgpt import cli
 
     monkeypatch.setattr(compiled_step, "_UNAVAILABLE", [])
-    monkeypatch.setattr(compiled_step, "_missing_compiler", lambda: "no C++ compiler (test)")
+    monkeypatch.setattr(compiled_step, "missing_compiler", lambda: "no C++ compiler (test)")
     root = model_dirs[0]
     argv = ["generate", "--model", str(root / "target"), "--prompt", "the red"]
     argv += ["--max-new-tokens", "16", "--temperature", "0"]

@@ -33,7 +33,7 @@ def tiny(name: str = "learned", **overrides) -> GPT:
 def no_compiler(monkeypatch):
     """Compiling unavailable: GenerationConfig(compile=True) runs the static cache eagerly."""
     monkeypatch.setattr(compiled_step, "_UNAVAILABLE", [])
-    monkeypatch.setattr(compiled_step, "_missing_compiler", lambda: "no C++ compiler (test)")
+    monkeypatch.setattr(compiled_step, "missing_compiler", lambda: "no C++ compiler (test)")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -188,7 +188,7 @@ def test_a_failing_compiler_falls_back_with_one_warning(monkeypatch):
 def test_compiled_generate_equals_eager_generate(name, monkeypatch):
     """The real thing: inductor compiles the step (one graph per batch size)."""
     monkeypatch.setattr(compiled_step, "_UNAVAILABLE", [])
-    if compiled_step._missing_compiler() is not None:
+    if compiled_step.missing_compiler() is not None:
         pytest.skip("no C++ compiler for torch.compile")
     model = tiny(name)
     cfg = GenerationConfig(max_new_tokens=12, temperature=0)

@@ -127,6 +127,14 @@ def test_config_from_dict() -> None:
         TrainConfig.from_dict({"learning_rate": 1e-3})
 
 
+def test_compile_without_a_cpp_compiler_fails_up_front(tmp_path, monkeypatch) -> None:
+    import mmgpt.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "missing_compiler", lambda: "no C++ compiler (test)")
+    with pytest.raises(RuntimeError, match=r"train.compile=true: no C\+\+ compiler \(test\)"):
+        Trainer(tiny_gpt(), LMObjective(), RandomLabelled(), config(compile=True), out_dir=tmp_path)
+
+
 # -- learning -------------------------------------------------------------------------------
 
 

@@ -266,6 +266,15 @@ def read_rows(
             if record.outside_root and not allow_outside_root:
                 yield record.problem("outside_root", record.outside_root[0])
                 continue
+            if record.inputs:
+                # the target formats carry images only: a row must not lose its other files
+                kinds = ", ".join(sorted(record.inputs))
+                yield record.problem(
+                    "unsupported_modality",
+                    f"the row has {kinds} files; data convert writes images only (train on "
+                    "the LLaVA JSON or imagefolder as it is)",
+                )
+                continue
             caption = _caption_of(record) if source_format == "imagefolder" else None
             turns = None if caption is not None else list(record.data)
             meta = _scalars({**record.meta, **({"id": record.id} if record.id else {})})

@@ -56,7 +56,8 @@ class Problem:
     ``bad_value``, ``placeholder_mismatch``, ``missing_image``, ``not_an_image``,
     ``unsupported_format``, ``truncated_image``, ``corrupt_image``, ``too_large``; for files
     of other modalities (:mod:`mmgpt.data.loaders`) also ``missing_file``,
-    ``unknown_modality`` and ``unreadable_input``; as a warning of ``mmgpt data check``, also
+    ``unknown_modality`` and ``unreadable_input`` (``unsupported_modality`` when ``mmgpt data
+    convert`` meets them); as a warning of ``mmgpt data check``, also
     ``outside_root``.
     """
 

@@ -201,7 +201,7 @@ def trainable_parts(stage: str | None = "full", train_encoder: bool | None = Non
     if stage == "finetune":
         return "projector+gpt" + ("+encoder" if train_encoder else "")
     if train_encoder is False:
-        return "gpt+projector+image_decoder+output_projector"
+        return "gpt+projector+image_decoder+output_projector+decoders+output_projectors"
     return "all"
 
 
