@@ -52,6 +52,7 @@ __all__ = [
     "STRATEGIES",
     "DistInfo",
     "apply_activation_checkpointing",
+    "clip_grad_norm",
     "consolidate",
     "env_world",
     "finalize_checkpoint_dir",
@@ -284,6 +285,7 @@ def wrap_model(
     precision: str = "fp32",
     activation_checkpointing: bool = False,
     compile: bool = False,
+    tensor_parallel: int = 1,
 ) -> nn.Module:
     """The module the objective calls.
 
@@ -293,7 +295,15 @@ def wrap_model(
     block plus the root (embeddings, head, encoders, projectors); with ``bf16`` the
     all-gathered weights are bf16 and gradients are reduced in fp32. With ``compile`` the
     decoder blocks are compiled one by one (in place), which composes with both wrappers.
+    ``tensor_parallel`` > 1 (``fsdp`` only): the processes form a ``(dp, tp)`` mesh; each
+    decoder block is split over ``tp`` (:mod:`mmgpt.tensor_parallel`) and FSDP shards over
+    ``dp`` (2-D parallelism).
     """
+    if tensor_parallel != 1 and strategy != "fsdp":
+        raise ValueError(
+            f"train.tensor_parallel={tensor_parallel} needs train.strategy=fsdp (which then "
+            f"shards over the data-parallel dimension), got strategy {strategy!r}"
+        )
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if strategy == "none":
@@ -317,7 +327,15 @@ def wrap_model(
 
     _broadcast_module_states(model)
     # explicit: FSDP's default mesh follows the accelerator even for a CPU (gloo) run
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    if tensor_parallel == 1:
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    else:
+        from mmgpt import tensor_parallel as tp
+
+        tp.check_tensor_parallel(model, tensor_parallel, dist.get_world_size())
+        mesh_2d = tp.make_mesh(device.type, dist.get_world_size(), tensor_parallel)
+        tp.parallelize_blocks(model, mesh_2d["tp"])
+        mesh = mesh_2d["dp"]
     policy = MixedPrecisionPolicy()
     if precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -341,6 +359,37 @@ def _broadcast_module_states(model: nn.Module) -> None:
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor.data, src=0)
+
+
+def clip_grad_norm(parameters: Sequence[nn.Parameter], max_norm: float) -> float:
+    """Clip the gradients of ``parameters`` to a global norm of ``max_norm``; return the norm
+    before clipping (over every rank's shards).
+
+    ``torch.nn.utils.clip_grad_norm_`` when the gradients share one device mesh (or none);
+    with tensor parallelism the split block weights live on the 2-D mesh and the rest on the
+    data-parallel one, which that function cannot stack together, so each mesh's norm is
+    reduced on its own and the squares are summed here.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    by_mesh: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        by_mesh.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    if len(by_mesh) == 1:
+        norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    squares = 0.0
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group)
+        squares += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2
+    total = squares**0.5
+    coef = max_norm / (total + 1e-6)  # the same rule as clip_grad_norm_
+    if coef < 1.0:
+        with torch.no_grad():
+            for g in grads:
+                g.mul_(coef)
+    return total
 
 
 def set_gradient_sync(wrapped: nn.Module, strategy: str, sync: bool) -> Any:
@@ -403,8 +452,12 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict on rank 0's CPU; empty on other ranks. Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from mmgpt.tensor_parallel import to_canonical
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    state = get_model_state_dict(model, options=options)
+    to_canonical(model, state)  # tensor parallel: the fused rows in their ordinary order
+    return state
 
 
 def write_model_config(model: nn.Module, tokenizer: Any, directory: Path) -> bool:
@@ -439,6 +492,18 @@ def _state_dicts(
     return model_state, optim_state
 
 
+def _optimizer_tensors(optim_state: dict[str, Any]) -> dict[str, Any]:
+    """The per-parameter optimizer state, every value checked to be a tensor."""
+    for fqn, values in optim_state["state"].items():
+        for name, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"optimizer state {fqn}.{name} is a {type(value).__name__}; sharded "
+                    "checkpoints store tensors only"
+                )
+    return optim_state["state"]
+
+
 def save_sharded(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, exclude: set[str]
 ) -> None:
@@ -449,15 +514,12 @@ def save_sharded(
     """
     import torch.distributed.checkpoint as dcp
 
+    from mmgpt.tensor_parallel import to_canonical
+
     model_state, optim_state = _state_dicts(model, optimizer, exclude)
-    for fqn, values in optim_state["state"].items():
-        for name, value in values.items():
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(
-                    f"optimizer state {fqn}.{name} is a {type(value).__name__}; sharded "
-                    "checkpoints store tensors only"
-                )
-    dcp.save({"model": model_state, "optim": optim_state["state"]}, checkpoint_id=directory)
+    optim_tensors = dict(_optimizer_tensors(optim_state))
+    to_canonical(model, model_state, optim_tensors)  # files hold the ordinary layout
+    dcp.save({"model": model_state, "optim": optim_tensors}, checkpoint_id=directory)
 
 
 def _dcp_load(state: dict[str, Any], **kwargs: Any) -> None:
@@ -480,12 +542,16 @@ def load_sharded(
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    from mmgpt.tensor_parallel import to_tp_layout
+
     model_state, optim_state = _state_dicts(model, optimizer, exclude)
     state = {"model": model_state, "optim": optim_state["state"]}
     try:
         _dcp_load(state, checkpoint_id=directory)
     except Exception as exc:  # DCP raises CheckpointException with per-rank details
         raise ValueError(f"{directory}: cannot load the sharded checkpoint ({exc})") from exc
+    # the files hold the ordinary layout; a tensor-parallel model wants its own
+    to_tp_layout(model, state["model"], state["optim"])
     set_state_dict(
         model,
         optimizer,
@@ -513,9 +579,13 @@ def load_full_into_sharded(
         set_optimizer_state_dict,
     )
 
+    from mmgpt.tensor_parallel import to_tp_layout
+
     options = StateDictOptions(full_state_dict=True, strict=False)
+    state = {param_names[int(i)]: dict(values) for i, values in optim_state["state"].items()}
+    model_state = dict(model_state)
+    to_tp_layout(model, model_state, state)  # full tensors in ordinary layout → TP layout
     set_model_state_dict(model, model_state, options=options)
-    state = {param_names[int(i)]: values for i, values in optim_state["state"].items()}
     groups = [
         {**group, "params": [param_names[int(i)] for i in group["params"]]}
         for group in optim_state["param_groups"]

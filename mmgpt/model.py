@@ -221,7 +221,10 @@ class CausalSelfAttention(nn.Module):
         cache_position: Tensor | None = None,  # (T,) slots of a StaticKVCache
     ) -> tuple[Tensor, Tensor | None]:  # (B, T, C), attention weights (B, H, T, S) or None
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split((C, self.kv_dim, self.kv_dim), dim=2)
+        # this module's heads (all of them, or a tensor-parallel rank's share: see
+        # mmgpt.tensor_parallel), which is why the sizes come from n_head and not from C
+        q_dim = self.n_head * self.head_dim
+        q, k, v = self.c_attn(x).split((q_dim, self.kv_dim, self.kv_dim), dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
@@ -245,7 +248,7 @@ class CausalSelfAttention(nn.Module):
                 enable_gqa=self.n_kv_head != self.n_head,
             )  # (B, H, T, D)
             weights = None
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, q_dim)  # (B, T, C); per TP rank (B, T, C / tp)
         return self.resid_dropout(self.c_proj(y)), weights
 
     def _explicit_attention(

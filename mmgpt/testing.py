@@ -50,6 +50,7 @@ __all__ = [
     "check_decoder",
     "check_encoder",
     "check_entry",
+    "check_loader",
     "check_objective",
     "check_projector",
     "check_rebuild",
@@ -425,6 +426,114 @@ def check_decoder(
         _check_state_round_trip(what, decoder, state_of)
 
 
+# -- loaders -------------------------------------------------------------------------------
+def _same_item(a: Any, b: Any) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_item(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_item(a[k], b[k]) for k in a)
+    if isinstance(a, Image.Image) and isinstance(b, Image.Image):
+        return a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
+    if isinstance(a, (torch.Tensor, np.ndarray)) and isinstance(b, (torch.Tensor, np.ndarray)):
+        x, y = (
+            torch.as_tensor(np.asarray(a), dtype=torch.float64),
+            torch.as_tensor(np.asarray(b), dtype=torch.float64),
+        )
+        # lossy-but-fine encodings (16-bit PCM audio) round within 1e-3 of full scale
+        return x.shape == y.shape and bool(torch.allclose(x, y, atol=1e-3, rtol=1e-3))
+    return a == b
+
+
+def _example_files(loader: Any, directory: Path) -> list[Path]:
+    if hasattr(loader, "example_files"):
+        return [Path(p) for p in loader.example_files(directory, 2)]
+    if loader.modality == "image":
+        paths = []
+        for i, item in enumerate(_default_items(loader, "example_items", 2)):
+            paths.append(directory / f"example{i}.png")
+            item.save(paths[-1])
+        return paths
+    if hasattr(loader, "example_items") and callable(getattr(loader, "save", None)):
+        return [
+            Path(loader.save(item, directory / f"example{i}"))
+            for i, item in enumerate(loader.example_items(2))
+        ]
+    raise _fail(
+        f"loader {type(loader).__name__}",
+        "no example files: define example_files(directory, n) (or example_items(n) with save) "
+        "or pass paths",
+    )
+
+
+def check_loader(loader: Any, paths: Sequence[str | Path] | None = None) -> None:
+    """A :class:`~mmgpt.interfaces.ModalityLoader`: a modality name, lower-case dotted
+    ``extensions``, a ``<...>`` placeholder; ``load`` reads every example file through
+    :func:`mmgpt.data.loaders.load_input` (the door every reader uses) and refuses a corrupt
+    file with an exception instead of returning an item; ``save``, when present, writes a file
+    with one of the loader's extensions that loads back as the same item.
+
+    ``paths`` default: ``loader.example_files(directory, n)``, else ``example_items(n)``
+    written with ``save``, else small PNGs for ``"image"``."""
+    from mmgpt.data.loaders import InputLoadError, load_input  # the data layer's door
+
+    what = f"loader {type(loader).__name__}"
+    _require(what, loader, ("modality", "extensions", "load"))
+    modality = loader.modality
+    if not isinstance(modality, str) or not modality:
+        raise _fail(what, f"modality must be a non-empty string, got {modality!r}")
+    exts = loader.extensions
+    if (
+        isinstance(exts, str)
+        or not exts
+        or not all(isinstance(e, str) and e.startswith(".") and e == e.lower() for e in exts)
+    ):
+        raise _fail(what, f"extensions must be a tuple of lower-case '.ext' strings, got {exts!r}")
+    placeholder = getattr(loader, "placeholder", None)
+    if placeholder is not None and not (
+        isinstance(placeholder, str) and placeholder.startswith("<") and placeholder.endswith(">")
+    ):
+        raise _fail(what, f"placeholder must look like '<{modality}>', got {placeholder!r}")
+    limit = getattr(loader, "max_bytes", None)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise _fail(what, f"max_bytes must be a positive integer or None, got {limit!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        files = [Path(p) for p in paths] if paths is not None else _example_files(loader, directory)
+        if not files:
+            raise _fail(what, "no example files to load")
+        items = []
+        for path in files:
+            try:
+                items.append(load_input(modality, path, loader=loader))
+            except InputLoadError as exc:
+                raise _fail(what, f"cannot load its example file {path}: {exc}") from exc
+            if items[-1] is None:
+                raise _fail(what, f"load({path}) returned None")
+        junk = directory / f"corrupt{exts[0]}"
+        junk.write_bytes(b"\x00\x01 this is not a valid file \xff" * 4)
+        try:
+            got = loader.load(junk)
+        except Exception:
+            pass  # refused: what a loader must do
+        else:
+            raise _fail(
+                what,
+                f"load() returned {type(got).__name__} for a corrupt file instead of raising: "
+                "a dataset would train on garbage",
+            )
+        save = getattr(loader, "save", None)
+        if callable(save):
+            written = Path(save(items[0], directory / "saved"))
+            if written.suffix.lower() not in exts or not written.is_file():
+                raise _fail(
+                    what,
+                    f"save() must write a file with one of {exts} and return it, got {written}",
+                )
+            again = load_input(modality, written, loader=loader)
+            if not _same_item(items[0], again):
+                raise _fail(what, "an item written by save() does not load back as the same item")
+
+
 # -- objectives ----------------------------------------------------------------------------
 def check_objective(objective: Objective) -> None:
     """An :class:`~mmgpt.interfaces.Objective`: callable as ``objective(model, batch)``; one
@@ -459,6 +568,7 @@ CHECKS: dict[str, Callable[..., None]] = {
     "tokenizer": check_tokenizer,
     "decoder": check_decoder,
     "objective": check_objective,
+    "loader": check_loader,
 }
 
 # The small English corpus shipped with mmgpt (mmgpt/assets/corpus).

@@ -244,6 +244,18 @@ def test_the_processor_expands_output_placeholders_with_targets(sensor, tmp_path
         model.processor()([smell])
 
 
+def test_an_output_placeholder_in_a_user_turn_is_refused(sensor, tmp_path: Path) -> None:
+    from mmgpt.data.llava import read_llava
+
+    write_sensor(tmp_path / "a.sensor", HIGH)
+    turns = [{"from": "human", "value": "<sensor_out>"}, {"from": "gpt", "value": "<sensor>"}]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"id": "bad", "sensor": "a.sensor", "conversations": turns}]))
+    records, problems = read_llava(path)
+    assert records == [] and [p.reason for p in problems] == ["bad_value"]
+    assert "'human' turn with '<sensor_out>'" in problems[0].message
+
+
 # -- training by recipe, generation, the CLI --------------------------------------------------
 @pytest.fixture(scope="module")
 def sensor_run(sensor, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:

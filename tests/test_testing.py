@@ -419,3 +419,85 @@ def test_conformance_params_and_build_example() -> None:
         check_entry("encoder", "_test-needs-arguments")
     finally:
         REGISTRY.unregister("encoder", "_test-needs-arguments")
+
+
+# -- loaders -------------------------------------------------------------------------------
+class _TextLoader:
+    """A conforming loader of a made-up modality: a line of comma-separated numbers."""
+
+    modality = "reading"
+    extensions = (".reading",)
+
+    def load(self, path):
+        return torch.tensor([float(v) for v in path.read_text().split(",")])
+
+    def example_items(self, n: int):
+        return [torch.arange(3.0) + i for i in range(n)]
+
+    def save(self, item, path):
+        path = path.with_suffix(".reading")
+        path.write_text(",".join(str(float(v)) for v in item))
+        return path
+
+
+class _AcceptsGarbage(_TextLoader):
+    def load(self, path):
+        return torch.zeros(3)  # never refuses a file
+
+
+class _LossySave(_TextLoader):
+    def save(self, item, path):
+        return super().save(item + 1, path)
+
+
+class _WrongSuffix(_TextLoader):
+    def example_files(self, directory, n: int):
+        (directory / "a.reading").write_text("1,2,3")
+        return [directory / "a.reading"]
+
+    def save(self, item, path):
+        path = path.with_suffix(".txt")
+        path.write_text("1,2,3")
+        return path
+
+
+def test_check_loader_accepts_a_conforming_loader_and_the_image_loader() -> None:
+    from mmgpt.testing import check_entry, check_loader
+
+    check_loader(_TextLoader())
+    check_entry("loader", "image")
+
+
+@pytest.mark.parametrize(
+    ("loader", "message"),
+    [
+        (_AcceptsGarbage(), "for a corrupt file instead of raising"),
+        (_LossySave(), "does not load back as the same item"),
+        (_WrongSuffix(), r"save\(\) must write a file with one of"),
+    ],
+)
+def test_check_loader_catches(loader: Any, message: str) -> None:
+    from mmgpt.testing import ConformanceError, check_loader
+
+    with pytest.raises(ConformanceError, match=message):
+        check_loader(loader)
+
+
+def test_check_loader_needs_example_files_or_paths(tmp_path) -> None:
+    from mmgpt.testing import ConformanceError, check_loader
+
+    class NoExamples:
+        modality = "reading"
+        extensions = (".reading",)
+
+        def load(self, path):
+            return torch.tensor([float(v) for v in path.read_text().split(",")])
+
+    with pytest.raises(ConformanceError, match="no example files"):
+        check_loader(NoExamples())
+    (tmp_path / "a.reading").write_text("1,2")
+    check_loader(NoExamples(), [tmp_path / "a.reading"])
+    with pytest.raises(ConformanceError, match="extensions must be"):
+        bad = NoExamples()
+        bad.extensions = ("READING",)
+        check_loader(bad, [tmp_path / "a.reading"])

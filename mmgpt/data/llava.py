@@ -202,20 +202,22 @@ def count_placeholders(texts: Sequence[str]) -> int:
 def mark_output_images(turns: list[Turn], field: str = "conversations") -> list[Turn]:
     """The images a conversation's assistant turns hold are images the model draws: their
     ``"<image>"`` becomes ``"<image_out>"`` (and any other modality's placeholder, e.g.
-    ``"<audio>"``, becomes ``"<audio_out>"``: an output the model produces). ``"<image_out>"``
-    in a user turn is a ``RecordError`` (a person's turn cannot ask the model to have drawn
+    ``"<audio>"``, becomes ``"<audio_out>"``: an output the model produces). An output
+    placeholder (``"<image_out>"``, ``"<audio_out>"``…) in a user turn is a ``RecordError`` (a person's turn cannot ask the model to have drawn
     something)."""
     others = [(placeholder_of(m), output_placeholder(m)) for m in loader_modalities()]
     others = [(p, o) for p, o in others if o != IMAGE_OUT_PLACEHOLDER]
+    outputs = [(IMAGE_PLACEHOLDER, IMAGE_OUT_PLACEHOLDER), *others]
     out = []
     for i, turn in enumerate(turns):
         if turn.role == "user":
-            if IMAGE_OUT_PLACEHOLDER in turn.text:
-                raise RecordError(
-                    "bad_value",
-                    f"{field}[{i}] is a 'human' turn with '{IMAGE_OUT_PLACEHOLDER}'; an image "
-                    "the model draws belongs in a 'gpt' turn (where '<image>' means the same)",
-                )
+            for placeholder, output in outputs:
+                if output in turn.text:
+                    raise RecordError(
+                        "bad_value",
+                        f"{field}[{i}] is a 'human' turn with '{output}'; an output the model "
+                        f"produces belongs in a 'gpt' turn (where '{placeholder}' means the same)",
+                    )
             out.append(turn)
         else:
             text = turn.text.replace(IMAGE_PLACEHOLDER, IMAGE_OUT_PLACEHOLDER)

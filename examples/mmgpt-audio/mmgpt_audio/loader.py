@@ -25,6 +25,12 @@ class WavLoader:
     def load(self, path: Path) -> tuple[torch.Tensor, int]:
         return load_wav(path)  # a file that is not PCM WAV: ValueError naming it
 
+    def example_items(self, n: int) -> list[tuple[torch.Tensor, int]]:
+        """``n`` short tones (for ``mmgpt.testing.check_loader``)."""
+        rate = 16000
+        t = torch.arange(rate // 4) / rate
+        return [(0.5 * torch.sin(2 * torch.pi * (220 * (i + 1)) * t), rate) for i in range(n)]
+
     def save(self, item: Any, path: Path) -> Path:
         """Write ``(waveform, sample_rate)`` as a 16-bit PCM ``.wav`` file."""
         waveform, rate = item

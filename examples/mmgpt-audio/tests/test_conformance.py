@@ -13,6 +13,10 @@ def test_the_installed_plugin_is_registered() -> None:
     assert suppliers["encoder", "spectrogram"] == suppliers["dataset", "tones"] == "mmgpt-audio"
 
 
+def test_the_registered_loader_conforms() -> None:
+    check_entry("loader", "audio")  # tones written by save, read back, a corrupt file refused
+
+
 def test_the_registered_encoder_conforms() -> None:
     check_entry("encoder", "spectrogram")  # built with SpectrogramEncoder.conformance_example()
 
