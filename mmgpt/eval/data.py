@@ -3,8 +3,9 @@
 Shared by ``--task caption|vqa`` (:mod:`mmgpt.eval.run`) and ``--task t2i``
 (:mod:`mmgpt.eval.t2i`). ``data`` is
 
-- an imagefolder directory (``metadata.jsonl`` / ``metadata.csv``) or a LLaVA JSON (or a
-  directory holding one), detected with :func:`mmgpt.data.check.detect_format`;
+- an imagefolder directory (``metadata.jsonl`` / ``metadata.csv``), a LLaVA JSON (or a
+  directory holding one), parquet files, a ``datasets`` directory (``save_to_disk``) or tar
+  shards (read in order), detected with :func:`mmgpt.data.check.detect_format`;
 - ``shapes`` or ``shapes:KEY=VALUE,...``: the synthetic shapes world, generated on the fly for
   the task. Defaults: ``seed=1`` (the training recipes train on seed 0), ``size=200``,
   ``image_size`` = the model's image-encoder input size; any other option of the ``shapes``
@@ -14,6 +15,7 @@ Shared by ``--task caption|vqa`` (:mod:`mmgpt.eval.run`) and ``--task t2i``
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from mmgpt.files import parse_scalar
 from mmgpt.registry import create
 
 __all__ = [
+    "EVAL_FORMATS",
     "EVAL_TASKS",
     "SHAPES_DEFAULTS",
     "EvalItem",
@@ -35,6 +38,8 @@ __all__ = [
 ]
 
 EVAL_TASKS = ("caption", "vqa")
+# Dataset formats --data may hold (detected as `mmgpt data check` does).
+EVAL_FORMATS = ("imagefolder", "llava", "parquet", "hf_dataset", "shards")
 SHAPES_DEFAULTS: dict[str, Any] = {"seed": 1, "size": 200}
 
 
@@ -88,20 +93,27 @@ def load_eval_data(data: str | os.PathLike, task: str, *, image_size: int | None
         except TypeError as exc:  # an unknown option
             raise ValueError(f"data spec {data!r}: {exc}") from exc
     fmt, target = detect_format(data)
-    if fmt not in ("imagefolder", "llava"):
+    if fmt not in EVAL_FORMATS:
         raise ValueError(
             f"{data}: detected a {fmt} dataset; --task {task} evaluates image-text data "
-            "(an imagefolder directory, a LLaVA JSON, or 'shapes[:KEY=VALUE,...]')"
+            "(an imagefolder directory, a LLaVA JSON, parquet files, a datasets directory, "
+            "tar shards, or 'shapes[:KEY=VALUE,...]')"
         )
+    if fmt == "shards":  # streamed in the shards' order: the first --limit samples
+        return create("dataset", fmt, path=str(target), shuffle_buffer=1)
     return create("dataset", fmt, path=str(target))
 
 
 def eval_items(dataset: Any, limit: int | None = None) -> list[EvalItem]:
-    """One item per assistant turn of the first ``limit`` samples (all by default)."""
-    n = len(dataset) if limit is None else min(limit, len(dataset))
+    """One item per assistant turn of the first ``limit`` samples (all by default); a
+    streamed dataset (tar shards) is read in order up to ``limit`` samples."""
+    if hasattr(dataset, "__len__"):
+        n = len(dataset) if limit is None else min(limit, len(dataset))
+        samples: Any = (dataset[index] for index in range(n))
+    else:
+        samples = itertools.islice(iter(dataset), limit)
     items = []
-    for index in range(n):
-        sample = dataset[index]
+    for sample in samples:
         turns = list(sample.conversation)
         for j, turn in enumerate(turns):
             if turn.role != "assistant" or j == 0:

@@ -162,3 +162,26 @@ def test_exported_shapes_data_keeps_scenes_for_attribute_scores(tmp_path) -> Non
     world.write_llava(tmp_path / "llava", 3)
     items = eval_items(load_eval_data(tmp_path / "llava" / "conversations.json", "caption"))
     assert len(items) == 3 and all(len(i.images) == 1 for i in items)
+
+
+@pytest.mark.parametrize("to", ["parquet", "shards"])
+def test_converted_data_gives_the_same_eval_items(tmp_path, to: str) -> None:
+    # `mmgpt eval --data` reads the formats `mmgpt data convert` writes: same prompts, images
+    # and references as the imagefolder they came from (shards read in order, up to --limit)
+    if to == "parquet":
+        pytest.importorskip("pyarrow")
+    from mmgpt.data.convert import convert_dataset
+
+    world = ShapesWorld(size=5, task="caption", image_size=16, seed=5)
+    world.write_imagefolder(tmp_path / "folder", 5)
+    convert_dataset(tmp_path / "folder", tmp_path / to, to)
+    expected = eval_items(load_eval_data(tmp_path / "folder", "caption"))
+    got = eval_items(load_eval_data(tmp_path / to, "caption"))
+    assert [i.reference for i in got] == [i.reference for i in expected]
+    assert [[t.text for t in i.prompt] for i in got] == [
+        [t.text for t in i.prompt] for i in expected
+    ]
+    assert [list(i.images[0].getdata()) for i in got] == [
+        list(i.images[0].getdata()) for i in expected
+    ]
+    assert len(eval_items(load_eval_data(tmp_path / to, "caption"), limit=2)) == 2
