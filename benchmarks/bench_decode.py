@@ -23,16 +23,20 @@ Faster mmgpt paths, each a row of its own:
   captions (token = byte; template words are predictable, the shapes' attributes random), the
   draft (``--draft-layers`` × ``--draft-width``) trained the same way, and the prompts are
   held-out captions. The trained weights are kept in ``--trained-dir`` for later runs.
-- ``--int8``: the model quantised weight-only to int8 (``mmgpt.quantization``, when this
-  checkout has it), eager and with ``--speculative`` as the target of speculative decoding.
-  Its tokens are not the fp32 ones: the "quality" column gives where they first differ (and,
-  trained, the held-out loss).
+- ``--int8`` / ``--int4``: the model quantised weight-only (``mmgpt.quantization``; int4
+  with groups of ``--group-size``), eager, compiled (unless ``--no-compile``) and with
+  ``--speculative`` as the target of speculative decoding. Its tokens are not the fp32 ones:
+  the "quality" column gives where they first differ (and, trained, the held-out loss).
+- ``--trained``: every contender uses the briefly trained model and held-out caption prompts
+  (as ``--speculative`` does) without the speculative rows, so that the quantised rows print
+  a held-out loss beside the fp32 one.
 
     python benchmarks/bench_decode.py                  # batch 1 and 8, 200 new tokens
     python benchmarks/bench_decode.py --batch 1 --new-tokens 100 --repeats 9
     python benchmarks/bench_decode.py --n-embd 12      # per-step overhead only
     python benchmarks/bench_decode.py --family llama   # (--n-embd 12: MLP 32 wide)
     python benchmarks/bench_decode.py --batch 1 --speculative --int8 --threads 1 --clock cpu
+    python benchmarks/bench_decode.py --batch 1 --trained --int8 --int4 --threads 1 --clock cpu
 """
 
 from __future__ import annotations
@@ -153,33 +157,42 @@ def fast_paths(
                 draft_model=draft,
                 num_draft_tokens=k,
             )
-    if args.int8:
-        quantized = int8_copy(ours)
-        if quantized is not None:
-            add("mmgpt generate (int8 weights)", quantized, greedy)
-            if draft is not None and batch == 1:
-                add(
-                    f"mmgpt speculative, int8 target (k={k})",
-                    quantized,
-                    greedy,
-                    draft_model=draft,
-                    num_draft_tokens=k,
-                )
+    for method in quantized_methods(args):
+        quantized = quantized_copy(ours, method, args.group_size)
+        if quantized is None:
+            continue
+        add(f"mmgpt generate ({method} weights)", quantized, greedy)
+        if args.compile:
+            add(f"mmgpt generate ({method} weights + compile)", quantized, compiled)
+        if draft is not None and batch == 1:
+            add(
+                f"mmgpt speculative, {method} target (k={k})",
+                quantized,
+                greedy,
+                draft_model=draft,
+                num_draft_tokens=k,
+            )
     return paths
 
 
 ACCEPTANCE: dict[str, list[float]] = {}  # acceptance rate of each speculative call, by row
+QUANTIZED_LOSS: dict[str, float] = {}  # held-out loss of the quantised model, by method
 
 
-def int8_copy(model: GPT) -> GPT | None:
-    """A copy of ``model`` with int8 weight-only linear layers, when mmgpt has them."""
+def quantized_methods(args: argparse.Namespace) -> list[str]:
+    return [method for method in ("int8", "int4") if getattr(args, method)]
+
+
+def quantized_copy(model: GPT, method: str, group_size: int | None = None) -> GPT | None:
+    """A copy of ``model`` with ``method`` (int8 / int4) weight-only linear layers, when mmgpt
+    has them."""
     try:
         from mmgpt.quantization import quantize_model
     except ImportError:
-        print("--int8: this checkout has no mmgpt.quantization; int8 rows left out")
+        print(f"--{method}: this checkout has no mmgpt.quantization; {method} rows left out")
         return None
     quantized = copy.deepcopy(model)
-    quantize_model(quantized, "int8")
+    quantize_model(quantized, method, group_size if method == "int4" else None)
     return quantized.eval()
 
 
@@ -281,14 +294,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--int8", action="store_true", help="also time the model quantised to int8 weight-only"
     )
+    parser.add_argument(
+        "--int4", action="store_true", help="also time the model quantised to int4 weight-only"
+    )
+    parser.add_argument(
+        "--group-size", type=int, default=None, help="--int4: input features per group (128)"
+    )
+    parser.add_argument(
+        "--trained",
+        action="store_true",
+        help="use the briefly trained model and held-out prompts (as --speculative does) "
+        "without the speculative rows",
+    )
     args = parser.parse_args(argv)
     setup(args)
 
     config = bench_config(args.family, n_embd=args.n_embd)
     hf_labels = hf_contenders(args.family, args.hf_activation)
     draft, held_out, info = None, None, {}
-    if args.speculative:
+    if args.speculative or args.trained:
         ours, draft, held_out, info = trained_models(config, args)
+        draft = draft if args.speculative else None
         theirs = hf_twins(ours, hf_labels, args.family)
     else:
         ours, theirs = ours_and_hf(
@@ -310,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{draft.config.n_layer}×{draft.config.n_embd}; held-out loss (nats/byte): target "
             f"{info['target held-out loss']:.3f}, draft {info['draft held-out loss']:.3f}"
         )
+    elif held_out is not None:
+        print(f"held-out loss (nats/byte): {info['target held-out loss']:.4f}")
     print()
     rows, ratios, notes = [], [], []
     g = torch.Generator().manual_seed(args.seed)
@@ -338,10 +366,19 @@ def main(argv: list[str] | None = None) -> None:
             # eager fp32 contenders must agree exactly, or the comparison is meaningless
             if quality[name] != "identical" and name not in fast:
                 raise SystemExit(f"batch {batch}: the tokens of {name} differ from mmgpt's")
-            if "int8" in name and held_out is not None:
-                loss = held_out_loss(int8_copy(ours), held_out)
+            method = next((m for m in quantized_methods(args) if m in name), None)
+            eager_name = f"mmgpt generate ({method} weights)"
+            if method is not None and name != eager_name and eager_name in outputs:
+                # the compiled kernels against the eager ones: the same model's tokens
+                quality[name] += f"; vs eager {method}: "
+                quality[name] += first_divergence(tokens, outputs[eager_name])
+            if method is not None and held_out is not None:
+                if method not in QUANTIZED_LOSS:
+                    quantized = quantized_copy(ours, method, args.group_size)
+                    QUANTIZED_LOSS[method] = held_out_loss(quantized, held_out)
                 quality[name] += (
-                    f"; held-out loss {loss:.3f} (fp32 {info['target held-out loss']:.3f})"
+                    f"; held-out loss {QUANTIZED_LOSS[method]:.4f} "
+                    f"(fp32 {info['target held-out loss']:.4f})"
                 )
         ACCEPTANCE.clear()
         timings = alternate(runs, repeats=args.repeats, warmup=args.warmup, clock=args.clock)

@@ -16,13 +16,22 @@ process (``resource.getrusage``; torch's CPU allocations are invisible to tracem
 caption exact match. ``--memory-model`` adds a memory comparison for a larger GPT (25.5M
 parameters, random tokens, a few steps), where weights and optimizer state are no longer lost
 in the interpreter's own footprint: full fine-tuning, LoRA on the fp32 base, and LoRA on an
-int8 or int4 base (QLoRA, :func:`mmgpt.adapters.quantize.quantize_base`), each in its own
-process; ``--memory-only`` runs just that. Besides the peak RSS (which, for QLoRA, is the
-fp32 model built before it is quantised), the resident memory during the training steps is
-sampled from ``/proc/self/statm``.
+int8, int4 (group 128) or NF4 (block 64) base (QLoRA,
+:func:`mmgpt.adapters.quantize.quantize_base`), each in its own process; ``--memory-only``
+runs just that. Besides the peak RSS (which, for QLoRA, is the fp32 model built before it is
+quantised), the resident memory during the training steps is sampled from
+``/proc/self/statm``, and the bytes of the frozen weights (parameters that do not train,
+and buffers) are counted exactly.
 
     python benchmarks/bench_lora.py --out runs/bench_lora --memory-model   # ~10 min, 2 cores
     python benchmarks/bench_lora.py --memory-only                          # ~1 min
+    python benchmarks/bench_lora.py --base-error                           # seconds
+
+``--base-error`` prints how far each QLoRA base quantisation (int8; int4 and nf4 at group
+sizes 64 and 128) moves the decoder weights of the shipped ``shapes-tiny`` model:
+``||W - Q(W)|| / ||W||`` over its Linear matrices, with the bytes each stores per weight,
+and the time to dequantise a 2048x512 matrix (what QLoRA pays twice per adapted layer and
+step; median of 30, the methods taking turns).
 
 Everything runs through the public entry points (``mmgpt.recipe.run_training`` = ``mmgpt
 train``, ``mmgpt.eval.run``), so the figures are what a user gets. Not a test.
@@ -46,8 +55,15 @@ HERE = Path(__file__).resolve()
 ALL_COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink"]
 MODES = ("full", "lora", "lora-emb")
 LORA_MODES = ("lora", "lora-emb")
-# --memory-model: full fine-tuning, LoRA on the fp32 base, LoRA on an int8 / int4 base (QLoRA)
-MEMORY_MODES = ("memory-full", "memory-lora", "memory-qlora-int8", "memory-qlora-int4")
+# --memory-model: full fine-tuning, LoRA on the fp32 base, LoRA on an int8 / int4 / nf4 base
+MEMORY_MODES = (
+    "memory-full",
+    "memory-lora",
+    "memory-qlora-int8",
+    "memory-qlora-int4",
+    "memory-qlora-nf4",
+)
+GROUP_SIZES = {"int8": None, "int4": 128, "nf4": 64}  # nf4: the QLoRA paper's block size
 
 
 def common_overrides(args: argparse.Namespace, steps: int) -> list[str]:
@@ -166,7 +182,10 @@ def memory_worker(args: argparse.Namespace) -> None:
         from mmgpt.adapters.quantize import quantize_base
 
         method = args.worker.removeprefix("memory-qlora-")
-        quantize_base(model, method, 128 if method == "int4" else None)
+        quantize_base(model, method, GROUP_SIZES[method])
+    # the frozen base: parameters that do not train, and buffers (a quantised base's weights)
+    frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+    frozen_mb = sum(t.numel() * t.element_size() for t in frozen) / 2**20
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 512, (4, 65))  # small batch: weights and optimizer state dominate
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -186,6 +205,7 @@ def memory_worker(args: argparse.Namespace) -> None:
         "mode": args.worker,
         "trainable": trainable,
         "total": total,
+        "frozen_weights_mb": frozen_mb,
         "rss_before_training_mb": before,
         "current_rss_before_training_mb": current_before,
         "max_current_rss_in_training_mb": max(training_rss),
@@ -296,8 +316,14 @@ def main() -> None:
     parser.add_argument(
         "--memory-only", action="store_true", help="only the larger-GPT memory test"
     )
+    parser.add_argument(
+        "--base-error", action="store_true", help="only the weight error of each QLoRA base"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.base_error:
+        print_base_error()
+        return
     if args.worker in MEMORY_MODES:
         memory_worker(args)
         return
@@ -353,17 +379,76 @@ def main() -> None:
         print_memory_rows({mode: results[mode] for mode in MEMORY_MODES})
 
 
+def print_base_error() -> None:
+    """The relative weight error of each base quantisation on shapes-tiny's decoder."""
+    from mmgpt.adapters.quantize import quantize_base
+    from mmgpt.model import GPT
+    from mmgpt.pretrained import load_model
+
+    gpt = load_model(HERE.parents[1] / "mmgpt" / "assets" / "shapes-tiny").gpt
+    assert isinstance(gpt, GPT)
+    import torch
+
+    torch.set_num_threads(1)
+    bases = [("int8", None), ("int4", 64), ("int4", 128), ("nf4", 64), ("nf4", 128)]
+    big = torch.nn.Linear(512, 2048)
+    timed = {}
+    for method, group in bases:
+        model = torch.nn.Sequential(big)
+        wrapped = copy_for_lora(model, targets=["0"])
+        quantize_base(wrapped, method, group)
+        timed[method, group] = wrapped.get_submodule("0").base_layer
+    times: dict[Any, list[float]] = {key: [] for key in timed}
+    for _ in range(30):
+        for key, layer in timed.items():
+            start = time.perf_counter()
+            layer.dequantize(torch.float32)
+            times[key].append(time.perf_counter() - start)
+    print("\n| base | group | bytes per weight | relative error | dequantise 2048x512 (ms) |")
+    print("|---|---|---|---|---|")
+    for method, group in bases:
+        model = copy_for_lora(gpt)
+        layers = quantize_base(model, method, group)
+        num = den = 0.0
+        weights = nbytes = 0
+        for name in layers:
+            quantized = model.get_submodule(name).base_layer
+            original = gpt.get_submodule(name).weight.detach()
+            num += (quantized.weight.float() - original).pow(2).sum().item()
+            den += original.pow(2).sum().item()
+            weights += original.numel()
+            nbytes += sum(
+                t.numel() * t.element_size() for n, t in quantized.named_buffers() if n != "bias"
+            )
+        ms = 1000 * statistics.median(times[method, group])
+        print(
+            f"| {method} | {group or 'row'} | {nbytes / weights:.3f} | {(num / den) ** 0.5:.4f} "
+            f"| {ms:.2f} |"
+        )
+
+
+def copy_for_lora(model: Any, targets: tuple[str, ...] | list[str] = ("decoder",)) -> Any:
+    """A copy of ``model`` with a LoRA adapter on ``targets`` (what quantize_base quantises)."""
+    import copy
+
+    from mmgpt.adapters import AdapterConfig, add_adapter
+
+    model = copy.deepcopy(model)
+    add_adapter(model, AdapterConfig(r=8, targets=list(targets)))
+    return model
+
+
 def print_memory_rows(results: dict[str, dict[str, Any]]) -> None:
     print(
-        "\n| mode | trainable | RSS before training (MB) | RSS in training, max (MB) "
-        "| peak RSS (MB) | step (s) |"
+        "\n| mode | trainable | frozen weights (MB) | RSS before training (MB) "
+        "| RSS in training, max (MB) | peak RSS (MB) | step (s) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for mode, r in results.items():
         share = 100 * r["trainable"] / r["total"]
         print(
             f"| {mode.removeprefix('memory-')} | {r['trainable']:,} ({share:.1f}%) | "
-            f"{r['current_rss_before_training_mb']:.0f} | "
+            f"{r['frozen_weights_mb']:.1f} | {r['current_rss_before_training_mb']:.0f} | "
             f"{r['max_current_rss_in_training_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
             f"{r['step_time_s']:.2f} |"
         )

@@ -639,6 +639,7 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 # -- the table over seeds ----------------------------------------------------------------
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]  # e.g. no reward score of sft_final
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -692,14 +693,20 @@ def aggregate(out: Path, min_gain: float = 15.0, max_drop: float = 2.0, gap: flo
         if all("training_log" in r[name] for r in have):
             logs = [r[name]["training_log"] for r in have]
             row["training_log"] = {key: [g[key] for g in logs] for key in logs[0]}
-        if name in PREFERENCE_METHODS:
+        # a method is judged only when it ran on every seed
+        if name in PREFERENCE_METHODS and len(have) == len(runs):
             row["meets_gain"] = min(delta) >= min_gain
             row["meets_attributes"] = max(drops) <= max_drop
         rows[name] = row
     best = None
-    if "nll_chosen" in rows:
+    complete = [
+        m
+        for m in (*PREFERENCE_METHODS, "nll_chosen")
+        if len(rows.get(m, {}).get("seeds", [])) == len(runs)
+    ]
+    if "nll_chosen" in complete:
         baseline = statistics.fmean(rows["nll_chosen"]["exact_match"])
-        candidates = [m for m in PREFERENCE_METHODS if m in rows]
+        candidates = [m for m in complete if m != "nll_chosen"]
         if candidates:
             best = max(candidates, key=lambda m: statistics.fmean(rows[m]["exact_match"]))
             best_gap = 100 * (statistics.fmean(rows[best]["exact_match"]) - baseline)
@@ -797,6 +804,8 @@ def markdown_tables(summary: dict[str, Any]) -> str:
             )
     verdicts = []
     for name, row in rows.items():
+        if name in PREFERENCE_METHODS and "meets_gain" not in row:
+            verdicts.append(f"{name}: not judged, ran on seeds {row['seeds']} only")
         if "meets_gain" in row:
             verdicts.append(
                 f"{name}: ≥15 points on every seed: {row['meets_gain']} (min "

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from mmgpt.adapters.quantized import prepare_kernels
 from mmgpt.model import GPT
 from mmgpt.static_cache import StaticKVCache
 
@@ -101,6 +102,7 @@ class DecodeStep:
     def __init__(self, device: torch.device, compile: bool) -> None:
         self.fn: Callable[..., tuple[Tensor, Tensor]] = decode_step
         self.static_addresses = False  # CUDA graphs: cache buffers and outputs at fixed places
+        self._kernels_ready: set[int] = set()  # ids of the models prepare_kernels has seen
         if not compile or _UNAVAILABLE:
             return
         if device.type == "cpu":
@@ -135,6 +137,9 @@ class DecodeStep:
         cache_position: Tensor,
     ) -> tuple[Tensor, Tensor]:
         if self.compiled and not _UNAVAILABLE:
+            if id(model) not in self._kernels_ready:  # once per generate call and model
+                prepare_kernels(model)
+                self._kernels_ready.add(id(model))
             try:
                 logits, hidden = self.fn(model, input_ids, position_ids, cache, cache_position)
             except Exception as error:  # any compiler failure: the eager step is the same

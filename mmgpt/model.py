@@ -220,7 +220,7 @@ class CausalSelfAttention(nn.Module):
         output_attentions: bool = False,
         cache_position: Tensor | None = None,  # (T,) slots of a StaticKVCache
     ) -> tuple[Tensor, Tensor | None]:  # (B, T, C), attention weights (B, H, T, S) or None
-        B, T, C = x.shape
+        B, T, _ = x.shape  # (B, T, C)
         # this module's heads (all of them, or a tensor-parallel rank's share: see
         # mmgpt.tensor_parallel), which is why the sizes come from n_head and not from C
         q_dim = self.n_head * self.head_dim

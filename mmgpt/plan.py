@@ -30,6 +30,15 @@ bf16/fp16, 4 for fp32):
 * **logit gradients** ``8 B T V`` at the start of backward (gradient of the log-softmax and of
   the logits, fp32).
 
+With ``train.tensor_parallel: P`` (FSDP over ``G / P`` data-parallel ranks, each decoder
+block split over ``P``: :mod:`mmgpt.tensor_parallel`) the FSDP column is the 2-D layout: the
+block projections' parameters, gradients and moments (``N_split``) are divided by ``P`` before
+FSDP's ``G / P``, the rest (embeddings, head, norms, encoders) by ``G / P`` only; a block's
+activations keep the two replicated projection inputs whole and divide the rest (q/k/v, the
+attention output, the MLP hidden states, the attention statistics) by ``P``; the block
+FLOPs are divided by ``P``. Each block then all-reduces its ``B x T x C`` output twice forward
+and twice backward over the ``P`` ranks (reported, not timed).
+
 A GPU is taken to fit when the total plus 1 GiB (CUDA context, allocator slack) is below its
 memory. The step time is ``6 N_mm + 12 L T C`` FLOPs per token (forward + backward of the
 matmuls and of attention; ``8 N_mm + 16 L T C`` with checkpointing, which repeats the
@@ -60,6 +69,7 @@ from mmgpt.multimodal import MultimodalGPT
 from mmgpt.pretrained import architecture, resolve_model_dir
 from mmgpt.recipe.build import component_kwargs, gpt_overrides, trainable_parts
 from mmgpt.recipe.spec import STAGE_KEYS, apply_overrides, load_recipe, recipe_architecture
+from mmgpt.tensor_parallel import check_tensor_parallel
 from mmgpt.trainer import TrainConfig
 
 __all__ = [
@@ -94,6 +104,7 @@ def block_activation_bytes(
     gated: bool = False,
     rotary: bool = False,
     rmsnorm: bool = False,
+    tensor_parallel: int = 1,
 ) -> float:
     """Bytes one transformer block saves for backward, per sequence (see the module doc).
 
@@ -101,14 +112,17 @@ def block_activation_bytes(
     values of ``kv_heads`` heads only; a gated MLP keeps gate, up and their product (4 rather
     than 2 hidden-width tensors); rotary positions keep the rotated halves of q and k; torch's
     RMSNorm keeps its normalised output besides its input (measured with saved-tensor hooks).
+    With ``tensor_parallel`` P a rank keeps the inputs of c_attn and c_fc whole and 1 / P of
+    everything computed from the split heads and MLP columns.
     """
     T, C = tokens, width
     kv = 1.0 if kv_heads is None else kv_heads / heads
     residual = 2 * 4 * T * C
     attention = 4 + 2 * kv + (2 if rotary else 0)
     mlp = (4 if gated else 2) * mlp_ratio
-    matmuls = act * (attention + mlp) * T * C
-    stats = 2 * 2 * 4 * T + 4 * heads * T
+    replicated = 2  # the inputs of c_attn and c_fc (every TP rank holds them whole)
+    matmuls = act * (replicated + (attention - replicated + mlp) / tensor_parallel) * T * C
+    stats = 2 * 2 * 4 * T + 4 * heads * T / tensor_parallel
     norms = 2 * 4 * T * C if rmsnorm else 0
     masks = 2 * T * C if dropout else 0
     return residual + matmuls + stats + norms + masks
@@ -130,8 +144,10 @@ def activation_bytes(
     act: int,
     checkpointing: bool = False,
     tokens: int | None = None,
+    tensor_parallel: int = 1,
 ) -> float:
-    """Activations of a micro-batch of the GPT decoder with ``config`` (a GPTConfig)."""
+    """Activations of a micro-batch of the GPT decoder with ``config`` (a GPTConfig), on one
+    GPU (with ``tensor_parallel`` P: one rank of a group that computes the micro-batch)."""
     T = config.block_size if tokens is None else tokens
     ratio = config.mlp_hidden / config.n_embd
     rmsnorm = config.norm == "rmsnorm"
@@ -146,6 +162,7 @@ def activation_bytes(
         gated=config.gated_mlp,
         rotary=config.pos_encoding == "rotary",
         rmsnorm=rmsnorm,
+        tensor_parallel=tensor_parallel,
     )
     head = head_activation_bytes(T, config.n_embd, config.vocab_size, act, rmsnorm=rmsnorm)
     if checkpointing:
@@ -163,16 +180,28 @@ def state_bytes(
     strategy: str,
     gpus: int,
     grad_accum_steps: int = 1,
+    tensor_parallel: int = 1,
+    n_split: int = 0,
+    n_split_trainable: int = 0,
 ) -> dict[str, float]:
-    """Parameter, gradient and AdamW-state bytes on one GPU (exact for DDP; FSDP: ``/ G``)."""
-    shards = gpus if strategy == "fsdp" else 1
-    grads = 4 * n_trainable / shards
+    """Parameter, gradient and AdamW-state bytes on one GPU (exact for DDP; FSDP: ``/ G``).
+
+    ``tensor_parallel`` P > 1 (FSDP only): ``n_split`` (``n_split_trainable``) of the
+    parameters are the decoder blocks' projections, divided by P; FSDP shards over ``G / P``.
+    """
+    tp = tensor_parallel
+    if tp > 1 and strategy != "fsdp":
+        raise ValueError(f"tensor_parallel={tp} needs strategy 'fsdp', got {strategy!r}")
+    shards = gpus // tp if strategy == "fsdp" else 1
+    params = n_params - n_split + n_split / tp  # what one TP rank holds before FSDP
+    trainable = n_trainable - n_split_trainable + n_split_trainable / tp
+    grads = 4 * trainable / shards
     if strategy == "fsdp" and grad_accum_steps > 1:
-        grads += 4 * n_trainable  # unsharded gradients held until the last micro-batch
+        grads += 4 * trainable  # unsharded gradients held until the last micro-batch
     return {
-        "parameters": 4 * n_params / shards,
+        "parameters": 4 * params / shards,
         "gradients": grads,
-        "optimizer": 8 * n_trainable / shards + 4 * n_trainable_tensors,
+        "optimizer": 8 * trainable / shards + 4 * n_trainable_tensors,
     }
 
 
@@ -230,6 +259,7 @@ class Plan:
     step_seconds: float | None
     mfu: float
     notes: list[str] = field(default_factory=list)
+    tensor_parallel: int = 1  # the FSDP estimates are then the (G / P) x P layout's
 
 
 def _units(model: nn.Module) -> tuple[int, int]:
@@ -250,6 +280,21 @@ def _matmul_params(model: nn.Module) -> tuple[int, int]:
     return decoder, total - decoder
 
 
+def _split_params(model: nn.Module) -> tuple[int, int, int]:
+    """(parameters, trainable parameters, matmul weights) that tensor parallelism splits: the
+    block projections, less the row-wise layers' biases (replicated)."""
+    split = trainable = matmul = 0
+    for block in transformer_blocks(model):
+        for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            matmul += linear.weight.numel()
+            for name, p in linear.named_parameters():
+                if name == "bias" and linear in (block.attn.c_proj, block.mlp.c_proj):
+                    continue
+                split += p.numel()
+                trainable += p.numel() if p.requires_grad else 0
+    return split, trainable, matmul
+
+
 def estimate(
     model: nn.Module,
     config: Any,
@@ -264,10 +309,15 @@ def estimate(
     mfu: float = DEFAULT_MFU,
     encoder_tokens: int = 0,
     recipe: str = "",
+    tensor_parallel: int = 1,
 ) -> Plan:
-    """Estimate memory and step time for ``model`` (any device, meta is fine)."""
+    """Estimate memory and step time for ``model`` (any device, meta is fine); with
+    ``tensor_parallel`` P > 1 the FSDP estimates are those of FSDP x P-way TP."""
     if gpus < 1:
         raise ValueError(f"gpus: expected a positive integer, got {gpus}")
+    tp = tensor_parallel
+    if tp > 1:
+        check_tensor_parallel(model, tp, gpus)  # whole heads, and P divides the GPUs
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu: expected a fraction in (0, 1], got {mfu}")
     act = 4 if precision == "fp32" else 2
@@ -277,8 +327,10 @@ def estimate(
     n_trainable = sum(p.numel() for p in trainable)
     n_dec, n_enc = _matmul_params(model)
     block, root = _units(model)
+    n_split, n_split_trainable, n_split_mm = _split_params(model) if tp > 1 else (0, 0, 0)
 
     def memory(strategy: str, ckpt: bool) -> MemoryEstimate:
+        p = tp if strategy == "fsdp" else 1
         states = state_bytes(
             n_params,
             n_trainable,
@@ -286,12 +338,17 @@ def estimate(
             strategy=strategy,
             gpus=gpus,
             grad_accum_steps=grad_accum_steps,
+            tensor_parallel=p,
+            n_split=n_split if p > 1 else 0,
+            n_split_trainable=n_split_trainable if p > 1 else 0,
         )
         if strategy == "ddp":
             copies = 2 * (n_dec + n_enc) if act == 2 else 0.0
         else:
-            copies = act * (root + 2 * block) + 4 * block
-        activations = activation_bytes(config, batch_size, act=act, checkpointing=ckpt)
+            copies = act * (root + 2 * block / p) + 4 * block / p
+        activations = activation_bytes(
+            config, batch_size, act=act, checkpointing=ckpt, tensor_parallel=p
+        )
         logits = 8 * batch_size * config.block_size * config.vocab_size
         return MemoryEstimate(
             strategy,
@@ -302,7 +359,10 @@ def estimate(
         )
 
     T, L, C = config.block_size, config.n_layer, config.n_embd
-    per_token = (8 if checkpointing else 6) * n_dec + (16 if checkpointing else 12) * L * T * C
+    # per GPU: the split projections' and attention's work is shared by the TP group
+    n_dec_gpu = n_dec - n_split_mm + n_split_mm / tp
+    per_token = (8 if checkpointing else 6) * n_dec_gpu
+    per_token += (16 if checkpointing else 12) * L * T * C / tp
     tokens = batch_size * grad_accum_steps * T
     step_flops = per_token * tokens + 6 * n_enc * encoder_tokens * batch_size * grad_accum_steps
     seconds = step_flops / (flops * 1e12 * mfu) if flops else None
@@ -311,6 +371,12 @@ def estimate(
         notes.append(
             f"dropout={config.dropout}: attention dropout can fall back to the unfused attention "
             "kernel, which also stores B x H x T x T probabilities (not included)"
+        )
+    if tp > 1:
+        volume = 4 * L * batch_size * T * C * act * grad_accum_steps
+        notes.append(
+            f"tensor_parallel={tp}: each GPU all-reduces {volume / GIB:.3g} GiB of activations "
+            f"per step within its group of {tp} (keep a group on one NVLink-connected machine)"
         )
     return Plan(
         recipe=recipe,
@@ -331,6 +397,7 @@ def estimate(
         step_seconds=seconds,
         mfu=mfu,
         notes=notes,
+        tensor_parallel=tp,
     )
 
 
@@ -464,6 +531,7 @@ def plan(
         mfu=mfu,
         encoder_tokens=encoder_tokens,
         recipe=name,
+        tensor_parallel=cfg.tensor_parallel,
     )
 
 
@@ -518,6 +586,7 @@ def format_plan(p: Plan) -> str:
     """The text ``mmgpt plan`` prints."""
     c = p.config
     tokens = p.batch_size * c.block_size
+    replicas = p.gpus // p.tensor_parallel  # data-parallel ranks of the FSDP layout
     lines = [
         f"plan: recipe {p.recipe!r} on {p.gpus} GPU(s)"
         + (f" with {p.gpu_memory_gb:g} GB each" if p.gpu_memory_gb is not None else ""),
@@ -526,13 +595,20 @@ def format_plan(p: Plan) -> str:
         f"context {c.block_size}",
         f"batch: {p.batch_size} x {c.block_size} tokens per GPU per micro-batch, "
         f"grad_accum_steps {p.grad_accum_steps}: global batch "
-        f"{p.batch_size * p.grad_accum_steps * p.gpus} sequences "
-        f"({tokens * p.grad_accum_steps * p.gpus:,} tokens) per step",
+        f"{p.batch_size * p.grad_accum_steps * replicas} sequences "
+        f"({tokens * p.grad_accum_steps * replicas:,} tokens) per step"
+        + (
+            f" (FSDP over {replicas} x tensor_parallel {p.tensor_parallel}; DDP column: "
+            f"{p.gpus} replicas)"
+            if p.tensor_parallel > 1
+            else ""
+        ),
         f"precision: {p.precision}; activation checkpointing: {'on' if p.checkpointing else 'off'}",
         "",
     ]
     unit, unit_name = (GIB, "GiB") if p.ddp.total >= GIB else (1024**2, "MiB")
-    lines.append(f"memory per GPU ({unit_name})       {'DDP':>8} {'FSDP':>8}")
+    fsdp_name = "FSDP" if p.tensor_parallel == 1 else f"FSDPxTP{p.tensor_parallel}"
+    lines.append(f"memory per GPU ({unit_name})       {'DDP':>8} {fsdp_name:>8}")
     rows = [
         ("parameters (fp32)", "parameters"),
         ("gradients (fp32)", "gradients"),

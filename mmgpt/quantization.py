@@ -2,10 +2,21 @@
 minimum per group of input features, packed two per byte), for inference.
 
 :func:`quantize_model` replaces the Linear layers of a GPT's blocks, and its LM head when
-that is not tied to the token embeddings, by :class:`~mmgpt.adapters.int8.Int8Linear` or
-:class:`~mmgpt.adapters.int4.Int4Linear`; in a multimodal model only the GPT inside it is
-quantised (encoders, projectors and decoders stay float: they are a small share of the
-weights and the image paths are sensitive to them). Embeddings and norms stay float.
+by :class:`~mmgpt.adapters.int8.Int8Linear` or :class:`~mmgpt.adapters.int4.Int4Linear`; in
+a multimodal model only the GPT inside it is quantised (encoders, projectors and decoders stay
+float: they are a small share of the weights and the image paths are sensitive to them).
+Embeddings and norms stay float.
+
+An LM head tied to the token embeddings is quantised too: the head becomes a quantised copy
+of the shared table, and the embedding keeps its float table. The head's matmul streams the
+whole table every decoded token, where the embedding looks up one row, so only the head gains
+from fewer bytes; a float lookup also keeps the input embeddings exact. The copy costs one
+byte (int8) or half a byte (int4) per table entry beside the float table. The tie is not lost
+on disk: ``model.safetensors`` holds the float table once (``transformer.wte.weight``) and the
+head's ``qweight`` and scales under ``lm_head``, and the loader rebuilds the tied model before
+swapping the head (``config.json`` still says ``tie_embeddings``). A quantised model is for
+inference only (training refuses it, :mod:`mmgpt.adapters.training`), so the copy cannot
+drift from the table.
 
 A quantised model saves as an ordinary model directory (:mod:`mmgpt.weights`): its
 ``model.safetensors`` holds each quantised layer's ``qweight`` and scales under the layer's
@@ -51,17 +62,12 @@ _DECODER_LINEAR = re.compile(r"(gpt\.)?(transformer\.h\.\d+\..+|lm_head)")
 
 
 def _targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The Linears :func:`quantize_model` replaces: the decoder's, and an untied LM head."""
-    shared = set()
-    for module in model.modules():  # an LM head tied to the embeddings stays float
-        if isinstance(module, nn.Embedding):
-            shared.add(id(module.weight))
+    """The Linears :func:`quantize_model` replaces: the decoder's and its LM head (a tied
+    head too: module docstring)."""
     return [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is nn.Linear
-        and _DECODER_LINEAR.fullmatch(name)
-        and id(module.weight) not in shared
+        if type(module) is nn.Linear and _DECODER_LINEAR.fullmatch(name)
     ]
 
 

@@ -79,7 +79,11 @@ def make_mesh(device_type: str, world_size: int, tp: int) -> Any:
 def _attention_row_order(attn: CausalSelfAttention, tp: int) -> Tensor:
     """Rows of the canonical ``[q; k; v]`` in TP layout: rank by rank, its q, k, v heads."""
     q_dim, kv_dim = attn.n_head * attn.head_dim, attn.kv_dim
-    q, k, v = torch.arange(q_dim), torch.arange(kv_dim) + q_dim, torch.arange(kv_dim) + q_dim + kv_dim
+    q, k, v = (
+        torch.arange(q_dim),
+        torch.arange(kv_dim) + q_dim,
+        torch.arange(kv_dim) + q_dim + kv_dim,
+    )
     parts = zip(q.chunk(tp), k.chunk(tp), v.chunk(tp), strict=True)
     return torch.cat([torch.cat(ranks) for ranks in parts])
 
@@ -112,7 +116,7 @@ def parallelize_blocks(model: nn.Module, tp_mesh: Any) -> int:
             fused.append((mlp.c_fc, _gated_row_order(mlp, tp)))
         for linear, rows in fused:
             for pname, param in linear.named_parameters():
-                param.copy_(param.index_select(0, rows))
+                param.copy_(param.index_select(0, rows.to(param.device)))
                 order[f"{names[id(linear)]}.{pname}"] = rows
         parallelize_module(
             block,
@@ -146,7 +150,12 @@ def _reorder(value: Any, rows: Tensor) -> Any:
     return value.index_select(0, rows.to(value.device))
 
 
-def _convert(model: nn.Module, model_state: dict[str, Any], optim_state: dict | None, inverse: bool):
+def _convert(
+    model: nn.Module,
+    model_state: dict[str, Any],
+    optim_state: dict[str, Any] | None,
+    inverse: bool,
+) -> None:
     order: dict[str, Tensor] = getattr(model, LAYOUT_ATTR, {})
     for name, rows in order.items():
         if inverse:

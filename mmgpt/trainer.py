@@ -130,6 +130,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes
     compile: bool = False  # torch.compile the model (ddp/fsdp: each decoder block)
     strategy: str = "none"  # none | ddp | fsdp (run under torchrun; see docs/distributed.md)
+    tensor_parallel: int = 1  # processes each decoder block is split over (fsdp: 2-D mesh)
     activation_checkpointing: bool = False  # recompute decoder blocks in backward
     save_frozen: bool = True  # checkpoints hold frozen weights too (False: trainable + buffers)
     progress: bool = True  # tqdm progress bar
@@ -169,6 +170,9 @@ class TrainConfig:
             _fail("device", f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.strategy not in STRATEGIES:
             _fail("strategy", f"expected one of {STRATEGIES}, got {self.strategy!r}")
+        _check_int(self, "tensor_parallel", minimum=1)
+        if self.tensor_parallel > 1 and self.strategy != "fsdp":
+            _fail("tensor_parallel", f"> 1 needs strategy 'fsdp', got {self.strategy!r}")
         for name in (
             "compile",
             "save_frozen",
@@ -415,6 +419,16 @@ class Trainer:
         return info.rank, info.world_size
 
     @property
+    def data_rank(self) -> int:
+        """This process's data-parallel rank: the ranks of a tensor-parallel group read the
+        same batches (and share random streams, so replicated dropout agrees)."""
+        return self.rank // self.config.tensor_parallel
+
+    @property
+    def data_world_size(self) -> int:
+        return self.world_size // self.config.tensor_parallel
+
+    @property
     def is_main_process(self) -> bool:
         """Only the main process writes logs, checkpoints and the final model."""
         return self.rank == 0
@@ -436,6 +450,7 @@ class Trainer:
             precision=self.precision,
             activation_checkpointing=cfg.activation_checkpointing,
             compile=cfg.compile,
+            tensor_parallel=cfg.tensor_parallel,
         )
 
     def _make_loader(self, dataset: Any, *, train: bool) -> ResumableLoader:
@@ -446,8 +461,8 @@ class Trainer:
             drop_last=train,
             seed=self.config.seed,
             collate_fn=self.collate_fn,
-            rank=self.rank,
-            world_size=self.world_size,
+            rank=self.data_rank,
+            world_size=self.data_world_size,
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
         )
@@ -463,7 +478,8 @@ class Trainer:
         """Sum of ``value`` over processes."""
         if self.world_size == 1:
             return value
-        return distributed.all_reduce_sum([value], self.device)[0]
+        # a tensor-parallel group holds one data-parallel rank's value tp times
+        return distributed.all_reduce_sum([value], self.device)[0] / self.config.tensor_parallel
 
     def _reduce_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """Element-wise sum of metric sums over processes (every rank must have the same keys)."""
@@ -480,7 +496,8 @@ class Trainer:
                 f"rank {self.rank}: the objective's metrics differ between processes "
                 f"(this rank has {keys}); every rank must report the same metric names"
             )
-        return dict(zip(keys, values))
+        tp = self.config.tensor_parallel  # each data-parallel rank's sums counted tp times
+        return {k: v / tp for k, v in zip(keys, values, strict=True)}
 
     def _barrier(self) -> None:
         """Wait for every process (no-op in a single process)."""
@@ -656,7 +673,7 @@ class Trainer:
                     # Backward weight / reference rather than weight: same result after the
                     # final rescale, but gradients keep the size of a mean loss's (fp16 needs
                     # that). Every process must use the same reference.
-                    reference = self._reduce_sum(weight) / self.world_size or 1.0
+                    reference = self._reduce_sum(weight) / self.data_world_size or 1.0
                 self.scaler.scale(out.loss * (weight / reference)).backward()
             acc.add(float(out.loss.detach()), weight, out.metrics)
             tokens += _count_tokens(out.metrics, batch)
@@ -665,8 +682,9 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         total = sums["__weight"]
         if total > 0:
-            # DDP averages gradients over processes: times world_size gives their sum
-            scale = reference * self.world_size / total
+            # DDP/FSDP average gradients over the data-parallel ranks: times their number
+            # gives the sum
+            scale = reference * self.data_world_size / total
             if scale != 1.0:
                 for _, p in self.trainable_parameters():
                     if p.grad is not None:
@@ -679,10 +697,8 @@ class Trainer:
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         if not params:
             return 0.0
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor
-            norm = norm.full_tensor()
-        return float(norm)
+        # torch's clip_grad_norm_, or per device mesh when tensor parallelism mixes two
+        return distributed.clip_grad_norm(params, max_norm)
 
     def train_step(self, micro_batches: Sequence[Any]) -> dict[str, float]:
         """Gradients, clipping, optimizer and scheduler step; returns the step's metrics."""
@@ -747,8 +763,8 @@ class Trainer:
         """
         loader = self.eval_loader
         total = len(loader)
-        if self.world_size > 1:  # rank 0 holds the most samples of the strided split
-            per_rank = len(range(0, loader.num_samples, self.world_size))
+        if self.data_world_size > 1:  # rank 0 holds the most samples of the strided split
+            per_rank = len(range(0, loader.num_samples, self.data_world_size))
             total = -(-per_rank // loader.batch_size)
         if max_batches:
             total = min(total, max_batches)
@@ -850,7 +866,7 @@ class Trainer:
         else:
             self.step = 0
             # distinct streams per process (dropout masks); rank 0's is the single-process one
-            seed_everything(self.config.seed + self.rank)
+            seed_everything(self.config.seed + self.data_rank)
         if self.is_main_process:
             self._open_logs(keep_until=self.step if path is not None else None)
         return path is not None
@@ -1053,15 +1069,16 @@ class Trainer:
         """The saved position for this loader: ``index`` batches of ``batch_size`` on each of
         ``world_size`` ranks is a global count of samples, the same on any world size."""
         bs, ws = int(saved.get("batch_size", self.config.batch_size)), int(saved["world_size"])
-        if (bs, ws) == (self.config.batch_size, self.world_size):
+        if (bs, ws) == (self.config.batch_size, self.data_world_size):
             return saved
         consumed = int(saved["index"]) * bs * ws
-        global_batch = self.config.batch_size * self.world_size
+        global_batch = self.config.batch_size * self.data_world_size
         if consumed % global_batch:
             raise ValueError(
                 f"{path}: cannot resume the data position on this layout: {consumed} samples of "
                 f"epoch {saved['epoch']} were consumed ({ws} rank(s) x batch_size {bs}), not a "
-                f"multiple of {self.world_size} rank(s) x batch_size {self.config.batch_size}; "
+                f"multiple of {self.data_world_size} rank(s) x batch_size "
+                f"{self.config.batch_size}; "
                 "keep batch_size x world_size the same (or a divisor of the consumed count)"
             )
         return {
@@ -1086,7 +1103,7 @@ class Trainer:
         if tensors.is_file():
             restore_rng_state(load_tensors(tensors), _read_json(tensors.with_suffix(".json")))
         else:
-            seed_everything(self.config.seed + self.rank + 1_000_003 * self.step)
+            seed_everything(self.config.seed + self.data_rank + 1_000_003 * self.step)
 
     def _extra_state(self) -> dict[str, Any]:
         """JSON state a subclass adds to every checkpoint (e.g. PPO's KL controller)."""
@@ -1116,7 +1133,7 @@ class Trainer:
         neutral = {"max_steps", "eval_every", "eval_batches", "save_every", "keep_last"}
         neutral |= {"log_every", "progress", "tensorboard", "num_workers", "device"}
         # how the work is laid out, not what is computed
-        neutral |= {"strategy", "activation_checkpointing", "compile"}
+        neutral |= {"strategy", "activation_checkpointing", "compile", "tensor_parallel"}
         current = self.config.to_dict()
         if saved.get("batch_size", 0) * saved_world == current["batch_size"] * self.world_size:
             neutral.add("batch_size")  # the same global batch

@@ -778,6 +778,17 @@ EXERCISED_BY: tuple[Rule, ...] = (
         ),
     ),
     Rule(
+        "mmgpt train with train.tensor_parallel (2-D: FSDP x TP)",
+        lambda i: (
+            i.command == "train"
+            and any(o.startswith("train.tensor_parallel=") for o in i.args.overrides)
+        ),
+        (
+            "tests/distributed/test_tensor_parallel.py::"
+            "test_trainer_with_tensor_parallel_matches_one_process",
+        ),
+    ),
+    Rule(
         "python -m mmgpt.distributed consolidate",
         lambda i: i.module == "mmgpt.distributed",
         (

@@ -77,10 +77,13 @@ def test_layers_dequantise_to_the_nearest_grid_point():
         ("int4", 32, 0.15),
     ],
 )
+# a head of 100 rows (quantised, padded for the int4 kernel), untied or tied to the embeddings
+@pytest.mark.parametrize("tie", [False, True])
 def test_quantised_logits_are_close_to_float_and_round_trip_exactly(
-    tmp_path, method, group_size, bound
+    tmp_path, method, group_size, bound, tie
 ):
-    model = tiny_gpt(tie=False)  # an untied head of 100 rows: quantised, padded for the kernel
+    model = tiny_gpt(tie=tie)
+    table = model.transformer.wte.weight.detach().clone()
     with torch.no_grad():
         reference = model(IDS).logits
     record = quantize_model(model, method, group_size)
@@ -105,8 +108,15 @@ def test_quantised_logits_are_close_to_float_and_round_trip_exactly(
         assert header["transformer.h.0.mlp.c_fc.scale"]["shape"] == [256, 2]
     else:
         assert (qweight["dtype"], qweight["shape"]) == ("I8", [256, 64])
+    if tie:  # the float table once, the head's quantised copy beside it
+        assert "transformer.wte.weight" in header and "lm_head.weight" not in header
+        assert config["gpt"]["tie_embeddings"] is True
     loaded = load_model(tmp_path / "q")
     assert type(loaded.lm_head) is type(model.lm_head)
+    # the embedding lookup stays float and exact; a tied head is a copy of that table
+    assert torch.equal(loaded.transformer.wte.weight, table)
+    if tie:
+        assert relative_error(loaded.lm_head.weight, table) < bound
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, prefill)
         assert torch.equal(loaded(IDS[:, :1]).logits, decode)
@@ -141,8 +151,8 @@ def test_decoding_uses_the_kernels_and_generation_runs(monkeypatch):
         quantize_model(model, method, group_size)
         tokens = generate(model, IDS[:1, :6], greedy, pad_id=0)
         assert len(tokens[0]) == len(float_tokens[0]) == 4
-        # the tied head stays float: 8 quantised matmuls per decoded token
-        assert calls[method] >= 8 * 3, calls
+        # 8 quantised matmuls and the (tied) head per decoded token
+        assert calls[method] >= 9 * 3, calls
 
 
 def test_multimodal_model_quantises_its_gpt_only(tmp_path):
@@ -160,12 +170,15 @@ def test_multimodal_model_quantises_its_gpt_only(tmp_path):
     model = MultimodalGPT.build("gpt-nano", tok, n_embd=64, n_head=4, block_size=64).eval()
     save_model(model, tmp_path / "float")
     report = quantize_directory(tmp_path / "float", tmp_path / "q", "int4", 32)
-    assert report["layers"] == 3 * 4  # gpt-nano's 3 blocks; the head is tied
+    assert report["layers"] == 3 * 4 + 1  # gpt-nano's 3 blocks and the (tied) head
     assert report["weights_bytes_after"] < report["weights_bytes_before"]
     quantized = load_model(tmp_path / "q")
     assert isinstance(quantized, MultimodalGPT)
     record = quantization_record(quantized)
-    assert all(name.startswith("gpt.transformer.h.") for name in record["modules"])
+    assert all(
+        name.startswith("gpt.transformer.h.") or name == "gpt.lm_head" for name in record["modules"]
+    )
+    assert "gpt.lm_head" in record["modules"]
     encoder_linears = [m for m in quantized.encoders.modules() if isinstance(m, torch.nn.Linear)]
     assert encoder_linears and all(type(m) is torch.nn.Linear for m in encoder_linears)
     float_model = load_model(tmp_path / "float")
@@ -230,7 +243,7 @@ def test_cli_quantize_then_generate_and_eval(tmp_path, capsys):
     args = ["quantize", "--model", str(model_dir), "--out", str(tmp_path / "q4")]
     assert main([*args, "--method", "int4", "--group-size", "32"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["method"] == "int4" and report["layers"] == 8
+    assert report["method"] == "int4" and report["layers"] == 8 + 1  # and the tied head
     assert main(["eval", "--model", str(model_dir), "--data", str(corpus), "--task", "lm"]) == 0
     float_ppl = json.loads(capsys.readouterr().out)["perplexity"]
     q4 = str(tmp_path / "q4")
@@ -244,3 +257,28 @@ def test_cli_quantize_then_generate_and_eval(tmp_path, capsys):
     assert "--group-size) must be one of 32, 64, 128, 256" in capsys.readouterr().err
     assert main(["quantize", "--model", q4, "--out", str(tmp_path / "x"), "--method", "int8"]) == 2
     assert "already quantised" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("method", "group_size"), [("int8", None), ("int4", 32)])
+def test_kernel_tensors_are_prepared_for_a_compiled_graph(monkeypatch, method, group_size):
+    """Inside a compiled graph the layers use kernel tensors built beforehand (dynamo cannot
+    trace their cache check): unprepared is a clear error, prepared computes the eager result,
+    and new weights loaded afterwards are picked up by the next prepare_kernels."""
+    from mmgpt.adapters.quantized import prepare_kernels, quantize_linear
+
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(64, 48), torch.nn.Linear(64, 48)
+    layer = quantize_linear(first, method, group_size, "layer")
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        eager = layer(x)
+        layer._kernel_scale = layer._kernel_weights = None  # as freshly built
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        with pytest.raises(RuntimeError, match="prepare_kernels"):
+            layer(x)
+        prepare_kernels(layer)
+        assert torch.equal(layer(x), eager)
+        layer.load_state_dict(quantize_linear(second, method, group_size, "layer").state_dict())
+        prepare_kernels(layer)
+        monkeypatch.undo()
+        assert relative_error(layer(x), second(x)) < (0.02 if method == "int8" else 0.15)

@@ -200,3 +200,30 @@ def test_compiled_generate_equals_eager_generate(name, monkeypatch):
             model, prompts, cfg, pad_id=0
         )
     assert not compiled_step._UNAVAILABLE  # it compiled, it did not fall back
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "group_size"), [("int8", None), ("int4", 32)])
+def test_compiled_quantised_generate_equals_eager_quantised_generate(
+    method, group_size, monkeypatch
+):
+    """A weight-only quantised model compiles (no fallback) and decodes the tokens its eager
+    kernels decode, at batch 1 (the fused kernels) and batch 3."""
+    import warnings
+
+    from mmgpt.quantization import quantize_model
+
+    monkeypatch.setattr(compiled_step, "_UNAVAILABLE", [])
+    if compiled_step.missing_compiler() is not None:
+        pytest.skip("no C++ compiler for torch.compile")
+    model = tiny(n_embd=64, n_head=4)
+    quantize_model(model, method, group_size)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0)
+    compiled = GenerationConfig(max_new_tokens=12, temperature=0, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager fails the test
+        for prompts in ([PROMPTS[0]], PROMPTS):
+            assert generate(model, prompts, compiled, pad_id=0) == generate(
+                model, prompts, cfg, pad_id=0
+            )
+    assert not compiled_step._UNAVAILABLE

@@ -115,12 +115,25 @@ class Int4Linear(nn.Module):
         w = q * self.scale.to(dtype)[..., None] + self.minimum.to(dtype)[..., None]
         return w.reshape(self.out_features, self.in_features)
 
-    def _kernel(self, x: Tensor) -> Tensor:
+    def prepare_kernel(self) -> None:
+        """Build (or rebuild, when the weights were replaced or changed) the CPU kernel's
+        packing. Eager calls do it on demand; a compiled graph cannot (dynamo does not trace
+        the data-pointer check), so :func:`~mmgpt.adapters.quantized.prepare_kernels` runs
+        this before a compiled step."""
         key = tuple(
             v for t in (self.qweight, self.scale, self.minimum) for v in (t.data_ptr(), t._version)
         )
         if self._kernel_weights is None or self._kernel_weights[0] != key:
             self._kernel_weights = (key, *self._kernel_layout())
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling():
+            self.prepare_kernel()
+        elif self._kernel_weights is None:
+            raise RuntimeError(
+                "Int4Linear: compiled without its kernel packing; call "
+                "mmgpt.adapters.quantized.prepare_kernels(model) before compiling"
+            )
         _, packed, scales_and_zeros = self._kernel_weights
         out = torch._weight_int4pack_mm_for_cpu(
             x.to(torch.bfloat16), packed, self.group_size, scales_and_zeros

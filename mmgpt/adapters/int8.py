@@ -71,11 +71,24 @@ class Int8Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> Tensor:
         return self.qweight.to(dtype) * self.scale.to(dtype)  # (out, in)
 
-    def _kernel(self, x: Tensor) -> Tensor:
-        # the kernel's fast path wants bf16 activations and scales (module docstring)
+    def prepare_kernel(self) -> None:
+        """Cast the scales for the kernel (its fast path wants bf16, module docstring), again
+        only when they were replaced or changed. Eager calls do it on demand; a compiled graph
+        cannot (dynamo does not trace the data-pointer check, and inductor's lowering of the
+        kernel takes only stored inputs, not a cast inside the graph), so
+        :func:`~mmgpt.adapters.quantized.prepare_kernels` runs this before a compiled step."""
         key = (self.scale.data_ptr(), self.scale._version)
         if self._kernel_scale is None or self._kernel_scale[0] != key:
             self._kernel_scale = (key, self.scale.reshape(-1).to(torch.bfloat16))
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling():
+            self.prepare_kernel()
+        elif self._kernel_scale is None:
+            raise RuntimeError(
+                "Int8Linear: compiled without its kernel scales; call "
+                "mmgpt.adapters.quantized.prepare_kernels(model) before compiling"
+            )
         out = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self._kernel_scale[1])
         return out.to(x.dtype)
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from mmgpt.adapters.int4 import GROUP_SIZES, Int4Linear, check_group_size
 from mmgpt.adapters.int8 import Int8Linear
+from mmgpt.adapters.nf4 import NF4Linear  # a QLoRA base only (mmgpt.adapters.quantize)
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
@@ -18,6 +19,7 @@ __all__ = [
     "check_method",
     "empty_quantized_linear",
     "is_quantized",
+    "prepare_kernels",
     "quantize_linear",
 ]
 
@@ -71,6 +73,15 @@ def empty_quantized_linear(
     return Int8Linear(in_features, out_features, bias, dtype)
 
 
+def prepare_kernels(model: nn.Module) -> None:
+    """Ready every quantised layer of ``model`` for a compiled forward: the int4 layers' CPU
+    kernel tensors (int8: bf16 scales; int4: the CPU packing) are built eagerly here, since
+    dynamo cannot trace their cache check."""
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            module.prepare_kernel()
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Whether any layer of ``model`` holds quantised weights."""
-    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+    return any(isinstance(m, (Int8Linear, Int4Linear, NF4Linear)) for m in model.modules())

@@ -11,8 +11,10 @@
                             # projector, output_projector, unet) or regexes; list or a,b,c
       train_extra: []       # modules trained in full beside the adapter (e.g. projector)
       name: default         # the adapter's name: model_dir/adapters/<name>/
-      quantize: none        # int8 | int4: a quantised frozen base under the adapter (QLoRA)
-      group_size: 128       # int4 only: input features per scale (32, 64, 128, 256)
+      quantize: none        # int8 | int4 | nf4: a quantised frozen base under the adapter
+                            # (QLoRA; nf4 is the QLoRA paper's 4-bit NormalFloat)
+      group_size: 128       # int4 and nf4: input features per scale (32, 64, 128, 256;
+                            # default 128 for int4, 64 for nf4)
 
 ``mmgpt train RECIPE --adapter lora`` is ``adapter.method=lora``; ``adapter=lora`` works too.
 The recipe builds (or loads) the base model, then :func:`apply_adapter` injects the adapter
@@ -37,8 +39,8 @@ from torch import nn
 
 from mmgpt.adapters.directory import has_adapters
 from mmgpt.adapters.lora import AdapterConfig, add_adapter, fold_adapters
-from mmgpt.adapters.quantize import quantize_base
-from mmgpt.adapters.quantized import check_method, is_quantized
+from mmgpt.adapters.quantize import check_quantization, quantize_base
+from mmgpt.adapters.quantized import is_quantized
 
 __all__ = [
     "ADAPTER_KEYS",
@@ -100,7 +102,7 @@ def apply_adapter(
     if is_quantized(model):  # its quantised layers have no parameters: nothing would train
         raise ValueError(
             "model.from is a quantised model (mmgpt quantize); train from its float original "
-            "(for a quantised base under an adapter: adapter.quantize=int8|int4)"
+            "(for a quantised base under an adapter: adapter.quantize=int8|int4|nf4)"
         )
     method = section.get("method")
     if method is None or method in NO_ADAPTER:
@@ -119,10 +121,10 @@ def apply_adapter(
     quantize = section.get("quantize")
     quantize = None if quantize in NO_QUANTIZATION else quantize
     if quantize is None and section.get("group_size") is not None:
-        raise ValueError("recipe key 'adapter.group_size' needs adapter.quantize=int4")
+        raise ValueError("recipe key 'adapter.group_size' needs adapter.quantize=int4 or nf4")
     if quantize is not None:
         try:
-            check_method(quantize, section.get("group_size"))
+            check_quantization(quantize, section.get("group_size"))
         except ValueError as exc:
             raise ValueError(f"recipe key 'adapter.quantize': {exc}") from None
         if out_dir is None:

@@ -1,10 +1,11 @@
 """QLoRA: an int4 base trains exact gradients, and recipes train on a quantised base
-(`--adapter lora adapter.quantize=int8|int4`) and still write a float model directory."""
+(`--adapter lora adapter.quantize=int8|int4|nf4`) and still write a float model directory."""
 
 from __future__ import annotations
 
 import json
 import re
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from mmgpt.files import load_tensors
 from mmgpt.model import GPT
 from mmgpt.quantization import quantize_model
 
+NEEDS_BNB = pytest.mark.skipif(find_spec("bitsandbytes") is None, reason="nf4 needs bitsandbytes")
 IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
 TARGET = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(9))
 
@@ -135,7 +137,11 @@ def base(tmp_path_factory, corpus) -> Path:
     return out / "model"
 
 
-QUANTIZE = [["adapter.quantize=int8"], ["adapter.quantize=int4", "adapter.group_size=32"]]
+QUANTIZE = [
+    ["adapter.quantize=int8"],
+    ["adapter.quantize=int4", "adapter.group_size=32"],
+    pytest.param(["adapter.quantize=nf4"], marks=NEEDS_BNB),  # its default block size, 64
+]
 
 
 @pytest.mark.parametrize("quantize", QUANTIZE)
@@ -157,6 +163,9 @@ def test_cli_qlora_trains_and_writes_the_float_base_with_the_adapter(
     assert trainable > 0
 
     model_dir = out / "model"
+    # the final directory's base is the float file written before quantising, byte for byte
+    float_base = (out / "float_base.safetensors").read_bytes()
+    assert (model_dir / "model.safetensors").read_bytes() == float_base
     ours = load_tensors(model_dir / "model.safetensors")
     theirs = load_tensors(base / "model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -178,7 +187,11 @@ def test_recipe_quantize_errors(corpus, base, tmp_path):
         run_training("lm", data=corpus, out=tmp_path / "x", overrides=overrides)
 
     with pytest.raises(ValueError, match=r"'adapter.quantize': method \(--method\) must be one"):
-        run("adapter=lora", "adapter.quantize=nf4")
+        run("adapter=lora", "adapter.quantize=fp4")
+    with pytest.raises(ValueError, match=r"must be one of int8, int4, nf4, got 'fp4'"):
+        run("adapter=lora", "adapter.quantize=fp4")
+    with pytest.raises(ValueError, match=r"--group-size\) must be one of 32, 64, 128, 256 for nf4"):
+        run("adapter=lora", "adapter.quantize=nf4", "adapter.group_size=512")
     with pytest.raises(ValueError, match="'adapter.group_size' needs adapter.quantize=int4"):
         run("adapter=lora", "adapter.group_size=32")
     with pytest.raises(ValueError, match="need an adapter: set adapter.method=lora"):
@@ -191,10 +204,11 @@ def test_recipe_quantize_errors(corpus, base, tmp_path):
             run(f"model.from={tmp_path / 'q8'}", *extra)
 
 
-def test_qlora_resume_is_bit_identical(corpus, base, tmp_path):
+@pytest.mark.parametrize("quantize", ["int8", pytest.param("nf4", marks=NEEDS_BNB)])
+def test_qlora_resume_is_bit_identical(corpus, base, tmp_path, quantize):
     from mmgpt.recipe import run_training
 
-    settings = [*TINY, f"model.from={base}", "adapter=lora", "adapter.quantize=int8"]
+    settings = [*TINY, f"model.from={base}", "adapter=lora", f"adapter.quantize={quantize}"]
     settings += ["train.lr=5e-3", "train.min_lr=5e-3", "train.save_every=2", "train.eval_every=0"]
     whole = run_training(
         "lm", data=corpus, out=tmp_path / "whole", overrides=[*settings, "train.max_steps=4"]
@@ -218,7 +232,8 @@ def test_qlora_resume_is_bit_identical(corpus, base, tmp_path):
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in a.items())
 
 
-def test_multimodal_recipe_with_an_int4_base(tmp_path):
+@pytest.mark.parametrize("quantize", ["int4", pytest.param("nf4", marks=NEEDS_BNB)])
+def test_multimodal_recipe_with_a_4_bit_base(tmp_path, quantize):
     pytest.importorskip("timm")
     from mmgpt.multimodal import MultimodalGPT
     from mmgpt.recipe import run_training
@@ -227,7 +242,7 @@ def test_multimodal_recipe_with_an_int4_base(tmp_path):
         "adapter=lora",
         "adapter.r=2",
         "adapter.targets=decoder,projector",
-        "adapter.quantize=int4",
+        f"adapter.quantize={quantize}",
         "adapter.group_size=32",
         "model.n_layer=1",
         "model.n_embd=64",

@@ -75,7 +75,7 @@ def test_int8_base_is_close_and_lora_trains_through_it(tmp_path):
 
     with pytest.raises(ValueError, match="quantised base"):
         model.save_pretrained(tmp_path / "dir")
-    with pytest.raises(ValueError, match=r"method \(--method\) must be one of int8, int4"):
-        quantize_base(model, "nf4")
+    with pytest.raises(ValueError, match=r"method \(--method\) must be one of int8, int4, nf4"):
+        quantize_base(model, "fp4")
     with pytest.raises(ValueError, match="add an adapter first"):
         quantize_base(base_model())

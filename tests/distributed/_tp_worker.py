@@ -71,7 +71,7 @@ def step(model: Any, optimizer: Any, batch: torch.Tensor) -> tuple[float, float]
     loss.backward()
     norm = clip_grad_norm(list(model.parameters()), 1.0)
     optimizer.step()
-    return float(loss), float(norm)
+    return float(loss.detach()), float(norm)
 
 
 def optimizer_for(model: Any) -> Any:
@@ -92,6 +92,47 @@ def train(kind: str, wrap: Any = None) -> tuple[Any, Any, dict[str, list[float]]
     return model, optimizer, record
 
 
+def local_bytes(model: Any, optimizer: Any) -> dict[str, int]:
+    """Bytes this rank holds of parameters, gradients and optimizer state (local shards)."""
+
+    def size(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    return {
+        "parameters": sum(size(p) for p in params),
+        "gradients": sum(size(p.grad) for p in params if p.grad is not None),
+        "optimizer": sum(
+            size(v) for state in optimizer.state.values() for v in state.values() if v.dim() > 0
+        )
+        + sum(4 for state in optimizer.state.values() if "step" in state),
+    }
+
+
+def saved_activation_bytes(model: Any, batch: torch.Tensor) -> int:
+    """Bytes of the distinct (local) storages a forward saves for backward, parameters excluded."""
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    params = {local(p).untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = local(t).untyped_storage()
+        # FSDP's all-gathered weights are storages of their own: the plan counts them as
+        # weight copies, not activations (saved as parameters, or transposed for a matmul)
+        weight = isinstance(t, torch.nn.Parameter) or type(t.grad_fn).__name__ == "TBackward0"
+        if storage.data_ptr() not in params and not weight:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_of(model, batch)
+    return sum(seen.values())
+
+
 def next_loss(kind: str, model: Any, optimizer: Any) -> float:
     """The loss of one more step after the trained ones (the same batch for every run)."""
     return step(model, optimizer, batches(STEPS + 1)[-1])[0]
@@ -102,7 +143,7 @@ def next_loss(kind: str, model: Any, optimizer: Any) -> float:
 
 def main(spec_path: str) -> None:
     from mmgpt import distributed
-    from mmgpt.files import save_tensors
+    from mmgpt.files import load_tensors, save_tensors
 
     torch.set_num_threads(1)
     spec = json.loads(Path(spec_path).read_text())
@@ -119,6 +160,8 @@ def main(spec_path: str) -> None:
         attn = model.transformer.h[0].attn
         record["local_heads"] = [attn.n_head, attn.n_kv_head]
         record["local_c_attn_rows"] = attn.c_attn.weight.to_local().shape[0]
+        record["bytes"] = local_bytes(model, optimizer)
+        record["activations"] = saved_activation_bytes(model, batches(1)[0])
         distributed.save_sharded(out / "dcp", model, optimizer, exclude=set())
         full = distributed.gather_full_state_dict(model)
         if info.rank == 0:
@@ -129,7 +172,41 @@ def main(spec_path: str) -> None:
         fresh_optimizer = optimizer_for(fresh)
         distributed.load_sharded(out / "dcp", fresh, fresh_optimizer, exclude=set())
         record["resumed_next_loss"] = next_loss(kind, fresh, fresh_optimizer)
+        # the full (single-process format) weights, loaded into a split model: its loss on the
+        # next batch is the trained model's before its next step (``next_loss``)
+        distributed.barrier()
+        from_full = wrap(gpt(kind))
+        full_optimizer = optimizer_for(from_full)
+        names = [name for name, _ in from_full.named_parameters()]
+        distributed.load_full_into_sharded(
+            from_full,
+            full_optimizer,
+            load_tensors(out / "full.safetensors"),
+            {"state": {}, "param_groups": full_optimizer.state_dict()["param_groups"]},
+            names,
+        )
+        with torch.no_grad():
+            record["full_loaded_loss"] = float(loss_of(from_full, batches(STEPS + 1)[-1]))
         result[kind] = record
+    if spec.get("trainer"):  # the Trainer with train.tensor_parallel=2 (``run_gpt``'s run)
+        import _worker
+
+        out = Path(spec["trainer"])
+        overrides = {"strategy": "fsdp", "tensor_parallel": 2, "batch_size": _worker.GLOBAL_BATCH}
+        train_data = _worker.Windows(_worker.TRAIN_WINDOWS, 1)
+        from mmgpt.trainer import Trainer
+
+        trainer = Trainer(
+            _worker.gpt_model(),
+            "lm",
+            train_data,
+            _worker.train_config(1, **overrides),
+            eval_data=_worker.Windows(_worker.EVAL_WINDOWS, 2),
+            out_dir=out,
+        )
+        trainer.fit()
+        # every rank of the tensor-parallel group must have read the same samples
+        (out / f"indices_rank{info.rank}.json").write_text(json.dumps(train_data.seen))
     errors = {}
     for name, tp in (("heads", 3), ("world", 4)):
         try:
