@@ -20,8 +20,6 @@ from typing import Any
 import pytest
 import torch
 
-from demos.screenshots import CHROMIUM_ARGS
-
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 IMAGE_QUESTION = "what colour is the circle?"
@@ -124,20 +122,6 @@ def launched(model_dir: Path, app: str, **kwargs: Any) -> Iterator[Any]:
         yield blocks
     finally:
         blocks.close()
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    """Debian's Chromium driven by Playwright (never a downloaded browser)."""
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @contextlib.contextmanager

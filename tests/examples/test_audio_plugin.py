@@ -23,6 +23,7 @@ import sys
 import wave
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -429,7 +430,7 @@ def wait_for_server(url: str, process: subprocess.Popen, timeout: float = 120.0)
 
 @pytest.mark.slow
 def test_the_plugin_goes_through_train_eval_generate_and_the_demo(
-    site: Path, tmp_path: Path
+    site: Path, tmp_path: Path, browser: Any
 ) -> None:
     """The tutorial's commands, as written, by subprocess: the plugin's command writes a
     LLaVA-style dataset of ``.wav`` clips; ``mmgpt data check`` reads every clip with the
@@ -472,19 +473,17 @@ def test_the_plugin_goes_through_train_eval_generate_and_the_demo(
 
     demo = tutorial_command("mmgpt demo")
     question = generate[generate.index("--prompt") + 1]
-    chat_in_the_browser(demo, site, tmp_path, data / "test" / other, question, answers[other])
+    chat_in_the_browser(
+        browser, demo, site, tmp_path, data / "test" / other, question, answers[other]
+    )
 
 
 def chat_in_the_browser(
-    demo: list[str], site: Path, cwd: Path, wav: Path, question: str, answer: str
+    browser: Any, demo: list[str], site: Path, cwd: Path, wav: Path, question: str, answer: str
 ) -> None:
     """``demo`` (``mmgpt demo --model …``) served in a subprocess; Chromium uploads ``wav``
     and asks ``question``; the streamed reply must be ``answer``."""
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.is_file():
-        pytest.skip("/usr/bin/chromium is not installed (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
-    from demos.screenshots import CHROMIUM_ARGS
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != DISABLE_ENV}
@@ -500,29 +499,27 @@ def chat_in_the_browser(
     try:
         url = f"http://127.0.0.1:{port}/"
         wait_for_server(url, process)
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page()
-                page.set_default_timeout(30_000)
-                sync_api.expect.set_options(timeout=30_000)
-                page.goto(url)
-                # greedy, as mmgpt eval decodes: the reply is the model's most likely one
-                temperature = page.get_by_label("number input for Temperature")
-                temperature.fill("0")
-                temperature.press("Enter")
-                slider = page.get_by_label("range slider for Temperature")
-                sync_api.expect(slider).to_have_value("0")
-                page.set_input_files("#message input[type=file]", str(wav))
-                box = page.locator("#message textarea")
-                box.fill(question)
-                box.press("Enter")
-                bot = page.locator("#chatbot [data-testid=bot]")
-                sync_api.expect(bot.last).to_have_text(answer)
-                # the upload is shown in the conversation as audio, with a player
-                sync_api.expect(page.locator("#chatbot [data-testid=user] audio")).to_have_count(1)
-            finally:
-                browser.close()
+        page = browser.new_page()
+        try:
+            page.set_default_timeout(30_000)
+            sync_api.expect.set_options(timeout=30_000)
+            page.goto(url)
+            # greedy, as mmgpt eval decodes: the reply is the model's most likely one
+            temperature = page.get_by_label("number input for Temperature")
+            temperature.fill("0")
+            temperature.press("Enter")
+            slider = page.get_by_label("range slider for Temperature")
+            sync_api.expect(slider).to_have_value("0")
+            page.set_input_files("#message input[type=file]", str(wav))
+            box = page.locator("#message textarea")
+            box.fill(question)
+            box.press("Enter")
+            bot = page.locator("#chatbot [data-testid=bot]")
+            sync_api.expect(bot.last).to_have_text(answer)
+            # the upload is shown in the conversation as audio, with a player
+            sync_api.expect(page.locator("#chatbot [data-testid=user] audio")).to_have_count(1)
+        finally:
+            page.close()
     finally:
         process.terminate()
         process.wait(timeout=30)
