@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 import warnings
@@ -909,6 +910,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = getattr(args, "debug", False)
+    if not debug:
+        # peft and diffusers import bitsandbytes whenever it is installed, and on import it
+        # tries to fetch a CPU kernel from the Hub that mmgpt never uses: offline, that is a
+        # warning on every command. The command line keeps it quiet; --debug shows it.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except _expected_errors() as exc:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmgpt.adapters.nf4 import quiet_bitsandbytes_import
 from mmgpt.adapters.quantized import is_quantized
 from mmgpt.files import atomic_write_bytes, load_tensors, save_tensors
 from mmgpt.registry import register
@@ -87,13 +88,15 @@ class AdapterConfig:
 
 def _peft():
     try:
-        import peft
+        with quiet_bitsandbytes_import():  # peft imports bitsandbytes when installed
+            import peft
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ImportError('adapters need peft: pip install "mmgpt[adapters]"') from exc
     return peft
 
 
 def tuner_layers(model: nn.Module) -> list[nn.Module]:
+    _peft()
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
@@ -240,6 +243,7 @@ def fold_adapters(model: nn.Module, names: Sequence[str] | None = None) -> nn.Mo
 
 
 def _is_tuner_layer(module: nn.Module) -> bool:
+    _peft()
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return isinstance(module, BaseTunerLayer)

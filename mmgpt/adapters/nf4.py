@@ -23,6 +23,8 @@ plain uint8 and float buffers of the int8 and int4 ones. Double quantisation of 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,21 +39,29 @@ DEFAULT_BLOCK_SIZE = 64  # the QLoRA paper's
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what bitsandbytes writes
 
 
-def _bnb() -> Any:
-    # On a CPU with AVX512-BF16, importing bitsandbytes 0.50 tries to fetch a fused 4-bit
-    # matmul from the Hugging Face Hub and logs a warning when it cannot; that kernel serves
-    # its Linear4bit, which this module does not use, so the warning is held back here.
+@contextmanager
+def quiet_bitsandbytes_import() -> Iterator[None]:
+    """Hold back one warning while bitsandbytes may be imported (directly, or by peft, which
+    imports it whenever it is installed). On a CPU with AVX512-BF16, importing bitsandbytes
+    0.50 tries to fetch a fused 4-bit matmul from the Hugging Face Hub and logs a warning
+    when it cannot; that kernel serves its Linear4bit, which mmgpt does not use."""
     cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
     level = cpu_ops.level
     cpu_ops.setLevel(logging.ERROR)
     try:
-        import bitsandbytes.functional as functional
+        yield
+    finally:
+        cpu_ops.setLevel(level)
+
+
+def _bnb() -> Any:
+    try:
+        with quiet_bitsandbytes_import():
+            import bitsandbytes.functional as functional
     except ImportError as exc:
         raise ImportError(
             'adapter.quantize=nf4 needs bitsandbytes: pip install "mmgpt[qlora]"'
         ) from exc
-    finally:
-        cpu_ops.setLevel(level)
     return functional
 
 
