@@ -392,16 +392,9 @@ class GroupTrainer(PPOTrainer):
         }
         return batch, stats
 
-    def train_step(self, micro_batches: Sequence[Any]) -> dict[str, float]:
-        """A rollout of groups, then ``epochs`` of minibatch updates; one scheduler step."""
-        cfg = self.group
-        self._baseline_evaluation()
-        k = cfg.samples_per_prompt
-        prompts = [p for micro in micro_batches for p in micro for _ in range(k)]
-        batch, stats = self.rollout(prompts)
-        stopping = self._kl_stop(stats)
-        means = {} if stopping else self.update_on(batch, cfg.epochs, cfg.minibatch_size)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        self.step += 1
-        return {"loss": float("nan"), **means, **stats, "lr": lr}
+    @property
+    def update_epochs(self) -> int:
+        return self.group.epochs
+
+    def _after_update(self, batch: Any, stats: dict[str, float], epochs: int) -> None:
+        """Nothing: no KL controller (the KL penalty is in the loss), no throughput count."""

@@ -267,21 +267,30 @@ class PPOTrainer(Trainer):
         return batch, stats
 
     def train_step(self, micro_batches: Sequence[Any]) -> dict[str, float]:
-        """A rollout, then ``ppo_epochs`` of minibatch updates; one scheduler step."""
+        """A rollout, then ``update_epochs`` of minibatch updates; one scheduler step."""
         cfg = self.ppo
         self._baseline_evaluation()
         k = cfg.samples_per_prompt
         prompts = [p for micro in micro_batches for p in micro for _ in range(k)]
         batch, stats = self.rollout(prompts)
         stopping = self._kl_stop(stats)
-        means = {} if stopping else self.update_on(batch, cfg.ppo_epochs, cfg.minibatch_size)
-        if not stopping:
-            self.tokens_seen += float(batch.response_mask.sum()) * cfg.ppo_epochs
+        epochs = self.update_epochs
+        means = {} if stopping else self.update_on(batch, epochs, cfg.minibatch_size)
+        self._after_update(batch, stats, 0 if stopping else epochs)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step += 1
-        self.kl_controller.update(stats["kl"], len(batch))
         return {"loss": float("nan"), **means, **stats, "lr": lr}
+
+    @property
+    def update_epochs(self) -> int:
+        """Passes over each rollout."""
+        return self.ppo.ppo_epochs
+
+    def _after_update(self, batch: Any, stats: dict[str, float], epochs: int) -> None:
+        """Throughput and the adaptive KL coefficient, once per rollout."""
+        self.tokens_seen += float(batch.response_mask.sum()) * epochs
+        self.kl_controller.update(stats["kl"], len(batch))
 
     # -- guards -------------------------------------------------------------------------
     def _guards_evaluate(self) -> bool:
