@@ -10,6 +10,7 @@ base weights so an adapter is never silently loaded onto a base it was not train
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -86,6 +87,7 @@ class AdapterConfig:
             raise ValueError("AdapterConfig.targets: name at least one component or pattern")
 
 
+@functools.cache
 def _peft():
     try:
         with quiet_bitsandbytes_import():  # peft imports bitsandbytes when installed
