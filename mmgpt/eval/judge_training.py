@@ -153,7 +153,8 @@ def resolve_label_sources(rows: Sequence[LabelledRow], labels: Any, data: str) -
     if labels in (None, "auto"):
         if all(row.meta.get("label") not in (None, "") for row in rows):
             return ["label"]
-        if all(not row.meta for row in rows) and len({r.image.parent for r in rows}) > 1:
+        # class subfolders: the images lie in several directories (captions may sit beside)
+        if len({r.image.parent for r in rows}) > 1:
             return [FOLDER]
         raise ValueError(
             f"{data}: no labels found; name them with data.labels=[FIELD,...] (metadata fields, "

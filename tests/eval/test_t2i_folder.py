@@ -327,3 +327,19 @@ def test_the_prompt_template_comes_from_the_run_that_trained_the_model(tmp_path)
     recipe.write_text("data: [unclosed\n")
     with pytest.raises(ValueError, match="recipe.yaml: invalid YAML"):
         training_prompt_template(model)
+
+
+def test_auto_labels_are_the_class_subfolders_even_beside_captions() -> None:
+    # the README's flow: one captioned imagefolder in class subfolders trains t2i and the judge
+    from pathlib import Path
+
+    from mmgpt.eval.judge_training import FOLDER, LabelledRow, resolve_label_sources
+
+    rows = [
+        LabelledRow(Path(f"data/{c}/{i}.png"), {"text": f"a {c} square"}, f"m:{i}")
+        for i, c in enumerate(["red", "blue"])
+    ]
+    assert resolve_label_sources(rows, None, "data") == [FOLDER]
+    flat = [LabelledRow(Path(f"data/{i}.png"), {"text": "x"}, f"m:{i}") for i in range(2)]
+    with pytest.raises(ValueError, match="no labels found"):
+        resolve_label_sources(flat, None, "data")
