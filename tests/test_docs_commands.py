@@ -502,6 +502,12 @@ def _hf_start(inv: Invocation) -> bool:
     return any(word in source.lower() for word in ("llama", "smollm", "qwen", "gpt2", "hf"))
 
 
+def _encoder_from_another_run(inv: Invocation) -> bool:
+    recipe = inv.recipe or {}
+    encoder = (recipe.get("model") or {}).get("encoder") or {}
+    return bool(recipe.get("encoder_pretraining")) or bool(encoder.get("from"))
+
+
 PRETRAINED = "tests/test_pretrained_start.py"
 CLI_TESTS = "tests/test_cli.py"
 MM_RECIPES = "tests/test_recipes_multimodal.py"
@@ -703,6 +709,14 @@ EXERCISED_BY: tuple[Rule, ...] = (
         (
             "tests/eval/test_t2i_folder.py::test_a_judge_trained_on_class_subfolders_tells_red_from_blue",
             "tests/eval/test_t2i_folder.py::test_label_fields_several_attributes_and_clear_errors",
+        ),
+    ),
+    Rule(
+        "mmgpt train with model.encoder.from or an encoder_pretraining section",
+        lambda i: i.command == "train" and _encoder_from_another_run(i),
+        (
+            f"{MM_RECIPES}::test_an_encoder_starts_from_another_model_directory",
+            f"{MM_RECIPES}::test_encoder_pretraining_runs_first_and_its_encoder_starts_the_run",
         ),
     ),
     Rule(

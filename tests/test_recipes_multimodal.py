@@ -277,3 +277,90 @@ def test_an_explicit_block_size_is_the_window_of_a_run_from_a_model_directory(tm
     with pytest.raises(ValueError, match="exceed max_length=16"):
         run_training("caption", out=tmp_path / "a", overrides=[*common, "model.block_size=16"])
     assert run_training("caption", out=tmp_path / "b", overrides=common)["step"] == 1
+
+
+def test_an_encoder_starts_from_another_model_directory(tmp_path) -> None:
+    """``model.encoder.from=DIR``: the encoder's weights come from DIR (e.g. a ``clip`` run),
+    the rest of the model is the recipe's own (here a wider GPT than DIR's)."""
+    import mmgpt_text
+    from mmgpt.multimodal import MultimodalGPT
+
+    world = ShapesWorld(task="caption", size=50, max_shapes=1, image_size=32)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(world[i].meta["caption"] for i in range(50)))
+    tok = mmgpt_text.TextTokenizer.train([corpus], vocab_size=300)
+    source = MultimodalGPT.build("gpt-nano", tok, block_size=64)
+    with torch.no_grad():
+        for p in source.encoders["image"].parameters():
+            p.add_(torch.randn_like(p))  # weights no fresh initialisation could give
+    source.save_pretrained(tmp_path / "src")
+    theirs = {k: v for k, v in load_tensors(tmp_path / "src" / "model.safetensors").items()}
+
+    overrides = [*TINY, f"model.encoder.from={tmp_path / 'src'}", "model.preset=gpt-micro"]
+    run_training("caption", out=tmp_path / "run", overrides=[*overrides, "train.max_steps=1"])
+    ours = load_tensors(tmp_path / "run" / "model" / "model.safetensors")
+    encoder_keys = [k for k in theirs if k.startswith("encoders.image.")]
+    assert encoder_keys
+    for key in encoder_keys:  # the encoder is frozen in this recipe: exactly DIR's weights
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
+    wte = "gpt.transformer.wte.weight"
+    assert ours[wte].shape[1] == 128 and theirs[wte].shape[1] == 48  # the recipe's own GPT
+
+    config_path = tmp_path / "src" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["encoders"]["image"]["name"] = "spectrogram"  # another registry entry
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="its image encoder is 'spectrogram', this recipe's is"):
+        run_training("caption", out=tmp_path / "other", overrides=[*overrides, "train.max_steps=1"])
+    config["encoders"]["image"]["name"] = "vit"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="has shape .64,., the model expects .32,."):
+        run_training(
+            "caption",
+            out=tmp_path / "wider",
+            overrides=[*overrides, "model.encoder.embed_dim=32", "train.max_steps=1"],
+        )
+
+
+def test_encoder_pretraining_runs_first_and_its_encoder_starts_the_run(tmp_path, capsys) -> None:
+    """``encoder_pretraining``: a ``clip`` stage into OUT/encoder_pretraining, whose encoder
+    the run starts from; reused when the run is resumed; skipped under model.encoder.from."""
+    stage = [
+        "encoder_pretraining.recipe=clip",
+        "encoder_pretraining.overrides.train.max_steps=3",
+        "encoder_pretraining.overrides.train.batch_size=8",
+        "encoder_pretraining.overrides.train.progress=false",
+        "encoder_pretraining.overrides.train.tensorboard=false",
+        "encoder_pretraining.overrides.data.size=120",
+        "encoder_pretraining.overrides.data.max_shapes=1",
+    ]
+    overrides = [*TINY, *stage, "train.max_steps=2", "data.size=120"]
+    out = tmp_path / "run"
+    run_training("caption", out=out, overrides=overrides)
+    stage_model = out / "encoder_pretraining" / "model"
+    assert (stage_model / "contrastive_config.json").is_file()  # the clip recipe ran there
+    theirs = load_tensors(stage_model / "model.safetensors")
+    ours = load_tensors(out / "model" / "model.safetensors")
+    keys = [k for k in theirs if k.startswith("encoders.image.")]
+    assert keys
+    for key in keys:  # caption keeps the encoder frozen: exactly the stage's weights
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
+    assert "encoders.image.model.blocks.0.attn.qkv.weight" in keys
+
+    capsys.readouterr()
+    run_training("caption", out=out, overrides=overrides, resume=True)
+    assert "encoder_pretraining done before" in capsys.readouterr().out
+
+    other = tmp_path / "given"
+    run_training("caption", out=other, overrides=[*overrides, f"model.encoder.from={stage_model}"])
+    assert not (other / "encoder_pretraining").exists()
+    assert "encoder_pretraining skipped" in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match="encoder_pretraining.recipe"):
+        run_training(
+            "caption",
+            out=tmp_path / "norecipe",
+            overrides=[*TINY, "encoder_pretraining.overrides.train.max_steps=3"],
+        )
+    with pytest.raises(ValueError, match="needs model.architecture=multimodal"):
+        apply_overrides(load_recipe("lm"), ["encoder_pretraining.recipe=clip"])

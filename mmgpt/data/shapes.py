@@ -409,6 +409,7 @@ class _ShapesGenerator:
         question_types: Sequence[str] | None = None,
         caption_prompt: str = DEFAULT_CAPTION_PROMPT,
         draw_max_shapes: int | None = None,
+        task_weights: dict[str, float] | None = None,
         seed: int = 0,
     ) -> None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
@@ -424,6 +425,7 @@ class _ShapesGenerator:
         else:
             self.tasks = _subset("task", task, TASKS)
         self.task = task if isinstance(task, str) else "mixed"
+        self.task_weights = self._check_task_weights(task_weights)
         limit = min(len(self.positions), len(self.colors) * len(self.kinds))
         if not 1 <= min_shapes <= max_shapes <= limit:
             raise ValueError(
@@ -442,6 +444,31 @@ class _ShapesGenerator:
         self.draw_max_shapes = draw_max_shapes
         self.caption_prompt = caption_prompt
         self.seed = int(seed)
+
+    def _check_task_weights(self, weights: dict[str, float] | None) -> tuple[float, ...] | None:
+        """Relative frequency of each task of the mix; ``None``: all tasks equally often."""
+        if weights is None:
+            return None
+        if not isinstance(weights, dict):
+            raise ValueError(
+                f"task_weights must be a mapping task -> weight, e.g. "
+                f"{{caption: 1, vqa: 1, t2i: 2}}, got {weights!r}"
+            )
+        unknown = sorted(set(weights) - set(self.tasks))
+        if unknown:
+            raise ValueError(
+                f"task_weights names tasks {unknown} that are not in this dataset's task mix "
+                f"{list(self.tasks)}"
+            )
+        values = []
+        for name in self.tasks:
+            value = weights.get(name, 1.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"task_weights.{name} must be a number >= 0, got {value!r}")
+            values.append(float(value))
+        if not any(values):
+            raise ValueError(f"task_weights gives every task weight 0: {weights!r}")
+        return tuple(values)
 
     def rng(self, index: int) -> random.Random:
         """The generator of sample ``index``: seeded by ``seed * 1_000_003 + index``."""
@@ -470,7 +497,10 @@ class _ShapesGenerator:
         """Sample ``index`` (any index >= 0): a pure function of ``(seed, index)``."""
         rng = self.rng(index)
         scene = self._scene(rng)
-        task = rng.choice(self.tasks)
+        if self.task_weights is None:
+            task = rng.choice(self.tasks)
+        else:  # a different draw than choice(): unweighted worlds keep their samples
+            task = rng.choices(self.tasks, weights=self.task_weights)[0]
         if task == "t2i" and self.draw_max_shapes is not None and len(scene) > self.draw_max_shapes:
             # a drawing keeps a random subset of the scene (reading order kept)
             keep = sorted(rng.sample(range(len(scene)), self.draw_max_shapes))
@@ -593,6 +623,8 @@ class ShapesWorld(_ShapesGenerator, Dataset):
         caption_prompt: user text of caption samples, after ``"<image>\\n"``.
         draw_max_shapes: at most this many shapes in a drawing sample (a random subset of its
             scene); drawing several shapes from one prompt is much harder for a small decoder.
+        task_weights: relative frequency of each task of the mix (``{"t2i": 2}``: drawings
+            twice as often as each other task; unnamed tasks weigh 1). Default: equal.
         seed: sample ``i`` is a pure function of ``(seed, i)``.
         size: number of samples.
     """

@@ -9,11 +9,21 @@ Two towers embed the two sides of each image-text pair of a batch into one space
   ``embed_dim``). CLIP reads the ``<eos>`` state alone; both train here, and the mean needs
   no token to have learned to summarize the caption first.
 
-Before each head the pooled features are standardized across the batch (batch
-normalization without affine parameters; running statistics at inference). What all items
-share — an image's background, the tokens every caption has — dominates features that are
-not yet trained, so the embeddings of a batch start nearly equal; without the
+Before each head the pooled features are standardized (:class:`Standardization`). What all
+items share — an image's background, the tokens every caption has — dominates features that
+are not yet trained, so the embeddings of a batch start nearly equal; without the
 standardization our runs collapsed them to one point within a few steps (loss ``log B``).
+The mean and variance are those of a *reference* batch under the current weights: in
+training the previous training batch (the first batch its own), recomputed without gradient
+before each step; in evaluation the last training batch, recomputed once after the weights
+last changed; in a loaded directory the saved ones. An item's embedding therefore depends on
+the item alone, and training and evaluation compute the same function. In training the
+gradient is batch normalization's (batch renormalization, Ioffe 2017, with the reference's
+statistics in place of moving averages), which keeps the loss from moving the whole batch
+together; without it the towers learned far slower. The towers first used batch
+normalization itself: its features generalized, but its moving averages lagged the fast-moving
+features, so evaluation with them scored held-out pairs near chance while training pairs
+scored 1.0.
 
 The two embeddings are L2-normalized; the logits of the ``B × B`` pairs are ``scale · img @ txtᵀ`` (+ ``bias``
 for SigLIP) with a learnable ``scale = exp(logit_scale)``:
@@ -40,7 +50,7 @@ recipe's MultimodalGPT in a :class:`ContrastiveModel` and collates samples into
 turns). The saved model directory is the MultimodalGPT's, so ``model.from=DIR`` starts other
 recipes from the pretrained encoder, plus the contrastive heads:
 
-    contrastive_head.safetensors   the heads, the norms' running statistics, logit_scale, logit_bias
+    contrastive_head.safetensors   the heads, the norms' statistics, logit_scale, logit_bias
     contrastive_config.json        {"architecture": "contrastive", "format_version": 1,
                                     "modality": "image", "embed_dim": 64, "loss": "clip"}
 """
@@ -78,6 +88,7 @@ __all__ = [
     "ContrastiveModel",
     "ContrastiveObjective",
     "ContrastiveOutput",
+    "Standardization",
     "clip_loss",
     "siglip_loss",
 ]
@@ -209,6 +220,54 @@ class ContrastiveCollator:
 
 
 # -- the model --------------------------------------------------------------------------------
+class Standardization(nn.Module):
+    """Standardizes features ``(B, C)`` with a mean and variance it holds, in training as in
+    evaluation: an item's output depends on the item alone.
+
+    :meth:`set_statistics` sets them from the features of other items (the towers pass their
+    reference batch's; see the module docstring). In training with gradients the value is the
+    same, but the gradient is batch normalization's: batch renormalization (Ioffe 2017),
+    ``(x − μ_B) / σ_B · r + d`` with ``r = σ_B / σ`` and ``d = (μ_B − μ) / σ`` held constant,
+    unclipped so that the value stays exactly ``(x − μ) / σ``. The buffers keep batch
+    normalization's names, so a directory saved when the towers used ``nn.BatchNorm1d`` loads
+    and evaluates as it did. Written here because torch has no norm with held statistics and
+    a batch's gradient.
+    """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C) → (B, C)
+        if not (self.training and torch.is_grad_enabled() and x.size(0) >= 2):
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, training=False, eps=self.eps
+            )
+        # batch renormalization, unclipped (class docstring): the gradient of a shift or scaling
+        # shared by the whole batch is zero, as in batch normalization
+        with torch.no_grad():
+            mean, var = x.mean(dim=0), x.var(dim=0, unbiased=False)  # as F.batch_norm's
+            held_std = (self.running_var + self.eps).sqrt()
+            r, d = (var + self.eps).sqrt() / held_std, (mean - self.running_mean) / held_std
+        return F.batch_norm(x, None, None, training=True, eps=self.eps) * r + d
+
+    @torch.no_grad()
+    def set_statistics(self, features: Tensor) -> None:
+        """The mean and (unbiased) variance of ``features`` (N, C), N >= 2, without gradient."""
+        if features.dim() != 2 or features.size(0) < 2:
+            raise ValueError(
+                "Standardization: statistics need features (N, C) with N >= 2, got shape "
+                f"{tuple(features.shape)}"
+            )
+        features = features.detach().to(self.running_mean.dtype)
+        self.running_mean.copy_(features.mean(dim=0))
+        self.running_var.copy_(features.var(dim=0, unbiased=True))
+        self.num_batches_tracked += 1
+
+
 @dataclass
 class ContrastiveOutput:
     image_embeds: Tensor  # (B, D), L2-normalized
@@ -253,15 +312,18 @@ class ContrastiveModel(nn.Module):
         self.loss = loss
         encoder = backbone.encoders[modality]
         d_enc, n_embd = int(encoder.output_dim), backbone.config.n_embd
-        # pooled features standardized across the batch before each head (module docstring)
-        self.image_norm = nn.BatchNorm1d(d_enc, affine=False)
-        self.text_norm = nn.BatchNorm1d(n_embd, affine=False)
+        # pooled features standardized before each head, leak-free (module docstring)
+        self.image_norm = Standardization(d_enc)
+        self.text_norm = Standardization(n_embd)
         # no biases: the embeddings are normalized, a shift would only move them off-centre
         self.image_head = nn.Linear(d_enc, embed_dim, bias=False)
         self.text_head = nn.Linear(n_embd, embed_dim, bias=False)
         scale, bias = INIT[loss]
         self.logit_scale = nn.Parameter(torch.tensor(scale))
         self.logit_bias = nn.Parameter(torch.tensor(bias))
+        # the batch whose features set the norms' statistics; not saved (see forward)
+        self._reference: ContrastiveBatch | None = None
+        self._statistics_stale = False
         self._freeze_unreached()
 
     def _freeze_unreached(self) -> None:
@@ -305,25 +367,50 @@ class ContrastiveModel(nn.Module):
             truncation=truncation,
         )
 
-    def embed_inputs(self, inputs: Tensor) -> Tensor:
-        """Preprocessed items → normalized embeddings ``(B, embed_dim)``."""
-        feats = self.encoder(inputs)  # (B, K, d_enc)
-        pooled = self.image_norm(feats.mean(dim=1).float())  # (B, d_enc)
-        return F.normalize(self.image_head(pooled.to(self.image_head.weight.dtype)), dim=-1)
+    def pool_inputs(self, inputs: Tensor) -> Tensor:
+        """Preprocessed items → the mean of the encoder's tokens ``(B, d_enc)``, float32."""
+        return self.encoder(inputs).mean(dim=1).float()  # (B, K, d_enc) → (B, d_enc)
 
-    def embed_texts(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
-        """Right-padded caption ids ``(B, T)`` → normalized embeddings ``(B, embed_dim)``."""
+    def pool_texts(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+        """Right-padded caption ids ``(B, T)`` → the mean of the GPT's final states over each
+        caption's tokens ``(B, n_embd)``, float32."""
         # no attention mask: the decoder is causal, so the states of the real tokens never
         # see the padding after them (and the fast causal path is taken)
         hidden = self.backbone.gpt(input_ids=input_ids, return_logits=False).hidden_states
         T = hidden.size(1)
         mask = torch.arange(T, device=hidden.device)[None] < lengths.to(hidden.device)[:, None]
         mask = mask.to(hidden.dtype)[..., None]  # (B, T, 1): the caption's tokens and <eos>
-        pooled = self.text_norm(((hidden * mask).sum(1) / mask.sum(1)).float())  # (B, C)
+        return ((hidden * mask).sum(1) / mask.sum(1)).float()
+
+    def embed_inputs(self, inputs: Tensor) -> Tensor:
+        """Preprocessed items → normalized embeddings ``(B, embed_dim)``."""
+        pooled = self.image_norm(self.pool_inputs(inputs))
+        return F.normalize(self.image_head(pooled.to(self.image_head.weight.dtype)), dim=-1)
+
+    def embed_texts(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+        """Right-padded caption ids ``(B, T)`` → normalized embeddings ``(B, embed_dim)``."""
+        pooled = self.text_norm(self.pool_texts(input_ids, lengths))
         return F.normalize(self.text_head(pooled.to(self.text_head.weight.dtype)), dim=-1)
+
+    @torch.no_grad()
+    def refresh_statistics(self, reference: ContrastiveBatch) -> None:
+        """Set both norms' statistics to ``reference``'s pooled features under the current
+        weights (no gradient)."""
+        reference = reference.to(self.device)
+        self.image_norm.set_statistics(self.pool_inputs(reference.inputs))
+        self.text_norm.set_statistics(self.pool_texts(reference.input_ids, reference.lengths))
 
     def forward(self, batch: ContrastiveBatch) -> ContrastiveOutput:
         batch = batch.to(self.device)
+        if self.training:
+            # the previous training batch is the reference (the first batch its own), so
+            # the statistics are the current weights' and never the batch's own
+            self.refresh_statistics(batch if self._reference is None else self._reference)
+            self._reference = batch
+            self._statistics_stale = True  # an optimizer step follows
+        elif self._statistics_stale and self._reference is not None:
+            self.refresh_statistics(self._reference)  # the weights the training left
+            self._statistics_stale = False
         return ContrastiveOutput(
             image_embeds=self.embed_inputs(batch.inputs),
             text_embeds=self.embed_texts(batch.input_ids, batch.lengths),
@@ -348,6 +435,9 @@ class ContrastiveModel(nn.Module):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """The backbone's directory + ``contrastive_head.safetensors`` + its config."""
         path = Path(path)
+        if self._statistics_stale and self._reference is not None:
+            self.refresh_statistics(self._reference)  # the statistics of the weights saved
+            self._statistics_stale = False
         self.backbone.save_pretrained(path)
         save_tensors(
             {k: v.detach().contiguous() for k, v in self.head_state_dict().items()},

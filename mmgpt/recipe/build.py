@@ -13,13 +13,13 @@ from typing import Any
 from torch.utils.data import Subset
 
 from mmgpt.adapters.training import fold_loaded_adapters
-from mmgpt.config import GPTConfig, gpt_config, read_model_config
+from mmgpt.config import WEIGHTS_NAME, GPTConfig, gpt_config, read_model_config
 from mmgpt.data.check import detect_format
 from mmgpt.data.loader import StreamDataset
 from mmgpt.data.loaders import placeholders
 from mmgpt.data.sample import IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER
 from mmgpt.data.text import is_heldout, resolve_text_files
-from mmgpt.files import atomic_write_bytes
+from mmgpt.files import atomic_write_bytes, load_tensors
 from mmgpt.interfaces import Tokenizer
 from mmgpt.model import GPT
 from mmgpt.multimodal import MultimodalGPT
@@ -213,6 +213,8 @@ def component_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
         if body is None:
             continue
         body = dict(body)
+        if component == "encoder":
+            body.pop("from", None)  # weights, loaded after the build (encoder_sources)
         type_name = body.pop("type", None)
         if not type_name:
             raise ValueError(
@@ -227,6 +229,8 @@ def component_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
         built = {}
         for modality, body in dict(bodies).items():
             body = dict(body)
+            if group == "encoders":
+                body.pop("from", None)
             type_name = body.pop("type", None)
             if not type_name:
                 raise ValueError(
@@ -327,14 +331,58 @@ def build_multimodal_model(
         gpt = fold_loaded_adapters(GPT.from_pretrained(path))
         gpt = _override_gpt(gpt, overrides, path, explicit)
         tokenizer = pretrained_tokenizer(path, tokenizer_section or {})
-        return _build(
+        model = _build(
             MultimodalGPT, fit_vocabulary(gpt, tokenizer, path), tokenizer, components, {}
         )
+        load_encoder_weights(model, encoder_sources(section))
+        return model
     if not section.get("preset"):
         raise ValueError("recipe section 'model' needs 'preset' (e.g. gpt-nano) or 'from'")
     if tokenizer is None:
         raise ValueError("a multimodal model built from a preset needs a tokenizer")
-    return _build(MultimodalGPT, section["preset"], tokenizer, components, overrides)
+    model = _build(MultimodalGPT, section["preset"], tokenizer, components, overrides)
+    load_encoder_weights(model, encoder_sources(section))
+    return model
+
+
+def encoder_sources(section: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """``model.encoder.from`` / ``model.encoders.<modality>.from``: the model directory each
+    encoder starts from, by modality, with the recipe key that named it."""
+    sources: dict[str, tuple[str, str]] = {}
+    single = section.get("encoder")
+    if isinstance(single, Mapping) and single.get("from"):
+        modality = getattr(get("encoder", single.get("type")), "modality", None)
+        sources[str(modality)] = (str(single["from"]), "model.encoder.from")
+    for modality, body in dict(section.get("encoders") or {}).items():
+        if isinstance(body, Mapping) and body.get("from"):
+            sources[str(modality)] = (str(body["from"]), f"model.encoders.{modality}.from")
+    return sources
+
+
+def load_encoder_weights(model: MultimodalGPT, sources: Mapping[str, tuple[str, str]]) -> None:
+    """Start each encoder named in ``sources`` from the same modality's encoder of another
+    model directory (e.g. a ``clip`` run's): its tensors only, strictly, so that an encoder
+    pretrained in one recipe carries into another whose GPT, projector or decoders differ."""
+    for modality, (where, key) in sources.items():
+        if modality not in model.encoders:
+            raise ValueError(f"{key}={where}: this model has no {modality!r} encoder")
+        source = resolve_model_dir(where)
+        config = read_model_config(source)
+        theirs = (config.get("encoders") or {}).get(modality)
+        ours = model.config_dict()["encoders"][modality]
+        if theirs is None:
+            raise ValueError(f"{key}={source}: that model has no {modality!r} encoder")
+        if theirs.get("name") != ours.get("name"):
+            raise ValueError(
+                f"{key}={source}: its {modality} encoder is {theirs.get('name')!r}, this "
+                f"recipe's is {ours.get('name')!r}"
+            )
+        prefix = f"encoders.{modality}."
+        state = load_tensors(source / WEIGHTS_NAME)
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        # strict: a different architecture names its missing, unexpected or mis-shaped tensors
+        load_model_state(model.encoders[modality], own, source / WEIGHTS_NAME)
+        print(f"{key}={source}: the {modality} encoder starts from its weights", flush=True)
 
 
 def _build(cls: Any, gpt: Any, tokenizer: Any, components: dict[str, Any], overrides: Any) -> Any:

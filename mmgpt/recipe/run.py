@@ -27,6 +27,7 @@ from torch import nn
 
 from mmgpt import distributed
 from mmgpt.adapters.training import apply_adapter
+from mmgpt.checkpoint import list_checkpoints
 from mmgpt.data.errors import DataError
 from mmgpt.data.sample import count_drawing_samples, describe_dataset
 from mmgpt.eval.judge_training import build_judge_parts
@@ -57,6 +58,7 @@ from mmgpt.recipe.spec import (
     STAGE_KEYS,
     apply_overrides,
     factory_parameters,
+    flatten_keys,
     load_recipe,
     override_keys,
     recipe_architecture,
@@ -253,6 +255,9 @@ def run_multimodal(run: Run, data: str | os.PathLike | None = None) -> dict[str,
     record_recipe(out_dir / "recipe.yaml", spec, run.resume)
 
     model_section = dict(spec["model"])
+    pretrained_encoder = pretrain_encoder(run, data)
+    if pretrained_encoder is not None:
+        model_section["encoder"] = {**model_section["encoder"], "from": str(pretrained_encoder)}
     if model_section.get("from"):
         if spec["tokenizer"].get("from"):
             raise ValueError(
@@ -291,6 +296,48 @@ def run_multimodal(run: Run, data: str | os.PathLike | None = None) -> dict[str,
         collate_fn=model.processor(truncation=truncation, **window),
         truncation=truncation,
     )
+
+
+def pretrain_encoder(run: Run, data: str | os.PathLike | None = None) -> Path | None:
+    """The ``encoder_pretraining`` section: train the recipe's encoder first with another
+    recipe (e.g. ``clip``) on the same data, into ``OUT/encoder_pretraining``, and return its
+    model directory, which ``model.encoder.from`` then starts this run's encoder from.
+
+    The stage trains exactly this recipe's encoder (its ``model.encoder`` is imposed on the
+    stage), so the weights fit. A finished stage is reused on resume and an interrupted one
+    resumes; ``model.encoder.from`` set by the user skips the stage.
+    """
+    section = run.spec.get("encoder_pretraining")
+    if not section:
+        return None
+    model = run.spec["model"]
+    encoder = model.get("encoder")
+    if model.get("from") or not isinstance(encoder, Mapping):
+        raise ValueError(
+            "encoder_pretraining trains model.encoder before this run; it needs a model built "
+            "from a preset with a model.encoder (not model.from)"
+        )
+    if encoder.get("from"):
+        print(f"model.encoder.from={encoder['from']}: encoder_pretraining skipped", flush=True)
+        return None
+    if not section.get("recipe"):
+        raise ValueError("recipe key 'encoder_pretraining.recipe' names the recipe to run (clip)")
+    overrides = section.get("overrides") or {}
+    if not isinstance(overrides, Mapping):
+        raise ValueError(
+            f"recipe key 'encoder_pretraining.overrides' must be a mapping of recipe keys, e.g. "
+            f"{{train: {{max_steps: 1500}}}}, got {overrides!r}"
+        )
+    stage = apply_overrides(load_recipe(section["recipe"]), flatten_keys(overrides))
+    stage["model"]["encoder"] = {k: v for k, v in encoder.items() if k != "from"}
+    out = run.out_dir / "encoder_pretraining"
+    model_dir = out / "model"
+    if (model_dir / "config.json").is_file():
+        print(f"{model_dir}: encoder_pretraining done before; its encoder is reused", flush=True)
+        return model_dir
+    print(f"encoder_pretraining: {section['recipe']} into {out}", flush=True)
+    resume = bool(list_checkpoints(out / "checkpoints"))  # an interrupted stage continues
+    return Path(run_training(stage, data=data, out=out, resume=resume)["model_dir"])
 
 
 def run_judge(run: Run, data: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -45,7 +45,19 @@ from mmgpt.registry import get
 from mmgpt.trainer import TrainConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
-SECTIONS = ("description", "model", "tokenizer", "data", "objective", "train", "adapter")
+SECTIONS = (
+    "description",
+    "model",
+    "tokenizer",
+    "data",
+    "objective",
+    "train",
+    "adapter",
+    "encoder_pretraining",
+)
+# ``encoder_pretraining: {recipe: clip, overrides: {...}}``: a run that trains the image encoder
+# first (into OUT/encoder_pretraining); this run's encoder starts from its model directory
+ENCODER_PRETRAINING_KEYS = ("recipe", "overrides")
 # Arguments the recipe supplies to a dataset factory (when its signature accepts them).
 DATASET_CONTEXT = ("tokenizer", "block_size", "split")
 DATA_PATH_ARGS = ("paths", "path", "root")
@@ -205,6 +217,13 @@ def section_keys(recipe: dict[str, Any], section: str) -> set[str] | None:
         return set(JUDGE_SECTION_KEYS[section])
     if section == "adapter":
         return set(ADAPTER_KEYS)
+    if section == "encoder_pretraining":
+        if not multimodal:
+            raise ValueError(
+                "recipe section 'encoder_pretraining' needs model.architecture=multimodal (it "
+                "trains the model's encoder first)"
+            )
+        return set(ENCODER_PRETRAINING_KEYS)
     if section == "train":
         return {f.name for f in dataclasses.fields(TrainConfig)} | (
             set(STAGE_KEYS) if multimodal else set()
@@ -283,8 +302,8 @@ def _check_component_key(recipe: dict[str, Any], parts: list[str]) -> None:
         )
     body = recipe.get("model", {}).get(component)
     type_name = body.get("type") if isinstance(body, Mapping) else None
-    if key == "type" or type_name is None:
-        return
+    if key == "type" or type_name is None or (key == "from" and component == "encoder"):
+        return  # ``from``: the model directory whose encoder weights it starts from
 
     params = factory_parameters(get(COMPONENTS[component], type_name))
     if params is None or key in params:
@@ -310,6 +329,8 @@ def _check_modality_key(recipe: dict[str, Any], parts: list[str]) -> None:
     body = bodies.get(modality) if isinstance(bodies, Mapping) else None
     type_name = body.get("type") if isinstance(body, Mapping) else None
     if key == "type" or type_name is None or len(parts) > 4:
+        return
+    if key == "from" and group == "encoders":
         return
     kind = MODALITY_COMPONENTS[group]
     params = factory_parameters(get(kind, type_name))
@@ -392,6 +413,11 @@ def record_recipe(path: Path, spec: dict[str, Any], resume: bool) -> None:
                 stacklevel=3,
             )
     atomic_write_bytes(path, text.encode())
+
+
+def flatten_keys(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``{train: {max_steps: 5}}`` → ``{"train.max_steps": 5}`` (overrides as dotted keys)."""
+    return {k: v for k, v in _flatten(dict(tree)).items() if k}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -269,6 +269,7 @@ class DiffusionDecoder(nn.Module):
             raise ValueError(
                 f"unet_config has keys that UNet2DConditionModel does not accept: {unknown}"
             )
+        overrides = self._global_condition_config(overrides)
         # JSON-friendly (lists, not tuples) so config_dict() survives config.json unchanged
         self.unet_config = {
             k: list(v) if isinstance(v, tuple) else v
@@ -292,6 +293,29 @@ class DiffusionDecoder(nn.Module):
         )
         if vae is None:
             self.vae = None
+
+    def _global_condition_config(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """``class_embed_type: projection``: the K condition vectors, flattened, also shift the
+        UNet's time embedding, which every ResNet block reads. Cross-attention alone leaves a
+        small UNet slow to learn attributes that hold for the whole image (colour, kind); the
+        projection reaches every block at once. Its input width follows from K and D."""
+        kind = overrides.get("class_embed_type")
+        if kind is None:
+            return overrides
+        if kind != "projection":
+            raise ValueError(
+                f"unet_config.class_embed_type must be 'projection' (the condition vectors feed "
+                f"the time embedding) or null, got {kind!r}: the other kinds take class ids, "
+                "which a decoder conditioned on hidden states does not have"
+            )
+        width = self.condition_dim * self.num_condition_tokens
+        given = overrides.get("projection_class_embeddings_input_dim")
+        if given is not None and given != width:
+            raise ValueError(
+                f"unet_config.projection_class_embeddings_input_dim must be condition_dim × "
+                f"num_condition_tokens = {width} (or left out), got {given!r}"
+            )
+        return {**overrides, "projection_class_embeddings_input_dim": width}
 
     def _set_vae(self, vae: Any) -> None:
         """Attach ``vae`` as the fixed codec: frozen, in eval mode (see ``train``)."""
@@ -505,7 +529,12 @@ class DiffusionDecoder(nn.Module):
     ) -> torch.Tensor:
         if self._channels_last_active(sample.device):
             sample = sample.contiguous(memory_format=torch.channels_last)
-        return self.unet(sample, timestep, encoder_hidden_states=condition, return_dict=False)[0]
+        extra = {}
+        if self.unet.config.class_embed_type == "projection":
+            extra["class_labels"] = condition.flatten(1)
+        return self.unet(
+            sample, timestep, encoder_hidden_states=condition, return_dict=False, **extra
+        )[0]
 
     # -- images <-> model space ----------------------------------------------------------
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -278,6 +278,33 @@ def test_draw_max_shapes_keeps_a_subset_of_the_scene_in_drawings_only():
         ShapesWorld(draw_max_shapes=0)
 
 
+def test_task_weights_set_the_mix_and_leave_unweighted_worlds_unchanged():
+    from collections import Counter
+
+    n = 3000
+    weighted = ShapesWorld(task="mixed", seed=2, image_size=16, task_weights={"t2i": 2})
+    counts = Counter(weighted.sample(i).meta["task"] for i in range(n))
+    # expected shares 1/4, 1/4, 1/2; 5 standard deviations of a binomial at n=3000 is ~0.045
+    assert abs(counts["t2i"] / n - 0.5) < 0.045, counts
+    assert abs(counts["caption"] / n - 0.25) < 0.04 and abs(counts["vqa"] / n - 0.25) < 0.04
+    # the sample of an index is still a pure function of (seed, index, options)
+    assert texts(weighted.sample(17)) == texts(weighted.sample(17))
+    only = ShapesWorld(task="mixed", seed=2, image_size=16, task_weights={"vqa": 0, "t2i": 0})
+    assert {only.sample(i).meta["task"] for i in range(50)} == {"caption"}
+    # no weights: the same samples as before the option existed (rng.choice, not choices)
+    plain = ShapesWorld(task="mixed", seed=2, image_size=16)
+    expected = ["caption", "vqa", "t2i", "t2i", "t2i", "vqa", "t2i", "vqa"]  # pinned
+    assert [plain.sample(i).meta["task"] for i in range(8)] == expected
+    for bad, message in (
+        ({"draw": 1}, "not in this dataset's task mix"),
+        ({"t2i": -1}, "task_weights.t2i must be a number >= 0"),
+        ({"caption": 0, "vqa": 0, "t2i": 0}, "every task weight 0"),
+        ([1, 2, 3], "must be a mapping"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ShapesWorld(task="mixed", task_weights=bad)
+
+
 def test_held_out_colour_and_kind_never_appear():
     world = ShapesWorld(
         seed=9, colors=[c for c in COLORS if c != "red"], kinds=["circle", "square", "triangle"]

@@ -16,6 +16,7 @@ from mmgpt.data.sample import Sample, Turn
 from mmgpt.objectives.contrastive import (
     ContrastiveModel,
     ContrastiveObjective,
+    Standardization,
     clip_loss,
     siglip_loss,
 )
@@ -68,6 +69,39 @@ def test_siglip_loss_is_the_pairwise_sigmoid_loss_with_bias() -> None:
     assert float(siglip_loss(image, image, scale, bias)) < expected
 
 
+def test_standardization_holds_its_statistics_and_has_a_batchs_gradient() -> None:
+    g = torch.Generator().manual_seed(0)
+    reference = 3.0 + 2.0 * torch.randn(50, 5, generator=g, dtype=torch.float64)
+    x = (1.0 + 0.5 * torch.randn(6, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    norm = Standardization(5).double()
+    norm.set_statistics(reference)
+    mean = [sum(float(v) for v in reference[:, c]) / 50 for c in range(5)]
+    var = [sum((float(v) - mean[c]) ** 2 for v in reference[:, c]) / 49 for c in range(5)]
+    expected = torch.tensor(
+        [
+            [(float(x[i, c].detach()) - mean[c]) / math.sqrt(var[c] + 1e-5) for c in range(5)]
+            for i in range(6)
+        ],
+        dtype=torch.float64,
+    )
+    for training in (False, True):  # the same values in both modes, item by item
+        norm.train(training)
+        torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(norm(x[:2]), expected[:2], rtol=1e-12, atol=1e-12)
+    # training: batch normalization's gradient, blind to what moves the whole batch together
+    weights = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    (norm(x) * weights).sum().backward()
+    batch_norm_grad = torch.func.grad(
+        lambda v: (F.batch_norm(v, None, None, training=True, eps=1e-5) * weights).sum()
+    )(x.detach())
+    batch_std = (x.detach().var(dim=0, unbiased=False) + 1e-5).sqrt()
+    r = batch_std / torch.tensor(var, dtype=torch.float64).add(1e-5).sqrt()
+    torch.testing.assert_close(x.grad, r * batch_norm_grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad.sum(dim=0), torch.zeros(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"statistics need features \(N, C\) with N >= 2"):
+        norm.set_statistics(reference[:1])
+
+
 def test_the_objective_rejects_an_unknown_loss() -> None:
     with pytest.raises(ValueError, match=r"loss must be one of \('clip', 'siglip'\), got 'info'"):
         ContrastiveObjective(loss="info")
@@ -118,6 +152,11 @@ def test_model_embeds_and_round_trips(tok, tmp_path: Path) -> None:
 
     with torch.no_grad():
         model.logit_scale.fill_(2.5)
+    # the norms' buffers keep BatchNorm1d's names: directories saved with it still load
+    assert set(model.image_norm.state_dict()) == set(torch.nn.BatchNorm1d(4).state_dict()) - {
+        "weight",
+        "bias",
+    }
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "contrastive_config.json").read_text())
     assert config == {"architecture": "contrastive", "format_version": 1, "modality": "image",
@@ -134,6 +173,52 @@ def test_model_embeds_and_round_trips(tok, tmp_path: Path) -> None:
         assert torch.equal(value, backbone.state_dict()[key]), key
     with pytest.raises(FileNotFoundError, match="not a contrastive model directory"):
         ContrastiveModel.from_pretrained(tmp_path / "missing")
+
+
+def test_an_embedding_in_training_depends_on_its_pair_alone(tok) -> None:
+    """Batch normalization's training mode standardized each pair with its batch's statistics,
+    so the other pairs of a batch changed its embedding; the towers' norms must not."""
+    world = ShapesWorld(task="caption", size=12, max_shapes=1, image_size=32)
+    first = [world[i] for i in range(4)]
+    batch = [world[i] for i in range(4, 8)]
+    others = [batch[0], *(world[i] for i in range(8, 11))]  # the same first pair
+    outputs = []
+    for second in (batch, others):
+        model = towers(tok).train()
+        collate = model.collator()
+        model(collate(first))  # the reference for the next batch
+        outputs.append(model(collate(second)))
+    torch.testing.assert_close(outputs[0].image_embeds[0], outputs[1].image_embeds[0])
+    torch.testing.assert_close(outputs[0].text_embeds[0], outputs[1].text_embeds[0])
+    assert not torch.allclose(outputs[0].image_embeds[1], outputs[1].image_embeds[1])
+
+
+def test_training_and_evaluation_compute_the_same_function(tok) -> None:
+    """After some steps, a held-out batch scores the same in both modes: the statistics are
+    the last training batch's under the weights as they are (not moving averages that lag
+    the weights, which made batch normalization's evaluation differ from its training)."""
+    world = ShapesWorld(task="caption", size=56, max_shapes=1, image_size=32)
+    model = towers(tok).train()
+    collate = model.collator(truncation=True)
+    objective = ContrastiveObjective()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for step in range(6):
+        optimizer.zero_grad()
+        objective(model, collate([world[i] for i in range(8 * step, 8 * step + 8)])).loss.backward()
+        optimizer.step()
+    last = collate([world[i] for i in range(40, 48)])
+    batch = collate([world[i] for i in range(48, 56)])  # not trained on
+    model.eval()
+    with torch.no_grad():
+        evaluated = objective(model, batch)
+        expected_mean = model.pool_inputs(last.inputs).mean(dim=0)
+    model.train()
+    trained = objective(model, batch)  # standardized with the same batch, `last`
+    assert trained.metrics["loss"] == pytest.approx(evaluated.metrics["loss"], rel=1e-5)
+    assert trained.metrics["image_to_text"] == evaluated.metrics["image_to_text"]
+    torch.testing.assert_close(model.image_norm.running_mean, expected_mean)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch).image_embeds, model.eval()(batch).image_embeds)
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])

@@ -322,6 +322,45 @@ def test_short_training_learns_conditional_colours() -> None:
     assert rgb[1, 2] > rgb[1, 0] + 0.3, rgb  # blue for condition 1
 
 
+def test_global_condition_feeds_the_time_embedding(cond: torch.Tensor, tmp_path: Path) -> None:
+    """class_embed_type=projection: the flattened condition reaches the UNet's time embedding."""
+    dec = tiny_decoder(unet_config={"class_embed_type": "projection"})
+    assert dec.unet.config.projection_class_embeddings_input_dim == K * D
+    assert dec.config_dict()["unet_config"]["projection_class_embeddings_input_dim"] == K * D
+    x = torch.zeros(2, 3, SIZE, SIZE)
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        before = dec.predict(x, t, cond)
+        # only the projection changes: if the condition did not reach it, nothing would move
+        dec.unet.class_embedding.linear_1.weight.mul_(3.0)
+        after = dec.predict(x, t, cond)
+    assert (after - before).abs().max() > 1e-3
+    # the condition alone decides through that path too: swapping rows swaps the outputs
+    with torch.no_grad():
+        swapped = dec.predict(x, t, cond.flip(0))
+    torch.testing.assert_close(swapped, after.flip(0))
+    save_tensors(model_state_dict(dec), tmp_path / "decoder.safetensors")
+    rebuilt = create("decoder", "diffusion", **json.loads(json.dumps(dec.config_dict()))).eval()
+    load_model_state(rebuilt, load_tensors(tmp_path / "decoder.safetensors"), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.predict(x, t, cond), after)
+
+
+@pytest.mark.parametrize(
+    ("unet_config", "message"),
+    [
+        ({"class_embed_type": "timestep"}, "class_embed_type must be 'projection'"),
+        (
+            {"class_embed_type": "projection", "projection_class_embeddings_input_dim": 5},
+            f"must be condition_dim × num_condition_tokens = {K * D}",
+        ),
+    ],
+)
+def test_global_condition_errors(unet_config: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny_decoder(unet_config=unet_config)
+
+
 # -- decoder: persistence, memory format -----------------------------------------------------
 def test_safetensors_round_trip_gives_identical_samples(
     decoder: DiffusionDecoder, cond: torch.Tensor, tmp_path: Path
