@@ -3,19 +3,25 @@
 The preference is programmatic: a caption is better the fewer attributes it gets wrong
 (:func:`mmgpt.rlhf.shapes.caption_errors`). One run (one ``--seed``)
 
-1. trains one caption SFT run (600 steps) and takes its EARLY checkpoint (step 400) as the
-   deliberately weak policy (low exact match);
+1. trains one caption SFT run (1000 steps, a checkpoint every 25) and takes as the deliberately
+   weak policy the FIRST checkpoint whose exact match on 200 validation images (another seed
+   than the test images) lies in ``--weak-band`` (0.25–0.40; else the closest), so every
+   seed starts from a policy equally far from right (``results.json``: ``weak_policy``);
 2. trains a reward model, starting from the end of that SFT run, on ranked lists per image:
-   the right caption, captions wrong in one to three attributes (size included) and eight
-   captions SAMPLED FROM THE WEAK POLICY, each ranked by the programmatic preference
-   (:func:`mmgpt.rlhf.shapes.write_shapes_reward_data`); it reports held-out pair accuracy
-   per kind of corruption, how often its best caption of an image over all 216 captions is
-   right, and **best-of-n accuracy over the policy's own samples** (n = 16 sampled captions
-   of a held-out image: is the one it scores highest right?) beside the oracle (is any right?);
-3. runs PPO, GRPO and RLOO from the weak policy against that reward model, with the guards of
-   :mod:`mmgpt.rlhf.guards` (a format penalty for captions off the grammar, a hard KL stop,
-   the hacking detector, early stopping on exact match over 64 validation images that keeps
-   the best policy);
+   the right caption, two captions wrong in ONLY each attribute, captions wrong in one to
+   three attributes and eight captions SAMPLED FROM THE WEAK POLICY, each ranked by the
+   programmatic preference (:func:`mmgpt.rlhf.shapes.write_shapes_reward_data`), trained on
+   the right caption against each other one, with the answer's log-likelihood under its
+   backbone as a term of the score (:class:`mmgpt.rlhf.reward_model.RewardModel`); it
+   reports held-out pair accuracy per kind of corruption, how often its best caption of an
+   image over all 216 captions is right, and **best-of-n accuracy over the policy's own
+   samples** (n = 16 sampled captions of an image: is the one it scores highest right?)
+   beside the oracle (is any right?) and a random pick — on the validation images this is
+   the GATE of the RL runs (they start only if its pick beats a random one by ``--rm-gate``);
+3. runs PPO, GRPO (adaptive β) and RLOO from the weak policy against that reward model, with
+   the guards of :mod:`mmgpt.rlhf.guards` (a format penalty for captions off the grammar, a
+   hard KL stop, the hacking detector, early stopping on exact match over the 200 validation
+   images that keeps the best policy);
 4. runs DPO from the same weak policy on 10,000 single-corruption pairs (chosen: the right
    caption): DPO with label smoothing 0.1, DPO + RPO (the chosen answers' NLL) and, as the
    baseline any preference method is measured against, SFT on the chosen answers only;
@@ -94,7 +100,7 @@ TOKENIZER_PAIRS = 3000
 # the rows of the table, in order; "sft" is the weak policy every method starts from
 METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_rpo", "dpo_rpo_ranked", "nll_chosen")
 LABELS = {
-    "sft": "weak SFT (step 400)",
+    "sft": "weak SFT (checkpoint chosen by validation exact match)",
     "ppo": "PPO",
     "grpo": "GRPO",
     "rloo": "RLOO",
@@ -102,7 +108,7 @@ LABELS = {
     "dpo_rpo": "DPO + RPO (β 0.1, NLL weight 1)",
     "dpo_rpo_ranked": "DPO + RPO on the RM's ranked data (right vs the rest)",
     "nll_chosen": "SFT on the chosen answers only",
-    "sft_final": "(SFT step 600, for scale)",
+    "sft_final": "(the end of the SFT run, the RM's start: for scale)",
 }
 PREFERENCE_METHODS = ("ppo", "grpo", "rloo", "dpo", "dpo_rpo", "dpo_rpo_ranked")
 ATTRIBUTES = ("shape", "color", "size", "position", "count")
@@ -350,7 +356,7 @@ def rl_train_config(args: argparse.Namespace, seed: int, rollouts: int, lr: floa
         warmup_steps=0,
         log_every=1,
         eval_every=max(1, rollouts // args.rl_evals),
-        eval_batches=1,
+        eval_batches=0,  # every validation image: early stopping chooses on all of them
     )
 
 
@@ -360,21 +366,71 @@ def evaluate_reward_model(
     reward_model: RewardModel,
     sft: MultimodalGPT,
     eval_world: ShapesWorld,
+    val_world: ShapesWorld,
     eval_pairs: PreferenceDataset,
 ) -> None:
-    """The reward model's pair, best-caption and best-of-n accuracy, and the weak policy's
-    captions with their scores."""
+    """The reward model's pair, best-caption and best-of-n accuracy, the gate of the RL runs,
+    and the weak policy's captions with their scores.
+
+    The gate is best-of-16 over the weak policy's own samples of the VALIDATION images (the
+    test images decide nothing): RL climbs toward the caption the reward model scores highest
+    among what the policy says, so the RL runs start only when its pick is right at least
+    ``--rm-gate`` more often than a random sample."""
+    gate = reward_best_of_n(reward_model, sft, val_world, images=args.bon_images)
+    gate["margin"] = args.rm_gate
+    gate["passed"] = gate["accuracy"] >= gate["random"] + args.rm_gate
     results["reward_model"] = {
         "heldout_accuracy": reward_accuracy_by_corruption(reward_model, eval_pairs),
         "best_caption_accuracy": reward_best_caption_accuracy(
             reward_model, eval_world, args.rm_argmax_images
         ),
         "best_of_n": reward_best_of_n(reward_model, sft, eval_world, images=args.bon_images),
+        "gate": gate,
         "normalization": reward_model.normalization,
     }
     results["sft"] = caption_eval(sft, eval_world, reward_model)
-    log(f"SFT step {args.weak_step} (weak): {results['sft']['exact_match']:.3f}")
+    log(f"weak SFT (step {results['weak_policy']['step']}): {results['sft']['exact_match']:.3f}")
     log(f"reward model: {json.dumps(results['reward_model'])}")
+
+
+def parse_band(text: str) -> tuple[float, float]:
+    """``"LOW,HIGH"`` → (low, high): the weak policy's target band of exact match."""
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--weak-band: expected two numbers LOW,HIGH (e.g. 0.25,0.40), got {text!r}"
+        ) from None
+    if not 0 <= low <= high <= 1:
+        raise argparse.ArgumentTypeError(f"--weak-band: need 0 <= LOW <= HIGH <= 1, got {text!r}")
+    return low, high
+
+
+def choose_weak_checkpoint(
+    model: MultimodalGPT,
+    checkpoint_dir: Path,
+    steps: list[int],
+    val_world: ShapesWorld,
+    band: tuple[float, float],
+) -> dict[str, Any]:
+    """The weak policy: the FIRST SFT checkpoint whose exact match on the validation images
+    lies in ``band``; without one, the checkpoint closest to the band (the earliest of equals).
+    Loads it into ``model``; returns the chosen step, its validation exact match and the
+    curve of the checkpoints evaluated (evaluation stops at the first one in the band)."""
+    low, high = band
+    curve: list[list[float]] = []
+    for step in steps:
+        checkpoint = checkpoint_dir / checkpoint_name(step)
+        load_model_state(model, load_tensors(checkpoint / WEIGHTS_NAME), checkpoint)
+        em = caption_eval(model, val_world, None)["exact_match"]
+        curve.append([step, em])
+        log(f"SFT step {step}: validation exact match {em:.3f}")
+        if low <= em <= high:
+            break
+    step, em = min(curve, key=lambda c: (max(low - c[1], c[1] - high, 0.0), c[0]))
+    checkpoint = checkpoint_dir / checkpoint_name(int(step))
+    load_model_state(model, load_tensors(checkpoint / WEIGHTS_NAME), checkpoint)
+    return {"step": int(step), "val_exact_match": em, "band": list(band), "curve": curve}
 
 
 def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -388,6 +444,8 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     results_path = out / "results.json"
     if args.reuse and results_path.is_file():
         results = {**json.loads(results_path.read_text()), "settings": vars(args)}
+    elif results_path.is_file():
+        results_path.unlink()  # a fresh run: no rows of an earlier one merged in below
 
     def save_results() -> None:
         # merged into the file: with --reuse and --phases, two processes may share a seed's
@@ -410,11 +468,14 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     train_pairs = PreferenceDataset(pairs_file)
     eval_pairs = PreferenceDataset(out / "data" / "eval" / "preferences.jsonl")
     eval_world = ShapesWorld(size=args.eval_images, seed=EVAL_SEED, task="caption", **WORLD)
+    # the validation images (another seed than the test images): they choose the weak policy,
+    # gate the reward model and drive the RL runs' early stopping
+    val_world = ShapesWorld(size=args.val_images, seed=seeds["val"], task="caption", **WORLD)
     tokenizer = build_tokenizer(out, pairs_file)
     log(f"seed {seed}: {len(train_pairs)} train pairs, {len(eval_pairs)} held-out pairs")
 
-    # 1. SFT: one caption run; the policy starts from its EARLY checkpoint (--weak-step, low
-    #    exact match), the reward model from its end
+    # 1. SFT: one caption run; the policy starts from an EARLY checkpoint (the first whose
+    #    validation exact match is in --weak-band, or --weak-step), the reward model from its end
     weak_dir, final_dir = out / "sft" / "weak", out / "sft" / "model"
     if not (args.reuse and weak_dir.is_dir() and final_dir.is_dir()):
         shutil.rmtree(out / "sft", ignore_errors=True)
@@ -435,17 +496,30 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 lr=2e-3,
                 min_lr=2e-3,  # constant after warmup: the checkpoints are points of one run
                 warmup_steps=100,
-                save_every=args.weak_step,
-                keep_last=100,
+                save_every=args.weak_step or args.weak_every,
+                keep_last=args.sft_steps // (args.weak_step or args.weak_every) + 1,
             ),
             collate_fn=model.processor(),
             out_dir=out / "sft",
         )
         trainer.fit()
-        checkpoint = trainer.checkpoint_dir / checkpoint_name(args.weak_step)
-        load_model_state(model, load_tensors(checkpoint / WEIGHTS_NAME), checkpoint)
-        model.save_pretrained(weak_dir)
         results["sft_train_s"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        if args.weak_step:
+            steps = [args.weak_step]
+        else:
+            steps = list(range(args.weak_every, args.sft_steps, args.weak_every))
+        if not steps:
+            raise SystemExit(
+                f"--weak-every {args.weak_every}: no checkpoint before step "
+                f"{args.sft_steps} (--sft-steps)"
+            )
+        results["weak_policy"] = choose_weak_checkpoint(
+            model, trainer.checkpoint_dir, steps, val_world, args.weak_band
+        )
+        results["weak_choice_s"] = round(time.perf_counter() - t, 1)
+        model.save_pretrained(weak_dir)
+        shutil.rmtree(trainer.checkpoint_dir)  # 20-odd checkpoints with optimizer states
     sft = MultimodalGPT.from_pretrained(weak_dir)
     results["sft_final"] = caption_eval(MultimodalGPT.from_pretrained(final_dir), eval_world, None)
     log(f"SFT step {args.sft_steps}: {results['sft_final']['exact_match']:.3f}")
@@ -454,6 +528,8 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     #    policy's own samples, ranked by the programmatic preference
     rm_dir = out / "rm" / "model"
     if "rm" in phases and not (args.reuse and rm_dir.is_dir()):
+        if not args.reuse:  # a fresh run: no checkpoints of an earlier reward model
+            shutil.rmtree(out / "rm", ignore_errors=True)
         torch.manual_seed(seed)
         t = time.perf_counter()
         rm_data = out / "data" / "rm" / "preferences.jsonl"
@@ -462,19 +538,27 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 out / "data" / "rm",
                 args.rm_images,
                 negatives=args.rm_negatives,
+                per_attribute=args.rm_per_attribute,
                 policy=sft if args.rm_policy_samples else None,
                 policy_samples=max(args.rm_policy_samples, 1),
                 sample_seed=seeds["rm"],
                 seed=seeds["rm"],
                 **WORLD,
             )
+        if args.rm_pairs == "right":
+            # every pair has the right caption as the chosen one: all ordered pairs of a list
+            # are mostly two wrong captions, and they drown the pairs that teach what is right
+            rm_data = right_vs_rest_pairs(rm_data, rm_data.with_name("right.jsonl"))
         rm_pairs = PreferenceDataset(rm_data)
         results["rm_data"] = {"images": args.rm_images, "pairs": len(rm_pairs)}
         results["rm_data_s"] = round(time.perf_counter() - t, 1)
         log(f"reward-model data: {len(rm_pairs)} pairs from {args.rm_images} ranked lists")
         t = time.perf_counter()
         trainer = RewardObjective().build_trainer(
-            copy.deepcopy(MultimodalGPT.from_pretrained(final_dir)),
+            RewardModel(
+                MultimodalGPT.from_pretrained(final_dir),
+                likelihood_weight=args.rm_likelihood or None,
+            ),
             rm_pairs,
             quiet_config(
                 seed,
@@ -491,8 +575,18 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         results["rm_train_s"] = round(time.perf_counter() - t, 1)
     reward_model = RewardModel.from_pretrained(rm_dir)
     if not (args.reuse and "reward_model" in results and "sft" in results):
-        evaluate_reward_model(args, results, reward_model, sft, eval_world, eval_pairs)
+        evaluate_reward_model(args, results, reward_model, sft, eval_world, val_world, eval_pairs)
         save_results()
+    gate = results["reward_model"]["gate"]
+    rl_phases = phases & {"ppo", "grpo", "rloo"}
+    if rl_phases and not gate["passed"]:
+        log(
+            f"reward-model gate: best-of-{gate['n']} {gate['accuracy']:.2f} < random pick "
+            f"{gate['random']:.2f} + {gate['margin']:.2f} on the validation images; "
+            f"skipping {sorted(rl_phases)}"
+        )
+        results["rl_skipped"] = "reward-model gate"
+        phases -= rl_phases
 
     def finish(name: str, trainer: Any, t: float) -> None:
         results[f"{name}_train_s"] = round(time.perf_counter() - t, 1)
@@ -509,7 +603,6 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
     # 3. PPO, GRPO and RLOO from the weak SFT model against the reward model
     prompts = ShapesWorld(size=20_000, seed=seeds["prompts"], task="caption", **WORLD)
-    val_prompts = ShapesWorld(size=64, seed=seeds["val"], task="caption", **WORLD)
     sampling = dict(max_new_tokens=24, samples_per_prompt=args.rl_samples)
     rl_runs: dict[str, Any] = {
         "ppo": lambda: PPOTrainer(
@@ -529,7 +622,7 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 reward_clip=args.reward_clip,
                 **guard_settings(args),
             ),
-            eval_prompts=val_prompts,
+            eval_prompts=val_world,
             out_dir=out / "ppo",
             eval_fn=caption_em,
             format_fn=well_formed_caption,
@@ -544,10 +637,12 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 epochs=2,
                 minibatch_size=args.ppo_minibatch,
                 beta=args.grpo_beta,
+                target_kl=args.grpo_target_kl or None,
+                kl_horizon=args.kl_horizon,
                 reward_clip=args.reward_clip,
                 **guard_settings(args),
             ),
-            eval_prompts=val_prompts,
+            eval_prompts=val_world,
             out_dir=out / "grpo",
             eval_fn=caption_em,
             format_fn=well_formed_caption,
@@ -565,7 +660,7 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 reward_clip=args.reward_clip,
                 **guard_settings(args),
             ),
-            eval_prompts=val_prompts,
+            eval_prompts=val_world,
             out_dir=out / "rloo",
             eval_fn=caption_em,
             format_fn=well_formed_caption,
@@ -712,10 +807,17 @@ def aggregate(out: Path, min_gain: float = 15.0, max_drop: float = 2.0, gap: flo
             best_gap = 100 * (statistics.fmean(rows[best]["exact_match"]) - baseline)
             rows[best]["gap_to_sft_on_chosen_points"] = best_gap
     rm = {
-        key: [r["reward_model"][key] for r in runs]
-        for key in ("heldout_accuracy", "best_caption_accuracy", "best_of_n")
+        key: [r["reward_model"][key] for r in runs if key in r["reward_model"]]
+        for key in ("heldout_accuracy", "best_caption_accuracy", "best_of_n", "gate")
     }
-    summary = {"seeds": seeds, "rows": rows, "best_preference_method": best, "reward_model": rm}
+    weak = [r["weak_policy"] for r in runs if "weak_policy" in r]
+    summary = {
+        "seeds": seeds,
+        "rows": rows,
+        "best_preference_method": best,
+        "reward_model": rm,
+        "weak_policy": weak,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(markdown_tables(summary))
     return summary
@@ -746,7 +848,7 @@ def markdown_tables(summary: dict[str, Any]) -> str:
         f"seeds {summary['seeds']}: mean ± std over seeds",
         "",
         "| policy | exact match | Δ vs weak (points) | min Δ | worst attribute drop | shape "
-        "| position | size | RM score | KL to weak SFT |",
+        "| colour | position | RM score | KL to weak SFT |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
@@ -761,24 +863,49 @@ def markdown_tables(summary: dict[str, Any]) -> str:
                     "—" if weak else f"{min(row['delta_points']):+.1f}",
                     "—" if weak else f"{max(row['worst_attribute_drop_points']):.1f}",
                     _fmt(row["attributes"]["shape"]),
+                    _fmt(row["attributes"]["color"]),
                     _fmt(row["attributes"]["position"]),
-                    _fmt(row["attributes"]["size"]),
                     _fmt(row["reward"], digits=2),
                     "—" if weak else _fmt(row["kl_to_sft"], digits=2),
                 ]
             )
             + " |"
         )
+    lines += [
+        "",
+        "| policy | " + " | ".join(f"seed {s}: exact match (Δ)" for s in summary["seeds"]) + " |",
+        "|---|" + "---|" * len(summary["seeds"]),
+    ]
+    for name, row in rows.items():
+        cells = {
+            seed: f"{em:.3f}" + ("" if name == "sft" else f" ({d:+.1f})")
+            for seed, em, d in zip(row["seeds"], row["exact_match"], row["delta_points"])
+        }
+        lines.append(
+            f"| {LABELS[name]} | "
+            + " | ".join(cells.get(seed, "—") for seed in summary["seeds"])
+            + " |"
+        )
+    if summary.get("weak_policy"):
+        lines += [
+            "",
+            "weak policy (SFT step, validation exact match) per seed: "
+            + ", ".join(
+                f"{w['step']} ({w['val_exact_match']:.3f})" for w in summary["weak_policy"]
+            ),
+        ]
     bon = rm["best_of_n"]
     lines += [
         "",
-        "| RM pair accuracy (held-out, single corruption) | best caption of 216 "
-        "| best-of-16 of the weak policy's samples | oracle (any right) | random pick |",
-        "|---|---|---|---|---|",
-        "| "
+        "| images | RM pair accuracy (held-out, single corruption) | colour pairs "
+        "| best caption of 216 | best-of-16 of the weak policy's samples | oracle (any right) "
+        "| random pick |",
+        "|---|---|---|---|---|---|---|",
+        "| test | "
         + " | ".join(
             [
                 _fmt([a["all"] for a in rm["heldout_accuracy"]]),
+                _fmt([a.get("color", math.nan) for a in rm["heldout_accuracy"]]),
                 _fmt([a["all"] for a in rm["best_caption_accuracy"]], digits=2),
                 _fmt([b["accuracy"] for b in bon], digits=2),
                 _fmt([b["oracle"] for b in bon], digits=2),
@@ -787,6 +914,20 @@ def markdown_tables(summary: dict[str, Any]) -> str:
         )
         + " |",
     ]
+    if rm.get("gate"):
+        gate = rm["gate"]
+        lines.append(
+            "| validation (the gate of the RL runs) | — | — | — | "
+            + " | ".join(
+                _fmt([g[key] for g in gate], digits=2) for key in ("accuracy", "oracle", "random")
+            )
+            + " |"
+        )
+        lines += [
+            "",
+            "reward-model gate passed on seeds: "
+            + ", ".join(f"{s}: {g['passed']}" for s, g in zip(summary["seeds"], gate)),
+        ]
     rl = [(n, r["training_log"]) for n, r in rows.items() if "training_log" in r]
     if rl:
         lines += [
@@ -834,25 +975,60 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pairs", type=int, default=10000, help="DPO pairs")
     parser.add_argument("--eval-images", type=int, default=200)
-    parser.add_argument("--sft-steps", type=int, default=600)
-    parser.add_argument("--weak-step", type=int, default=400, help="the policy's SFT checkpoint")
+    parser.add_argument("--val-images", type=int, default=200, help="validation images")
+    parser.add_argument(
+        "--sft-steps", type=int, default=1000, help="the SFT run (its end: the RM's start)"
+    )
+    parser.add_argument(
+        "--weak-band",
+        type=parse_band,
+        default=(0.25, 0.40),
+        help="LOW,HIGH: the weak policy is the first SFT checkpoint with validation exact "
+        "match in this band (else the closest)",
+    )
+    parser.add_argument("--weak-every", type=int, default=25, help="SFT steps per checkpoint")
+    parser.add_argument(
+        "--weak-step", type=int, default=0, help="a fixed SFT step as the policy (0: --weak-band)"
+    )
     parser.add_argument("--rm-images", type=int, default=1000, help="ranked lists for the RM")
     parser.add_argument("--rm-negatives", type=int, default=6, help="corrupted captions/image")
+    parser.add_argument(
+        "--rm-per-attribute", type=int, default=2, help="captions wrong in one attribute only"
+    )
     parser.add_argument("--rm-policy-samples", type=int, default=8, help="0: none (off-policy)")
+    parser.add_argument(
+        "--rm-pairs",
+        choices=("right", "all"),
+        default="right",
+        help="RM pairs of each ranked list: the right caption vs each other one, or every "
+        "ordered pair",
+    )
     parser.add_argument("--rm-steps", type=int, default=600)
     parser.add_argument("--rm-batch", type=int, default=32, help="pairs per reward-model step")
     parser.add_argument("--rm-lr", type=float, default=3e-4)
+    parser.add_argument(
+        "--rm-likelihood",
+        type=float,
+        default=1.0,
+        help="start of the RM's weight on the answer's log-likelihood (0: last-token head only)",
+    )
     parser.add_argument("--rm-argmax-images", type=int, default=20)
-    parser.add_argument("--bon-images", type=int, default=50, help="best-of-16 images")
+    parser.add_argument("--bon-images", type=int, default=100, help="best-of-16 images")
+    parser.add_argument(
+        "--rm-gate",
+        type=float,
+        default=0.4,
+        help="RL runs only if the RM's best-of-16 pick beats a random one by this (-1: off)",
+    )
     parser.add_argument("--kl-images", type=int, default=100, help="images for the KL")
     parser.add_argument("--rl-batch", type=int, default=32, help="prompts per rollout")
     parser.add_argument("--rl-samples", type=int, default=4, help="answers per prompt")
     parser.add_argument("--rl-evals", type=int, default=5, help="validations per RL run")
-    parser.add_argument("--ppo-rollouts", type=int, default=60)
-    parser.add_argument("--group-rollouts", type=int, default=60, help="GRPO and RLOO")
+    parser.add_argument("--ppo-rollouts", type=int, default=100)
+    parser.add_argument("--group-rollouts", type=int, default=100, help="GRPO and RLOO")
     parser.add_argument("--ppo-lr", type=float, default=5e-4)
-    parser.add_argument("--grpo-lr", type=float, default=5e-4)
-    parser.add_argument("--rloo-lr", type=float, default=5e-4)
+    parser.add_argument("--grpo-lr", type=float, default=1e-3)
+    parser.add_argument("--rloo-lr", type=float, default=1e-3)
     parser.add_argument("--ppo-init-kl", type=float, default=0.1)
     parser.add_argument("--ppo-minibatch", type=int, default=64)
     parser.add_argument("--ppo-epochs", type=int, default=4)
@@ -864,7 +1040,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format-penalty", type=float, default=1.0)
     parser.add_argument("--no-early-stop", dest="early_stop", action="store_false")
     parser.add_argument("--early-stop-patience", type=int, default=0, help="0: keep training")
-    parser.add_argument("--grpo-beta", type=float, default=0.04)
+    parser.add_argument("--grpo-beta", type=float, default=0.04, help="(the start, adaptive)")
+    parser.add_argument(
+        "--grpo-target-kl", type=float, default=4.0, help="GRPO's adaptive β (0: fixed β)"
+    )
     parser.add_argument("--rloo-kl", type=float, default=0.05)
     parser.add_argument("--dpo-steps", type=int, default=300)
     parser.add_argument("--dpo-lr", type=float, default=5e-4, help="DPO+RPO (and NLL only)")
@@ -883,7 +1062,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.pairs, args.eval_images = 200, 40
-        args.sft_steps, args.weak_step = 20, 10
+        args.sft_steps, args.weak_every, args.val_images = 20, 5, 20
+        if args.rm_gate == parser.get_default("rm_gate"):
+            args.rm_gate = -1.0  # a 20-step reward model passes no gate; the smoke run runs all
         args.rm_images, args.rm_steps, args.rm_argmax_images = 20, 10, 3
         args.bon_images, args.kl_images = 4, 8
         args.ppo_rollouts = args.group_rollouts = 2

@@ -40,15 +40,25 @@ class RewardObjective:
     Args:
         margin: subtracted from ``r_chosen − r_rejected`` inside the sigmoid (Llama 2's margin
             loss; 0 = the plain Bradley-Terry loss).
+        likelihood_weight: start value of the learned weight of the answer's log-likelihood
+            under the backbone, added to the head's score (see :mod:`mmgpt.rlhf.reward_model`;
+            ``None``: the head alone). A reward model started from a captioner ranks its
+            own captions with it from the first step.
 
     Metrics: ``loss``, ``accuracy``, ``margin`` (mean score gap), ``reward_chosen``,
     ``reward_rejected``, ``pairs``; ``weight`` is the number of pairs.
     """
 
-    def __init__(self, margin: float = 0.0) -> None:
+    def __init__(self, margin: float = 0.0, likelihood_weight: float | None = None) -> None:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):
             raise ValueError(f"reward objective: margin must be a number, got {margin!r}")
+        w = likelihood_weight
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float))):
+            raise ValueError(
+                f"reward objective: likelihood_weight must be a number or null, got {w!r}"
+            )
         self.margin = float(margin)
+        self.likelihood_weight = None if w is None else float(w)
 
     def __call__(self, model: Any, batch: PreferenceBatch) -> ObjectiveOutput:
         if not isinstance(batch, PreferenceBatch):
@@ -88,7 +98,10 @@ class RewardObjective:
         truncation: bool = False,
     ) -> Trainer:
         """A Trainer for a reward model started from ``model`` (a MultimodalGPT or RewardModel)."""
-        reward_model = model if isinstance(model, RewardModel) else RewardModel(model)
+        if isinstance(model, RewardModel):
+            reward_model = model
+        else:
+            reward_model = RewardModel(model, likelihood_weight=self.likelihood_weight)
         collate = PreferenceCollator(reward_model.processor(truncation=truncation))
 
         def save(m: RewardModel, directory: Any) -> None:

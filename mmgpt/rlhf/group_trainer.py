@@ -13,10 +13,13 @@ One trainer *step* is one iteration:
    reference (PPO's per-token KL penalty, summed over the answer).
 3. **Optimisation** — ``epochs`` passes over the rollout in shuffled minibatches, one optimizer
    step each: GRPO's clipped ratio plus ``beta`` times the k3 KL to the reference; RLOO's
-   REINFORCE loss on the answer's log-probability.
+   REINFORCE loss on the answer's log-probability. With ``target_kl`` GRPO's ``beta`` is
+   adaptive: PPO's proportional controller (:class:`~mmgpt.rlhf.losses.AdaptiveKLController`)
+   moves it after each rollout toward the target KL (nats per answer), since a fixed k3 weight
+   that holds one reward model's policy near the reference lets another drift far.
 
 :class:`GroupTrainer` is a :class:`~mmgpt.rlhf.ppo_trainer.PPOTrainer` without the value head
-and KL controller: sampling settings, scoring, greedy evaluation, the reference policy (LoRA
+(and, but for GRPO with ``target_kl``, the KL controller): sampling settings, scoring, greedy evaluation, the reference policy (LoRA
 adapters disabled, or a frozen copy) and everything of :class:`~mmgpt.trainer.Trainer`
 (checkpoints, resume, metrics) are PPO's.
 """
@@ -39,7 +42,7 @@ from mmgpt.interfaces import ObjectiveOutput
 from mmgpt.rlhf.data import collate_prompts
 from mmgpt.rlhf.group import as_groups, grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
 from mmgpt.rlhf.guards import GuardConfig
-from mmgpt.rlhf.losses import masked_mean
+from mmgpt.rlhf.losses import AdaptiveKLController, masked_mean
 from mmgpt.rlhf.policy import ReferencePolicy, save_policy
 from mmgpt.rlhf.ppo_trainer import EvalFn, FormatFn, PPOTrainer
 from mmgpt.rlhf.reward_model import RewardModel
@@ -127,14 +130,27 @@ class GRPOConfig(GroupConfig):
 
     epochs: int = 2
     clip_range: float = 0.2
-    beta: float = 0.04  # coefficient of the k3 KL(π ‖ π_ref) in the loss
+    beta: float = 0.04  # coefficient of the k3 KL(π ‖ π_ref) in the loss (the start, adaptive)
     eps: float = 1e-4  # added to the group's reward std
+    # adaptive beta: the KL (nats per answer) it steers to, as PPO's target_kl; None: fixed
+    target_kl: float | None = None
+    kl_horizon: int = 10000  # the controller's horizon (in answers)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._number("clip_range", strict=True)
         self._number("beta")
         self._number("eps", strict=True)
+        if self.target_kl is not None:
+            self._number("target_kl", strict=True)
+            if self.beta == 0:
+                raise ValueError(
+                    "GRPOConfig.beta: an adaptive beta (target_kl set) scales the starting "
+                    "beta, so it must be > 0"
+                )
+        h = self.kl_horizon
+        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+            raise ValueError(f"GRPOConfig.kl_horizon: expected a positive integer, got {h!r}")
 
 
 @dataclass
@@ -235,6 +251,11 @@ class GRPOLoss(GroupLoss):
     name = "grpo"
     config_class = GRPOConfig
 
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        # the k3 weight in use: config.beta, or the adaptive controller's latest (GroupTrainer)
+        self.beta = self.config.beta
+
     def __call__(self, model: nn.Module, batch: GroupBatch) -> ObjectiveOutput:
         cfg = self.config
         logprobs, entropy = self._forward(model, batch)
@@ -248,7 +269,7 @@ class GRPOLoss(GroupLoss):
             batch.advantages,
             mask,
             cfg.clip_range,
-            cfg.beta,
+            self.beta,
         )
         return ObjectiveOutput(
             loss=loss,
@@ -339,13 +360,23 @@ class GroupTrainer(PPOTrainer):
         self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
         self.eval_fn = eval_fn
         self._init_guards(format_fn)
+        cfg = self.group
+        self.kl_controller: AdaptiveKLController | None = None
+        if isinstance(cfg, GRPOConfig) and cfg.target_kl is not None:
+            self.kl_controller = AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon)
 
-    # no KL controller: only the guards' state beyond the Trainer's own
+    # the guards' state and GRPO's adaptive beta beyond the Trainer's own
     def _extra_state(self) -> dict[str, Any]:
-        return self._guard_state()
+        state = self._guard_state()
+        if self.kl_controller is not None:
+            state["kl_controller"] = self.kl_controller.state_dict()
+        return state
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._load_guard_state(state)
+        if self.kl_controller is not None and "kl_controller" in state:
+            self.kl_controller.load_state_dict(state["kl_controller"])
+            self.objective.beta = self.kl_controller.beta
 
     @torch.no_grad()
     def rollout(self, prompts: Sequence[Sample]) -> tuple[GroupBatch, dict[str, float]]:
@@ -390,6 +421,8 @@ class GroupTrainer(PPOTrainer):
             "ref_logp": float(masked_mean(ref_logprobs, mask)),
             **guard_stats,
         }
+        if isinstance(self.objective, GRPOLoss):
+            stats["beta"] = self.objective.beta  # the k3 weight of this rollout's updates
         return batch, stats
 
     @property
@@ -397,4 +430,6 @@ class GroupTrainer(PPOTrainer):
         return self.group.epochs
 
     def _after_update(self, batch: Any, stats: dict[str, float], epochs: int) -> None:
-        """Nothing: no KL controller (the KL penalty is in the loss), no throughput count."""
+        """GRPO with ``target_kl``: the next rollout's beta from this one's KL (per answer)."""
+        if self.kl_controller is not None:
+            self.objective.beta = self.kl_controller.update(stats["kl"], len(batch))

@@ -5,6 +5,14 @@ final hidden state (after ``ln_f``) of the LAST NON-PAD token: the decoder is ca
 that position has read the whole prompt, image and answer. Trained with the Bradley-Terry loss
 ``−log σ(r(x, y_w) − r(x, y_l))`` (objective ``"reward"``).
 
+With ``likelihood_weight`` the score adds ``w · log p(answer | prompt, images)``, the answer's
+log-likelihood under the backbone's own language-model head (``w`` is learned with the rest).
+A backbone fine-tuned from a captioner already *knows* whether a caption fits the image — that
+is what its next-token predictions are — but a fresh head on the last token has to learn to
+read that agreement back out of one hidden state, attribute by attribute, and in a few hundred
+steps it does not: such a head can stay at chance on colour pairs that the captioner's
+likelihood orders every time. The likelihood term hands the head that knowledge from step 0.
+
 An answer may itself be an image: an ``"<image>"`` placeholder in the assistant turn puts the
 image encoder's features of that (generated) image there, so the same model scores image
 outputs (:class:`~mmgpt.rlhf.data.ImageOutputPair`, :meth:`RewardModel.score`).
@@ -12,9 +20,10 @@ outputs (:class:`~mmgpt.rlhf.data.ImageOutputPair`, :meth:`RewardModel.score`).
 A saved reward model is a MultimodalGPT directory (``config.json``, ``model.safetensors``,
 tokenizer files: the backbone loads with ``MultimodalGPT.from_pretrained``) plus::
 
-    reward_head.safetensors   the head's weight (1, C) and bias (1,)
+    reward_head.safetensors   the head's weight (1, C) and bias (1,) [and likelihood_weight ()]
     reward_config.json        {"architecture": "reward", "format_version": 1,
-                               "normalization": {"mean": m, "std": s, "count": n} | null}
+                               "normalization": {"mean": m, "std": s, "count": n} | null,
+                               "likelihood": true | false}
 
 ``normalization`` holds the mean and standard deviation of the model's scores over its
 training answers (chosen and rejected), so PPO can use ``(r − mean) / std``.
@@ -35,6 +44,7 @@ from mmgpt.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
 from mmgpt.files import atomic_write_bytes, load_tensors, save_tensors
 from mmgpt.multimodal import MultimodalGPT
 from mmgpt.processor import MultimodalBatch
+from mmgpt.rlhf.losses import sequence_logprobs
 
 __all__ = ["REWARD_CONFIG", "REWARD_HEAD", "RewardModel", "last_token_index", "reward_statistics"]
 
@@ -64,7 +74,13 @@ class RewardModel(nn.Module):
     tokenizer can be scored).
     """
 
-    def __init__(self, backbone: nn.Module, *, head: nn.Linear | None = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        head: nn.Linear | None = None,
+        likelihood_weight: float | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         n_embd = backbone.config.n_embd
@@ -78,6 +94,13 @@ class RewardModel(nn.Module):
                 f"{n_embd} → 1 (the backbone's width)"
             )
         self.head = head
+        # w of the log-likelihood term (None: the head alone; see the module docstring)
+        self.likelihood_weight: nn.Parameter | None = None
+        if likelihood_weight is not None:
+            w = likelihood_weight
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ValueError(f"likelihood_weight: expected a number or None, got {w!r}")
+            self.likelihood_weight = nn.Parameter(torch.tensor(float(w)))
         self.normalization: dict[str, float] | None = None
 
     @property
@@ -97,12 +120,24 @@ class RewardModel(nn.Module):
         return self.backbone.processor(**kwargs)
 
     def forward(self, batch: MultimodalBatch) -> Tensor:
-        """Scores ``(B,)`` from the hidden state of each row's last non-pad token."""
+        """Scores ``(B,)`` from the hidden state of each row's last non-pad token (plus the
+        weighted log-likelihood of the answer, the tokens ``batch.labels`` marks)."""
         batch = batch.to(self.device)
-        hidden = self.backbone(batch, return_logits=False).hidden_states  # (B, T, C)
+        likelihood = self.likelihood_weight is not None
+        if likelihood and batch.labels is None:
+            raise ValueError(
+                "reward model with a likelihood term: the batch has no labels marking the "
+                "answer tokens (collate with the model's processor)"
+            )
+        out = self.backbone(batch, return_logits=likelihood)
+        hidden = out.hidden_states  # (B, T, C)
         last = last_token_index(batch.attention_mask)  # (B,)
         h = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, C)
-        return self.head(h.to(self.head.weight.dtype)).squeeze(-1)  # (B,)
+        scores = self.head(h.to(self.head.weight.dtype)).squeeze(-1)  # (B,)
+        if likelihood:
+            logp = sequence_logprobs(out.logits, batch.labels)  # (B,) Σ log p(answer token)
+            scores = scores + self.likelihood_weight * logp.to(scores.dtype)
+        return scores
 
     def normalize(self, scores: Tensor) -> Tensor:
         """``(scores − mean) / std`` with the training-set statistics (identity without them)."""
@@ -157,15 +192,15 @@ class RewardModel(nn.Module):
         """The backbone's directory + ``reward_head.safetensors`` + ``reward_config.json``."""
         path = Path(path)
         self.backbone.save_pretrained(path)
-        save_tensors(
-            {"weight": self.head.weight, "bias": self.head.bias},
-            path / REWARD_HEAD,
-            metadata={"format": "pt"},
-        )
+        tensors = {"weight": self.head.weight, "bias": self.head.bias}
+        if self.likelihood_weight is not None:
+            tensors["likelihood_weight"] = self.likelihood_weight
+        save_tensors(tensors, path / REWARD_HEAD, metadata={"format": "pt"})
         config = {
             "architecture": ARCHITECTURE,
             "format_version": FORMAT_VERSION,
             "normalization": self.normalization,
+            "likelihood": self.likelihood_weight is not None,
         }
         atomic_write_bytes(path / REWARD_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
 
@@ -203,7 +238,13 @@ class RewardModel(nn.Module):
         with torch.no_grad():
             head.weight.copy_(weight)
             head.bias.copy_(bias)
-        model = cls(backbone, head=head)
+        w = state.get("likelihood_weight")
+        if bool(config.get("likelihood", False)) != (w is not None):
+            raise ValueError(
+                f"{path}: {REWARD_CONFIG} says likelihood={config.get('likelihood', False)} but "
+                f"{REWARD_HEAD} {'has no' if w is None else 'has a'} 'likelihood_weight'"
+            )
+        model = cls(backbone, head=head, likelihood_weight=None if w is None else float(w))
         norm = config.get("normalization")
         if norm is not None:
             if not isinstance(norm, dict) or not {"mean", "std"} <= set(norm):

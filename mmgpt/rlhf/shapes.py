@@ -202,20 +202,25 @@ def shapes_ranked_answers(
     *,
     negatives: int = 6,
     max_corrupted: int = 3,
+    per_attribute: int = 0,
     extra_answers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The ranked-list preference record of sample ``index`` (without the image path):
     ``{"id", "prompt", "responses", "ranking", "scene"}``.
 
-    ``responses``: the right caption, up to ``negatives`` corruptions of it, each changing
-    1 to ``max_corrupted`` attributes drawn from :data:`ATTRIBUTE_CORRUPTIONS`, and
-    ``extra_answers`` (e.g. a policy's samples); duplicates dropped. ``ranking``:
+    ``responses``: the right caption, up to ``per_attribute`` captions wrong in ONLY that
+    attribute for each of :data:`ATTRIBUTE_CORRUPTIONS` (the hardest negatives: a reward model
+    shown a wrong colour only by chance, among multi-attribute corruptions, learns to tell
+    colours apart last), up to ``negatives`` corruptions changing 1 to ``max_corrupted``
+    attributes drawn at random, and ``extra_answers`` (e.g. a policy's samples); duplicates
+    dropped. ``ranking``:
     :func:`caption_errors` of each (lower is better; equal ranks form no pair).
     Deterministic in ``(world.seed, index, extra_answers)``.
     """
-    if negatives < 0 or max_corrupted < 1:
+    if negatives < 0 or max_corrupted < 1 or per_attribute < 0:
         raise ValueError(
-            f"negatives must be >= 0 and max_corrupted >= 1, got {negatives}, {max_corrupted}"
+            f"negatives and per_attribute must be >= 0 and max_corrupted >= 1, got "
+            f"{negatives}, {per_attribute}, {max_corrupted}"
         )
     scene = world.scene(index)
     rng = random.Random((world.seed * 1_000_003 + index) * 37 + 11)
@@ -225,8 +230,19 @@ def shapes_ranked_answers(
     right = caption(scene)
     responses = [right]
     # a bounded number of tries: small worlds may have fewer distinct corruptions than asked
+    # (two sizes: one wrong size only)
+    for attribute in ATTRIBUTE_CORRUPTIONS if per_attribute else ():
+        found = 0
+        for _ in range(4 * per_attribute):
+            if found == per_attribute:
+                break
+            corrupted = corrupt_attributes(scene, [attribute], rng, **options)
+            if corrupted is not None and caption(corrupted) not in responses:
+                responses.append(caption(corrupted))
+                found += 1
+    single = len(responses) - 1
     for _ in range(4 * negatives):
-        if len(responses) > negatives:
+        if len(responses) > single + negatives:
             break
         n = rng.randint(1, min(max_corrupted, len(ATTRIBUTE_CORRUPTIONS)))
         corrupted = corrupt_attributes(scene, rng.sample(ATTRIBUTE_CORRUPTIONS, n), rng, **options)
@@ -285,6 +301,7 @@ def write_shapes_reward_data(
     start: int = 0,
     negatives: int = 6,
     max_corrupted: int = 3,
+    per_attribute: int = 0,
     policy: Any = None,
     policy_samples: int = 8,
     temperature: float = 1.0,
@@ -327,6 +344,7 @@ def write_shapes_reward_data(
             index,
             negatives=negatives,
             max_corrupted=max_corrupted,
+            per_attribute=per_attribute,
             extra_answers=sampled.get(index, ()),
         )
         name = f"images/{index:06d}.png"

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from mmgpt.checkpoint import checkpoint_name
 from mmgpt.registry import create
 from mmgpt.rlhf.group import (
     as_groups,
@@ -218,3 +219,70 @@ def test_recipe_runs_from_the_command_line(name, tok, rl, tmp_path, capsys) -> N
     bad[bad.index(str(tmp_path / "run"))] = str(tmp_path / "bad")
     assert cli.main(bad) == 2
     assert "samples_per_prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target, direction", [(1e-3, 1), (50.0, -1)])
+def test_grpo_adaptive_beta_follows_ppos_controller(
+    target, direction, red_or_blue_policy, rl, tmp_path
+) -> None:
+    """With target_kl, GRPO's k3 weight moves after every rollout exactly as PPO's controller
+    would from that rollout's KL: up while the KL is above the target, down while below; the
+    loss uses the moved weight, and a resumed run continues from it."""
+    from mmgpt.rlhf.losses import AdaptiveKLController
+
+    torch.manual_seed(0)
+    cfg = settings("grpo", beta=0.05, target_kl=target, kl_horizon=64)
+    trainer = GroupTrainer(
+        copy.deepcopy(red_or_blue_policy),
+        ContainsRed(),
+        rl.colour_prompts(64, seed=4),
+        rl.quiet(max_steps=6, batch_size=4, lr=3e-3, save_every=6),
+        create("objective", "grpo", **cfg),
+        out_dir=tmp_path,
+    )
+    trainer.fit()
+    train = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()]
+    train = [r for r in train if r["split"] == "train"]
+    reference = AdaptiveKLController(0.05, target, 64)
+    assert train[0]["beta"] == pytest.approx(0.05)
+    for record in train:  # each rollout logs the weight its updates used, then moves it
+        assert record["beta"] == pytest.approx(reference.beta, rel=1e-9)
+        reference.update(record["kl"], 16)  # 4 prompts × 4 answers
+    assert trainer.objective.beta == pytest.approx(reference.beta, rel=1e-9)
+    assert (trainer.objective.beta - 0.05) * direction > 0
+    assert trainer.kl_controller.state_dict()["beta"] == trainer.objective.beta
+    # the loss weighs the k3 term with the moved beta, not the configured one
+    batch, _ = trainer.rollout([p for p in rl.colour_prompts(2, seed=9) for _ in range(4)])
+    out = trainer.objective(trainer.wrapped_model, batch)
+    logprobs, _ = trainer.wrapped_model(batch, with_entropy=False)
+    expected, _, _ = grpo_loss(
+        logprobs,
+        batch.old_logprobs,
+        batch.ref_logprobs,
+        batch.advantages,
+        batch.response_mask,
+        0.2,
+        trainer.objective.beta,
+    )
+    assert float(out.loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    # resume: the controller's beta comes back from the checkpoint
+    resumed = GroupTrainer(
+        copy.deepcopy(red_or_blue_policy),
+        ContainsRed(),
+        rl.colour_prompts(64, seed=4),
+        rl.quiet(max_steps=6, batch_size=4, lr=3e-3, save_every=6),
+        create("objective", "grpo", **cfg),
+        out_dir=tmp_path,
+    )
+    resumed.load_checkpoint(trainer.checkpoint_dir / checkpoint_name(6))
+    assert resumed.objective.beta == pytest.approx(trainer.objective.beta, rel=1e-9)
+
+
+def test_grpo_adaptive_beta_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="GRPOConfig.target_kl"):
+        GRPOConfig(target_kl=0.0)
+    with pytest.raises(ValueError, match="GRPOConfig.beta: an adaptive beta"):
+        GRPOConfig(beta=0.0, target_kl=2.0)
+    with pytest.raises(ValueError, match="GRPOConfig.kl_horizon"):
+        GRPOConfig(kl_horizon=0)
+    assert GRPOConfig().target_kl is None  # a fixed beta stays the default

@@ -156,3 +156,76 @@ def test_reward_statistics_over_an_even_subset_of_the_pairs(tok, rl) -> None:
     assert subset["std"] == pytest.approx(float(picked.std(unbiased=False)), abs=1e-5)
     with pytest.raises(ValueError, match="max_pairs must be >= 1"):
         reward_statistics(model, pairs, collate, max_pairs=0)
+
+
+def test_likelihood_term_adds_the_answers_log_likelihood(tok, rl, tmp_path) -> None:
+    """score = head(h_last) + w · Σ log p(answer token) under the backbone's own LM head,
+    counted over exactly the answer's tokens; w learns, and the directory round-trips."""
+    torch.manual_seed(0)
+    backbone = rl.build(tok).eval()
+    plain = RewardModel(backbone).eval()
+    model = RewardModel(backbone, head=plain.head, likelihood_weight=0.7).eval()
+    pairs = rl.colour_pairs(3, seed=1)
+    pairs[0].chosen = "it is red, not blue"  # rows of different lengths: padding
+    batch = PreferenceCollator(model.processor())(pairs).pairs
+    with torch.no_grad():
+        scores, head_only = model(batch), plain(batch)
+        logits = backbone(batch).logits.float()
+    for row in range(len(batch)):
+        ids = batch.input_ids[row].tolist()
+        answer = [t for t in range(len(ids)) if int(batch.labels[row, t]) != -100]
+        # the labelled tokens are the answer and its end of turn, nothing of the prompt
+        text = tok.decode([ids[t] for t in answer])
+        expected_answer = ([p.chosen for p in pairs] + [p.rejected for p in pairs])[row]
+        assert text.strip().startswith(expected_answer), text
+        logp = sum(float(torch.log_softmax(logits[row, t - 1], -1)[ids[t]]) for t in answer)
+        assert float(scores[row]) == pytest.approx(float(head_only[row]) + 0.7 * logp, abs=1e-4)
+
+    model.train()
+    from mmgpt.rlhf.losses import bradley_terry_loss
+
+    out = model(batch)
+    B = len(pairs)
+    bradley_terry_loss(out[:B], out[B:]).backward()
+    assert model.likelihood_weight.grad is not None and model.likelihood_weight.grad != 0
+
+    model.save_pretrained(tmp_path / "rm")
+    loaded = RewardModel.from_pretrained(tmp_path / "rm").eval()
+    assert float(loaded.likelihood_weight.detach()) == pytest.approx(0.7)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), model.eval()(batch))
+    plain.save_pretrained(tmp_path / "plain")
+    assert RewardModel.from_pretrained(tmp_path / "plain").likelihood_weight is None
+    # a config that promises the term without the weight in the head file is refused
+    config = tmp_path / "plain" / "reward_config.json"
+    config.write_text(config.read_text().replace('"likelihood": false', '"likelihood": true'))
+    with pytest.raises(ValueError, match="likelihood_weight"):
+        RewardModel.from_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="likelihood_weight: expected a number"):
+        RewardModel(backbone, likelihood_weight="1")
+    batch.labels = None
+    with pytest.raises(ValueError, match="no labels"):
+        model(batch)
+
+
+def test_reward_objective_builds_a_model_with_the_likelihood_term(tok, rl, tmp_path) -> None:
+    """``objective.likelihood_weight`` (what ``mmgpt train reward`` passes): the trainer's
+    reward model adds the learned, weighted log-likelihood of the answer to its score."""
+    from mmgpt.objectives.reward import RewardObjective
+
+    torch.manual_seed(0)
+    backbone = rl.build(tok)
+    pairs = rl.colour_pairs(8, seed=2)
+    trainer = RewardObjective(likelihood_weight=0.5).build_trainer(
+        backbone, pairs, rl.quiet(max_steps=1, batch_size=4), out_dir=tmp_path / "run"
+    )
+    model = trainer.model
+    assert isinstance(model, RewardModel) and model.likelihood_weight is not None
+    assert float(model.likelihood_weight) == 0.5
+    assert any(p is model.likelihood_weight for p in model.parameters())  # it is learned
+    plain = RewardObjective().build_trainer(
+        backbone, pairs, rl.quiet(max_steps=1, batch_size=4), out_dir=tmp_path / "plain"
+    )
+    assert plain.model.likelihood_weight is None
+    with pytest.raises(ValueError, match="likelihood_weight must be a number or null"):
+        RewardObjective(likelihood_weight="yes")

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from mmgpt.data.preference import PreferenceDataset, ranked_pairs
-from mmgpt.data.shapes import Shape, ShapesWorld, caption
+from mmgpt.data.shapes import Shape, ShapesWorld, caption, parse_caption
 from mmgpt.rlhf.shapes import (
     MALFORMED_ERRORS,
     caption_errors,
@@ -159,3 +159,39 @@ def test_reward_data_samples_a_real_policy_reproducibly(red_or_blue_policy, tmp_
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert sum(len(r["responses"]) - 3 for r in records) >= 1  # some samples were finished
     assert write(tmp_path / "b").read_text() == path.read_text()
+
+
+def test_per_attribute_negatives_are_wrong_in_that_attribute_only() -> None:
+    """per_attribute=k puts, before the random corruptions, k captions wrong in ONLY each
+    attribute (as many as the world allows: two sizes give one wrong size), so every list
+    holds a caption whose sole error is its colour; per_attribute=0 keeps the old lists."""
+    world = ShapesWorld(size=20, seed=4, max_shapes=1, task="caption", image_size=32)
+    for index in range(20):
+        record = shapes_ranked_answers(world, index, negatives=3, per_attribute=2)
+        truth = world.scene(index)[0]
+        # kinds of single errors, in order: colour ×2, shape ×2, position ×2, count ×2, size ×1
+        single = record["responses"][1:10]
+        changed = []
+        for text in single:
+            if len(parse_caption(text, strict=True)) != 1:
+                changed.append("count")
+                continue
+            said = parse_caption(text, strict=True)[0]
+            diff = [
+                a for a in ("shape", "color", "size", "position") if said[a] != getattr(truth, a)
+            ]
+            assert len(diff) == 1, (text, diff)
+            changed.append(diff[0])
+        assert changed == ["color"] * 2 + ["shape"] * 2 + ["position"] * 2 + ["count"] * 2 + [
+            "size"
+        ]
+        ranking = record["ranking"][1:10]
+        assert ranking[:6] == [1] * 6 and ranking[8] == 1
+        assert all(4 <= e <= 8 for e in ranking[6:8])  # an added shape (and reading order)
+        assert len(record["responses"]) == 1 + 9 + 3  # then the 3 random corruptions
+        assert len(set(record["responses"])) == len(record["responses"])
+        assert shapes_ranked_answers(world, index, negatives=3) == shapes_ranked_answers(
+            world, index, negatives=3, per_attribute=0
+        )
+    with pytest.raises(ValueError, match="per_attribute must be >= 0"):
+        shapes_ranked_answers(world, 0, per_attribute=-1)
