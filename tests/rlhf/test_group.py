@@ -232,14 +232,18 @@ def test_grpo_adaptive_beta_follows_ppos_controller(
 
     torch.manual_seed(0)
     cfg = settings("grpo", beta=0.05, target_kl=target, kl_horizon=64)
-    trainer = GroupTrainer(
-        copy.deepcopy(red_or_blue_policy),
-        ContainsRed(),
-        rl.colour_prompts(64, seed=4),
-        rl.quiet(max_steps=6, batch_size=4, lr=3e-3, save_every=6),
-        create("objective", "grpo", **cfg),
-        out_dir=tmp_path,
-    )
+
+    def build() -> GroupTrainer:
+        return GroupTrainer(
+            copy.deepcopy(red_or_blue_policy),
+            ContainsRed(),
+            rl.colour_prompts(64, seed=4),
+            rl.quiet(max_steps=6, batch_size=4, lr=3e-3, save_every=6),
+            create("objective", "grpo", **cfg),
+            out_dir=tmp_path,
+        )
+
+    trainer = build()
     trainer.fit()
     train = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()]
     train = [r for r in train if r["split"] == "train"]
@@ -266,14 +270,7 @@ def test_grpo_adaptive_beta_follows_ppos_controller(
     )
     assert float(out.loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     # resume: the controller's beta comes back from the checkpoint
-    resumed = GroupTrainer(
-        copy.deepcopy(red_or_blue_policy),
-        ContainsRed(),
-        rl.colour_prompts(64, seed=4),
-        rl.quiet(max_steps=6, batch_size=4, lr=3e-3, save_every=6),
-        create("objective", "grpo", **cfg),
-        out_dir=tmp_path,
-    )
+    resumed = build()
     resumed.load_checkpoint(trainer.checkpoint_dir / checkpoint_name(6))
     assert resumed.objective.beta == pytest.approx(trainer.objective.beta, rel=1e-9)
 
