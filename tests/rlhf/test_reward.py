@@ -221,7 +221,7 @@ def test_reward_objective_builds_a_model_with_the_likelihood_term(tok, rl, tmp_p
     )
     model = trainer.model
     assert isinstance(model, RewardModel) and model.likelihood_weight is not None
-    assert float(model.likelihood_weight) == 0.5
+    assert model.likelihood_weight.item() == 0.5
     assert any(p is model.likelihood_weight for p in model.parameters())  # it is learned
     plain = RewardObjective().build_trainer(
         backbone, pairs, rl.quiet(max_steps=1, batch_size=4), out_dir=tmp_path / "plain"
