@@ -65,9 +65,21 @@ __all__ = [
     "save_sharded",
     "setup",
     "transformer_blocks",
+    "unwrap_model",
     "wrap_model",
     "write_model_config",
 ]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model behind DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, at
+    any depth: what an objective reads its components (decoders, encoders) from."""
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            return unwrap_model(inner)
+    return model
+
 
 STRATEGIES = ("none", "ddp", "fsdp")
 DCP_DIR = "dcp"  # sharded model + optimizer state inside a checkpoint directory

@@ -100,6 +100,23 @@ class T2IPrompt:
     source: str = ""
 
 
+def _first_images(
+    model: Any,
+    prompts: list[str],
+    image_config: ImageGenerationConfig,
+    seed: int,
+    batch_size: int,
+    force_image: bool,
+) -> list[Any | None]:
+    """One drawing per prompt (``None`` where the model drew none), ``batch_size`` at a time."""
+    drawn: list[Any | None] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = [[{"role": "user", "text": p}] for p in prompts[i : i + batch_size]]
+        out = generate_images(model, chunk, image_config, seeds=[seed], force_image=force_image)
+        drawn += [images[0] if images else None for images in out[0]]
+    return drawn
+
+
 def _target_from_scene(scene: Sequence[Mapping[str, Any]]) -> dict[str, str] | None:
     if len(scene) != 1:
         return None
@@ -286,13 +303,8 @@ def evaluate_t2i(
     model.eval()
     try:
         start = time.perf_counter()
-        firsts: list[Any | None] = []
-        for i in range(0, len(prompts), batch_size):
-            chunk = [[{"role": "user", "text": p.prompt}] for p in prompts[i : i + batch_size]]
-            drawn = generate_images(
-                model, chunk, image_config, seeds=[seed], force_image=force_image
-            )[0]
-            firsts += [images[0] if images else None for images in drawn]
+        texts = [p.prompt for p in prompts]
+        firsts = _first_images(model, texts, image_config, seed, batch_size, force_image)
         elapsed = time.perf_counter() - start
         groups: list[list[Any]] = []
         if diversity_prompts > 0 and diversity_seeds > 1:
@@ -481,11 +493,8 @@ def evaluate_t2i_folder(
     model.eval()
     try:
         start = time.perf_counter()
-        drawn: list[Any | None] = []
-        for i in range(0, len(rows), batch_size):
-            chunk = [[{"role": "user", "text": r.prompt}] for r in rows[i : i + batch_size]]
-            out = generate_images(model, chunk, image_config, seeds=[seed], force_image=force_image)
-            drawn += [images[0] if images else None for images in out[0]]
+        texts = [r.prompt for r in rows]
+        drawn = _first_images(model, texts, image_config, seed, batch_size, force_image)
         elapsed = time.perf_counter() - start
     finally:
         model.train(was_training)

@@ -39,21 +39,13 @@ import torch.nn.functional as F
 
 from mmgpt.data.errors import DataError
 from mmgpt.data.sample import count_drawing_samples, describe_dataset
+from mmgpt.distributed import unwrap_model
 from mmgpt.imagegen import gather_signal_states, require_image_generation
 from mmgpt.interfaces import ObjectiveOutput
 from mmgpt.processor import IGNORE_INDEX, MultimodalBatch
 from mmgpt.registry import register
 
 __all__ = ["DiffusionObjective"]
-
-
-def _unwrap(model: Any) -> Any:
-    """The MultimodalGPT behind a DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrapper."""
-    for attr in ("module", "_orig_mod"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, torch.nn.Module):
-            return _unwrap(inner)
-    return model
 
 
 def _weight(name: str, value: Any) -> float:
@@ -150,7 +142,7 @@ class DiffusionObjective:
             )
         if batch.labels is None:
             raise ValueError("diffusion objective: the batch has no labels")
-        base = _unwrap(model)
+        base = unwrap_model(model)
         others = dict(getattr(base, "decoders", None) or {})
         draws = base.image_decoder is not None or not others
         signal_ids = require_image_generation(base) if draws else []

@@ -241,18 +241,29 @@ def run_text(run: Run, data: str | os.PathLike | None = None) -> dict[str, Any]:
     )
 
 
+def _image_data(
+    run: Run, data: str | os.PathLike | None
+) -> tuple[Any, str, dict[str, Any], dict[str, Any]]:
+    """The image-text dataset of a run (``--data`` picks the file format) built once, so bad
+    data fails before anything is written; then the resolved recipe is recorded. Returns the
+    dataset, its registry name and arguments, and the recipe's own data keys
+    (``eval_fraction``, ``truncation``)."""
+    data_section = dict(run.spec["data"])
+    own = {k: data_section.pop(k) for k in MULTIMODAL_DATA_KEYS if k in data_section}
+    dataset_name, dataset_args = multimodal_data_source(data_section, data)
+    run.spec["data"] = {"name": dataset_name, **dataset_args, **own}
+    dataset = make_dataset(dataset_name, dataset_args, None)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    record_recipe(run.out_dir / "recipe.yaml", run.spec, run.resume)
+    return dataset, dataset_name, dataset_args, own
+
+
 def run_multimodal(run: Run, data: str | os.PathLike | None = None) -> dict[str, Any]:
     """A multimodal model (``model.architecture: multimodal``): image-text data, the stage's
     trainable parts, and the RLHF objectives."""
     spec, out_dir = run.spec, run.out_dir
     parts = trainable_parts(run.stage.get("stage"), run.stage.get("train_encoder"))
-    data_section = dict(spec["data"])
-    own = {k: data_section.pop(k) for k in MULTIMODAL_DATA_KEYS if k in data_section}
-    dataset_name, dataset_args = multimodal_data_source(data_section, data)
-    spec["data"] = {"name": dataset_name, **dataset_args, **own}
-    dataset = make_dataset(dataset_name, dataset_args, None)  # bad data fails before any write
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record_recipe(out_dir / "recipe.yaml", spec, run.resume)
+    dataset, dataset_name, dataset_args, own = _image_data(run, data)
 
     model_section = dict(spec["model"])
     pretrained_encoder = pretrain_encoder(run, data)
@@ -368,7 +379,7 @@ def run_judge(run: Run, data: str | os.PathLike | None = None) -> dict[str, Any]
 def run_autoencoder(run: Run, data: str | os.PathLike | None = None) -> dict[str, Any]:
     """An image autoencoder (``model.architecture: autoencoder``) on the images of image-text
     data; its objective builds the trainer (image batches, the model's own directory format)."""
-    spec, out_dir = run.spec, run.out_dir
+    spec = run.spec
     for section in ("tokenizer", "adapter"):
         if spec.get(section):
             raise ValueError(
@@ -380,13 +391,7 @@ def run_autoencoder(run: Run, data: str | os.PathLike | None = None) -> dict[str
             f"recipe key 'objective.name': {objective!r} trains token models; an autoencoder "
             "recipe needs an objective for image batches (e.g. autoencoder)"
         )
-    data_section = dict(spec["data"])
-    own = {k: data_section.pop(k) for k in MULTIMODAL_DATA_KEYS if k in data_section}
-    dataset_name, dataset_args = multimodal_data_source(data_section, data)
-    spec["data"] = {"name": dataset_name, **dataset_args, **own}
-    dataset = make_dataset(dataset_name, dataset_args, None)  # bad data fails before any write
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record_recipe(out_dir / "recipe.yaml", spec, run.resume)
+    dataset, _, _, own = _image_data(run, data)
     seed_everything(run.train_config.seed)  # model init is part of the reproducible run
     model = build_autoencoder(spec["model"])
     train_data, eval_data = split_dataset(dataset, own.get("eval_fraction", 0.02))

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from mmgpt.distributed import unwrap_model
 from mmgpt.interfaces import ObjectiveOutput
 from mmgpt.registry import register
 from mmgpt_diffusion.autoencoder import latent_statistics
@@ -46,17 +47,8 @@ if TYPE_CHECKING:
 RECONSTRUCTIONS = ("l1", "l2")
 
 
-def _unwrap(model: Any) -> Any:
-    """The autoencoder behind a DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrapper."""
-    for attr in ("module", "_orig_mod"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, torch.nn.Module):
-            return _unwrap(inner)
-    return model
-
-
 def _check_autoencoder(model: Any) -> Any:
-    base = _unwrap(model)
+    base = unwrap_model(model)
     if not (hasattr(base, "encode") and hasattr(base, "decode") and hasattr(base, "config")):
         raise TypeError(
             f"autoencoder objective: expected a diffusers AutoencoderKL (a recipe with "
