@@ -281,17 +281,8 @@ def write_shapes_preferences(
             f"corruptions must be a non-empty subset of {CORRUPTIONS}, got {corruptions}"
         )
     world = ShapesWorld(size=start + n, task="caption", **world_options)
-    directory = Path(directory)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for index in range(start, start + n):
-        record = shapes_preference(world, index, corruptions)
-        name = f"images/{index:06d}.png"
-        world.render(world.scene(index)).save(directory / name)
-        lines.append(json.dumps({**record, "image": name}))
-    path = directory / "preferences.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    records = {i: shapes_preference(world, i, corruptions) for i in range(start, start + n)}
+    return _write_records(world, Path(directory), records)
 
 
 def write_shapes_reward_data(
@@ -322,8 +313,6 @@ def write_shapes_reward_data(
     if policy is not None and policy_samples < 1:
         raise ValueError(f"policy_samples must be >= 1 with a policy, got {policy_samples}")
     world = ShapesWorld(size=start + n, task="caption", **world_options)
-    directory = Path(directory)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
     indices = list(range(start, start + n))
     sampled: dict[int, list[str]] = {}
     if policy is not None:
@@ -337,9 +326,8 @@ def write_shapes_reward_data(
             seed=sample_seed,
             batch_images=batch_images,
         )
-    lines = []
-    for index in indices:
-        record = shapes_ranked_answers(
+    records = {
+        index: shapes_ranked_answers(
             world,
             index,
             negatives=negatives,
@@ -347,6 +335,16 @@ def write_shapes_reward_data(
             per_attribute=per_attribute,
             extra_answers=sampled.get(index, ()),
         )
+        for index in indices
+    }
+    return _write_records(world, Path(directory), records)
+
+
+def _write_records(world: ShapesWorld, directory: Path, records: dict[int, dict]) -> Path:
+    """Each record's image as ``images/NNNNNN.png`` and the records as ``preferences.jsonl``."""
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, record in records.items():
         name = f"images/{index:06d}.png"
         world.render(world.scene(index)).save(directory / name)
         lines.append(json.dumps({**record, "image": name}))
