@@ -165,16 +165,23 @@ def save_tensors(
 
 
 def load_tensors(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
+    path: str | os.PathLike, device: str | torch.device = "cpu", *, prefix: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """Load a safetensors file; a truncated or corrupted file raises naming the file."""
-    from safetensors.torch import load_file  # deferred: `import mmgpt` stays free of torch
+    """Load a safetensors file; a truncated or corrupted file raises naming the file.
+
+    ``prefix``: only the tensors whose names start with it (the others are never read)."""
+    from safetensors import safe_open  # deferred: `import mmgpt` stays free of torch
+    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
     try:
-        return load_file(str(path), device=str(device))
+        if prefix is None:
+            return load_file(str(path), device=str(device))
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            names = [k for k in f.keys() if k.startswith(prefix)]  # noqa: SIM118 (not a dict)
+            return {k: f.get_tensor(k) for k in names}
     except Exception as exc:  # safetensors raises several types for a damaged header/body
         raise CorruptCheckpointError(
             f"{path}: unreadable or truncated safetensors file ({exc})"

@@ -378,8 +378,8 @@ def load_encoder_weights(model: MultimodalGPT, sources: Mapping[str, tuple[str, 
                 f"recipe's is {ours.get('name')!r}"
             )
         prefix = f"encoders.{modality}."
-        state = load_tensors(source / WEIGHTS_NAME)
-        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        state = load_tensors(source / WEIGHTS_NAME, prefix=prefix)
+        own = {k[len(prefix) :]: v for k, v in state.items()}
         # strict: a different architecture names its missing, unexpected or mis-shaped tensors
         load_model_state(model.encoders[modality], own, source / WEIGHTS_NAME)
         print(f"{key}={source}: the {modality} encoder starts from its weights", flush=True)
