@@ -728,6 +728,16 @@ EXERCISED_BY: tuple[Rule, ...] = (
         ),
     ),
     Rule(
+        "mmgpt train, objective tagging",
+        _train("tagging"),
+        (
+            "tests/objectives/test_tagging.py::"
+            "test_tagging_recipe_learns_named_labels_and_hands_the_encoder_on",
+            "tests/objectives/test_tagging.py::"
+            "test_cells_labels_train_from_an_exported_shapes_folder",
+        ),
+    ),
+    Rule(
         "mmgpt train, objective reward",
         _train("reward"),
         ("tests/rlhf/test_reward.py::test_reward_model_learns_a_preference_and_round_trips",),

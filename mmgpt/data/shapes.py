@@ -58,6 +58,8 @@ __all__ = [
     "ShapesWorld",
     "ask_question",
     "caption",
+    "cell_label_classes",
+    "cell_labels",
     "draw_prompt",
     "number_word",
     "parse_caption",
@@ -173,6 +175,33 @@ def caption(scene: Sequence[Shape | dict[str, Any]]) -> str:
         return parts[0]
     listed = ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{number_word(len(parts))} shapes: {listed}"
+
+
+CELL_ATTRIBUTES = ("shape", "color", "size")
+EMPTY_CELL = "none"
+
+
+def cell_labels(scene: Sequence[Shape | dict[str, Any]]) -> dict[str, str]:
+    """Dense labels of a scene: the shape, colour and size in each of the 9 grid cells,
+    ``"none"`` where a cell is empty: ``{"top left/shape": "circle", "top left/color": "red",
+    ..., "bottom right/size": "none"}`` (27 labels, cells in reading order)."""
+    by_cell = {s.position: s for s in _as_shapes(scene)}
+    labels: dict[str, str] = {}
+    for cell in POSITIONS:
+        shape = by_cell.get(cell)
+        for attribute in CELL_ATTRIBUTES:
+            labels[f"{cell}/{attribute}"] = getattr(shape, attribute) if shape else EMPTY_CELL
+    return labels
+
+
+def cell_label_classes() -> dict[str, list[str]]:
+    """Every value each of :func:`cell_labels`' labels can take (``"none"`` first)."""
+    values = {"shape": KINDS, "color": tuple(COLORS), "size": SIZES}
+    return {
+        f"{cell}/{attribute}": [EMPTY_CELL, *values[attribute]]
+        for cell in POSITIONS
+        for attribute in CELL_ATTRIBUTES
+    }
 
 
 def draw_prompt(scene: Sequence[Shape | dict[str, Any]]) -> str:

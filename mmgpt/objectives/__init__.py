@@ -9,4 +9,5 @@ from mmgpt.objectives import (  # noqa: F401  (RLHF)
     ppo,
     reward,
     sft,
+    tagging,
 )

@@ -57,12 +57,10 @@ recipes from the pretrained encoder, plus the contrastive heads:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -70,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmgpt.data.sample import IMAGE_OUT_PLACEHOLDER, IMAGE_PLACEHOLDER, Sample
-from mmgpt.files import atomic_write_bytes, load_tensors, save_tensors
+from mmgpt.head_directory import HeadDirectory
 from mmgpt.interfaces import ObjectiveOutput
 from mmgpt.multimodal import MultimodalGPT
 from mmgpt.registry import register
@@ -276,7 +274,7 @@ class ContrastiveOutput:
     logit_bias: Tensor  # ()
 
 
-class ContrastiveModel(nn.Module):
+class ContrastiveModel(HeadDirectory, nn.Module):
     """A MultimodalGPT ``backbone`` with the two towers' heads (see the module docstring).
 
     Args:
@@ -285,6 +283,9 @@ class ContrastiveModel(nn.Module):
         embed_dim: width of the shared embedding space.
         loss: ``"clip"`` or ``"siglip"``; sets the initial scale and bias (the papers').
     """
+
+    head_file, config_file = HEAD_NAME, CONFIG_NAME
+    architecture, kind, recipe = ARCHITECTURE, "contrastive model", "clip"
 
     def __init__(
         self,
@@ -428,66 +429,22 @@ class ContrastiveModel(nn.Module):
             "loss": self.loss,
         }
 
-    def head_state_dict(self) -> dict[str, Tensor]:
-        """Everything but the backbone: heads, norms' statistics, scale and bias."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
-
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """The backbone's directory + ``contrastive_head.safetensors`` + its config."""
-        path = Path(path)
+        """The backbone's directory + ``contrastive_head.safetensors`` + its config, with the
+        norms' statistics of the weights saved."""
         if self._statistics_stale and self._reference is not None:
-            self.refresh_statistics(self._reference)  # the statistics of the weights saved
+            self.refresh_statistics(self._reference)
             self._statistics_stale = False
-        self.backbone.save_pretrained(path)
-        save_tensors(
-            {k: v.detach().contiguous() for k, v in self.head_state_dict().items()},
-            path / HEAD_NAME,
-            metadata={"format": "pt"},
-        )
-        text = json.dumps(self.config_dict(), indent=2) + "\n"
-        atomic_write_bytes(path / CONFIG_NAME, text.encode())
+        super().save_pretrained(path)
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
-    ) -> ContrastiveModel:
-        """Load a directory written by :meth:`save_pretrained` (in eval mode)."""
-        path = Path(path)
-        config_path = path / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(
-                f"{path}: no {CONFIG_NAME}; not a contrastive model directory (train one with "
-                "`mmgpt train clip`)"
-            )
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ValueError(f"{config_path}: invalid JSON ({exc})") from None
-        if not isinstance(config, dict) or config.get("architecture") != ARCHITECTURE:
-            found = config.get("architecture") if isinstance(config, dict) else config
-            raise ValueError(f"{config_path}: architecture is {found!r}, expected {ARCHITECTURE!r}")
-        backbone = MultimodalGPT.from_pretrained(path, map_location=map_location)
-        try:
-            model = cls(
-                backbone,
-                modality=config["modality"],
-                embed_dim=config["embed_dim"],
-                loss=config["loss"],
-            )
-        except KeyError as exc:
-            raise ValueError(f"{config_path}: missing key {exc}") from None
-        state = load_tensors(path / HEAD_NAME, map_location)
-        expected = model.head_state_dict()
-        if set(state) != set(expected) or any(
-            state[k].shape != v.shape for k, v in expected.items()
-        ):
-            found = {k: tuple(v.shape) for k, v in state.items()}
-            raise ValueError(
-                f"{path / HEAD_NAME}: expected "
-                f"{ {k: tuple(v.shape) for k, v in expected.items()} }, got {found}"
-            )
-        model.load_state_dict(state, strict=False)  # the backbone is loaded already
-        return model.to(map_location).eval()
+    def _from_config(cls, backbone: MultimodalGPT, config: Mapping[str, Any]) -> ContrastiveModel:
+        return cls(
+            backbone,
+            modality=config["modality"],
+            embed_dim=config["embed_dim"],
+            loss=config["loss"],
+        )
 
 
 # -- the objective ------------------------------------------------------------------------------

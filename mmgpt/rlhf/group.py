@@ -4,7 +4,10 @@ Both methods answer each prompt ``k`` times and use the other answers to the sam
 baseline, so no value model is trained:
 
 * **GRPO** (Shao et al. 2024, DeepSeekMath): ``A_i = (r_i − mean(r)) / (std(r) + eps)`` over
-  the group; the loss is PPO's clipped surrogate with that advantage on every answer token,
+  the group (``scale="group"``); ``scale="batch"`` divides by the std of the whole rollout
+  instead and ``scale="none"`` not at all (Liu et al. 2025, "Dr. GRPO"): with a learned reward,
+  a group of answers that are all equally wrong differs only by the reward model's noise, and
+  the group std blows that noise up to advantages of ±1; the loss is PPO's clipped surrogate with that advantage on every answer token,
   plus ``β`` times the k3 estimate of KL(π ‖ π_ref), averaged over each answer's tokens and
   then over the answers.
 * **RLOO** (Ahmadian et al. 2024): ``A_i = r_i − mean_{j≠i} r_j`` (leave-one-out baseline);
@@ -22,6 +25,7 @@ from torch import Tensor
 from mmgpt.rlhf.losses import masked_mean
 
 __all__ = [
+    "GRPO_SCALES",
     "as_groups",
     "grpo_advantages",
     "grpo_loss",
@@ -56,16 +60,25 @@ def _check_groups(rewards: Tensor) -> None:
         )
 
 
-def grpo_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
-    """GRPO's advantages: ``(r − mean_group) / (std_group + eps)``: ``(G, k) → (G, k)``.
+GRPO_SCALES = ("group", "batch", "none")
 
-    ``std`` is the sample standard deviation (Bessel-corrected, ``k − 1`` in the denominator).
-    A group whose answers all scored the same gets advantage 0 everywhere.
+
+def grpo_advantages(rewards: Tensor, eps: float = 1e-4, scale: str = "group") -> Tensor:
+    """GRPO's advantages: ``(r − mean_group) / (std + eps)``: ``(G, k) → (G, k)``.
+
+    ``scale`` picks the std: ``"group"`` each group's own (the paper's), ``"batch"`` the std of
+    all ``G·k`` rewards (one scale for the rollout, so a group's tiny spread stays tiny),
+    ``"none"`` no division (``eps`` unused). ``std`` is the sample standard deviation
+    (Bessel-corrected). A group whose answers all scored the same gets advantage 0 everywhere.
     """
     _check_groups(rewards)
-    mean = rewards.mean(dim=1, keepdim=True)  # (G, 1)
-    std = rewards.std(dim=1, keepdim=True)  # (G, 1)
-    return (rewards - mean) / (std + eps)
+    if scale not in GRPO_SCALES:
+        raise ValueError(f"scale: expected one of {', '.join(GRPO_SCALES)}, got {scale!r}")
+    centred = rewards - rewards.mean(dim=1, keepdim=True)  # (G, k)
+    if scale == "none":
+        return centred
+    std = rewards.std(dim=1, keepdim=True) if scale == "group" else rewards.std()  # (G, 1) | ()
+    return centred / (std + eps)
 
 
 def rloo_advantages(rewards: Tensor) -> Tensor:
@@ -94,20 +107,25 @@ def grpo_loss(
     mask: Tensor,
     clip_range: float = 0.2,
     beta: float = 0.04,
+    clip_range_high: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """GRPO's loss: returns ``(loss, clip_fraction, kl)``.
 
     ``logprobs``, ``old_logprobs`` (the rollout's), ``ref_logprobs``, ``mask``: ``(B, T)``;
     ``advantages``: ``(B,)``, one per answer, applied to each of its tokens. Per token,
-    ``ℓ_t = −min(ρ_t A, clip(ρ_t, 1 ± ε) A) + β · k3_t`` with ``ρ_t = π / π_old``; the loss is
-    the mean over answers of each answer's mean ``ℓ_t``. ``kl`` (detached) is the mean k3 per
-    token, averaged the same way; ``clip_fraction`` the share of tokens whose ratio was clipped.
+    ``ℓ_t = −min(ρ_t A, clip(ρ_t, 1 − ε, 1 + ε_high) A) + β · k3_t`` with ``ρ_t = π / π_old``
+    and ``ε_high = clip_range_high`` (DAPO's "clip-higher", Yu et al. 2025: a wider upper bound
+    lets unlikely tokens with a positive advantage grow, against entropy collapse; ``None``:
+    ``ε``); the loss is the mean over answers of each answer's mean ``ℓ_t``. ``kl``
+    (detached) is the mean k3 per token, averaged the same way; ``clip_fraction`` the share of
+    tokens whose ratio was clipped.
     """
     mask = mask.to(logprobs.dtype)
     adv = advantages.to(logprobs.dtype)[:, None]  # (B, 1)
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
     unclipped = ratio * adv
-    clipped = ratio.clamp(1 - clip_range, 1 + clip_range) * adv
+    high = clip_range if clip_range_high is None else clip_range_high
+    clipped = ratio.clamp(1 - clip_range, 1 + high) * adv
     kl = k3_kl(logprobs, ref_logprobs)  # (B, T)
     per_token = -torch.minimum(unclipped, clipped) + beta * kl  # (B, T)
     loss = masked_mean(per_token, mask, dim=-1).mean()

@@ -40,7 +40,14 @@ from torch import Tensor, nn
 from mmgpt.data.sample import Sample
 from mmgpt.interfaces import ObjectiveOutput
 from mmgpt.rlhf.data import collate_prompts
-from mmgpt.rlhf.group import as_groups, grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
+from mmgpt.rlhf.group import (
+    GRPO_SCALES,
+    as_groups,
+    grpo_advantages,
+    grpo_loss,
+    rloo_advantages,
+    rloo_loss,
+)
 from mmgpt.rlhf.guards import GuardConfig
 from mmgpt.rlhf.losses import AdaptiveKLController, masked_mean
 from mmgpt.rlhf.policy import ReferencePolicy, save_policy
@@ -130,8 +137,14 @@ class GRPOConfig(GroupConfig):
 
     epochs: int = 2
     clip_range: float = 0.2
+    clip_range_high: float | None = None  # DAPO's clip-higher upper bound; None: clip_range
+    entropy_coef: float = 0.0  # subtracted entropy bonus (per token), against entropy collapse
     beta: float = 0.04  # coefficient of the k3 KL(π ‖ π_ref) in the loss (the start, adaptive)
-    eps: float = 1e-4  # added to the group's reward std
+    eps: float = 1e-4  # added to the reward std
+    # the std advantages are divided by: "group" (each group's, the paper's), "batch" (the
+    # rollout's: equally wrong answers that differ by reward-model noise keep small
+    # advantages), "none"
+    scale_rewards: str = "group"
     # adaptive beta: the KL (nats per answer) it steers to, as PPO's target_kl; None: fixed
     target_kl: float | None = None
     kl_horizon: int = 10000  # the controller's horizon (in answers)
@@ -139,8 +152,16 @@ class GRPOConfig(GroupConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._number("clip_range", strict=True)
+        if self.clip_range_high is not None:
+            self._number("clip_range_high", strict=True)
+        self._number("entropy_coef")
         self._number("beta")
         self._number("eps", strict=True)
+        if self.scale_rewards not in GRPO_SCALES:
+            raise ValueError(
+                f"GRPOConfig.scale_rewards: expected one of {', '.join(GRPO_SCALES)}, got "
+                f"{self.scale_rewards!r}"
+            )
         if self.target_kl is not None:
             self._number("target_kl", strict=True)
             if self.beta == 0:
@@ -270,14 +291,18 @@ class GRPOLoss(GroupLoss):
             mask,
             cfg.clip_range,
             self.beta,
+            cfg.clip_range_high,
         )
+        mean_entropy = masked_mean(entropy, mask)
+        if cfg.entropy_coef:
+            loss = loss - cfg.entropy_coef * mean_entropy
         return ObjectiveOutput(
             loss=loss,
             metrics={
                 "loss": float(loss.detach()),
                 "clip_fraction": float(clip_fraction),
                 "k3_kl": float(kl),
-                "entropy": float(masked_mean(entropy, mask).detach()),
+                "entropy": float(mean_entropy.detach()),
             },
         )
 
@@ -403,7 +428,9 @@ class GroupTrainer(PPOTrainer):
         else:
             assert isinstance(cfg, GRPOConfig)
             rewards = scores
-            advantages = grpo_advantages(as_groups(rewards, k), cfg.eps).flatten()  # (B,)
+            advantages = grpo_advantages(
+                as_groups(rewards, k), cfg.eps, cfg.scale_rewards
+            ).flatten()  # (B,)
         batch.old_logprobs, batch.ref_logprobs, batch.advantages = (
             logprobs,
             ref_logprobs,

@@ -31,7 +31,6 @@ training answers (chosen and rejected), so PPO can use ``(r − mean) / std``.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from mmgpt.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
-from mmgpt.files import atomic_write_bytes, load_tensors, save_tensors
+from mmgpt.files import load_tensors
+from mmgpt.head_directory import read_head_config, write_head_directory
 from mmgpt.multimodal import MultimodalGPT
 from mmgpt.processor import MultimodalBatch
 from mmgpt.rlhf.losses import sequence_logprobs
@@ -190,19 +190,18 @@ class RewardModel(nn.Module):
     # -- checkpoints ------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> None:
         """The backbone's directory + ``reward_head.safetensors`` + ``reward_config.json``."""
-        path = Path(path)
-        self.backbone.save_pretrained(path)
         tensors = {"weight": self.head.weight, "bias": self.head.bias}
         if self.likelihood_weight is not None:
             tensors["likelihood_weight"] = self.likelihood_weight
-        save_tensors(tensors, path / REWARD_HEAD, metadata={"format": "pt"})
         config = {
             "architecture": ARCHITECTURE,
             "format_version": FORMAT_VERSION,
             "normalization": self.normalization,
             "likelihood": self.likelihood_weight is not None,
         }
-        atomic_write_bytes(path / REWARD_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+        write_head_directory(
+            self.backbone, path, tensors, config, head_name=REWARD_HEAD, config_name=REWARD_CONFIG
+        )
 
     @classmethod
     def from_pretrained(
@@ -210,21 +209,13 @@ class RewardModel(nn.Module):
     ) -> RewardModel:
         """Load a directory written by :meth:`save_pretrained`."""
         path = Path(path)
-        config_path = path / REWARD_CONFIG
-        if not config_path.is_file():
-            raise FileNotFoundError(
-                f"{path}: no {REWARD_CONFIG}; not a reward model directory (train one with "
-                "`mmgpt train reward`)"
-            )
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ValueError(f"{config_path}: invalid JSON ({exc})") from None
-        if config.get("architecture") != ARCHITECTURE:
-            raise ValueError(
-                f"{config_path}: architecture is {config.get('architecture')!r}, expected "
-                f"{ARCHITECTURE!r}"
-            )
+        config = read_head_config(
+            path,
+            config_name=REWARD_CONFIG,
+            architecture=ARCHITECTURE,
+            what="reward model",
+            recipe="reward",
+        )
         backbone = MultimodalGPT.from_pretrained(path, map_location=map_location)
         state = load_tensors(path / REWARD_HEAD, map_location)
         n_embd = backbone.config.n_embd
@@ -248,7 +239,7 @@ class RewardModel(nn.Module):
         norm = config.get("normalization")
         if norm is not None:
             if not isinstance(norm, dict) or not {"mean", "std"} <= set(norm):
-                raise ValueError(f"{config_path}: 'normalization' needs 'mean' and 'std'")
+                raise ValueError(f"{path / REWARD_CONFIG}: 'normalization' needs 'mean' and 'std'")
             model.normalization = {k: float(v) for k, v in norm.items()}
         return model
 

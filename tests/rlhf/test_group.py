@@ -44,6 +44,24 @@ def test_grpo_advantages_by_hand() -> None:
     torch.testing.assert_close(grpo_advantages(REWARDS, eps=1e-4), expected)
 
 
+def test_grpo_advantages_batch_and_no_scaling_keep_a_small_spread_small() -> None:
+    # an "all equally wrong" group whose rewards differ only by noise, beside a decided one
+    rewards = torch.tensor([[-5.0, -5.01, -4.99, -5.0], [0.0, 0.0, -5.0, -5.0]])
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    by_group = grpo_advantages(rewards, eps=1e-4)
+    assert by_group[0].abs().max() > 1.0  # the group std turns 0.01 of noise into ±1.2
+    whole = rewards.flatten().std()  # population of all 8 rewards, Bessel-corrected
+    torch.testing.assert_close(
+        grpo_advantages(rewards, eps=1e-4, scale="batch"), centred / (whole + 1e-4)
+    )
+    assert grpo_advantages(rewards, scale="batch")[0].abs().max() < 0.01
+    torch.testing.assert_close(grpo_advantages(rewards, scale="none"), centred)
+    with pytest.raises(ValueError, match="scale: expected one of group, batch, none"):
+        grpo_advantages(rewards, scale="rollout")
+    with pytest.raises(ValueError, match="GRPOConfig.scale_rewards: expected one of"):
+        GRPOConfig(scale_rewards="std")
+
+
 def test_rloo_advantages_by_hand() -> None:
     # r_i minus the mean of the other three: 1 - 11/3, 2 - 10/3, 3 - 9/3, 6 - 6/3
     expected = torch.tensor([[-8 / 3, -4 / 3, 0.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
@@ -81,10 +99,12 @@ MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
 ADV = torch.tensor([0.7, -1.5])
 
 
-def test_grpo_loss_against_a_hand_written_reference() -> None:
+@pytest.mark.parametrize("clip_high", [None, 0.5])  # 0.5: DAPO's clip-higher upper bound
+def test_grpo_loss_against_a_hand_written_reference(clip_high) -> None:
     clip, beta = 0.2, 0.1
+    high = clip if clip_high is None else clip_high
     logp = LOGP.clone().requires_grad_(True)
-    loss, clip_fraction, kl = grpo_loss(logp, OLD, REF, ADV, MASK, clip, beta)
+    loss, clip_fraction, kl = grpo_loss(logp, OLD, REF, ADV, MASK, clip, beta, clip_high)
 
     lp, old, ref, adv = LOGP.tolist(), OLD.tolist(), REF.tolist(), ADV.tolist()
     total, clipped_tokens, kls, tokens = 0.0, 0, 0.0, 0
@@ -94,7 +114,7 @@ def test_grpo_loss_against_a_hand_written_reference() -> None:
         for t in range(n):
             ratio = math.exp(lp[i][t] - old[i][t])
             a = adv[i]
-            clipped = min(max(ratio, 1 - clip), 1 + clip)
+            clipped = min(max(ratio, 1 - clip), 1 + high)
             surrogate = min(ratio * a, clipped * a)
             k3 = math.exp(ref[i][t] - lp[i][t]) - (ref[i][t] - lp[i][t]) - 1
             row += -surrogate + beta * k3
@@ -107,6 +127,8 @@ def test_grpo_loss_against_a_hand_written_reference() -> None:
     assert float(kl) == pytest.approx(kls / 2, rel=1e-6)
     assert float(clip_fraction) == pytest.approx(clipped_tokens / tokens)
     assert 0 < clipped_tokens < tokens  # both branches of the min are exercised
+    # the first token's ratio is e^0.4 ≈ 1.49 with a positive advantage: clipped at 1.2 only
+    assert (clipped_tokens == 2) == (clip_high is None)
     loss.backward()
     assert logp.grad[1, 2] == 0  # padding gets no gradient
     # k3 is 0 where π = π_ref and positive elsewhere

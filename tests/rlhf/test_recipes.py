@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from mmgpt import cli
+from mmgpt.files import load_tensors
 from mmgpt.rlhf.reward_model import RewardModel
 from mmgpt.rlhf.shapes import write_shapes_preferences
 
@@ -69,6 +72,16 @@ def test_reward_then_ppo_and_dpo_from_the_command_line(tok, rl, tmp_path, capsys
     )
     assert (tmp_path / "dpo" / "reference_logps.safetensors").is_file()
     assert (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
+    # PPO leaves the image encoder as the SFT model had it (train_encoder: false in the RL
+    # recipes: the policy gradient wrecks its features); DPO's likelihood terms train it
+    start = load_tensors(sft / "model.safetensors")
+    encoder = [k for k in start if k.startswith("encoders.")]
+    ppo = load_tensors(tmp_path / "ppo" / "model" / "model.safetensors")
+    dpo = load_tensors(tmp_path / "dpo" / "model" / "model.safetensors")
+    assert encoder and all(torch.equal(ppo[k], start[k]) for k in encoder)
+    assert any(not torch.equal(dpo[k], start[k]) for k in encoder)
+    for tuned in (ppo, dpo):
+        assert any(not torch.equal(tuned[k], start[k]) for k in start if k.startswith("gpt."))
     capsys.readouterr()
 
     # a recipe other than ppo has no reward model to take
