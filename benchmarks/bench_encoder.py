@@ -11,7 +11,10 @@ For each seed, the tiny ViT (``vit_tiny_custom``) of the shipped recipes is meas
    (``train.lr_multipliers.encoder=0.1``);
 4. after **contrastive pretraining** (the ``clip`` recipe, CLIP's loss; ``--loss siglip``);
 5. after **contrastive pretraining, then caption training** at 0.1 (``caption`` with
-   ``model.from=`` the ``clip`` run's model; ``--no-followup`` skips it).
+   ``model.from=`` the ``clip`` run's model; ``--no-followup`` skips it);
+6. after **supervised pretraining on the per-cell labels** (the ``tagging`` recipe);
+7. and a **caption run on that encoder, frozen** (``caption`` with ``model.encoder.from=`` the
+   ``tagging`` run's model: its own GPT, so the caption loss is the encoder's doing alone).
 
 The measure is :func:`mmgpt.eval.probe.shapes_probe`: logistic regression on the encoder's
 mean-pooled features of the 720 one-shape scenes of the shapes world, half of them held out
@@ -20,9 +23,11 @@ trains on one-shape scenes (``data.max_shapes=1``, shapes world seed 0) for ``--
 steps with the recipe's other settings; the caption runs also report their held-out caption
 loss. Each training run goes through ``mmgpt.recipe.run_training``, as ``mmgpt train`` does.
 Results go to ``OUT/bench_encoder.json`` and a markdown table (mean ± std over the seeds) on
-stdout. Nothing here is a test.
+stdout. ``--rows`` runs some of the rows only and keeps the others' results from an earlier
+``OUT/bench_encoder.json``. Nothing here is a test.
 
     python benchmarks/bench_encoder.py --out runs/bench_encoder --steps 400 --seeds 3
+    python benchmarks/bench_encoder.py --rows tagging,tagging_caption_frozen   # two rows
 
 The run directories under ``OUT/seed<N>/`` are replaced on every invocation.
 """
@@ -45,6 +50,8 @@ ROWS = {
     "caption_x0.1": "caption training, encoder lr × 0.1",
     "clip": "contrastive pretraining (`clip`)",
     "clip_caption_x0.1": "`clip`, then caption training, encoder lr × 0.1",
+    "tagging": "supervised pretraining on the cells' labels (`tagging`)",
+    "tagging_caption_frozen": "`tagging`, then caption training, encoder frozen",
 }
 
 
@@ -57,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--multiplier", type=float, default=0.1, help="the encoder's lr multiplier")
     p.add_argument("--no-followup", action="store_true", help="skip clip → caption (row 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--rows", default=",".join(ROWS), help="the rows to run, comma-separated")
     return p.parse_args(argv)
 
 
@@ -109,13 +117,24 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, dict[s
     if not args.no_followup:
         clip_model = out / "clip" / "model"
         runs["clip_caption_x0.1"] = ("caption", [f"model.from={clip_model}", encoder, multiplier])
+    runs["tagging"] = ("tagging", [])
+    tagged = f"model.encoder.from={out / 'tagging' / 'model'}"
+    runs["tagging_caption_frozen"] = ("caption", [tagged, "train.train_encoder=false"])
+    chosen = args.rows.split(",")
+    unknown = sorted(set(chosen) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"--rows: unknown {unknown}; rows are {', '.join(ROWS)}")
     rows: dict[str, dict[str, float]] = {}
     for name, (recipe, extra) in runs.items():
+        if name not in chosen:
+            continue
         result, seconds = train(recipe, out / name, [*common, *extra])
         metrics = probe(trained_encoder(result), seed)
         held_out = result["eval"]
         if recipe == "clip":
             metrics["retrieval"] = held_out.get("image_to_text", float("nan"))
+        elif recipe == "tagging":
+            metrics["labels"] = held_out.get("accuracy", float("nan"))
         else:
             metrics["caption_loss"] = held_out.get("loss", float("nan"))
             metrics["token_accuracy"] = held_out.get("token_accuracy", float("nan"))
@@ -146,6 +165,8 @@ def table(per_seed: list[dict[str, dict[str, float]]]) -> str:
 
         if "retrieval" in runs[0]:
             loss = f"— (retrieval in a batch of 64: {column('retrieval')})"
+        elif "labels" in runs[0]:
+            loss = f"— (held-out labels right: {column('labels')})"
         else:
             loss = column("caption_loss")
         seconds = statistics.mean(r["seconds"] for r in runs)
@@ -166,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     per_seed = [run_seed(args, seed, out / f"seed{seed}") for seed in range(args.seeds)]
     wall = time.perf_counter() - start
+    earlier = out / "bench_encoder.json"
+    if earlier.is_file() and set(args.rows.split(",")) != set(ROWS):
+        # the rows not run this time keep their results of the earlier run
+        before = json.loads(earlier.read_text())["per_seed"]
+        per_seed = [{**old, **new} for old, new in zip(before, per_seed)]
     results = {
         "args": vars(args),
         "torch_threads": torch.get_num_threads(),

@@ -21,10 +21,10 @@ The preference is programmatic: a caption is better the fewer attributes it gets
 3. runs PPO, GRPO (adaptive β) and RLOO from the weak policy against that reward model, with
    the guards of :mod:`mmgpt.rlhf.guards` (a format penalty for captions off the grammar, a
    hard KL stop, the hacking detector, early stopping on exact match over the 200 validation
-   images that keeps the best policy);
+   images that keeps the best policy); GRPO and RLOO keep the ViT frozen (``--frozen-encoder``);
 4. runs DPO from the same weak policy on 10,000 single-corruption pairs (chosen: the right
-   caption): DPO with label smoothing 0.1, DPO + RPO (the chosen answers' NLL) and, as the
-   baseline any preference method is measured against, SFT on the chosen answers only;
+   caption): DPO with label smoothing 0.1, DPO + RPO (the chosen answers' NLL, weight 10) and,
+   as the baseline any preference method is measured against, SFT on the chosen answers only;
 
 and reports, for each policy, caption exact match and per-attribute accuracy on 200 held-out
 images (greedy decoding; the same images for every seed), the reward model's mean score of
@@ -105,7 +105,7 @@ LABELS = {
     "grpo": "GRPO",
     "rloo": "RLOO",
     "dpo": "DPO (β 0.5, label smoothing 0.1)",
-    "dpo_rpo": "DPO + RPO (β 0.1, NLL weight 1)",
+    "dpo_rpo": "DPO + RPO (β 0.1, NLL weight 10)",
     "dpo_rpo_ranked": "DPO + RPO on the RM's ranked data (right vs the rest)",
     "nll_chosen": "SFT on the chosen answers only",
     "sft_final": "(the end of the SFT run, the RM's start: for scale)",
@@ -347,10 +347,8 @@ def guard_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def rl_train_config(args: argparse.Namespace, seed: int, rollouts: int, lr: float) -> dict:
-    multiplier = {"encoder": args.rl_encoder_lr} if args.rl_encoder_lr else {}
     return quiet_config(
         seed,
-        lr_multipliers=multiplier,
         max_steps=rollouts,
         batch_size=args.rl_batch,
         lr=lr,
@@ -607,19 +605,21 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     prompts = ShapesWorld(size=20_000, seed=seeds["prompts"], task="caption", **WORLD)
     sampling = dict(max_new_tokens=24, samples_per_prompt=args.rl_samples)
 
-    def policy_start() -> MultimodalGPT:
-        """The weak policy for an RL run, its ViT frozen unless --rl-encoder-lr > 0 (as the RL
-        recipes' train.train_encoder=false): GRPO's policy gradient through the vision tower
-        wrecked its colour features (seed 1: colour 0.69 -> 0.535 trained, even at 0.1x the
-        lr; 0.75 frozen)."""
+    def policy_start(method: str) -> MultimodalGPT:
+        """The weak policy for an RL run, its ViT frozen for the methods in --frozen-encoder
+        (GRPO and RLOO, as their recipes' train.train_encoder=false): GRPO's sequence-level
+        advantage through the vision tower wrecked its colour features (seed 1: colour 0.69
+        -> 0.535 trained, even at 0.1x the lr; 0.75 frozen). PPO, whose per-token value
+        baseline trained it without harm, keeps training it (frozen, one seed's run crossed
+        the KL stop after 12 rollouts)."""
         policy = copy.deepcopy(sft)
-        if not args.rl_encoder_lr:
+        if method in args.frozen_encoder.split(","):
             policy.freeze("encoder")
         return policy
 
     rl_runs: dict[str, Any] = {
         "ppo": lambda: PPOTrainer(
-            policy_start(),
+            policy_start("ppo"),
             reward_model,
             prompts,
             rl_train_config(args, seed, args.ppo_rollouts, args.ppo_lr),
@@ -641,7 +641,7 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             format_fn=well_formed_caption,
         ),
         "grpo": lambda: GroupTrainer(
-            policy_start(),
+            policy_start("grpo"),
             reward_model,
             prompts,
             rl_train_config(args, seed, args.group_rollouts, args.grpo_lr),
@@ -664,7 +664,7 @@ def run_seed(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             format_fn=well_formed_caption,
         ),
         "rloo": lambda: GroupTrainer(
-            policy_start(),
+            policy_start("rloo"),
             reward_model,
             prompts,
             rl_train_config(args, seed, args.group_rollouts, args.rloo_lr),
@@ -1074,10 +1074,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpo-clip-high", type=float, default=0.0, help="0: the clip range")
     parser.add_argument("--grpo-entropy", type=float, default=0.0, help="entropy bonus")
     parser.add_argument(
-        "--rl-encoder-lr",
-        type=float,
-        default=0.0,
-        help="PPO, GRPO and RLOO train the ViT at this multiple of their lr (0: frozen)",
+        "--frozen-encoder",
+        default="grpo,rloo",
+        help="the RL methods whose ViT stays frozen (comma-separated; '' for none)",
     )
     parser.add_argument("--rloo-kl", type=float, default=0.05)
     parser.add_argument("--dpo-steps", type=int, default=300)

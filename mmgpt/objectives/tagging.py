@@ -17,9 +17,10 @@ encoder is pretrained with.
   (the contrastive towers') averages away *where* things are; a query per label lets the label
   "top left/shape" read the tokens of that cell, so the encoder's tokens are trained to keep
   per-region detail — what a language model reading those tokens needs.
-- **Loss.** The mean over labels of each label's cross-entropy. Metrics: ``accuracy`` (over
-  labels and items), ``all_correct`` (items with every label right), per-label accuracy is in
-  neither (27 labels would flood the log).
+- **Loss.** The mean over labels of each label's cross-entropy (a label whose value is not
+  one of its known classes counts for nothing). Metrics: ``accuracy`` (over labels and
+  items) and ``all_correct`` (items with every label right); no per-label figures, which
+  for the 27 cell labels would flood the log.
 
 :meth:`TaggingObjective.build_trainer` is what ``mmgpt train tagging`` runs. The saved model
 directory is the backbone MultimodalGPT's (so ``model.encoder.from=DIR`` and
@@ -116,14 +117,26 @@ def sample_labels(sample: Sample, labels: str | Sequence[str], index: int = 0) -
     return {name: str(meta[name]) for name in labels}
 
 
-def _metas(dataset: Any) -> list[tuple[Sample | Any, int]]:
-    """Each item's meta holder without loading items where the dataset keeps records."""
+def _metas(dataset: Any) -> list[tuple[Sample, int]]:
+    """Each item as a sample whose ``meta`` holds its labels: from the dataset's records (no
+    item loaded) where it keeps them, also through a ``Subset``; else the items themselves."""
+    from torch.utils.data import IterableDataset, Subset
+
+    from mmgpt.data.records import record_meta
+
+    indices = None
+    if isinstance(dataset, Subset):
+        dataset, indices = dataset.dataset, list(dataset.indices)
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            "tagging objective: named labels need a dataset whose items can be counted "
+            "(imagefolder, LLaVA JSON, parquet), not a stream: the classes are read first"
+        )
+    indices = range(len(dataset)) if indices is None else indices
     records = getattr(dataset, "records", None)
     if records is not None:
-        from mmgpt.data.records import record_meta
-
-        return [(Sample([], meta=record_meta(r)), i) for i, r in enumerate(records)]
-    return [(dataset[i], i) for i in range(len(dataset))]
+        return [(Sample([], meta=record_meta(records[i])), i) for i in indices]
+    return [(dataset[i], i) for i in indices]
 
 
 def label_classes(labels: str | Sequence[str], datasets: Sequence[Any]) -> dict[str, list[str]]:

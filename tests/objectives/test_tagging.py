@@ -156,6 +156,13 @@ def test_bad_labels_are_named(tok) -> None:
     one_value = [Sample([], meta={"color": "red"}), Sample([], meta={"color": "red"})]
     with pytest.raises(ValueError, match=r"\['color'\] take fewer than 2 values"):
         label_classes(["color"], [one_value])
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield Sample([], meta={"color": "red"})
+
+    with pytest.raises(ValueError, match="named labels need a dataset whose items can be counted"):
+        label_classes(["color"], [Stream()])
     with pytest.raises(ValueError, match="attention_heads=3 must divide"):
         TaggingModel(
             MultimodalGPT.build("gpt-nano", tok, block_size=24), CLASSES, attention_heads=3

@@ -72,16 +72,36 @@ def test_reward_then_ppo_and_dpo_from_the_command_line(tok, rl, tmp_path, capsys
     )
     assert (tmp_path / "dpo" / "reference_logps.safetensors").is_file()
     assert (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
-    # PPO leaves the image encoder as the SFT model had it (train_encoder: false in the RL
-    # recipes: the policy gradient wrecks its features); DPO's likelihood terms train it
+    train(
+        "grpo",
+        "--model",
+        str(sft),
+        "--reward-model",
+        str(tmp_path / "rm" / "model"),
+        "--data",
+        str(prefs),
+        "--out",
+        str(tmp_path / "grpo"),
+        "train.max_steps=1",
+        "train.batch_size=2",
+        "objective.minibatch_size=4",
+        "objective.max_new_tokens=4",
+        "objective.epochs=1",
+    )
+    # GRPO leaves the image encoder as the SFT model had it (train_encoder: false in the
+    # grpo and rloo recipes: their sequence-level advantage wrecked its features); PPO and
+    # DPO train it
     start = load_tensors(sft / "model.safetensors")
     encoder = [k for k in start if k.startswith("encoders.")]
-    ppo = load_tensors(tmp_path / "ppo" / "model" / "model.safetensors")
-    dpo = load_tensors(tmp_path / "dpo" / "model" / "model.safetensors")
-    assert encoder and all(torch.equal(ppo[k], start[k]) for k in encoder)
-    assert any(not torch.equal(dpo[k], start[k]) for k in encoder)
-    for tuned in (ppo, dpo):
-        assert any(not torch.equal(tuned[k], start[k]) for k in start if k.startswith("gpt."))
+    runs = {
+        r: load_tensors(tmp_path / r / "model" / "model.safetensors")
+        for r in ("grpo", "ppo", "dpo")
+    }
+    assert encoder and all(torch.equal(runs["grpo"][k], start[k]) for k in encoder)
+    for name in ("ppo", "dpo"):
+        assert any(not torch.equal(runs[name][k], start[k]) for k in encoder), name
+    for name, tuned in runs.items():
+        assert any(not torch.equal(tuned[k], start[k]) for k in start if k.startswith("gpt.")), name
     capsys.readouterr()
 
     # a recipe other than ppo has no reward model to take
