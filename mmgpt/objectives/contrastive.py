@@ -60,7 +60,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -72,6 +72,7 @@ from mmgpt.head_directory import HeadDirectory
 from mmgpt.interfaces import ObjectiveOutput
 from mmgpt.multimodal import MultimodalGPT
 from mmgpt.registry import register
+from mmgpt.rlhf.data import fields_to
 from mmgpt.trainer import Trainer
 
 if TYPE_CHECKING:
@@ -141,12 +142,7 @@ class ContrastiveBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ContrastiveBatch:
         """A copy with every tensor on ``device``."""
-        return ContrastiveBatch(
-            **{
-                f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                for f in fields(self)
-            }
-        )
+        return fields_to(self, device, non_blocking)
 
 
 def sample_caption(sample: Sample) -> str:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,6 +49,7 @@ from mmgpt.head_directory import HeadDirectory
 from mmgpt.interfaces import ObjectiveOutput
 from mmgpt.multimodal import MultimodalGPT
 from mmgpt.registry import register
+from mmgpt.rlhf.data import fields_to
 from mmgpt.trainer import Trainer
 
 if TYPE_CHECKING:
@@ -172,12 +173,8 @@ class TaggingBatch:
         return int(self.targets.size(0))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TaggingBatch:
-        return TaggingBatch(
-            **{
-                f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                for f in fields(self)
-            }
-        )
+        """A copy with every tensor on ``device``."""
+        return fields_to(self, device, non_blocking)
 
 
 class TaggingCollator:
