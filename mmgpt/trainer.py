@@ -817,11 +817,10 @@ class Trainer:
                     window_tokens, window_start = self.tokens_seen, time.perf_counter()
                     self.last_train = metrics
                     self._log({"step": step, "split": "train", **metrics})
-                    bar.set_postfix(
-                        loss=f"{metrics['loss']:.4f}",
-                        lr=f"{metrics['lr']:.2e}",
-                        tok_s=f"{metrics['tokens_per_s']:.0f}",
-                    )
+                    shown = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}"}
+                    if metrics["tokens_per_s"] > 0:  # objectives without tokens: it/s says it
+                        shown["tok_s"] = f"{metrics['tokens_per_s']:.0f}"
+                    bar.set_postfix(**shown)
                 # eval before save: a checkpoint at step N implies the log up to N is complete
                 if self.eval_loader is not None and (
                     (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
