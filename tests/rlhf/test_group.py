@@ -20,6 +20,7 @@ from mmgpt.rlhf.group import (
     rloo_loss,
 )
 from mmgpt.rlhf.group_trainer import GroupTrainer, GRPOConfig, RLOOConfig
+from mmgpt.rlhf.losses import masked_mean
 from mmgpt.rlhf.rollout import response_forward
 
 
@@ -291,6 +292,16 @@ def test_grpo_adaptive_beta_follows_ppos_controller(
         trainer.objective.beta,
     )
     assert float(out.loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    # entropy_coef subtracts that multiple of the answers' mean per-token entropy
+    _, entropy = trainer.wrapped_model(batch, with_entropy=True)
+    trainer.objective.config.entropy_coef = 0.1
+    bonus = trainer.objective(trainer.wrapped_model, batch)
+    trainer.objective.config.entropy_coef = 0.0
+    mean_entropy = float(masked_mean(entropy, batch.response_mask).detach())
+    assert mean_entropy > 0
+    assert float(bonus.loss.detach()) == pytest.approx(
+        float(expected.detach()) - 0.1 * mean_entropy, rel=1e-5
+    )
     # resume: the controller's beta comes back from the checkpoint
     resumed = build()
     resumed.load_checkpoint(trainer.checkpoint_dir / checkpoint_name(6))
