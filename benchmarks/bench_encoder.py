@@ -65,7 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-followup", action="store_true", help="skip clip → caption (row 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--rows", default=",".join(ROWS), help="the rows to run, comma-separated")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.rows.split(",")) - set(ROWS))
+    if unknown:
+        p.error(f"--rows: unknown {unknown}; rows are {', '.join(ROWS)}")
+    return args
 
 
 def train(recipe: str, out: Path, overrides: list[str]) -> tuple[dict[str, Any], float]:
@@ -121,9 +125,6 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict[str, dict[s
     tagged = f"model.encoder.from={out / 'tagging' / 'model'}"
     runs["tagging_caption_frozen"] = ("caption", [tagged, "train.train_encoder=false"])
     chosen = args.rows.split(",")
-    unknown = sorted(set(chosen) - set(ROWS))
-    if unknown:
-        raise SystemExit(f"--rows: unknown {unknown}; rows are {', '.join(ROWS)}")
     rows: dict[str, dict[str, float]] = {}
     for name, (recipe, extra) in runs.items():
         if name not in chosen:

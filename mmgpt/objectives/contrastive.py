@@ -389,6 +389,12 @@ class ContrastiveModel(HeadDirectory, nn.Module):
         pooled = self.text_norm(self.pool_texts(input_ids, lengths))
         return F.normalize(self.text_head(pooled.to(self.text_head.weight.dtype)), dim=-1)
 
+    def _refresh_if_stale(self) -> None:
+        """After optimizer steps, the statistics of the reference batch under the new weights."""
+        if self._statistics_stale and self._reference is not None:
+            self.refresh_statistics(self._reference)
+            self._statistics_stale = False
+
     @torch.no_grad()
     def refresh_statistics(self, reference: ContrastiveBatch) -> None:
         """Set both norms' statistics to ``reference``'s pooled features under the current
@@ -405,9 +411,8 @@ class ContrastiveModel(HeadDirectory, nn.Module):
             self.refresh_statistics(batch if self._reference is None else self._reference)
             self._reference = batch
             self._statistics_stale = True  # an optimizer step follows
-        elif self._statistics_stale and self._reference is not None:
-            self.refresh_statistics(self._reference)  # the weights the training left
-            self._statistics_stale = False
+        else:
+            self._refresh_if_stale()  # the weights the training left
         return ContrastiveOutput(
             image_embeds=self.embed_inputs(batch.inputs),
             text_embeds=self.embed_texts(batch.input_ids, batch.lengths),
@@ -428,9 +433,7 @@ class ContrastiveModel(HeadDirectory, nn.Module):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """The backbone's directory + ``contrastive_head.safetensors`` + its config, with the
         norms' statistics of the weights saved."""
-        if self._statistics_stale and self._reference is not None:
-            self.refresh_statistics(self._reference)
-            self._statistics_stale = False
+        self._refresh_if_stale()
         super().save_pretrained(path)
 
     @classmethod

@@ -3,8 +3,7 @@
 Each item (an image, or a plugin modality's item) carries named labels; the model predicts
 every one of them from the encoder's tokens, one classification head per label. It is the
 supervised counterpart of the ``clip`` recipe's contrastive stage, for data that has labels
-(vision towers are commonly pretrained this way), and it is what the shipped default model's
-encoder is pretrained with.
+(vision towers are commonly pretrained this way).
 
 - **Labels.** ``labels: cells`` is the shapes world's dense label set
   (:func:`mmgpt.data.shapes.cell_labels`: the shape, colour and size in each of its 9 grid
@@ -35,7 +34,7 @@ not trained here), plus the heads:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +47,7 @@ from mmgpt.data.shapes import cell_label_classes, cell_labels
 from mmgpt.head_directory import HeadDirectory
 from mmgpt.interfaces import ObjectiveOutput
 from mmgpt.multimodal import MultimodalGPT
+from mmgpt.processor import IGNORE_INDEX  # a label without a known class: no loss, no accuracy
 from mmgpt.registry import register
 from mmgpt.rlhf.data import fields_to
 from mmgpt.trainer import Trainer
@@ -72,7 +72,6 @@ HEAD_NAME = "tagging_head.safetensors"
 CONFIG_NAME = "tagging_config.json"
 ARCHITECTURE = "tagging"
 FORMAT_VERSION = 1
-IGNORE = -100  # a label the item lacks a known class for: no loss, no accuracy
 
 
 def _source(sample: Sample, index: int) -> str:
@@ -118,7 +117,7 @@ def sample_labels(sample: Sample, labels: str | Sequence[str], index: int = 0) -
     return {name: str(meta[name]) for name in labels}
 
 
-def _metas(dataset: Any) -> list[tuple[Sample, int]]:
+def _metas(dataset: Any) -> Iterator[tuple[Sample, int]]:
     """Each item as a sample whose ``meta`` holds its labels: from the dataset's records (no
     item loaded) where it keeps them, also through a ``Subset``; else the items themselves."""
     from torch.utils.data import IterableDataset, Subset
@@ -135,9 +134,8 @@ def _metas(dataset: Any) -> list[tuple[Sample, int]]:
         )
     indices = range(len(dataset)) if indices is None else indices
     records = getattr(dataset, "records", None)
-    if records is not None:
-        return [(Sample([], meta=record_meta(records[i])), i) for i in indices]
-    return [(dataset[i], i) for i in indices]
+    for i in indices:
+        yield (Sample([], meta=record_meta(records[i])) if records is not None else dataset[i]), i
 
 
 def label_classes(labels: str | Sequence[str], datasets: Sequence[Any]) -> dict[str, list[str]]:
@@ -207,7 +205,7 @@ class TaggingCollator:
                 )
             items.append(found[0])
             values = sample_labels(sample, self.labels, i)
-            rows.append([self.index[n].get(values[n], IGNORE) for n in self.names])
+            rows.append([self.index[n].get(values[n], IGNORE_INDEX) for n in self.names])
         return TaggingBatch(
             inputs=self.encoder.preprocess(items), targets=torch.tensor(rows, dtype=torch.long)
         )
@@ -270,23 +268,12 @@ class TaggingModel(HeadDirectory, nn.Module):
             "padding", torch.arange(C)[None, :] >= counts[:, None], persistent=False
         )  # (L, C) bool
         # only the encoder and the heads are reached by the loss (DDP wants a gradient for
-        # every trainable parameter, and nothing else should decay)
-        reached = {id(p) for p in self.encoder.parameters()}
-        reached |= {id(p) for p in self.attention.parameters()}
-        for p in self.parameters():
-            if id(p) not in reached and not any(p is q for q in self.head_parameters()):
+        # every trainable parameter, and nothing else should decay): the rest of the backbone
+        # is frozen
+        encoder = {id(p) for p in self.encoder.parameters()}
+        for p in self.backbone.parameters():
+            if id(p) not in encoder:
                 p.requires_grad_(False)
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        return [
-            self.queries,
-            self.norm_weight,
-            self.norm_bias,
-            self.hidden_weight,
-            self.hidden_bias,
-            self.out_weight,
-            self.out_bias,
-        ]
 
     @property
     def encoder(self) -> nn.Module:
@@ -378,12 +365,12 @@ class TaggingObjective:
             )
         logits = model(batch.inputs).float()  # (B, L, C)
         targets = batch.targets  # (B, L)
-        known = targets != IGNORE  # (B, L)
+        known = targets != IGNORE_INDEX  # (B, L)
         per_label = known.sum(dim=0)  # (L,) items with a known class
         if not bool(per_label.any()):
             raise ValueError("tagging objective: no item of the batch has a known label class")
         nll = F.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none"
+            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
         ).view_as(targets)  # (B, L), 0 where unknown
         # each label's mean over its items, then the mean over the labels present
         present = per_label > 0

@@ -7,9 +7,9 @@ baseline, so no value model is trained:
   the group (``scale="group"``); ``scale="batch"`` divides by the std of the whole rollout
   instead and ``scale="none"`` not at all (Liu et al. 2025, "Dr. GRPO"): with a learned reward,
   a group of answers that are all equally wrong differs only by the reward model's noise, and
-  the group std blows that noise up to advantages of ±1; the loss is PPO's clipped surrogate with that advantage on every answer token,
-  plus ``β`` times the k3 estimate of KL(π ‖ π_ref), averaged over each answer's tokens and
-  then over the answers.
+  the group std blows that noise up to advantages of ±1. The loss is PPO's clipped surrogate
+  with that advantage on every answer token, plus ``β`` times the k3 estimate of
+  KL(π ‖ π_ref), averaged over each answer's tokens and then over the answers.
 * **RLOO** (Ahmadian et al. 2024): ``A_i = r_i − mean_{j≠i} r_j`` (leave-one-out baseline);
   the loss is REINFORCE on the answer's log-probability, ``−A_i · log π(y_i | x)``.
 

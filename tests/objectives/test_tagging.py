@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from mmgpt.data.sample import Sample, Turn
 from mmgpt.data.shapes import POSITIONS, ShapesWorld, cell_label_classes, cell_labels
 from mmgpt.objectives.tagging import (
-    IGNORE,
     TaggingBatch,
     TaggingModel,
     TaggingObjective,
     label_classes,
     sample_labels,
 )
+from mmgpt.processor import IGNORE_INDEX
 
 
 def test_cell_labels_name_each_cells_shape_colour_and_size() -> None:
@@ -81,7 +81,7 @@ def image_batch(n: int, seed: int = 0) -> torch.Tensor:
 def test_loss_is_the_mean_of_each_labels_cross_entropy(tok) -> None:
     model = tagger(tok)
     inputs = model.encoder.preprocess(image_batch(4))
-    targets = torch.tensor([[0, 2], [1, IGNORE], [1, 0], [IGNORE, 1]])
+    targets = torch.tensor([[0, 2], [1, IGNORE_INDEX], [1, 0], [IGNORE_INDEX, 1]])
     out = TaggingObjective(labels=["a", "b"])(model, TaggingBatch(inputs, targets))
     logits = model(inputs)
     assert logits.shape == (4, 2, 3)
@@ -95,11 +95,11 @@ def test_loss_is_the_mean_of_each_labels_cross_entropy(tok) -> None:
         (i, j)
         for i in range(4)
         for j in range(2)
-        if targets[i, j] != IGNORE and picks[i, j] == targets[i, j]
+        if targets[i, j] != IGNORE_INDEX and picks[i, j] == targets[i, j]
     ]
     assert out.metrics["accuracy"] == pytest.approx(len(right) / 6)
     whole = sum(
-        all(targets[i, j] == IGNORE or picks[i, j] == targets[i, j] for j in range(2))
+        all(targets[i, j] == IGNORE_INDEX or picks[i, j] == targets[i, j] for j in range(2))
         for i in range(4)
     )
     assert out.metrics["all_correct"] == pytest.approx(whole / 4)
