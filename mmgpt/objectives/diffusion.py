@@ -42,6 +42,7 @@ from mmgpt.data.sample import count_drawing_samples, describe_dataset
 from mmgpt.distributed import unwrap_model
 from mmgpt.imagegen import gather_signal_states, require_image_generation
 from mmgpt.interfaces import ObjectiveOutput
+from mmgpt.objectives.sft import check_reduction, sample_mean_cross_entropy
 from mmgpt.processor import IGNORE_INDEX, MultimodalBatch
 from mmgpt.registry import register
 
@@ -68,6 +69,9 @@ class DiffusionObjective:
             labelled token); ``False`` leaves them out of the LM loss, since generation forces
             them anyway, so the LM loss does not pull the signal states towards predicting the
             next signal token (only ``[IMG0]``, *when* to draw, and what follows are learned).
+        lm_reduction: ``token`` (default): the LM loss is the mean over every labelled token
+            of the batch; ``sample``: the mean over samples of each sample's mean, so that a
+            one-word answer weighs as much as a caption (see :mod:`mmgpt.objectives.sft`).
 
     Metrics: ``lm_loss``, ``diffusion_loss``, ``images`` (output images per batch); for each
     other output modality ``m``: ``{m}_loss`` and ``{m}_outputs``.
@@ -82,7 +86,9 @@ class DiffusionObjective:
         backprop_into_gpt: bool = True,
         learn_forced_tokens: bool = True,
         output_weights: dict[str, float] | None = None,
+        lm_reduction: str = "token",
     ) -> None:
+        self.lm_reduction = check_reduction("diffusion", lm_reduction)
         self.lm_weight = _weight("lm_weight", lm_weight)
         self.diffusion_weight = _weight("diffusion_weight", diffusion_weight)
         if not isinstance(backprop_into_gpt, bool):
@@ -170,14 +176,17 @@ class DiffusionObjective:
                 rows, cols = positions[:, 0], positions[:, 1]
                 for j in range(1, len(base.output_signal_token_ids(m))):
                     labels[rows, cols + j] = IGNORE_INDEX
-        logits, labels = out.logits[:, :-1], labels[:, 1:]
-        lm = F.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-        )
-        if not bool((labels != IGNORE_INDEX).any()):
-            lm = logits.sum() * 0.0  # no target token: cross_entropy's mean would be nan
+        if self.lm_reduction == "sample":
+            lm, _ = sample_mean_cross_entropy(out.logits, labels)
+        else:
+            logits, shifted = out.logits[:, :-1], labels[:, 1:]
+            lm = F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)),
+                shifted.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+            if not bool((shifted != IGNORE_INDEX).any()):
+                lm = logits.sum() * 0.0  # no target token: cross_entropy's mean would be nan
         if self.lm_weight == 0:
             lm = lm.detach()  # reported, but no gradient path at all
 

@@ -10,8 +10,11 @@ reproduce its prompt. It works for
 - a text :class:`~mmgpt.model.GPT` on a batch dict ``{input_ids, attention_mask, labels}`` (or on
   a ``MultimodalBatch`` without images).
 
-Like the ``lm`` objective it is token-weighted: ``weight`` is the number of target tokens, so
-the trainer's gradient accumulation averages over all target tokens of a step exactly.
+Like the ``lm`` objective it is token-weighted by default: ``weight`` is the number of target
+tokens, so the trainer's gradient accumulation averages over all target tokens of a step
+exactly. ``reduction="sample"`` averages each sample's tokens first, then the samples (weight:
+the samples with a target), so a one-word answer counts as much as a thirty-token caption in
+a mix of both; with token averaging the answers would be a few percent of the loss.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from mmgpt.interfaces import ObjectiveOutput
 from mmgpt.processor import IGNORE_INDEX, MultimodalBatch
 from mmgpt.registry import register
 
-__all__ = ["SFTObjective", "shifted_cross_entropy"]
+__all__ = ["REDUCTIONS", "SFTObjective", "sample_mean_cross_entropy", "shifted_cross_entropy"]
+
+REDUCTIONS = ("token", "sample")  # how the reply tokens' losses are averaged
 
 
 def shifted_cross_entropy(
@@ -51,17 +56,52 @@ def shifted_cross_entropy(
     return loss_sum, n_tokens, correct
 
 
+def sample_mean_cross_entropy(
+    logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, int]:
+    """Mean over the samples with a target of each sample's mean next-token loss, and their
+    number (``logits`` (B, T, V) at ``t`` scored against ``labels[:, t + 1]``, as in
+    :func:`shifted_cross_entropy`). A batch without any target gives a zero loss and 0."""
+    logits = logits[:, :-1]
+    targets = labels[:, 1:].to(logits.device)
+    losses = F.cross_entropy(
+        logits.float().transpose(1, 2), targets, ignore_index=ignore_index, reduction="none"
+    )  # (B, T-1), 0 where ignored
+    counts = (targets != ignore_index).sum(dim=1)
+    scored = counts > 0
+    n_samples = int(scored.sum())
+    if n_samples == 0:
+        return logits.sum() * 0.0, 0
+    per_sample = losses.sum(dim=1)[scored] / counts[scored]
+    return per_sample.mean(), n_samples
+
+
+def check_reduction(objective: str, reduction: Any) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"{objective} objective: the loss reduction must be one of {', '.join(REDUCTIONS)} "
+            f"(token: every reply token weighs the same; sample: every sample), got "
+            f"{reduction!r}"
+        )
+    return reduction
+
+
 @register("objective", "sft")
 class SFTObjective:
     """Cross-entropy of the labelled (reply) tokens, averaged over them.
+
+    Args:
+        reduction: ``token`` (default): the mean over every reply token of the batch;
+            ``sample``: the mean over samples of each sample's mean (module docstring).
 
     Metrics: ``loss``, ``tokens`` (targets in the batch) and ``token_accuracy`` (fraction of
     targets that are the argmax prediction). A batch without any target token gives a zero
     loss of weight 0 (it contributes nothing to the step).
     """
 
-    def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(self, ignore_index: int = IGNORE_INDEX, reduction: str = "token") -> None:
         self.ignore_index = ignore_index
+        self.reduction = check_reduction("sft", reduction)
 
     def __call__(self, model: Any, batch: MultimodalBatch | Mapping[str, Any]) -> ObjectiveOutput:
         labels = _labels(batch)
@@ -79,7 +119,9 @@ class SFTObjective:
         out = _forward(model, batch)
         logits = out.logits if hasattr(out, "logits") else out  # (B, T, V)
         loss_sum, n_tokens, correct = shifted_cross_entropy(logits, labels, self.ignore_index)
-        loss = loss_sum / max(n_tokens, 1)
+        loss, weight = loss_sum / max(n_tokens, 1), n_tokens
+        if self.reduction == "sample":
+            loss, weight = sample_mean_cross_entropy(logits, labels, self.ignore_index)
         return ObjectiveOutput(
             loss=loss,
             metrics={
@@ -87,7 +129,7 @@ class SFTObjective:
                 "tokens": float(n_tokens),
                 "token_accuracy": correct / n_tokens if n_tokens else 0.0,
             },
-            weight=float(n_tokens),
+            weight=float(weight),
         )
 
 

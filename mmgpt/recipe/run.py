@@ -66,6 +66,7 @@ from mmgpt.recipe.spec import (
     record_recipe,
     validate_recipe,
 )
+from mmgpt.recipe.stages import run_stages, stage_recipes
 from mmgpt.registry import create, get
 from mmgpt.trainer import TrainConfig, Trainer, check_no_checkpoints, seed_everything
 
@@ -106,6 +107,8 @@ def run_training(
     # one run per folder: taken before the recipe and tokenizer are written there
     lock = exclusive_lock(run.out_dir) if distributed.env_world().rank == 0 else nullcontext()
     with lock:
+        if run.spec.get("stages"):
+            return run_stages(run.spec, run.out_dir, run.resume, run_training, data)
         if recipe_architecture(run.spec) == "multimodal":
             return run_multimodal(run, data)
         if recipe_architecture(run.spec) == "judge":
@@ -124,6 +127,7 @@ def _prepare(
     name = "recipe" if isinstance(recipe, Mapping) else Path(recipe).stem
     spec = apply_overrides(load_recipe(recipe), overrides)
     validate_recipe(spec)
+    stage_recipes(spec)  # every stage's keys are checked before anything trains
     train_section = dict(spec["train"])
     stage = {k: train_section.pop(k) for k in STAGE_KEYS if k in train_section}
     train_config = TrainConfig.from_dict(train_section)

@@ -54,10 +54,13 @@ SECTIONS = (
     "train",
     "adapter",
     "encoder_pretraining",
+    "stages",
 )
 # ``encoder_pretraining: {recipe: clip, overrides: {...}}``: a run that trains the image encoder
 # first (into OUT/encoder_pretraining); this run's encoder starts from its model directory
 ENCODER_PRETRAINING_KEYS = ("recipe", "overrides")
+# ``stages: {NAME: {recipe keys}, ...}``: a curriculum, the recipe trained once per stage, each
+# from the whole model of the one before (mmgpt.recipe.stages); any stage name is valid
 # Arguments the recipe supplies to a dataset factory (when its signature accepts them).
 DATASET_CONTEXT = ("tokenizer", "block_size", "split")
 DATA_PATH_ARGS = ("paths", "path", "root")
@@ -217,6 +220,8 @@ def section_keys(recipe: dict[str, Any], section: str) -> set[str] | None:
         return set(JUDGE_SECTION_KEYS[section])
     if section == "adapter":
         return set(ADAPTER_KEYS)
+    if section == "stages":
+        return None
     if section == "encoder_pretraining":
         if not multimodal:
             raise ValueError(

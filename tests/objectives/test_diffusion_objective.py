@@ -99,6 +99,20 @@ def test_loss_is_the_weighted_sum_computed_by_hand(tok) -> None:
     assert first_only(model, batch).metrics["lm_loss"] == pytest.approx(float(lm_first), rel=1e-5)
     assert float(lm_first) != pytest.approx(float(lm))
 
+    # lm_reduction=sample: each sample's mean over its labelled tokens, then their mean
+    with torch.no_grad():
+        rows = F.cross_entropy(
+            full.logits[:, :-1].transpose(1, 2), batch.labels[:, 1:], reduction="none"
+        )
+        counts = (batch.labels[:, 1:] != IGNORE_INDEX).sum(1)
+    assert counts[0] != counts[1]  # "here: " makes the second reply longer
+    by_sample = (rows.sum(1) / counts).mean()
+    per_sample = create("objective", "diffusion", lm_reduction="sample")
+    assert per_sample(model, batch).metrics["lm_loss"] == pytest.approx(float(by_sample), rel=1e-5)
+    assert float(by_sample) != pytest.approx(float(lm))
+    with pytest.raises(ValueError, match="diffusion objective: the loss reduction"):
+        create("objective", "diffusion", lm_reduction="batch")
+
 
 def _gpt_grads(model: MultimodalGPT) -> list[torch.Tensor | None]:
     return [None if p.grad is None else p.grad.clone() for p in model.gpt.parameters()]

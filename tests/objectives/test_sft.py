@@ -167,3 +167,39 @@ def test_bad_batches_are_clear_errors() -> None:
         SFTObjective()(model, batch)
     batch.images, batch.image_positions = None, torch.zeros(0, 2, dtype=torch.long)
     assert SFTObjective()(model, batch).weight == 2  # a text-only MultimodalBatch works
+
+
+def test_sample_reduction_weighs_every_sample_the_same() -> None:
+    """``reduction="sample"``: the mean over samples of each sample's mean token loss, so a
+    one-token answer beside a long reply counts half, not one token in six."""
+    model = GPT(gpt_config("gpt-nano", vocab_size=40, block_size=16)).eval()
+    input_ids = torch.tensor([[1, 5, 6, 7, 8, 9, 2, 0], [1, 11, 12, 13, 2, 0, 0, 0]])
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    long_reply, short_reply = [(0, 2), (0, 3), (0, 4), (0, 5), (0, 6)], [(1, 4)]
+    for row, t in long_reply + short_reply:
+        labels[row, t] = input_ids[row, t]
+    batch = {"input_ids": input_ids, "labels": labels}
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+    ids = lambda spots: [int(input_ids[r, t]) for r, t in spots]  # noqa: E731
+    per_sample = (
+        manual_loss(logits, long_reply, ids(long_reply))
+        + manual_loss(logits, short_reply, ids(short_reply))
+    ) / 2
+    out = SFTObjective(reduction="sample")(model, batch)
+    assert out.loss.item() == pytest.approx(per_sample.item(), rel=1e-5)
+    assert out.weight == 2 and out.metrics["tokens"] == 6
+    token = SFTObjective()(model, batch)
+    every = long_reply + short_reply
+    assert token.loss.item() == pytest.approx(manual_loss(logits, every, ids(every)).item(), rel=1e-5)
+    assert abs(token.loss.item() - out.loss.item()) > 1e-3
+    # a row without targets is not a sample of the mean; no target at all: zero, weight 0
+    labels[1] = IGNORE_INDEX
+    alone = SFTObjective(reduction="sample")(model, {"input_ids": input_ids, "labels": labels})
+    expected = manual_loss(logits, long_reply, ids(long_reply))
+    assert alone.loss.item() == pytest.approx(expected.item(), rel=1e-5) and alone.weight == 1
+    labels[0] = IGNORE_INDEX
+    empty = SFTObjective(reduction="sample")(model, {"input_ids": input_ids, "labels": labels})
+    assert empty.loss.item() == 0.0 and empty.weight == 0
+    with pytest.raises(ValueError, match="sft objective: the loss reduction must be one of"):
+        SFTObjective(reduction="mean")
