@@ -4,9 +4,12 @@ before, a finished stage is reused, and a bad stage key is an error that names i
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("timm")
 
@@ -66,6 +69,8 @@ def test_each_stage_starts_from_the_whole_model_of_the_one_before(tmp_path, caps
     recorded = (out / "recipe.yaml").read_text()
     assert str(out / "stages" / "first" / "model") in recorded
     assert "stage: align" in recorded
+    whole = yaml.safe_load((out / "stages" / "recipe.yaml").read_text())
+    assert list(whole["stages"]) == ["first", "second"]
 
     # run again with --resume: the finished first stage is reused, not trained again
     capsys.readouterr()
@@ -78,9 +83,9 @@ def test_each_stage_starts_from_the_whole_model_of_the_one_before(tmp_path, caps
 
 def test_a_stage_merges_its_keys_into_the_recipe() -> None:
     spec = apply_overrides(
-        load_recipe("shapes-tiny"),
+        {**load_recipe("shapes-tiny"), "stages": {}},
         [
-            "stages.reading.data.task_weights.caption=1",
+            "stages.reading.data.task_weights.vqa=0",
             "stages.reading.data.task_weights.t2i=0.05",
             "stages.reading.train.max_steps=7",
             "stages.everything.train.lr=1e-3",
@@ -88,10 +93,10 @@ def test_a_stage_merges_its_keys_into_the_recipe() -> None:
     )
     (first, reading), (second, everything) = stage_recipes(spec)
     assert (first, second) == ("reading", "everything")
-    assert reading["data"]["task_weights"] == {"t2i": 0.05, "caption": 1}
+    assert reading["data"]["task_weights"] == {"caption": 1, "vqa": 0, "t2i": 0.05}
     assert reading["train"]["max_steps"] == 7 and reading["train"]["lr"] == 2e-3
-    assert everything["data"]["task_weights"] == {"t2i": 2}
-    assert everything["train"]["lr"] == 1e-3 and everything["train"]["max_steps"] == 6000
+    assert everything["data"]["task_weights"] == {"caption": 1, "vqa": 2, "t2i": 3}
+    assert everything["train"]["lr"] == 1e-3 and everything["train"]["max_steps"] == 5000
     assert not reading["stages"] and not everything["stages"]
 
 
@@ -100,7 +105,17 @@ def test_bad_stages_are_errors_before_anything_trains(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"stages.second.*train.max_stepz.*max_steps"):
         run_training("caption", out=out, overrides=[*TINY, "stages.second.train.max_stepz=2"])
     assert not (out / "stages").exists()
+    with pytest.raises(ValueError, match="a stage name is a folder name"):
+        stage_recipes({**load_recipe("caption"), "stages": {"../up": {}}})
     with pytest.raises(ValueError, match="stages.first' must be a mapping"):
         stage_recipes({**load_recipe("caption"), "stages": {"first": 3}})
     with pytest.raises(ValueError, match="needs model.architecture=multimodal"):
         stage_recipes(apply_overrides(load_recipe("lm"), ["stages.first.train.max_steps=2"]))
+
+
+def test_the_documented_curriculum_is_the_shipped_recipes() -> None:
+    """docs/concepts.md shows shapes-tiny's stages; they must be the recipe's own."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "concepts.md").read_text()
+    section = text[text.index("**A curriculum in the same command.**") :]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    assert yaml.safe_load(block)["stages"] == load_recipe("shapes-tiny")["stages"]

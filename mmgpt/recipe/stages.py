@@ -13,9 +13,10 @@ stage starting from the whole model the stage before it trained.
   tokenizer, encoder, projector, GPT and decoders all carry over, and the stage trains them
   on with its own learning-rate schedule. The recipe's ``encoder_pretraining`` runs once,
   before the first stage.
-- The earlier stages train into ``OUT/stages/NAME``, the last one into ``OUT``. A finished
-  stage is reused and an interrupted one resumes, so running the command again (or with
-  ``--resume``) continues where it stopped.
+- The earlier stages train into ``OUT/stages/NAME``, the last one into ``OUT``; each writes
+  its own resolved ``recipe.yaml`` and ``OUT/stages/recipe.yaml`` holds the whole recipe,
+  stages included. A finished stage is reused and an interrupted one resumes, so running the
+  command again (or with ``--resume``) continues where it stopped.
 
 ``encoder_pretraining`` hands on only an encoder, trained by another recipe; stages hand on
 everything, trained by this one: a curriculum (captions first, then questions and drawings,
@@ -25,14 +26,22 @@ as LLaVA aligns on captions before instruction tuning).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from mmgpt.checkpoint import list_checkpoints
-from mmgpt.recipe.spec import apply_overrides, flatten_keys, recipe_architecture, validate_recipe
+from mmgpt.recipe.spec import (
+    apply_overrides,
+    flatten_keys,
+    recipe_architecture,
+    record_recipe,
+    validate_recipe,
+)
 
 STAGES_DIR = "stages"
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def stage_recipes(spec: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -49,6 +58,11 @@ def stage_recipes(spec: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     base = {**spec, "stages": {}}
     recipes = []
     for name, body in stages.items():
+        if not _NAME.fullmatch(str(name)):
+            raise ValueError(
+                f"recipe key 'stages.{name}': a stage name is a folder name of letters, digits, "
+                "'_' and '-' (its run goes to OUT/stages/NAME)"
+            )
         if not isinstance(body, Mapping):
             raise ValueError(
                 f"recipe key 'stages.{name}' must be a mapping of recipe keys, e.g. "
@@ -75,6 +89,8 @@ def run_stages(
     """Train the stages of ``spec`` one after another with ``train`` (``run_training``); the
     last stage's result is the run's."""
     recipes = stage_recipes(spec)
+    (out_dir / STAGES_DIR).mkdir(parents=True, exist_ok=True)
+    record_recipe(out_dir / STAGES_DIR / "recipe.yaml", dict(spec), resume)
     previous: Path | None = None
     result: dict[str, Any] = {}
     for i, (name, stage) in enumerate(recipes):
@@ -85,7 +101,10 @@ def run_stages(
         where = out_dir if last else out_dir / STAGES_DIR / name
         model_dir = where / "model"
         if not last and (model_dir / "config.json").is_file():
-            print(f"stage {name}: done before ({model_dir}); the next stage starts from it", flush=True)
+            print(
+                f"stage {name}: done before ({model_dir}); the next stage starts from it",
+                flush=True,
+            )
             previous = model_dir
             continue
         again = resume if last else bool(list_checkpoints(where / "checkpoints"))

@@ -191,7 +191,9 @@ def test_sample_reduction_weighs_every_sample_the_same() -> None:
     assert out.weight == 2 and out.metrics["tokens"] == 6
     token = SFTObjective()(model, batch)
     every = long_reply + short_reply
-    assert token.loss.item() == pytest.approx(manual_loss(logits, every, ids(every)).item(), rel=1e-5)
+    assert token.loss.item() == pytest.approx(
+        manual_loss(logits, every, ids(every)).item(), rel=1e-5
+    )
     assert abs(token.loss.item() - out.loss.item()) > 1e-3
     # a row without targets is not a sample of the mean; no target at all: zero, weight 0
     labels[1] = IGNORE_INDEX
