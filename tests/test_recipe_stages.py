@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ TINY = [
 # exactly the one the first stage handed on
 STAGES = [
     "stages.first.train.max_steps=3",
+    "stages.first.train.save_every=2",
     "stages.second.train.max_steps=2",
     "stages.second.train.stage=align",
 ]
@@ -79,6 +81,23 @@ def test_each_stage_starts_from_the_whole_model_of_the_one_before(tmp_path, caps
     assert "stage first: done before" in capsys.readouterr().out
     after = (out / "stages" / "first" / "model" / "model.safetensors").stat().st_mtime_ns
     assert after == before
+
+    # interrupted in the first stage after its step-2 checkpoint: the command run again
+    # resumes that stage (to the same weights as without the interruption), then the next
+    first_dir = out / "stages" / "first"
+    shutil.rmtree(first_dir / "model")
+    shutil.rmtree(first_dir / "checkpoints" / "step_00000003")
+    for leftover in ("model", "checkpoints", "metrics.jsonl"):
+        path = out / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_training("caption", out=out, overrides=[*TINY, *STAGES])
+    again = load_tensors(first_dir / "model" / "model.safetensors")
+    for key in first:
+        torch.testing.assert_close(again[key], first[key], rtol=0, atol=0)
+    logged = [json.loads(line) for line in (first_dir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in logged if r.get("split") == "train"]
+    assert train_steps == sorted(set(train_steps)) and max(train_steps) == 3
+    assert (out / "model" / "model.safetensors").is_file()
 
 
 def test_a_stage_merges_its_keys_into_the_recipe() -> None:
