@@ -439,6 +439,7 @@ class _ShapesGenerator:
         caption_prompt: str = DEFAULT_CAPTION_PROMPT,
         draw_max_shapes: int | None = None,
         task_weights: dict[str, float] | None = None,
+        questions_per_image: int = 1,
         seed: int = 0,
     ) -> None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
@@ -471,6 +472,15 @@ class _ShapesGenerator:
                 f"draw_max_shapes must be an int >= 1 or null, got {draw_max_shapes!r}"
             )
         self.draw_max_shapes = draw_max_shapes
+        if (
+            isinstance(questions_per_image, bool)
+            or not isinstance(questions_per_image, int)
+            or questions_per_image < 1
+        ):
+            raise ValueError(
+                f"questions_per_image must be an int >= 1, got {questions_per_image!r}"
+            )
+        self.questions_per_image = questions_per_image
         self.caption_prompt = caption_prompt
         self.seed = int(seed)
 
@@ -551,9 +561,14 @@ class _ShapesGenerator:
             ]
             return Sample(turns, images=[image], meta=meta)
         if task == "vqa":
-            qa = ask_question(
-                scene, rng, kinds=self.kinds, colors=self.colors, question_types=self.question_types
-            )
+            # the first question is the sample's (meta, evaluation); more questions about the
+            # same image follow as further turns, each answered (one image, k answers)
+            asked = [self._question(scene, rng)]
+            for _ in range(self.questions_per_image - 1):
+                qa = self._question(scene, rng)
+                if all(qa["question"] != q["question"] for q in asked):
+                    asked.append(qa)
+            qa = asked[0]
             meta.update(
                 question_type=qa["type"],
                 question=qa["question"],
@@ -564,9 +579,16 @@ class _ShapesGenerator:
                 Turn("user", f"{IMAGE_PLACEHOLDER}\n{qa['question']}"),
                 Turn("assistant", qa["answer"]),
             ]
+            for more in asked[1:]:
+                turns += [Turn("user", more["question"]), Turn("assistant", more["answer"])]
             return Sample(turns, images=[image], meta=meta)
         turns = [Turn("user", draw_prompt(scene)), Turn("assistant", IMAGE_OUT_PLACEHOLDER)]
         return Sample(turns, output_images=[image], meta=meta)
+
+    def _question(self, scene: list[Shape], rng: random.Random) -> dict[str, Any]:
+        return ask_question(
+            scene, rng, kinds=self.kinds, colors=self.colors, question_types=self.question_types
+        )
 
     def iter_samples(self, start: int = 0) -> Iterator[Sample]:
         index = start
@@ -654,6 +676,11 @@ class ShapesWorld(_ShapesGenerator, Dataset):
             scene); drawing several shapes from one prompt is much harder for a small decoder.
         task_weights: relative frequency of each task of the mix (``{"t2i": 2}``: drawings
             twice as often as each other task; unnamed tasks weigh 1). Default: equal.
+        questions_per_image: VQA samples ask up to this many different questions about their
+            image, one after another as a conversation (as VQA datasets ask several questions
+            of each image): k answers learned per image read. The first question is the
+            sample's ``meta`` and what evaluation asks. Default 1, the samples of earlier
+            versions.
         seed: sample ``i`` is a pure function of ``(seed, i)``.
         size: number of samples.
     """

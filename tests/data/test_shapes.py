@@ -383,3 +383,31 @@ def test_llava_export_loads_back(tmp_path):
             assert texts(back) == texts(original)
         np.testing.assert_array_equal(pixels(back), pixels(original))
         assert back.meta["id"] == f"{100 + i:06d}"
+
+
+def test_several_questions_per_image_are_extra_turns_after_the_samples_own():
+    one = ShapesWorld(task="vqa", seed=4, image_size=16)
+    many = ShapesWorld(task="vqa", seed=4, image_size=16, questions_per_image=4)
+    lengths = set()
+    for i in range(200):
+        a, b = one[i], many[i]
+        assert texts(b)[:2] == texts(a)  # the first exchange is the sample's (and meta's)
+        assert b.meta == a.meta
+        np.testing.assert_array_equal(pixels(a), pixels(b))
+        turns = texts(b)
+        questions = [text for role, text in turns if role == "user"]
+        assert len(set(questions)) == len(questions) and len(questions) == len(turns) // 2
+        assert sum(IMAGE_PLACEHOLDER in q for q in questions) == 1
+        lengths.add(len(questions))
+        scene = a.meta["scene"]
+        for (_, question), (_, answer) in zip(turns[0::2], turns[1::2]):
+            asked = re.fullmatch(r"(?:<image>\n)?is there a (\w+) (\w+)\?", question)
+            if asked:  # answered from the scene, independently of the generator
+                present = any((s["color"], s["shape"]) == asked.groups() for s in scene)
+                assert answer == ("yes" if present else "no"), (question, scene)
+            if question.endswith("how many shapes are there?"):
+                assert answer == number_word(len(scene))
+    assert lengths >= {2, 3, 4}  # repeated questions are dropped, not asked twice
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="questions_per_image must be an int >= 1"):
+            ShapesWorld(task="vqa", questions_per_image=bad)
