@@ -60,7 +60,7 @@ SECTIONS = (
 # first (into OUT/encoder_pretraining); this run's encoder starts from its model directory
 ENCODER_PRETRAINING_KEYS = ("recipe", "overrides")
 # ``stages: {NAME: {recipe keys}, ...}``: a curriculum, the recipe trained once per stage, each
-# from the whole model of the one before (mmgpt.recipe.stages); any stage name is valid
+# from the whole model of the one before (mmgpt.recipe.stages); a stage name is a folder name
 # Arguments the recipe supplies to a dataset factory (when its signature accepts them).
 DATASET_CONTEXT = ("tokenizer", "block_size", "split")
 DATA_PATH_ARGS = ("paths", "path", "root")
