@@ -64,11 +64,21 @@ def test_file_datasets_are_counted_completely_even_behind_subsets(folder):
 
 def test_other_datasets_are_probed_evenly():
     captions = ShapesWorld(size=500, task="caption", image_size=8)
-    found = count_drawing_samples(captions, probe=20)
-    assert (found.drawing, found.checked, found.complete) == (0, 20, False)
+    found = count_drawing_samples(captions, probe=20)  # none in 20: then 320 are looked at
+    assert (found.drawing, found.checked, found.complete) == (0, 320, False)
     assert describe_dataset(captions) == "ShapesWorld (task='caption')"
     drawings = ShapesWorld(size=500, task="t2i", image_size=8)
     assert count_drawing_samples(drawings, probe=20).drawing == 20
+    # 1% drawings: none among the first 64 samples looked at, found in the larger probe
+    rare = ShapesWorld(
+        size=5000, task_weights={"caption": 1, "vqa": 0, "t2i": 0.01}, image_size=8, seed=2
+    )
+    assert not any(rare[i * 5000 // 64].meta["task"] == "t2i" for i in range(64))
+    found = count_drawing_samples(rare)
+    assert found.checked == 1024 and found.drawing == sum(
+        rare[i * 5000 // 1024].meta["task"] == "t2i" for i in range(1024)
+    )
+    assert found.drawing > 0
     small = ShapesWorld(size=5, task=["caption", "t2i"], image_size=8, seed=3)
     found = count_drawing_samples(small)
     expected = sum(small[i].meta["task"] == "t2i" for i in range(5))
