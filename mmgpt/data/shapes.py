@@ -421,6 +421,10 @@ def _subset(name: str, given: Sequence[str] | None, known: Sequence[str]) -> tup
     return values
 
 
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 class _ShapesGenerator:
     """Options and the pure function ``index → Sample`` shared by both dataset flavours."""
 
@@ -463,20 +467,12 @@ class _ShapesGenerator:
                 f"colour-kind pairs), got min_shapes={min_shapes}, max_shapes={max_shapes}"
             )
         self.min_shapes, self.max_shapes = min_shapes, max_shapes
-        if draw_max_shapes is not None and (
-            isinstance(draw_max_shapes, bool)
-            or not isinstance(draw_max_shapes, int)
-            or draw_max_shapes < 1
-        ):
+        if draw_max_shapes is not None and not _is_positive_int(draw_max_shapes):
             raise ValueError(
                 f"draw_max_shapes must be an int >= 1 or null, got {draw_max_shapes!r}"
             )
         self.draw_max_shapes = draw_max_shapes
-        if (
-            isinstance(questions_per_image, bool)
-            or not isinstance(questions_per_image, int)
-            or questions_per_image < 1
-        ):
+        if not _is_positive_int(questions_per_image):
             raise ValueError(
                 f"questions_per_image must be an int >= 1, got {questions_per_image!r}"
             )

@@ -41,7 +41,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import IterableDataset, Subset
 
+from mmgpt.data.records import record_meta
 from mmgpt.data.sample import Sample
 from mmgpt.data.shapes import cell_label_classes, cell_labels
 from mmgpt.head_directory import HeadDirectory
@@ -120,10 +122,6 @@ def sample_labels(sample: Sample, labels: str | Sequence[str], index: int = 0) -
 def _metas(dataset: Any) -> Iterator[tuple[Sample, int]]:
     """Each item as a sample whose ``meta`` holds its labels: from the dataset's records (no
     item loaded) where it keeps them, also through a ``Subset``; else the items themselves."""
-    from torch.utils.data import IterableDataset, Subset
-
-    from mmgpt.data.records import record_meta
-
     indices = None
     if isinstance(dataset, Subset):
         dataset, indices = dataset.dataset, list(dataset.indices)

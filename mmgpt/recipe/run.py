@@ -83,6 +83,7 @@ class Run:
     out_dir: Path
     resume: bool
     explicit: frozenset[str]  # the dotted keys the user set (overrides, --model, ...)
+    stages: list[tuple[str, dict[str, Any]]]  # a curriculum's (name, recipe), in order
 
 
 def run_training(
@@ -107,8 +108,8 @@ def run_training(
     # one run per folder: taken before the recipe and tokenizer are written there
     lock = exclusive_lock(run.out_dir) if distributed.env_world().rank == 0 else nullcontext()
     with lock:
-        if run.spec.get("stages"):
-            return run_stages(run.spec, run.out_dir, run.resume, run_training, data)
+        if run.stages:
+            return run_stages(run, run_training, data)
         if recipe_architecture(run.spec) == "multimodal":
             return run_multimodal(run, data)
         if recipe_architecture(run.spec) == "judge":
@@ -127,7 +128,7 @@ def _prepare(
     name = "recipe" if isinstance(recipe, Mapping) else Path(recipe).stem
     spec = apply_overrides(load_recipe(recipe), overrides)
     validate_recipe(spec)
-    stage_recipes(spec)  # every stage's keys are checked before anything trains
+    stages = stage_recipes(spec)  # every stage's keys are checked before anything trains
     train_section = dict(spec["train"])
     stage = {k: train_section.pop(k) for k in STAGE_KEYS if k in train_section}
     train_config = TrainConfig.from_dict(train_section)
@@ -136,7 +137,7 @@ def _prepare(
     out_dir = Path(out) if out is not None else Path("runs") / name
     if not resume:  # before anything is written there (recipe, tokenizer)
         check_no_checkpoints(out_dir)
-    return Run(spec, train_config, stage, out_dir, resume, override_keys(overrides))
+    return Run(spec, train_config, stage, out_dir, resume, override_keys(overrides), stages)
 
 
 def _fit(

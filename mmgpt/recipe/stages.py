@@ -29,7 +29,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmgpt.checkpoint import list_checkpoints
 from mmgpt.recipe.spec import (
@@ -39,6 +39,9 @@ from mmgpt.recipe.spec import (
     record_recipe,
     validate_recipe,
 )
+
+if TYPE_CHECKING:
+    from mmgpt.recipe.run import Run
 
 STAGES_DIR = "stages"
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -80,17 +83,13 @@ def stage_recipes(spec: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def run_stages(
-    spec: Mapping[str, Any],
-    out_dir: Path,
-    resume: bool,
-    train: Callable[..., dict[str, Any]],
-    data: str | os.PathLike | None = None,
+    run: Run, train: Callable[..., dict[str, Any]], data: str | os.PathLike | None = None
 ) -> dict[str, Any]:
-    """Train the stages of ``spec`` one after another with ``train`` (``run_training``); the
-    last stage's result is the run's."""
-    recipes = stage_recipes(spec)
+    """Train ``run.stages`` (checked by :func:`stage_recipes`) one after another with ``train``
+    (``run_training``); the last stage's result is the run's."""
+    recipes, out_dir, resume = run.stages, run.out_dir, run.resume
     (out_dir / STAGES_DIR).mkdir(parents=True, exist_ok=True)
-    record_recipe(out_dir / STAGES_DIR / "recipe.yaml", dict(spec), resume)
+    record_recipe(out_dir / STAGES_DIR / "recipe.yaml", run.spec, resume)
     previous: Path | None = None
     result: dict[str, Any] = {}
     for i, (name, stage) in enumerate(recipes):

@@ -38,16 +38,16 @@ def test_reward_then_ppo_and_dpo_from_the_command_line(tok, rl, tmp_path, capsys
     reward_model = RewardModel.from_pretrained(tmp_path / "rm" / "model")
     assert reward_model.normalization["count"] > 0  # statistics of the training answers
 
+    def against_the_reward_model(run: str) -> list[str]:
+        """The command-line arguments of an RL run from the SFT model into tmp_path/run."""
+        return [
+            *("--model", str(sft), "--reward-model", str(tmp_path / "rm" / "model")),
+            *("--data", str(prefs), "--out", str(tmp_path / run)),
+        ]
+
     train(
         "ppo",
-        "--model",
-        str(sft),
-        "--reward-model",
-        str(tmp_path / "rm" / "model"),
-        "--data",
-        str(prefs),
-        "--out",
-        str(tmp_path / "ppo"),
+        *against_the_reward_model("ppo"),
         "train.max_steps=1",
         "train.batch_size=4",
         "objective.minibatch_size=2",
@@ -74,14 +74,7 @@ def test_reward_then_ppo_and_dpo_from_the_command_line(tok, rl, tmp_path, capsys
     assert (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
     train(
         "grpo",
-        "--model",
-        str(sft),
-        "--reward-model",
-        str(tmp_path / "rm" / "model"),
-        "--data",
-        str(prefs),
-        "--out",
-        str(tmp_path / "grpo"),
+        *against_the_reward_model("grpo"),
         "train.max_steps=1",
         "train.batch_size=2",
         "objective.minibatch_size=4",
