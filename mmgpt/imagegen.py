@@ -287,11 +287,16 @@ def signal_spans(tokens: Sequence[int], signal_ids: Sequence[int]) -> list[int]:
 # --------------------------------------------------------------------------------------
 
 
+STATISTICS = ("batch", "renorm")
+# Batch renormalization's bounds on the correction from batch to running statistics: a batch
+# far from the running statistics (a sudden change of the GPT) is not amplified without limit.
+_RENORM_MAX_SCALE, _RENORM_MAX_SHIFT = 3.0, 5.0
+
+
 @register("projector", "signal_standardized")
 class StandardizedSignalProjector(nn.Module):
     """An output projector (``inner``, default ``signal_mlp``) whose conditions are standardized
-    feature by feature across the samples: batch normalization without affine parameters
-    (batch statistics in training, running statistics at inference).
+    feature by feature across the samples: batch normalization without affine parameters.
 
     Why: the signal states of a GPT trained from scratch are dominated by what every prompt
     shares (the signal tokens' own embeddings); what the prompt says is a small part of them,
@@ -299,6 +304,20 @@ class StandardizedSignalProjector(nn.Module):
     that barely vary. Standardizing removes the shared part and gives the prompt-dependent
     part unit scale from the first step, so the decoder's conditioning is learned at the
     speed it is for well-separated conditions. A pretrained GPT does not need it.
+
+    ``statistics`` says how training standardizes (inference always uses the running
+    statistics). ``"batch"``: by the batch's own mean and variance (batch normalization).
+    ``"renorm"``: batch renormalization (Ioffe, 2017), whose value is standardized by the
+    running statistics (updated from the batch first) while the gradient flows as through
+    batch statistics. Why renorm: batch statistics shift every condition of a batch by the
+    batch's sampling error, about ``1/sqrt(batch)`` of a feature's spread, and with a dozen
+    drawings in a batch that noise was larger than the quietest part of the prompt. In the
+    `shapes-tiny` curriculum which kind of shape to draw moved the conditions far less than
+    where to draw it; a linear probe read the kind from 94% of the inference conditions but
+    from 61% of the same conditions standardized by batches of 12, and the decoder drew the
+    kind at chance. Plain running statistics in training are not the answer: without the
+    batch's gradient nothing holds the shared part still, it grew (to 300 times the spread)
+    and the running mean's lag behind it swamped the conditions.
     """
 
     def __init__(
@@ -311,8 +330,13 @@ class StandardizedSignalProjector(nn.Module):
         inner_kwargs: Mapping[str, Any] | None = None,
         momentum: float = 0.1,
         eps: float = 1e-5,
+        statistics: str = "batch",
     ) -> None:
         super().__init__()
+        if statistics not in STATISTICS:
+            raise ValueError(
+                f"signal_standardized: statistics must be one of {STATISTICS}, got {statistics!r}"
+            )
         self.inner = registry.create(
             "projector",
             inner,
@@ -328,6 +352,7 @@ class StandardizedSignalProjector(nn.Module):
         self.num_condition_tokens = int(
             getattr(self.inner, "num_condition_tokens", None) or num_signal_tokens
         )
+        self.statistics = statistics
         self.norm = nn.BatchNorm1d(
             self.num_condition_tokens * out_dim, eps=eps, momentum=momentum, affine=False
         )
@@ -335,22 +360,46 @@ class StandardizedSignalProjector(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.inner(x)  # (M, N, D)
         flat = y.reshape(y.size(0), -1)  # (M, N·D)
-        if self.training and flat.size(0) < 2:  # one sample has no batch statistics
+        norm = self.norm
+        if not self.training or flat.size(0) < 2:  # one sample has no batch statistics
             flat = torch.nn.functional.batch_norm(
-                flat,
-                self.norm.running_mean,
-                self.norm.running_var,
-                training=False,
-                eps=self.norm.eps,
+                flat, norm.running_mean, norm.running_var, training=False, eps=norm.eps
             )
+        elif self.statistics == "renorm":
+            flat = self._renormalize(flat)
         else:
-            flat = self.norm(flat)
+            flat = norm(flat)
         return flat.view_as(y)
+
+    def _renormalize(self, flat: Tensor) -> Tensor:
+        """``(x − μ_B)/σ_B · r + d`` with ``r = σ_B/σ`` and ``d = (μ_B − μ)/σ`` held constant:
+        the value of ``(x − μ)/σ`` (running statistics, updated from this batch first), the
+        gradient of batch normalization."""
+        norm = self.norm
+        mean, var = flat.mean(0), flat.var(0, unbiased=False)
+        with torch.no_grad():
+            seen = int(norm.num_batches_tracked)
+            # the first batches are averaged as they come (the first sets the statistics, so
+            # training does not start from the initial 0 and 1), then the momentum takes over
+            weight = 1.0 / (seen + 1)
+            if norm.momentum is not None:
+                weight = max(norm.momentum, weight)
+            n = flat.size(0)
+            norm.running_mean.lerp_(mean.detach().to(norm.running_mean), weight)
+            norm.running_var.lerp_((var.detach() * n / (n - 1)).to(norm.running_var), weight)
+            norm.num_batches_tracked += 1
+            std = (var + norm.eps).sqrt()
+            running_std = (norm.running_var + norm.eps).sqrt().to(std)
+            scale = (std / running_std).clamp(1 / _RENORM_MAX_SCALE, _RENORM_MAX_SCALE)
+            shift = ((mean - norm.running_mean.to(mean)) / running_std).clamp(
+                -_RENORM_MAX_SHIFT, _RENORM_MAX_SHIFT
+            )
+        return (flat - mean) / (var + norm.eps).sqrt() * scale + shift
 
     def config_dict(self) -> dict[str, Any]:
         shared = ("in_dim", "out_dim", "num_signal_tokens", "num_condition_tokens")
         inner = {k: v for k, v in self.inner.config_dict().items() if k not in shared}
-        return {
+        config = {
             "in_dim": self.in_dim,
             "out_dim": self.out_dim,
             "num_signal_tokens": self.num_signal_tokens,
@@ -360,6 +409,9 @@ class StandardizedSignalProjector(nn.Module):
             "momentum": self.norm.momentum,
             "eps": self.norm.eps,
         }
+        if self.statistics != "batch":  # models saved before the option keep their config
+            config["statistics"] = self.statistics
+        return config
 
     @classmethod
     def conformance_example(cls) -> StandardizedSignalProjector:

@@ -298,6 +298,63 @@ def test_cli_generate_writes_pngs_and_prints_their_paths(tok, tmp_path, capsys) 
     assert (out / "text.txt").read_text() == ""  # signal tokens never reach the text
 
 
+def test_batch_renormalization_values_of_inference_gradients_of_batch_norm() -> None:
+    """``statistics="renorm"``: training conditions take the running statistics' values (what
+    inference sees, no batch noise) and batch normalization's gradient."""
+    from mmgpt.registry import create
+
+    torch.manual_seed(0)
+    options = dict(in_dim=8, out_dim=3, num_signal_tokens=K, num_condition_tokens=2)
+    proj = create("projector", "signal_standardized", statistics="renorm", momentum=0.25, **options)
+    batches = [torch.randn(16, K, 8) * 3 + 1 for _ in range(5)]
+    means, variances = [], []
+    proj.train()
+    for b in batches:
+        with torch.no_grad():
+            flat = proj.inner(b).reshape(16, -1)
+        means.append(flat.mean(0))
+        variances.append(flat.var(0))
+        out = proj(b)
+    # the first four batches are averaged as they come (weights 1, 1/2, 1/3, 1/4), then the
+    # momentum takes over (the fifth weighs 0.25, not 1/5)
+    expected_mean = torch.stack(means[:4]).mean(0) * 0.75 + means[4] * 0.25
+    expected_var = torch.stack(variances[:4]).mean(0) * 0.75 + variances[4] * 0.25
+    torch.testing.assert_close(proj.norm.running_mean, expected_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(proj.norm.running_var, expected_var, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the last batch standardized by the statistics it updated
+        flat = proj.inner(batches[4]).reshape(16, -1)
+        standardized = (flat - expected_mean) / (expected_var + 1e-5).sqrt()
+    torch.testing.assert_close(out.reshape(16, -1).detach(), standardized, atol=1e-4, rtol=1e-4)
+    proj.eval()  # inference reads the same statistics: the same conditions
+    torch.testing.assert_close(proj(batches[4]), out.detach())
+
+    # the gradient reaching the inner outputs is batch normalization's, scaled by σ_B/σ
+    proj.train()
+    y = proj.inner(batches[1]).reshape(16, -1).detach().requires_grad_(True)
+    upstream = torch.randn(16, 6)
+    (proj._renormalize(y) * upstream).sum().backward()
+    ours = y.grad.clone()
+    with torch.no_grad():
+        scale = (y.var(0, unbiased=False) + 1e-5).sqrt() / (proj.norm.running_var + 1e-5).sqrt()
+    z = y.detach().requires_grad_(True)
+    batch_norm = torch.nn.functional.batch_norm(z, None, None, training=True, eps=1e-5)
+    (batch_norm * upstream * scale).sum().backward()
+    torch.testing.assert_close(ours, z.grad, atol=1e-5, rtol=1e-4)
+    assert float(ours.sum(0).abs().max()) < 1e-4  # a shift shared by the batch gets no gradient
+    proj(batches[1]).square().sum().backward()  # and the inner projector gets one
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.inner.parameters())
+
+    config = proj.config_dict()
+    assert config["statistics"] == "renorm"
+    rebuilt = create("projector", "signal_standardized", **config)
+    rebuilt.load_state_dict(proj.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(batches[2]), proj.eval()(batches[2]))
+    # models saved before the option keep their config
+    assert "statistics" not in create("projector", "signal_standardized", **options).config_dict()
+    with pytest.raises(ValueError, match="statistics must be one of"):
+        create("projector", "signal_standardized", statistics="running", **options)
+
+
 def test_standardized_projector_removes_what_every_prompt_shares() -> None:
     from mmgpt.registry import create
 
