@@ -376,7 +376,8 @@ class StandardizedSignalProjector(nn.Module):
         the value of ``(x − μ)/σ`` (running statistics, updated from this batch first), the
         gradient of batch normalization."""
         norm = self.norm
-        mean, var = flat.mean(0), flat.var(0, unbiased=False)
+        x = flat.float()  # statistics in fp32, as batch normalization computes them under autocast
+        mean, var = x.mean(0), x.var(0, unbiased=False)
         with torch.no_grad():
             seen = int(norm.num_batches_tracked)
             # the first batches are averaged as they come (the first sets the statistics, so
@@ -384,7 +385,7 @@ class StandardizedSignalProjector(nn.Module):
             weight = 1.0 / (seen + 1)
             if norm.momentum is not None:
                 weight = max(norm.momentum, weight)
-            n = flat.size(0)
+            n = x.size(0)
             norm.running_mean.lerp_(mean.detach().to(norm.running_mean), weight)
             norm.running_var.lerp_((var.detach() * n / (n - 1)).to(norm.running_var), weight)
             norm.num_batches_tracked += 1
@@ -394,7 +395,7 @@ class StandardizedSignalProjector(nn.Module):
             shift = ((mean - norm.running_mean.to(mean)) / running_std).clamp(
                 -_RENORM_MAX_SHIFT, _RENORM_MAX_SHIFT
             )
-        return (flat - mean) / (var + norm.eps).sqrt() * scale + shift
+        return ((x - mean) / (var + norm.eps).sqrt() * scale + shift).to(flat.dtype)
 
     def config_dict(self) -> dict[str, Any]:
         shared = ("in_dim", "out_dim", "num_signal_tokens", "num_condition_tokens")
