@@ -315,7 +315,7 @@ class StandardizedSignalProjector(nn.Module):
     `shapes-tiny` curriculum which kind of shape to draw moved the conditions far less than
     where to draw it; a linear probe read the kind from 94% of the inference conditions but
     from 61% of the same conditions standardized by batches of 12, and the decoder drew the
-    kind at chance. Plain running statistics in training are not the answer: without the
+    kind near chance. Plain running statistics in training are not the answer: without the
     batch's gradient nothing holds the shared part still, it grew (to 300 times the spread)
     and the running mean's lag behind it swamped the conditions.
     """
