@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -77,10 +78,21 @@ def test_each_stage_starts_from_the_whole_model_of_the_one_before(tmp_path, caps
     # run again with --resume: the finished first stage is reused, not trained again
     capsys.readouterr()
     before = (out / "stages" / "first" / "model" / "model.safetensors").stat().st_mtime_ns
-    run_training("caption", out=out, overrides=[*TINY, *STAGES], resume=True)
+    with warnings.catch_warnings():  # the same recipe: nothing to warn about
+        warnings.simplefilter("error", RuntimeWarning)
+        run_training("caption", out=out, overrides=[*TINY, *STAGES], resume=True)
     assert "stage first: done before" in capsys.readouterr().out
     after = (out / "stages" / "first" / "model" / "model.safetensors").stat().st_mtime_ns
     assert after == before
+    # a finished stage whose keys changed since is still reused, and the run says so (as the
+    # whole recipe's record says that the resumed run changed)
+    changed = [*TINY, *STAGES, "stages.first.train.lr=1e-3"]
+    with (
+        pytest.warns(RuntimeWarning, match=r"resuming .* changed recipe"),
+        pytest.warns(RuntimeWarning, match=r"stage first: reusing .*\(train\.lr\)"),
+    ):
+        run_training("caption", out=out, overrides=changed, resume=True)
+    assert (out / "stages" / "first" / "model" / "model.safetensors").stat().st_mtime_ns == before
 
     # interrupted in the first stage after its step-2 checkpoint: the command run again
     # resumes that stage (to the same weights as without the interruption), then the next

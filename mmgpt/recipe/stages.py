@@ -16,7 +16,8 @@ stage starting from the whole model the stage before it trained.
 - The earlier stages train into ``OUT/stages/NAME``, the last one into ``OUT``; each writes
   its own resolved ``recipe.yaml`` and ``OUT/stages/recipe.yaml`` holds the whole recipe,
   stages included. A finished stage is reused and an interrupted one resumes, so running the
-  command again (or with ``--resume``) continues where it stopped.
+  command again (or with ``--resume``) continues where it stopped. A finished stage is reused
+  even if its keys changed since; the run warns, naming them.
 
 ``encoder_pretraining`` hands on only an encoder, trained by another recipe; stages hand on
 everything, trained by this one: a curriculum (captions first, then questions and drawings,
@@ -27,11 +28,15 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from mmgpt.checkpoint import list_checkpoints
+from mmgpt.files import YamlLoader
 from mmgpt.recipe.spec import (
     apply_overrides,
     flatten_keys,
@@ -104,6 +109,7 @@ def run_stages(
                 f"stage {name}: done before ({model_dir}); the next stage starts from it",
                 flush=True,
             )
+            _warn_if_changed(name, where / "recipe.yaml", stage)
             previous = model_dir
             continue
         again = resume if last else bool(list_checkpoints(where / "checkpoints"))
@@ -111,3 +117,21 @@ def run_stages(
         result = train(stage, data=data, out=where, resume=again)
         previous = Path(result["model_dir"])
     return {**result, "stages": [name for name, _ in recipes]}
+
+
+def _warn_if_changed(name: str, recorded: Path, stage: Mapping[str, Any]) -> None:
+    """A finished stage is reused whatever the recipe says now: say so when the stage's
+    recipe changed since it trained (its keys), so that an edited stage is not mistaken for
+    a trained one."""
+    if not recorded.is_file():
+        return
+    before = flatten_keys(yaml.load(recorded.read_text(encoding="utf-8"), Loader=YamlLoader) or {})
+    now = flatten_keys(dict(stage))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        warnings.warn(
+            f"stage {name}: reusing the model it trained before, though its recipe changed since "
+            f"({', '.join(changed)}); delete {recorded.parent} to train it again",
+            RuntimeWarning,
+            stacklevel=3,
+        )
