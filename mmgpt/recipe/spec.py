@@ -403,13 +403,21 @@ def recipe_architecture(recipe: Mapping[str, Any]) -> str:
     return arch
 
 
+def changed_recipe_keys(path: Path, spec: Mapping[str, Any]) -> list[str]:
+    """The dotted keys in which ``spec`` differs from the recipe recorded at ``path`` (none
+    when nothing is recorded there)."""
+    if not path.is_file():
+        return []
+    before = _flatten(yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader) or {})
+    now = _flatten(dict(spec))
+    return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+
+
 def record_recipe(path: Path, spec: dict[str, Any], resume: bool) -> None:
     """Write the resolved recipe next to the run; on resume, warn if it changed."""
     text = yaml.safe_dump(spec, sort_keys=False)
-    if resume and path.is_file():
-        before = _flatten(yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader) or {})
-        now = _flatten(spec)
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if resume:
+        changed = changed_recipe_keys(path, spec)
         if changed:
             warnings.warn(
                 f"resuming {path.parent} with a changed recipe ({', '.join(changed)}); the run "

@@ -33,12 +33,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from mmgpt.checkpoint import list_checkpoints
-from mmgpt.files import YamlLoader
 from mmgpt.recipe.spec import (
     apply_overrides,
+    changed_recipe_keys,
     flatten_keys,
     recipe_architecture,
     record_recipe,
@@ -123,11 +121,7 @@ def _warn_if_changed(name: str, recorded: Path, stage: Mapping[str, Any]) -> Non
     """A finished stage is reused whatever the recipe says now: say so when the stage's
     recipe changed since it trained (its keys), so that an edited stage is not mistaken for
     a trained one."""
-    if not recorded.is_file():
-        return
-    before = flatten_keys(yaml.load(recorded.read_text(encoding="utf-8"), Loader=YamlLoader) or {})
-    now = flatten_keys(dict(stage))
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    changed = changed_recipe_keys(recorded, stage)
     if changed:
         warnings.warn(
             f"stage {name}: reusing the model it trained before, though its recipe changed since "
