@@ -126,8 +126,8 @@ def test_a_stage_merges_its_keys_into_the_recipe() -> None:
     assert (first, second) == ("reading", "everything")
     assert reading["data"]["task_weights"] == {"caption": 1, "vqa": 0, "t2i": 0.05}
     assert reading["train"]["max_steps"] == 7 and reading["train"]["lr"] == 2e-3
-    assert everything["data"]["task_weights"] == {"caption": 1, "vqa": 2, "t2i": 3}
-    assert everything["train"]["lr"] == 1e-3 and everything["train"]["max_steps"] == 5000
+    assert everything["data"]["task_weights"] == {"caption": 1, "vqa": 2, "t2i": 9}
+    assert everything["train"]["lr"] == 1e-3 and everything["train"]["max_steps"] == 4500
     assert not reading["stages"] and not everything["stages"]
 
 

@@ -62,7 +62,7 @@ def test_shipped_model_is_the_one_its_recipe_builds():
         ("caption", {"exact_match": 0.9, "color": 0.95, "shape": 0.95, "position": 0.95}),
         ("vqa", {"exact_match": 0.65}),
         # judged drawings of one shape: chance is 0.11 for the place, 0.025 for kind and colour
-        ("t2i", {"position": 0.9, "color": 0.9, "shape_and_color": 0.15}),
+        ("t2i", {"position": 0.9, "color": 0.9, "size": 0.9, "shape_and_color": 0.45}),
     ],
 )
 def test_shipped_model_reads_and_draws_an_unseen_seed(task, floors):
