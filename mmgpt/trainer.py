@@ -1221,9 +1221,20 @@ class Trainer:
 
 
 def _count_tokens(metrics: dict[str, float], batch: Any) -> float:
+    """The tokens a micro-batch put through the model, for ``tokens_per_s``: the objective's
+    own count when it reports one, else the batch's real (unpadded) tokens: its attention
+    mask's sum, or all of ``input_ids`` when it has no mask (packed text windows). Batches
+    are dicts (text) or objects with the same fields (a multimodal batch)."""
     if "tokens" in metrics:
         return float(metrics["tokens"])
-    ids = batch.get("input_ids") if isinstance(batch, dict) else None
+
+    def field(name: str) -> Any:
+        return batch.get(name) if isinstance(batch, dict) else getattr(batch, name, None)
+
+    mask = field("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return float(mask.sum())
+    ids = field("input_ids")
     return float(ids.numel()) if isinstance(ids, torch.Tensor) else 0.0
 
 

@@ -106,6 +106,7 @@ def test_an_imagefolder_trains_drawings_with_the_t2i_recipe(trained) -> None:
     assert [line["step"] for line in lines] == list(range(1, 13))
     # every batch held drawing samples: the decoder trained at every step
     assert all(line["images"] == 4 and line["diffusion_loss"] > 0 for line in lines)
+    assert all(line["tokens_per_s"] > 0 for line in lines)  # multimodal batches count tokens
     assert lines[-1]["lm_loss"] < lines[0]["lm_loss"]  # it learned to answer with [IMG0]..
     recorded = yaml.safe_load((trained / "recipe.yaml").read_text())["data"]
     assert recorded["name"] == "imagefolder" and recorded["task"] == "t2i"
@@ -155,6 +156,7 @@ def test_llava_conversations_whose_assistant_turn_holds_the_image_train_drawings
     lines = train_lines(out)
     assert len(lines) == 2
     assert all(line["images"] == 4 and line["diffusion_loss"] > 0 for line in lines)
+    assert all(line["tokens_per_s"] > 0 for line in lines)  # multimodal batches count tokens
     assert yaml.safe_load((out / "recipe.yaml").read_text())["data"]["name"] == "llava"
 
 

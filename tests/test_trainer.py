@@ -18,7 +18,8 @@ from mmgpt.data.text import TextDataset
 from mmgpt.files import load_tensors
 from mmgpt.model import GPT
 from mmgpt.objectives.lm import LMObjective
-from mmgpt.trainer import TrainConfig, Trainer, learning_rate
+from mmgpt.processor import MultimodalBatch
+from mmgpt.trainer import TrainConfig, Trainer, _count_tokens, learning_rate
 
 V = 40
 
@@ -166,6 +167,15 @@ def test_loss_drops_on_a_repeated_corpus(tmp_path: Path, capsys) -> None:
         if r["split"] == "train":
             assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens"} <= set(r)
             assert r["tokens"] == 8 * 16
+
+
+def test_tokens_counted_are_the_unpadded_ones_of_any_batch() -> None:
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    assert _count_tokens({}, MultimodalBatch(input_ids=ids, attention_mask=mask)) == 5
+    assert _count_tokens({}, {"input_ids": ids, "attention_mask": mask}) == 5
+    assert _count_tokens({}, {"input_ids": ids}) == 8  # packed windows: no padding
+    assert _count_tokens({"tokens": 3.0}, {"input_ids": ids}) == 3  # the objective's own count
 
 
 # -- schedule -------------------------------------------------------------------------------
