@@ -128,6 +128,9 @@ class TrainConfig:
     precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16/fp16 on CUDA, fp32 on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # DataLoader worker processes
+    # training batches of similar length: each window of this many batches is sorted by the
+    # samples' token length and cut again (less padding; see mmgpt.data.loader); 0: off
+    length_grouping: int = 0
     compile: bool = False  # torch.compile the model (ddp/fsdp: each decoder block)
     strategy: str = "none"  # none | ddp | fsdp (run under torchrun; see docs/distributed.md)
     tensor_parallel: int = 1  # processes each decoder block is split over (fsdp: 2-D mesh)
@@ -157,7 +160,14 @@ class TrainConfig:
             _fail("betas", f"expected two numbers in [0, 1), got {self.betas!r}")
         for name in ("max_steps", "batch_size", "grad_accum_steps", "keep_last", "log_every"):
             _check_int(self, name, minimum=1)
-        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "num_workers"):
+        for name in (
+            "warmup_steps",
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "num_workers",
+            "length_grouping",
+        ):
             _check_int(self, name, minimum=0)
         _check_int(self, "seed", minimum=0)
         _check_number(self, "grad_clip", minimum=0.0)
@@ -465,6 +475,7 @@ class Trainer:
             world_size=self.data_world_size,
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
+            length_grouping=self.config.length_grouping if train else 0,
         )
 
     def _accumulation_context(self, last_micro_batch: bool) -> contextlib.AbstractContextManager:

@@ -198,9 +198,11 @@ def test_align_then_finetune_on_an_imagefolder_with_resume(trained, folder, tmp_
     assert all(k.startswith("projectors.") for k in changed)
     assert any(k.startswith("gpt.") for k in same) and any(k.startswith("encoders.") for k in same)
 
-    # stage 2: projector + GPT train from stage 1's model; the encoder stays frozen
+    # stage 2: projector + GPT train from stage 1's model; the encoder stays frozen; batches
+    # grouped by length (a window of two), through the resume too
     finetune = tmp_path / "finetune"
     stage2 = [*base, "train.stage=finetune", f"model.from={align / 'model'}"]
+    stage2.append("train.length_grouping=2")
     run_training("caption", data=folder, out=finetune, overrides=[*stage2, "train.max_steps=2"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

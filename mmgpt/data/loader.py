@@ -14,6 +14,15 @@ batches it, so the ranks' batches are disjoint and together cover exactly the ke
 With ``shuffle=False, drop_last=False`` (evaluation) the tail is kept and the last batch of a
 rank may be smaller (or absent).
 
+**Length grouping.** ``length_grouping=G`` cuts each epoch's batches (as above) into
+windows of ``G`` and, within a window, sorts its samples by their token length, cuts them
+into batches again and hands those out in a random order of their own (from ``(seed, epoch,
+window)``): batches of samples of similar length, padded less. The collate function must
+encode samples one by one (``encode_sample``; ``collate`` of the encoded, as
+:class:`~mmgpt.processor.MultimodalProcessor` does), so each sample is read and encoded
+once. The position stays ``(epoch, index)``: a resumed run re-encodes the current window and
+skips the batches already handed out.
+
 **Streams.** A :class:`StreamDataset` (tar shards, parquet read row group by row group) has
 no random access: ``ResumableLoader(stream, ...)`` is a :class:`StreamingLoader`, which
 reads its shards one after the other. An epoch's shard order is a function of ``(seed,
@@ -55,6 +64,7 @@ __all__ = [
 # Mixes the epoch into the seed; a large odd constant keeps (seed, epoch) pairs apart.
 _EPOCH_STRIDE = 0x9E3779B97F4A7C15
 _SEED_MASK = (1 << 63) - 1
+_WINDOW_STRIDE = 0xBF58476D1CE4E5B9  # another odd constant, for length-grouping windows
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -103,6 +113,7 @@ class ResumableLoader:
         world_size: int = 1,
         num_workers: int = 0,
         pin_memory: bool = False,
+        length_grouping: int = 0,
     ) -> None:
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(
@@ -120,6 +131,12 @@ class ResumableLoader:
         self.world_size = world_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.length_grouping = _check_length_grouping(length_grouping, self.collate_fn)
+        if self.length_grouping and num_workers:
+            raise ValueError(
+                "length_grouping reads and encodes a window's samples in the training process "
+                f"to sort them; it needs num_workers=0, got {num_workers}"
+            )
         self.epoch = 0
         self.index = 0  # batches of the current epoch already handed out
 
@@ -148,6 +165,9 @@ class ResumableLoader:
     # -- iteration ------------------------------------------------------------------
     def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
         """Collated batches of ``epoch`` from batch ``start`` on; does not move the position."""
+        if self.length_grouping:
+            yield from self._grouped_epoch(epoch, start)
+            return
         batches = self.epoch_indices(epoch)[start:]
         if self.num_workers == 0:
             for indices in batches:
@@ -168,10 +188,32 @@ class ResumableLoader:
         yield from loader
 
     def _collate(self, indices: Sequence[int]) -> Any:
-        batch = self.collate_fn([self.dataset[i] for i in indices])
+        return self._finish(self.collate_fn([self.dataset[i] for i in indices]))
+
+    def _finish(self, batch: Any) -> Any:
         if self.pin_memory and torch.cuda.is_available():
             batch = _pin(batch)
         return batch
+
+    def _grouped_epoch(self, epoch: int, start: int) -> Iterator[Any]:
+        """``iter_epoch`` with length grouping (module docstring)."""
+        batches = self.epoch_indices(epoch)
+        size = self.length_grouping
+        for first in range(start - start % size, len(batches), size):
+            window = batches[first : first + size]
+            indices = [i for batch in window for i in batch]
+            encoded = [self.collate_fn.encode_sample(self.dataset[i], index=i) for i in indices]
+            # stable: equal lengths keep the shuffled order
+            ranked = sorted(range(len(indices)), key=lambda k: len(encoded[k].input_ids))
+            grouped, at = [], 0
+            for batch in window:  # the same batch sizes, now of neighbouring lengths
+                grouped.append(ranked[at : at + len(batch)])
+                at += len(batch)
+            generator = torch.Generator()
+            generator.manual_seed(_window_seed(self.seed, epoch, first))
+            order = torch.randperm(len(grouped), generator=generator).tolist()
+            for k in order[max(0, start - first) :]:
+                yield self._finish(self.collate_fn.collate([encoded[j] for j in grouped[k]]))
 
     def __iter__(self) -> Iterator[Any]:
         """The remaining batches of the current epoch; the position advances as they go out."""
@@ -219,6 +261,29 @@ class ResumableLoader:
         if epoch < 0 or not 0 <= index <= len(self):
             raise ValueError(f"invalid data position epoch={epoch}, index={index}")
         self.epoch, self.index = epoch, index
+
+
+def _check_length_grouping(value: Any, collate_fn: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"length_grouping: expected an integer >= 0 (batches a window), got {value!r}"
+        )
+    if value and not (
+        callable(getattr(collate_fn, "encode_sample", None))
+        and callable(getattr(collate_fn, "collate", None))
+    ):
+        raise ValueError(
+            "length_grouping sorts samples by their encoded length: the collate function must "
+            "encode them one by one (encode_sample, then collate, as the multimodal processor "
+            f"does); {type(collate_fn).__name__} does not"
+        )
+    return value
+
+
+def _window_seed(seed: int, epoch: int, first_batch: int) -> int:
+    """The seed of a length-grouping window's batch order, apart from the epoch's own."""
+    mixed = int(seed) + int(epoch) * _EPOCH_STRIDE + (int(first_batch) + 1) * _WINDOW_STRIDE
+    return mixed & _SEED_MASK
 
 
 def _pin(batch: Any) -> Any:
@@ -458,9 +523,15 @@ class StreamingLoader(ResumableLoader):
         world_size: int = 1,
         num_workers: int = 0,
         pin_memory: bool = False,
+        length_grouping: int = 0,
     ) -> None:
         if not isinstance(dataset, StreamDataset):
             raise TypeError(f"StreamingLoader needs a StreamDataset, got {type(dataset).__name__}")
+        if length_grouping:
+            raise ValueError(
+                f"{dataset.source}: length_grouping needs a dataset with random access; a "
+                "streamed one is read in its shuffle buffer's order"
+            )
         _check_batching(batch_size, rank, world_size, num_workers)
         self.dataset = dataset
         self.batch_size = batch_size
