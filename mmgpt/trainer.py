@@ -129,7 +129,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0  # DataLoader worker processes
     # training batches of similar length: each window of this many batches is sorted by the
-    # samples' token length and cut again (less padding; see mmgpt.data.loader); 0: off
+    # samples' token length and cut again (less padding; see mmgpt.data.loader); 0: off.
+    # Batches alike in length can be alike in content and learn slower (docs/benchmarks.md)
     length_grouping: int = 0
     compile: bool = False  # torch.compile the model (ddp/fsdp: each decoder block)
     strategy: str = "none"  # none | ddp | fsdp (run under torchrun; see docs/distributed.md)
