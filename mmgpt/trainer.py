@@ -1240,13 +1240,13 @@ def _count_tokens(metrics: dict[str, float], batch: Any) -> float:
     if "tokens" in metrics:
         return float(metrics["tokens"])
 
-    def field(name: str) -> Any:
+    def member(name: str) -> Any:
         return batch.get(name) if isinstance(batch, dict) else getattr(batch, name, None)
 
-    mask = field("attention_mask")
+    mask = member("attention_mask")
     if isinstance(mask, torch.Tensor):
         return float(mask.sum())
-    ids = field("input_ids")
+    ids = member("input_ids")
     return float(ids.numel()) if isinstance(ids, torch.Tensor) else 0.0
 
 

@@ -50,7 +50,7 @@ class Encoder:
         return self.collate([self.encode_sample(s) for s in samples])
 
 
-def loader(data: Lengths, grouping: int, **kwargs) -> ResumableLoader:
+def loader(data: Lengths, grouping: int) -> ResumableLoader:
     return ResumableLoader(data, 4, seed=5, collate_fn=Encoder(data), length_grouping=grouping)
 
 
@@ -115,7 +115,7 @@ def test_bad_settings_are_clear_errors() -> None:
         ResumableLoader(data, 2, collate_fn=Encoder(data), length_grouping=-1)
 
 
-def test_the_multimodal_processor_pads_less(tmp_path) -> None:
+def test_the_multimodal_processor_pads_less() -> None:
     from mmgpt.demo import default_model_dir
     from mmgpt.multimodal import MultimodalGPT
     from mmgpt.recipe.build import make_dataset
