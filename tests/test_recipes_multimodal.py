@@ -125,9 +125,14 @@ def test_stages_select_the_trainable_parts() -> None:
     assert trainable_parts("align") == "projector"
     assert trainable_parts("finetune") == "projector+gpt"
     assert trainable_parts("finetune", True) == "projector+gpt+encoder"
+    assert trainable_parts("decoder") == (
+        "image_decoder+output_projector+decoders+output_projectors"
+    )
     with pytest.raises(ValueError, match="align trains the projector only"):
         trainable_parts("align", True)
-    with pytest.raises(ValueError, match="must be one of full, align, finetune"):
+    with pytest.raises(ValueError, match="decoder trains the output projectors and decoders"):
+        trainable_parts("decoder", True)
+    with pytest.raises(ValueError, match="must be one of full, align, finetune, decoder"):
         trainable_parts("pretrain")
 
 

@@ -113,6 +113,25 @@ def test_an_imagefolder_trains_drawings_with_the_t2i_recipe(trained) -> None:
     assert recorded["prompt_template"] == "draw {text}"
 
 
+def test_a_decoder_stage_trains_only_the_drawing_side(trained, imagefolder, tmp_path) -> None:
+    # train.stage=decoder (NExT-GPT's decoding-side alignment): the output projector and the
+    # UNet learn on the frozen GPT's signal states; the GPT, encoder and projector are carried
+    # over bit for bit, so the stage cannot unlearn any language
+    from mmgpt.files import load_tensors
+
+    out = tmp_path / "decoder"
+    argv = ["train", "t2i", "--data", str(imagefolder), "--out", str(out)]
+    stage = ["train.stage=decoder", "objective.lm_weight=0", f"model.from={trained / 'model'}"]
+    assert main([*argv, *SMALL, *stage, "train.max_steps=3"]) == 0
+    lines = train_lines(out)
+    assert len(lines) == 3 and all(line["diffusion_loss"] > 0 for line in lines)
+    before = load_tensors(trained / "model" / "model.safetensors")
+    after = load_tensors(out / "model" / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"image_decoder", "output_projector"}
+
+
 def test_generate_with_default_arguments_draws_a_png_of_the_decoder_size(
     trained, tmp_path, capsys
 ) -> None:

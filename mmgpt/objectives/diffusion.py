@@ -11,7 +11,8 @@ For a :class:`~mmgpt.processor.MultimodalBatch` whose assistant turns contain ``
 3. the final hidden states at the signal spans ``(M, k, n_embd)`` → ``output_projector`` →
    condition ``(M, N, D)`` → ``image_decoder.training_loss`` (the decoder's own noise/v
    target and its condition dropout for classifier-free guidance);
-4. ``loss = lm_weight · lm + diffusion_weight · diffusion``.
+4. ``loss = lm_weight · lm + diffusion_weight · diffusion`` (at ``diffusion_weight`` 0 the
+   decoder is not run: a text stage's drawing prompts cost only their tokens).
 
 Other output modalities work the same way: a sample's ``"<audio_out>"`` becomes the audio
 decoder's signal tokens (labels on), the states at those spans (``batch.output_positions``)
@@ -158,7 +159,7 @@ class DiffusionObjective:
                 "diffusion objective: the batch has '<image_out>' spans but the model has no "
                 f"image decoder (its output modalities: {sorted(others)})"
             )
-        targets = self._targets(base, batch) if draws else None
+        targets = self._targets(base, batch) if draws and self.diffusion_weight > 0 else None
         unknown = sorted(set(batch.output_positions) - set(others))
         if unknown:
             raise ValueError(f"diffusion objective: the model has no decoder for {unknown}")
@@ -191,7 +192,9 @@ class DiffusionObjective:
             lm = lm.detach()  # reported, but no gradient path at all
 
         n_images = batch.signal_positions.size(0)
-        if n_images:
+        # at weight 0 the decoder is not run: its zero gradient would still cost a UNet
+        # forward and backward for every drawing in the batch
+        if n_images and self.diffusion_weight > 0:
             self._check_spans(batch, signal_ids, batch.signal_positions, "[IMG0]..[IMGk-1]")
             states = gather_signal_states(
                 out.hidden_states, batch.signal_positions, len(signal_ids)

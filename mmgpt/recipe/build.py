@@ -180,7 +180,8 @@ def trainable_parts(stage: str | None = "full", train_encoder: bool | None = Non
 
     ``full``: everything (the encoder unless ``train_encoder`` is false); ``align`` (LLaVA
     stage 1): the projector only; ``finetune`` (LLaVA stage 2): projector + GPT, plus the
-    encoder when ``train_encoder`` is true.
+    encoder when ``train_encoder`` is true; ``decoder`` (NExT-GPT's decoding-side alignment):
+    the output side only (output projectors and decoders), on a frozen GPT and encoder.
     """
     stage = "full" if stage is None else stage
     if stage not in STAGES:
@@ -198,6 +199,13 @@ def trainable_parts(stage: str | None = "full", train_encoder: bool | None = Non
                 "train.stage=finetune (or full)"
             )
         return "projector"
+    if stage == "decoder":
+        if train_encoder:
+            raise ValueError(
+                "train.stage=decoder trains the output projectors and decoders only; "
+                "train.train_encoder=true needs train.stage=finetune (or full)"
+            )
+        return "image_decoder+output_projector+decoders+output_projectors"
     if stage == "finetune":
         return "projector+gpt" + ("+encoder" if train_encoder else "")
     if train_encoder is False:

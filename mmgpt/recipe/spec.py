@@ -87,7 +87,7 @@ MODALITY_COMPONENTS = {
     "decoders": "decoder",
     "output_projectors": "projector",
 }
-STAGES = ("full", "align", "finetune")
+STAGES = ("full", "align", "finetune", "decoder")
 STAGE_KEYS = ("stage", "train_encoder")
 MULTIMODAL_DATA_KEYS = ("eval_fraction", "truncation")
 # the file formats `--data` selects for a multimodal recipe (detected from the path)

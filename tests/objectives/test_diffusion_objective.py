@@ -143,6 +143,27 @@ def test_backprop_into_gpt_false_keeps_the_image_loss_out_of_the_gpt(tok) -> Non
     assert any(g is not None and g.abs().sum() > 0 for g in _gpt_grads(model))
 
 
+def test_at_diffusion_weight_zero_the_decoder_is_not_run(tok) -> None:
+    # a text stage's drawing prompts teach the GPT to answer with [IMG0]..; the UNet must not
+    # run (a forward and a zero backward for every drawing)
+    model = build(tok, p_uncond=0.0).train()
+    batch = model.processor()([draw_sample("red"), draw_sample("blue")])
+    calls, training_loss = [], model.image_decoder.training_loss
+
+    def counted(*args):
+        calls.append(1)
+        return training_loss(*args)
+
+    model.image_decoder.training_loss = counted
+    out = create("objective", "diffusion", diffusion_weight=0.0)(model, batch)
+    out.loss.backward()
+    assert not calls and out.metrics["images"] == 2 and out.metrics["diffusion_loss"] == 0
+    assert all(p.grad is None for p in model.image_decoder.parameters())
+    assert any(g is not None and g.abs().sum() > 0 for g in _gpt_grads(model))
+    create("objective", "diffusion")(model, batch).loss.backward()
+    assert calls  # with weight, it runs
+
+
 def test_short_training_lowers_the_diffusion_loss(tok) -> None:
     """40 steps of the real objective on two prompts: the held-out diffusion loss drops."""
     small_unet = {"block_out_channels": [16, 32], "norm_num_groups": 8, "attention_head_dim": 2}
