@@ -336,8 +336,6 @@ def test_encoder_pretraining_runs_first_and_its_encoder_starts_the_run(tmp_path,
         "encoder_pretraining.recipe=clip",
         "encoder_pretraining.overrides.train.max_steps=3",
         "encoder_pretraining.overrides.train.batch_size=8",
-        "encoder_pretraining.overrides.train.progress=false",
-        "encoder_pretraining.overrides.train.tensorboard=false",
         "encoder_pretraining.overrides.data.size=120",
         "encoder_pretraining.overrides.data.max_shapes=1",
     ]
@@ -346,6 +344,10 @@ def test_encoder_pretraining_runs_first_and_its_encoder_starts_the_run(tmp_path,
     run_training("caption", out=out, overrides=overrides)
     stage_model = out / "encoder_pretraining" / "model"
     assert (stage_model / "contrastive_config.json").is_file()  # the clip recipe ran there
+    # the run's own progress, device and tensorboard settings (TINY) reached the sub-run
+    sub = load_recipe(out / "encoder_pretraining" / "recipe.yaml")["train"]
+    assert (sub["progress"], sub["device"], sub["tensorboard"]) == (False, "cpu", False)
+    assert not (out / "encoder_pretraining" / "tensorboard").exists()
     theirs = load_tensors(stage_model / "model.safetensors")
     ours = load_tensors(out / "model" / "model.safetensors")
     keys = [k for k in theirs if k.startswith("encoders.image.")]

@@ -73,6 +73,10 @@ from mmgpt.trainer import TrainConfig, Trainer, check_no_checkpoints, seed_every
 __all__ = ["main", "run_autoencoder", "run_judge", "run_multimodal", "run_text", "run_training"]
 
 
+# train keys that say how and where a run trains; the encoder_pretraining sub-run inherits them
+RUN_SETTINGS = ("progress", "device", "tensorboard")
+
+
 @dataclass
 class Run:
     """A validated recipe and where its run goes."""
@@ -345,6 +349,13 @@ def pretrain_encoder(run: Run, data: str | os.PathLike | None = None) -> Path | 
             f"{{train: {{max_steps: 1500}}}}, got {overrides!r}"
         )
     stage = apply_overrides(load_recipe(section["recipe"]), flatten_keys(overrides))
+    # how and where this run trains (not what it learns) holds for its sub-run too, unless
+    # the section sets it: `train.progress=false` on the command line silences both
+    given = overrides.get("train") or {}
+    ours = run.spec.get("train") or {}
+    for key in RUN_SETTINGS:
+        if key in ours and key not in given:
+            stage["train"][key] = ours[key]
     stage["model"]["encoder"] = {k: v for k, v in encoder.items() if k != "from"}
     out = run.out_dir / "encoder_pretraining"
     model_dir = out / "model"
