@@ -159,7 +159,10 @@ class DiffusionObjective:
                 "diffusion objective: the batch has '<image_out>' spans but the model has no "
                 f"image decoder (its output modalities: {sorted(others)})"
             )
-        targets = self._targets(base, batch) if draws and self.diffusion_weight > 0 else None
+        # at weight 0 the decoder is not run: its zero gradient would still cost a UNet
+        # forward and backward for every drawing in the batch
+        decodes = draws and self.diffusion_weight > 0
+        targets = self._targets(base, batch) if decodes else None
         unknown = sorted(set(batch.output_positions) - set(others))
         if unknown:
             raise ValueError(f"diffusion objective: the model has no decoder for {unknown}")
@@ -192,9 +195,7 @@ class DiffusionObjective:
             lm = lm.detach()  # reported, but no gradient path at all
 
         n_images = batch.signal_positions.size(0)
-        # at weight 0 the decoder is not run: its zero gradient would still cost a UNet
-        # forward and backward for every drawing in the batch
-        if n_images and self.diffusion_weight > 0:
+        if n_images and decodes:
             self._check_spans(batch, signal_ids, batch.signal_positions, "[IMG0]..[IMGk-1]")
             states = gather_signal_states(
                 out.hidden_states, batch.signal_positions, len(signal_ids)

@@ -348,13 +348,13 @@ def pretrain_encoder(run: Run, data: str | os.PathLike | None = None) -> Path | 
             f"recipe key 'encoder_pretraining.overrides' must be a mapping of recipe keys, e.g. "
             f"{{train: {{max_steps: 1500}}}}, got {overrides!r}"
         )
-    stage = apply_overrides(load_recipe(section["recipe"]), flatten_keys(overrides))
+    given = flatten_keys(overrides)  # nested or dotted, as dotted keys
+    stage = apply_overrides(load_recipe(section["recipe"]), given)
     # how and where this run trains (not what it learns) holds for its sub-run too, unless
     # the section sets it: `train.progress=false` on the command line silences both
-    given = overrides.get("train") or {}
     ours = run.spec.get("train") or {}
     for key in RUN_SETTINGS:
-        if key in ours and key not in given:
+        if key in ours and f"train.{key}" not in given:
             stage["train"][key] = ours[key]
     stage["model"]["encoder"] = {k: v for k, v in encoder.items() if k != "from"}
     out = run.out_dir / "encoder_pretraining"
