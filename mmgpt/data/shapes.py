@@ -286,15 +286,21 @@ def ask_question(
     kinds: Sequence[str] = KINDS,
     colors: Sequence[str] = tuple(COLORS),
     question_types: Sequence[str] = QUESTION_TYPES,
+    type_weights: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """A question about ``scene`` with its one correct answer.
 
     Returns ``{"type", "question", "answer", "target"}``; ``target`` is the index (in reading
     order) of the shape the question refers to, or ``None`` (counts, absent shapes).
     ``kinds``/``colors`` bound the absent shapes "is there a …?" may ask about.
+    ``type_weights`` (one per ``question_types``) makes some types more frequent; ``None``
+    draws every type equally often.
     """
     shapes = _as_shapes(scene)
-    qtype = rng.choice(list(question_types))
+    if type_weights is None:
+        qtype = rng.choice(list(question_types))
+    else:  # a different draw than choice(): unweighted questions keep their stream
+        qtype = rng.choices(list(question_types), weights=type_weights)[0]
     index = rng.randrange(len(shapes))
     target = shapes[index]
     n_kind = sum(s.shape == target.shape for s in shapes)
@@ -425,6 +431,34 @@ def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _check_weights(
+    name: str, weights: dict[str, float] | None, known: Sequence[str], what: str
+) -> tuple[float, ...] | None:
+    """Relative frequencies ``{name: weight}`` → one weight per ``known`` entry (unnamed ones
+    weigh 1); ``None``: all equally often."""
+    if weights is None:
+        return None
+    if not isinstance(weights, dict):
+        raise ValueError(
+            f"{name} must be a mapping {what} -> weight, e.g. {{{known[0]}: 2}}, got {weights!r}"
+        )
+    unknown = sorted(set(weights) - set(known))
+    if unknown:
+        raise ValueError(
+            f"{name} names {what}s {unknown} that are not in this dataset's {what} mix "
+            f"{list(known)}"
+        )
+    values = []
+    for key in known:
+        value = weights.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name}.{key} must be a number >= 0, got {value!r}")
+        values.append(float(value))
+    if not any(values):
+        raise ValueError(f"{name} gives every {what} weight 0: {weights!r}")
+    return tuple(values)
+
+
 class _ShapesGenerator:
     """Options and the pure function ``index → Sample`` shared by both dataset flavours."""
 
@@ -444,6 +478,7 @@ class _ShapesGenerator:
         draw_max_shapes: int | None = None,
         task_weights: dict[str, float] | None = None,
         questions_per_image: int = 1,
+        question_weights: dict[str, float] | None = None,
         seed: int = 0,
     ) -> None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
@@ -459,7 +494,7 @@ class _ShapesGenerator:
         else:
             self.tasks = _subset("task", task, TASKS)
         self.task = task if isinstance(task, str) else "mixed"
-        self.task_weights = self._check_task_weights(task_weights)
+        self.task_weights = _check_weights("task_weights", task_weights, self.tasks, "task")
         limit = min(len(self.positions), len(self.colors) * len(self.kinds))
         if not 1 <= min_shapes <= max_shapes <= limit:
             raise ValueError(
@@ -477,33 +512,11 @@ class _ShapesGenerator:
                 f"questions_per_image must be an int >= 1, got {questions_per_image!r}"
             )
         self.questions_per_image = questions_per_image
+        self.question_weights = _check_weights(
+            "question_weights", question_weights, self.question_types, "question type"
+        )
         self.caption_prompt = caption_prompt
         self.seed = int(seed)
-
-    def _check_task_weights(self, weights: dict[str, float] | None) -> tuple[float, ...] | None:
-        """Relative frequency of each task of the mix; ``None``: all tasks equally often."""
-        if weights is None:
-            return None
-        if not isinstance(weights, dict):
-            raise ValueError(
-                f"task_weights must be a mapping task -> weight, e.g. "
-                f"{{caption: 1, vqa: 1, t2i: 2}}, got {weights!r}"
-            )
-        unknown = sorted(set(weights) - set(self.tasks))
-        if unknown:
-            raise ValueError(
-                f"task_weights names tasks {unknown} that are not in this dataset's task mix "
-                f"{list(self.tasks)}"
-            )
-        values = []
-        for name in self.tasks:
-            value = weights.get(name, 1.0)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"task_weights.{name} must be a number >= 0, got {value!r}")
-            values.append(float(value))
-        if not any(values):
-            raise ValueError(f"task_weights gives every task weight 0: {weights!r}")
-        return tuple(values)
 
     def rng(self, index: int) -> random.Random:
         """The generator of sample ``index``: seeded by ``seed * 1_000_003 + index``."""
@@ -583,7 +596,12 @@ class _ShapesGenerator:
 
     def _question(self, scene: list[Shape], rng: random.Random) -> dict[str, Any]:
         return ask_question(
-            scene, rng, kinds=self.kinds, colors=self.colors, question_types=self.question_types
+            scene,
+            rng,
+            kinds=self.kinds,
+            colors=self.colors,
+            question_types=self.question_types,
+            type_weights=self.question_weights,
         )
 
     def iter_samples(self, start: int = 0) -> Iterator[Sample]:
@@ -677,6 +695,9 @@ class ShapesWorld(_ShapesGenerator, Dataset):
             of each image): k answers learned per image read. The first question is the
             sample's ``meta`` and what evaluation asks. Default 1, the samples of earlier
             versions.
+        question_weights: relative frequency of each question type (``{"exists": 2}``: "is
+            there …?" twice as often as each other type; unnamed types weigh 1). Default:
+            equal. Evaluation worlds keep the default, so the figures stay comparable.
         seed: sample ``i`` is a pure function of ``(seed, i)``.
         size: number of samples.
     """

@@ -411,3 +411,36 @@ def test_several_questions_per_image_are_extra_turns_after_the_samples_own():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="questions_per_image must be an int >= 1"):
             ShapesWorld(task="vqa", questions_per_image=bad)
+
+
+def test_question_weights_change_how_often_each_type_is_asked():
+    from collections import Counter
+
+    n = 3000
+    weighted = ShapesWorld(task="vqa", seed=3, image_size=16, question_weights={"exists": 5})
+    counts = Counter(weighted.sample(i).meta["question_type"] for i in range(n))
+    # expected shares: exists 5/10, each other type 1/10; 5 binomial sds at n=3000 are ~0.046
+    assert abs(counts["exists"] / n - 0.5) < 0.046, counts
+    assert all(abs(counts[t] / n - 0.1) < 0.03 for t in QUESTION_TYPES if t != "exists"), counts
+    # later questions of a conversation are weighted too, and still answered from the scene
+    many = ShapesWorld(
+        task="vqa", seed=3, image_size=16, questions_per_image=4, question_weights={"count": 0}
+    )
+    for i in range(200):
+        questions = [text for role, text in texts(many.sample(i)) if role == "user"]
+        assert not any("how many" in q for q in questions), questions
+    others = [t for t in QUESTION_TYPES if t != "size"]
+    only = ShapesWorld(task="vqa", seed=3, image_size=16, question_weights=dict.fromkeys(others, 0))
+    assert {only.sample(i).meta["question_type"] for i in range(50)} == {"size"}
+    # no weights: the questions of before the option existed (rng.choice, not choices)
+    plain = ShapesWorld(task="vqa", seed=3, image_size=16)
+    expected = ["count", "position", "count", "position", "shape", "shape", "color"]  # pinned
+    assert [plain.sample(i).meta["question_type"] for i in range(7)] == expected
+    for bad, message in (
+        ({"colour": 1}, r"question type mix \['color'"),
+        ({"shape": -1}, "question_weights.shape must be a number >= 0"),
+        (dict.fromkeys(QUESTION_TYPES, 0), "every question type weight 0"),
+        ([1, 2], "question_weights must be a mapping"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ShapesWorld(task="vqa", question_weights=bad)
