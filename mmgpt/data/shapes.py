@@ -434,8 +434,8 @@ def _is_positive_int(value: Any) -> bool:
 def _check_weights(
     name: str, weights: dict[str, float] | None, known: Sequence[str], what: str
 ) -> tuple[float, ...] | None:
-    """Relative frequencies ``{name: weight}`` → one weight per ``known`` entry (unnamed ones
-    weigh 1); ``None``: all equally often."""
+    """Relative frequencies ``{key: weight}`` (the option ``name``) → one weight per ``known``
+    key in its order (unnamed keys weigh 1); ``None``: all equally often."""
     if weights is None:
         return None
     if not isinstance(weights, dict):

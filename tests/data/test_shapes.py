@@ -422,7 +422,7 @@ def test_question_weights_change_how_often_each_type_is_asked():
     # expected shares: exists 5/10, each other type 1/10; 5 binomial sds at n=3000 are ~0.046
     assert abs(counts["exists"] / n - 0.5) < 0.046, counts
     assert all(abs(counts[t] / n - 0.1) < 0.03 for t in QUESTION_TYPES if t != "exists"), counts
-    # later questions of a conversation are weighted too, and still answered from the scene
+    # later questions of a conversation are weighted too
     many = ShapesWorld(
         task="vqa", seed=3, image_size=16, questions_per_image=4, question_weights={"count": 0}
     )
